@@ -1,0 +1,117 @@
+/**
+ * The libc bindings: one dlopen, done on first use, shared by the whole library.
+ *
+ * Every wrapper here returns the raw result; callers turn a failure into an IommufdError with
+ * {@link lastErrno} read immediately after the call (errno is thread-local and the next libc
+ * call may overwrite it).
+ */
+import { dlopen, FFIType, read, type Pointer } from "bun:ffi";
+
+const { i32, u32, i64, u64, ptr, cstring } = FFIType;
+
+const SYMBOLS = {
+  ioctl: { args: [i32, u64, ptr], returns: i32 },
+  // open(2) is variadic; on x86-64 and aarch64 passing the mode as a third integer is the ABI.
+  open: { args: [cstring, i32, u32], returns: i32 },
+  close: { args: [i32], returns: i32 },
+  memfd_create: { args: [cstring, u32], returns: i32 },
+  ftruncate: { args: [i32, i64], returns: i32 },
+  fstat: { args: [i32, ptr], returns: i32 },
+  fcntl: { args: [i32, i32, u64], returns: i32 },
+  mmap: { args: [ptr, u64, i32, i32, i32, i64], returns: ptr },
+  munmap: { args: [ptr, u64], returns: i32 },
+  madvise: { args: [ptr, u64, i32], returns: i32 },
+  pread: { args: [i32, ptr, u64, i64], returns: i64 },
+  pwrite: { args: [i32, ptr, u64, i64], returns: i64 },
+  getrlimit: { args: [i32, ptr], returns: i32 },
+  setrlimit: { args: [i32, ptr], returns: i32 },
+  gettid: { args: [], returns: i32 },
+  __errno_location: { args: [], returns: ptr },
+} as const;
+
+type Libc = ReturnType<typeof dlopen<typeof SYMBOLS>>["symbols"];
+
+let loaded: Libc | undefined;
+let errnoAddress: Pointer | undefined;
+
+function candidates(): string[] {
+  return ["libc.so.6", "libc.so"];
+}
+
+function load(): Libc {
+  let lastError: unknown;
+  for (const name of candidates()) {
+    try {
+      const lib = dlopen(name, SYMBOLS);
+      loaded = lib.symbols;
+      // glibc's errno lives at a fixed per-thread address: look it up once, read it cheaply.
+      errnoAddress = (loaded.__errno_location() as Pointer | null) ?? undefined;
+      return loaded;
+    } catch (error) {
+      lastError = error;
+    }
+  }
+  throw new Error(`bun-iommufd: cannot load the C library (tried ${candidates().join(", ")})`, {
+    cause: lastError,
+  });
+}
+
+/** The libc symbol table, loaded on first use. */
+export function libc(): Libc {
+  return loaded ?? load();
+}
+
+/** errno of the last failed libc call on this thread. Read it straight after the call. */
+export function lastErrno(): number {
+  if (!errnoAddress) libc();
+  return read.i32(errnoAddress!, 0);
+}
+
+/** How many ioctls the library has issued: lets tests prove a path makes no kernel call. */
+export const counters = { ioctls: 0 };
+
+/** ioctl(2) that counts itself. `arg` is an address (number) or 0. */
+export function ioctl(fd: number, request: number, arg: number): number {
+  counters.ioctls++;
+  return libc().ioctl(fd, request, arg as unknown as Pointer);
+}
+
+export const O_RDONLY = 0;
+export const O_WRONLY = 1;
+export const O_RDWR = 2;
+export const O_CLOEXEC = 0o2000000;
+
+export const PROT_NONE = 0;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 0x01;
+export const MAP_PRIVATE = 0x02;
+export const MAP_FIXED = 0x10;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_FAILED = -1;
+
+export const MFD_CLOEXEC = 0x1;
+export const MFD_ALLOW_SEALING = 0x2;
+export const MFD_HUGETLB = 0x4;
+export const MFD_HUGE_SHIFT = 26;
+
+export const F_GETFD = 1;
+export const F_SETFD = 2;
+export const F_GETFL = 3;
+export const FD_CLOEXEC = 1;
+export const F_ADD_SEALS = 1033;
+export const F_GET_SEALS = 1034;
+export const F_SEAL_SEAL = 0x1;
+export const F_SEAL_SHRINK = 0x2;
+export const F_SEAL_GROW = 0x4;
+export const F_SEAL_WRITE = 0x8;
+
+export const RLIMIT_MEMLOCK = 8;
+
+/** struct stat on x86-64 / aarch64 generic: only the fields the library reads. */
+export const STAT_SIZE = 144;
+export const STAT_MODE_OFFSET_X86_64 = 24;
+export const STAT_SIZE_OFFSET_X86_64 = 48;
+export const S_IFMT = 0o170000;
+export const S_IFCHR = 0o020000;
+export const S_IFREG = 0o100000;

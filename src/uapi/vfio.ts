@@ -1,0 +1,184 @@
+/**
+ * linux/vfio.h (kernel 7.2), the cdev (iommufd) side only: ioctl numbers, flags and layouts.
+ * Data only; checked against the real header by test/unit/layout.test.ts.
+ */
+import { IO, struct } from "./codec.ts";
+
+export const VFIO_TYPE = ";";
+export const VFIO_BASE = 100;
+
+export const VFIO_DEVICE_GET_INFO = IO(VFIO_TYPE, VFIO_BASE + 7);
+export const VFIO_DEVICE_GET_REGION_INFO = IO(VFIO_TYPE, VFIO_BASE + 8);
+export const VFIO_DEVICE_GET_IRQ_INFO = IO(VFIO_TYPE, VFIO_BASE + 9);
+export const VFIO_DEVICE_SET_IRQS = IO(VFIO_TYPE, VFIO_BASE + 10);
+export const VFIO_DEVICE_RESET = IO(VFIO_TYPE, VFIO_BASE + 11);
+export const VFIO_DEVICE_FEATURE = IO(VFIO_TYPE, VFIO_BASE + 17);
+export const VFIO_DEVICE_BIND_IOMMUFD = IO(VFIO_TYPE, VFIO_BASE + 18);
+export const VFIO_DEVICE_ATTACH_IOMMUFD_PT = IO(VFIO_TYPE, VFIO_BASE + 19);
+export const VFIO_DEVICE_DETACH_IOMMUFD_PT = IO(VFIO_TYPE, VFIO_BASE + 20);
+
+export const VFIO_DEVICE_FLAGS_RESET = 1 << 0;
+export const VFIO_DEVICE_FLAGS_PCI = 1 << 1;
+export const VFIO_DEVICE_FLAGS_CAPS = 1 << 7;
+
+export const VFIO_REGION_INFO_FLAG_READ = 1 << 0;
+export const VFIO_REGION_INFO_FLAG_WRITE = 1 << 1;
+export const VFIO_REGION_INFO_FLAG_MMAP = 1 << 2;
+export const VFIO_REGION_INFO_FLAG_CAPS = 1 << 3;
+
+/** enum in vfio.h: PCI region indexes. */
+export const VFIO_PCI_BAR0_REGION_INDEX = 0;
+export const VFIO_PCI_BAR5_REGION_INDEX = 5;
+export const VFIO_PCI_ROM_REGION_INDEX = 6;
+export const VFIO_PCI_CONFIG_REGION_INDEX = 7;
+export const VFIO_PCI_VGA_REGION_INDEX = 8;
+
+export const VFIO_DEVICE_FEATURE_MASK = 0xffff;
+export const VFIO_DEVICE_FEATURE_GET = 1 << 16;
+export const VFIO_DEVICE_FEATURE_SET = 1 << 17;
+export const VFIO_DEVICE_FEATURE_PROBE = 1 << 18;
+export const VFIO_DEVICE_FEATURE_BUS_MASTER = 10;
+export const VFIO_DEVICE_FEATURE_DMA_BUF = 11;
+export const VFIO_DEVICE_FEATURE_CLEAR_MASTER = 0;
+export const VFIO_DEVICE_FEATURE_SET_MASTER = 1;
+
+export const VFIO_DEVICE_BIND_FLAG_TOKEN = 1 << 0;
+export const VFIO_DEVICE_ATTACH_PASID = 1 << 0;
+
+export const vfio_device_info = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["num_regions", "u32"],
+    ["num_irqs", "u32"],
+    ["cap_offset", "u32"],
+    ["pad", "u32"],
+  ],
+  { cName: "struct vfio_device_info" },
+);
+
+export const vfio_region_info = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["index", "u32"],
+    ["cap_offset", "u32"],
+    ["size", "u64"],
+    ["offset", "u64"],
+  ],
+  { cName: "struct vfio_region_info" },
+);
+
+/** Header of every capability in a vfio info chain. */
+export const vfio_info_cap_header = struct(
+  [
+    ["id", "u16"],
+    ["version", "u16"],
+    ["next", "u32"],
+  ],
+  { cName: "struct vfio_info_cap_header" },
+);
+
+/** The feature header; its payload (`data[]`) follows at `size`. */
+export const vfio_device_feature = struct([["argsz", "u32"], ["flags", "u32"]], {
+  cName: "struct vfio_device_feature",
+});
+
+export const vfio_device_feature_bus_master = struct([["op", "u32"]], {
+  cName: "struct vfio_device_feature_bus_master",
+});
+
+export const vfio_region_dma_range = struct([["offset", "u64"], ["length", "u64"]], {
+  cName: "struct vfio_region_dma_range",
+});
+
+/** Followed by `nr_ranges` vfio_region_dma_range entries. */
+export const vfio_device_feature_dma_buf = struct(
+  [
+    ["region_index", "u32"],
+    ["open_flags", "u32"],
+    ["flags", "u32"],
+    ["nr_ranges", "u32"],
+  ],
+  { cName: "struct vfio_device_feature_dma_buf" },
+);
+
+export const vfio_device_bind_iommufd = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["iommufd", "s32"],
+    ["out_devid", "u32"],
+    ["token_uuid_ptr", "u64"],
+  ],
+  { cName: "struct vfio_device_bind_iommufd" },
+);
+
+export const vfio_device_attach_iommufd_pt = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["pt_id", "u32"],
+    ["pasid", "u32"],
+  ],
+  { cName: "struct vfio_device_attach_iommufd_pt" },
+);
+
+export const vfio_device_detach_iommufd_pt = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["pasid", "u32"],
+  ],
+  { cName: "struct vfio_device_detach_iommufd_pt" },
+);
+
+export const VFIO_LAYOUTS = [
+  vfio_device_info,
+  vfio_region_info,
+  vfio_info_cap_header,
+  vfio_device_feature,
+  vfio_device_feature_bus_master,
+  vfio_region_dma_range,
+  vfio_device_feature_dma_buf,
+  vfio_device_bind_iommufd,
+  vfio_device_attach_iommufd_pt,
+  vfio_device_detach_iommufd_pt,
+];
+
+export const VFIO_REQUESTS: Record<string, number> = {
+  VFIO_DEVICE_GET_INFO,
+  VFIO_DEVICE_GET_REGION_INFO,
+  VFIO_DEVICE_GET_IRQ_INFO,
+  VFIO_DEVICE_SET_IRQS,
+  VFIO_DEVICE_RESET,
+  VFIO_DEVICE_FEATURE,
+  VFIO_DEVICE_BIND_IOMMUFD,
+  VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+  VFIO_DEVICE_DETACH_IOMMUFD_PT,
+};
+
+export const VFIO_CONSTANTS: Record<string, number> = {
+  VFIO_DEVICE_FLAGS_RESET,
+  VFIO_DEVICE_FLAGS_PCI,
+  VFIO_DEVICE_FLAGS_CAPS,
+  VFIO_REGION_INFO_FLAG_READ,
+  VFIO_REGION_INFO_FLAG_WRITE,
+  VFIO_REGION_INFO_FLAG_MMAP,
+  VFIO_REGION_INFO_FLAG_CAPS,
+  VFIO_PCI_BAR0_REGION_INDEX,
+  VFIO_PCI_BAR5_REGION_INDEX,
+  VFIO_PCI_ROM_REGION_INDEX,
+  VFIO_PCI_CONFIG_REGION_INDEX,
+  VFIO_PCI_VGA_REGION_INDEX,
+  VFIO_DEVICE_FEATURE_MASK,
+  VFIO_DEVICE_FEATURE_GET,
+  VFIO_DEVICE_FEATURE_SET,
+  VFIO_DEVICE_FEATURE_PROBE,
+  VFIO_DEVICE_FEATURE_BUS_MASTER,
+  VFIO_DEVICE_FEATURE_DMA_BUF,
+  VFIO_DEVICE_FEATURE_CLEAR_MASTER,
+  VFIO_DEVICE_FEATURE_SET_MASTER,
+  VFIO_DEVICE_BIND_FLAG_TOKEN,
+  VFIO_DEVICE_ATTACH_PASID,
+};
