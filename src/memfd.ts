@@ -1,0 +1,191 @@
+/**
+ * MemfdBuffer: anonymous shared memory (memfd) mapped into this process and handed to JavaScript
+ * as an ArrayBuffer over the very same pages. What JS writes is what a device DMAs; what a device
+ * writes is what JS reads. No copy anywhere.
+ */
+import { toArrayBuffer, type Pointer } from "bun:ffi";
+import { ERRNO } from "./sys/errno.ts";
+import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
+import { closeFd, cString } from "./sys/fd.ts";
+import {
+  F_ADD_SEALS,
+  F_SEAL_SHRINK,
+  lastErrno,
+  libc,
+  MAP_SHARED,
+  MFD_ALLOW_SEALING,
+  MFD_CLOEXEC,
+  MFD_HUGE_SHIFT,
+  MFD_HUGETLB,
+  PROT_READ,
+  PROT_WRITE,
+} from "./sys/libc.ts";
+
+export type HugePageSize = "2MB" | "1GB";
+
+export interface MemfdBufferOptions {
+  /** Name shown in /proc/<pid>/maps and fd listings. Default "bun-iommufd". */
+  name?: string;
+  /**
+   * Back the buffer with huge pages (MFD_HUGETLB). The size must be a multiple of the huge page
+   * size, and the system must have huge pages reserved (/proc/sys/vm/nr_hugepages).
+   */
+  hugePages?: HugePageSize | false;
+}
+
+const PAGE_SIZE = 4096;
+const HUGE_PAGE_BYTES: Record<HugePageSize, number> = { "2MB": 2 << 20, "1GB": 1 << 30 };
+const HUGE_PAGE_SHIFT: Record<HugePageSize, number> = { "2MB": 21, "1GB": 30 };
+/** x86-64 user address space: nothing larger can be mapped. */
+const MAX_SIZE = 2 ** 47;
+
+const registry = new FinalizationRegistry<number>((fd) => {
+  // Safety net only: close() is the contract. The ArrayBuffer unmaps itself when collected.
+  libc().close(fd);
+});
+
+export class MemfdBuffer {
+  readonly size: number;
+  /** The page size backing the buffer: 4096, or the huge page size. */
+  readonly pageSize: number;
+  readonly name: string;
+  #fd: number;
+  #address: number;
+  #buffer: ArrayBuffer;
+  #bytes: Uint8Array;
+
+  private constructor(fd: number, address: number, size: number, pageSize: number, name: string) {
+    this.#fd = fd;
+    this.#address = address;
+    this.size = size;
+    this.pageSize = pageSize;
+    this.name = name;
+    // The ArrayBuffer owns the mapping: when it is detached (close) or collected, libc's munmap
+    // runs as its deallocator, called as munmap(address, context) with the length as context.
+    this.#buffer = (toArrayBuffer as ToArrayBufferWithDeallocator)(
+      address as unknown as Pointer,
+      0,
+      size,
+      size,
+      libc().munmap.ptr,
+    );
+    this.#bytes = new Uint8Array(this.#buffer);
+    registry.register(this, fd, this);
+  }
+
+  /** Create, size, seal against shrinking, and map a memfd of `size` bytes. */
+  static create(size: number, options: MemfdBufferOptions = {}): MemfdBuffer {
+    const op = "MemfdBuffer.create";
+    const name = options.name ?? "bun-iommufd";
+    const huge = options.hugePages || undefined;
+    if (typeof size !== "number" || !Number.isFinite(size)) {
+      throw argumentError(op, "size", `expected a byte count, got ${typeof size === "number" ? size : typeof size}`);
+    }
+    if (!Number.isInteger(size)) throw argumentError(op, "size", `${size} is not a whole number of bytes`);
+    if (size <= 0) throw argumentError(op, "size", `${size} bytes: a buffer needs at least 1 byte`);
+    if (size > MAX_SIZE) throw argumentError(op, "size", `${size} bytes is larger than the 128 TiB address space`);
+    if (huge !== undefined && !(huge in HUGE_PAGE_BYTES)) {
+      throw argumentError(op, "options.hugePages", `"${String(huge)}" is not one of "2MB", "1GB"`);
+    }
+    const pageSize = huge ? HUGE_PAGE_BYTES[huge] : PAGE_SIZE;
+    if (huge && size % pageSize !== 0) {
+      throw argumentError(op, "size", `${size} bytes is not a multiple of the ${huge} huge page size`);
+    }
+
+    let flags = MFD_CLOEXEC | MFD_ALLOW_SEALING;
+    if (huge) flags |= MFD_HUGETLB | (HUGE_PAGE_SHIFT[huge] << MFD_HUGE_SHIFT);
+    const lib = libc();
+    const fd = lib.memfd_create(cString(name), flags);
+    if (fd < 0) {
+      const errno = lastErrno();
+      throw syscallError("memfd_create", errno, `cannot create a memfd "${name}"`, {
+        hint: huge && errno === ERRNO.EINVAL ? `the kernel has no ${huge} hugetlbfs pool (CONFIG_HUGETLBFS, or this page size is unsupported)` : undefined,
+      });
+    }
+    try {
+      if (lib.ftruncate(fd, size) < 0) {
+        throw syscallError("ftruncate", lastErrno(), `cannot size the memfd to ${size} bytes`);
+      }
+      // A shrunk file turns every touch of the ArrayBuffer into SIGBUS: forbid shrinking for good.
+      if (lib.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) < 0) {
+        throw syscallError("fcntl", lastErrno(), "cannot seal the memfd against shrinking (F_SEAL_SHRINK)");
+      }
+      const address = Number(lib.mmap(null, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) ?? -1);
+      if (address === -1 || address === 0 || address === 2 ** 64 - 1) {
+        const errno = lastErrno();
+        throw syscallError("mmap", errno, `cannot map ${size} bytes of the memfd`, {
+          hint:
+            huge && errno === ERRNO.ENOMEM
+              ? `not enough ${huge} huge pages are reserved: raise /proc/sys/vm/nr_hugepages (needs ${size / pageSize} free pages)`
+              : errno === ERRNO.ENOMEM
+                ? "the process is out of address space or memory"
+                : undefined,
+        });
+      }
+      return new MemfdBuffer(fd, address, size, pageSize, name);
+    } catch (error) {
+      lib.close(fd);
+      throw error;
+    }
+  }
+
+  /** The memfd. Valid until close(). */
+  get fd(): number {
+    if (this.#fd < 0) throw closedError("MemfdBuffer.fd", `MemfdBuffer "${this.name}"`);
+    return this.#fd;
+  }
+
+  /** The buffer's address in this process (for IOMMU_IOAS_MAP by VA). */
+  get address(): number {
+    if (this.#fd < 0) throw closedError("MemfdBuffer.address", `MemfdBuffer "${this.name}"`);
+    return this.#address;
+  }
+
+  /** The zero-copy ArrayBuffer over the memfd's pages. Detached (length 0) after close(). */
+  get buffer(): ArrayBuffer {
+    return this.#buffer;
+  }
+
+  /** A Uint8Array over the whole buffer (the same object every time). Empty after close(). */
+  get bytes(): Uint8Array {
+    return this.#bytes;
+  }
+
+  get closed(): boolean {
+    return this.#fd < 0;
+  }
+
+  /** Throws EBADF when closed; used by the objects that accept a MemfdBuffer. */
+  assertOpen(operation: string): void {
+    if (this.#fd < 0) throw closedError(operation, `MemfdBuffer "${this.name}"`);
+  }
+
+  /**
+   * Release the mapping and the fd. Views of the buffer become empty (the ArrayBuffer is
+   * detached), so later touches read `undefined` instead of faulting. IOAS mappings of the memfd
+   * keep their own page references until they are unmapped. Idempotent.
+   */
+  close(): void {
+    if (this.#fd < 0) return;
+    const fd = this.#fd;
+    this.#fd = -1;
+    registry.unregister(this);
+    // Detaching runs the deallocator (munmap) now rather than at some later collection.
+    this.#buffer.transfer(0);
+    closeFd(fd, "MemfdBuffer.close");
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+type ToArrayBufferWithDeallocator = (
+  address: Pointer,
+  byteOffset: number,
+  byteLength: number,
+  deallocatorContext: number,
+  deallocator: Pointer | null,
+) => ArrayBuffer;
+
+export { IommufdError };

@@ -1,0 +1,123 @@
+/**
+ * File-descriptor helpers over libc: each turns a failure into an IommufdError naming the call.
+ * Every fd the library opens is close-on-exec.
+ */
+import { ptr, type Pointer } from "bun:ffi";
+import { ERRNO } from "./errno.ts";
+import { IommufdError, syscallError } from "./error.ts";
+import {
+  F_GETFD,
+  FD_CLOEXEC,
+  lastErrno,
+  libc,
+  O_CLOEXEC,
+  STAT_MODE_OFFSET_X86_64,
+  STAT_SIZE,
+  STAT_SIZE_OFFSET_X86_64,
+} from "./libc.ts";
+
+const encoder = new TextEncoder();
+
+/** A NUL-terminated C string for bun:ffi. */
+export function cString(text: string): Uint8Array {
+  const bytes = new Uint8Array(Buffer.byteLength(text) + 1);
+  encoder.encodeInto(text, bytes);
+  return bytes;
+}
+
+export interface OpenHints {
+  /** Sentence for ENOENT, e.g. "the kernel lacks CONFIG_IOMMUFD". */
+  ENOENT?: string;
+  EACCES?: string;
+  EPERM?: string;
+  ENODEV?: string;
+  EBUSY?: string;
+}
+
+/** open(2) with O_CLOEXEC always added. */
+export function openPath(path: string, flags: number, operation: string, hints: OpenHints = {}): number {
+  const fd = libc().open(cString(path), flags | O_CLOEXEC, 0);
+  if (fd < 0) {
+    const errno = lastErrno();
+    const code = (Object.keys(hints) as (keyof OpenHints)[]).find((k) => ERRNO[k] === errno);
+    throw syscallError(operation, errno, `cannot open ${path}: ${describeOpenErrno(errno)}`, {
+      argument: "path",
+      hint: code ? hints[code] : undefined,
+    });
+  }
+  return fd;
+}
+
+function describeOpenErrno(errno: number): string {
+  switch (errno) {
+    case ERRNO.ENOENT:
+      return "no such file or device node";
+    case ERRNO.EACCES:
+      return "permission denied";
+    case ERRNO.EPERM:
+      return "operation not permitted";
+    case ERRNO.ENODEV:
+      return "no device behind this node";
+    case ERRNO.EBUSY:
+      return "the device is busy (already opened or bound elsewhere)";
+    default:
+      return syscallError("open", errno).message.replace(/^open: /, "").replace(/ \[E\w+\]$/, "");
+  }
+}
+
+/** close(2). Errors are reported, never swallowed: EBADF means a double close somewhere. */
+export function closeFd(fd: number, operation: string): void {
+  if (libc().close(fd) < 0) throw syscallError(operation, lastErrno(), `close(${fd}) failed`);
+}
+
+/** Whether the fd has FD_CLOEXEC set (tests check that every fd the library opens has it). */
+export function isCloseOnExec(fd: number): boolean {
+  const flags = libc().fcntl(fd, F_GETFD, 0);
+  if (flags < 0) throw syscallError("fcntl", lastErrno(), `fcntl(${fd}, F_GETFD) failed`);
+  return (flags & FD_CLOEXEC) !== 0;
+}
+
+const statBuffer = new Uint8Array(STAT_SIZE);
+const statView = new DataView(statBuffer.buffer);
+const statAddress = ptr(statBuffer);
+
+export interface FdStat {
+  mode: number;
+  size: number;
+}
+
+export function fstat(fd: number, operation: string): FdStat {
+  if (libc().fstat(fd, statAddress) < 0) {
+    throw syscallError(operation, lastErrno(), `fstat(${fd}) failed`, { argument: "fd" });
+  }
+  return {
+    mode: statView.getUint32(STAT_MODE_OFFSET_X86_64, true),
+    size: Number(statView.getBigInt64(STAT_SIZE_OFFSET_X86_64, true)),
+  };
+}
+
+/** pread(2) into `target`; returns the bytes read. */
+export function preadInto(fd: number, target: Uint8Array, offset: number, operation: string): number {
+  const n = Number(libc().pread(fd, target, target.byteLength, offset));
+  if (n < 0) throw syscallError(operation, lastErrno(), `pread of ${target.byteLength} bytes at offset ${offset} failed`);
+  return n;
+}
+
+/** pwrite(2) of `source`; returns the bytes written. */
+export function pwriteFrom(fd: number, source: Uint8Array, offset: number, operation: string): number {
+  const n = Number(libc().pwrite(fd, source, source.byteLength, offset));
+  if (n < 0) throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
+  return n;
+}
+
+/** Throws EBADF when the fd is not open: checked up front for fds handed in by the caller. */
+export function requireOpenFd(fd: number, operation: string, argument: string): void {
+  if (!Number.isInteger(fd) || fd < 0) {
+    throw new IommufdError({ operation, errno: ERRNO.EBADF, argument, message: `${fd} is not a file descriptor` });
+  }
+  if (libc().fcntl(fd, F_GETFD, 0) < 0) {
+    throw new IommufdError({ operation, errno: lastErrno(), argument, message: `fd ${fd} is not open` });
+  }
+}
+
+export type { Pointer };

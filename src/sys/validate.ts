@@ -1,0 +1,60 @@
+/** Argument checks shared by the public objects: each throws an EINVAL IommufdError naming the argument. */
+import { argumentError } from "./error.ts";
+
+/** Largest byte count or address the library accepts as a number; bigint covers the rest of u64. */
+export const U64_MAX = (1n << 64n) - 1n;
+
+export type Iova = number | bigint;
+
+export function hex(value: number | bigint): string {
+  return `0x${value.toString(16)}`;
+}
+
+/** A non-negative integer (number or bigint) below 2^64, returned unchanged. */
+export function u64(value: unknown, operation: string, argument: string): number | bigint {
+  if (typeof value === "bigint") {
+    if (value < 0n || value > U64_MAX) throw argumentError(operation, argument, `${value} is outside 0..2^64-1`);
+    return value;
+  }
+  if (typeof value !== "number" || !Number.isFinite(value)) {
+    throw argumentError(operation, argument, `expected a non-negative integer, got ${describe(value)}`);
+  }
+  if (!Number.isInteger(value)) throw argumentError(operation, argument, `${value} is not a whole number`);
+  if (value < 0) throw argumentError(operation, argument, `${value} is negative`);
+  if (!Number.isSafeInteger(value)) {
+    throw argumentError(operation, argument, `${value} is above 2^53 and not exact as a number; pass a bigint`);
+  }
+  return value;
+}
+
+/** A byte count: a positive safe integer. */
+export function positiveLength(value: unknown, operation: string, argument = "length"): number {
+  if (typeof value === "bigint") {
+    if (value <= 0n || value > BigInt(Number.MAX_SAFE_INTEGER)) {
+      throw argumentError(operation, argument, `${value} must be between 1 and 2^53-1 bytes`);
+    }
+    return Number(value);
+  }
+  const n = u64(value, operation, argument) as number;
+  if (n === 0) throw argumentError(operation, argument, "length is 0; there is nothing to map");
+  return n;
+}
+
+/** Converts to a number when exact, else keeps the bigint: IOVAs above 2^53 stay precise. */
+export function normaliseIova(value: number | bigint): Iova {
+  if (typeof value === "number") return value;
+  return value <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(value) : value;
+}
+
+export function addIova(iova: Iova, length: number): Iova {
+  return typeof iova === "bigint" || iova + length > Number.MAX_SAFE_INTEGER
+    ? normaliseIova(BigInt(iova) + BigInt(length))
+    : iova + length;
+}
+
+function describe(value: unknown): string {
+  if (value === null) return "null";
+  if (typeof value === "number" || typeof value === "bigint") return String(value);
+  if (typeof value === "string") return `the string "${value}"`;
+  return typeof value;
+}
