@@ -67,7 +67,7 @@ export class MemfdBuffer {
       0,
       size,
       size,
-      libc().munmap.ptr,
+      (libc().munmap as unknown as { ptr: Pointer }).ptr,
     );
     this.#bytes = new Uint8Array(this.#buffer);
     registry.register(this, fd, this);
