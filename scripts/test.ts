@@ -1,0 +1,216 @@
+// The project's one test command (`bun run test`): typecheck, unit tests on the host, kernel tests
+// on /dev/iommu (the host's if it has one, else a QEMU guest's). Ends with exactly one line
+// "N passed, N failed[, N skipped]" and a non-zero status if anything failed.
+//
+//   bun run test [-- --unit-only | --kernel-only] [-- <extra bun test args>]
+//
+// Under CI (CI=true) the kernel tests are mandatory: no QEMU, no kernel or a broken guest fails
+// the run. Elsewhere a host that cannot run a guest skips them with one line saying why.
+
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { runInGuest, vmAvailability } from "../vm/run.ts";
+
+const root = resolve(import.meta.dir, "..");
+const isCI = !!process.env.CI && !["0", "false", "no"].includes(process.env.CI.toLowerCase());
+
+const tally = { passed: 0, failed: 0, skipped: 0 };
+const timings: string[] = [];
+const problems: string[] = [];
+
+export interface BunTestSummary {
+  pass: number;
+  fail: number;
+  skip: number;
+  todo: number;
+  /** Whether any summary line was seen at all. */
+  found: boolean;
+}
+
+/** Counts from the summary bun test prints at the end (" 12 pass", " 0 fail", " 3 skip"). */
+export function parseBunTestSummary(output: string): BunTestSummary {
+  const s: BunTestSummary = { pass: 0, fail: 0, skip: 0, todo: 0, found: false };
+  const plain = output.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replaceAll("\r", "");
+  for (const line of plain.split("\n")) {
+    const m = /^\s*(\d+)\s+(pass|fail|skip|todo)\s*$/.exec(line);
+    if (!m) continue;
+    // The last occurrence wins: the summary comes after anything a test itself printed.
+    s[m[2] as "pass" | "fail" | "skip" | "todo"] = Number(m[1]);
+    s.found = true;
+  }
+  return s;
+}
+
+/** Adds one bun test run to the tally; a run that ran nothing or failed silently is a failure. */
+function account(label: string, exitCode: number, output: string): void {
+  const s = parseBunTestSummary(output);
+  tally.passed += s.pass;
+  tally.failed += s.fail;
+  tally.skipped += s.skip + s.todo;
+  if (s.fail > 0) problems.push(`${label}: ${s.fail} test(s) failed`);
+  if (s.pass + s.fail === 0) {
+    tally.failed += 1;
+    problems.push(`${label}: no test was executed${s.skip ? ` (${s.skip} skipped)` : ""}`);
+  } else if (exitCode !== 0 && s.fail === 0) {
+    tally.failed += 1;
+    problems.push(`${label}: bun test exited with status ${exitCode} without reporting a failed test`);
+  }
+}
+
+// bun test prints its summary on stderr; only that is parsed, so that a test printing " 9 pass"
+// on stdout cannot skew the counts.
+function tee() {
+  let text = "";
+  const decoder = new TextDecoder();
+  return {
+    out: (chunk: Uint8Array) => {
+      process.stdout.write(chunk);
+    },
+    err: (chunk: Uint8Array) => {
+      process.stderr.write(chunk);
+      text += decoder.decode(chunk, { stream: true });
+    },
+    text: () => text,
+  };
+}
+
+async function pump(stream: ReadableStream<Uint8Array>, sink: (chunk: Uint8Array) => void): Promise<void> {
+  for await (const chunk of stream) sink(chunk);
+}
+
+async function bunTestOnHost(label: string, args: string[]): Promise<void> {
+  const t = tee();
+  const proc = Bun.spawn([process.execPath, "test", ...args], {
+    cwd: root,
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  await Promise.all([pump(proc.stdout, t.out), pump(proc.stderr, t.err)]);
+  account(label, await proc.exited, t.text());
+}
+
+function header(title: string): void {
+  console.log(`\n=== ${title} ===`);
+}
+
+async function timed(name: string, fn: () => Promise<void>): Promise<void> {
+  const t0 = performance.now();
+  await fn();
+  timings.push(`${name} ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+}
+
+async function typecheck(): Promise<void> {
+  header("typecheck: tsc --noEmit");
+  const tsc = join(root, "node_modules/.bin/tsc");
+  if (!existsSync(tsc)) {
+    tally.failed += 1;
+    problems.push("typecheck: node_modules/.bin/tsc is missing (run bun install)");
+    return;
+  }
+  const proc = Bun.spawn([tsc, "--noEmit"], { cwd: root, stdin: "ignore", stdout: "inherit", stderr: "inherit" });
+  if ((await proc.exited) === 0) {
+    tally.passed += 1;
+    console.log("typecheck passed");
+  } else {
+    tally.failed += 1;
+    problems.push("typecheck: tsc reported errors");
+  }
+}
+
+async function unitTests(extra: string[]): Promise<void> {
+  header("unit tests (host)");
+  await bunTestOnHost("unit tests", ["./test/unit", ...extra]);
+}
+
+async function kernelTests(extra: string[]): Promise<void> {
+  if (existsSync("/dev/iommu")) {
+    header("kernel tests (host /dev/iommu)");
+    await bunTestOnHost("kernel tests", ["./test/kernel", ...extra]);
+    return;
+  }
+  const available = vmAvailability();
+  if (!available.ok) {
+    if (isCI) {
+      header("kernel tests (guest)");
+      tally.failed += 1;
+      problems.push(`kernel tests: cannot boot the test guest: ${available.reason}`);
+    } else {
+      console.log(`\nskipping the kernel tests: no /dev/iommu and ${available.reason}`);
+      tally.skipped += 1;
+    }
+    return;
+  }
+  header("kernel tests (QEMU guest)");
+  const t = tee();
+  const result = await runInGuest({
+    command: ["bun", "test", "./test/kernel", ...extra],
+    cwd: root,
+    onStdout: t.out,
+    onStderr: t.err,
+  });
+  if (result.failure) {
+    // Whatever ran before the guest failed still counts, plus one failure for the guest itself.
+    const s = parseBunTestSummary(t.text());
+    tally.passed += s.pass;
+    tally.failed += s.fail + 1;
+    tally.skipped += s.skip + s.todo;
+    problems.push(`kernel tests: ${result.message ?? result.failure}`);
+    return;
+  }
+  account("kernel tests", result.exitCode, t.text());
+}
+
+function usage(): string {
+  return `usage: bun run test [-- [--unit-only | --kernel-only] [-- <bun test args>]]
+
+  --unit-only     typecheck and unit tests only
+  --kernel-only   kernel tests only (in a QEMU guest unless the host has /dev/iommu)
+  -- ARGS         passed on to each bun test run (e.g. -t <pattern>)`;
+}
+
+async function main(argv: string[]): Promise<number> {
+  let unit = true;
+  let kernel = true;
+  const extra: string[] = [];
+  // `bun run test -- x` passes x, `bun scripts/test.ts -- x` passes "--" too.
+  if (argv[0] === "--") argv = argv.slice(1);
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === "--") {
+      extra.push(...argv.slice(i + 1));
+      break;
+    }
+    if (a === "--unit-only") kernel = false;
+    else if (a === "--kernel-only") unit = false;
+    else if (a === "-h" || a === "--help") {
+      console.log(usage());
+      return 0;
+    } else {
+      console.error(`scripts/test.ts: unknown option ${a}\n${usage()}`);
+      return 2;
+    }
+  }
+  if (!unit && !kernel) {
+    console.error("scripts/test.ts: --unit-only and --kernel-only exclude each other");
+    return 2;
+  }
+
+  const t0 = performance.now();
+  if (unit) {
+    await timed("typecheck", typecheck);
+    await timed("unit tests", () => unitTests(extra));
+  }
+  if (kernel) await timed("kernel tests", () => kernelTests(extra));
+
+  console.log("");
+  for (const p of problems) console.log(`FAILED  ${p}`);
+  console.log(`timings: ${timings.join(", ")}; total ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const skipped = tally.skipped ? `, ${tally.skipped} skipped` : "";
+  console.log(`${tally.passed} passed, ${tally.failed} failed${skipped}`);
+  return tally.failed > 0 ? 1 : 0;
+}
+
+if (import.meta.main) {
+  process.exitCode = await main(process.argv.slice(2));
+}
