@@ -1,1 +1,29 @@
-export {}
+/**
+ * bun-iommufd: Linux iommufd and VFIO from Bun, through bun:ffi only.
+ *
+ * @example
+ * ```ts
+ * import { Iommufd, MemfdBuffer } from "bun-iommufd";
+ * using iommufd = Iommufd.open();
+ * using ioas = iommufd.createIoas();
+ * using buffer = MemfdBuffer.create(1 << 20);
+ * using mapping = ioas.mapFile(buffer);
+ * buffer.bytes.set([1, 2, 3]); // the device sees these bytes at mapping.iova
+ * ```
+ */
+export { Iommufd, DEFAULT_IOMMU_PATH, type RlimitMode } from "./iommufd.ts";
+export {
+  Ioas,
+  Mapping,
+  type CopyOptions,
+  type Iova,
+  type IovaRange,
+  type IovaRanges,
+  type MapOptions,
+  type MappableFile,
+  type MapSource,
+  type RangeOptions,
+} from "./ioas.ts";
+export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions } from "./memfd.ts";
+export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
+export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";

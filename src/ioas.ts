@@ -1,0 +1,520 @@
+/**
+ * Ioas: one I/O address space inside an Iommufd, and the Mappings in it.
+ *
+ * The library's view of what is mapped follows the kernel's answers only: a Mapping is forgotten
+ * when an unmap succeeded (or the IOAS/iommufd went away), never because an unmap failed.
+ */
+import { ptr } from "bun:ffi";
+import { ERRNO } from "./sys/errno.ts";
+import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
+import { fstat, requireOpenFd } from "./sys/fd.ts";
+import { addIova, hex, type Iova, normaliseIova, positiveLength, u64 } from "./sys/validate.ts";
+import {
+  IOMMU_IOAS_ALLOW_IOVAS,
+  IOMMU_IOAS_COPY,
+  IOMMU_IOAS_IOVA_RANGES,
+  IOMMU_IOAS_MAP,
+  IOMMU_IOAS_MAP_FILE,
+  IOMMU_IOAS_MAP_FIXED_IOVA,
+  IOMMU_IOAS_MAP_READABLE,
+  IOMMU_IOAS_MAP_WRITEABLE,
+  IOMMU_IOAS_UNMAP,
+  IOMMU_OPTION_HUGE_PAGES,
+  IOMMU_OPTION_OP_GET,
+  IOMMU_OPTION_OP_SET,
+  iommu_ioas_allow_iovas,
+  iommu_ioas_copy,
+  iommu_ioas_iova_ranges,
+  iommu_ioas_map,
+  iommu_ioas_map_file,
+  iommu_ioas_unmap,
+  iommu_iova_range,
+} from "./uapi/iommufd.ts";
+import type { Iommufd } from "./iommufd.ts";
+import { MemfdBuffer } from "./memfd.ts";
+
+export type { Iova };
+
+/** Options shared by map(), mapFile() and copy(). */
+export interface MapOptions {
+  /** Fixed IOVA. Without it the kernel picks one (inside the allowed ranges, if any). */
+  iova?: number | bigint;
+  /** Device may read (DMA to device). Default true. */
+  readable?: boolean;
+  /** Device may write (DMA from device). Default true. */
+  writable?: boolean;
+}
+
+export interface RangeOptions extends MapOptions {
+  /** Byte offset into the source. Default 0. */
+  offset?: number;
+  /** Bytes to map. Default: from offset to the end of the source. */
+  length?: number;
+}
+
+/** Memory mapped by its address in this process (IOMMU_IOAS_MAP). */
+export type MapSource = ArrayBuffer | ArrayBufferView | MemfdBuffer | { address: number; length: number };
+
+/** A file mapped by fd (IOMMU_IOAS_MAP_FILE): a MemfdBuffer, a DmaBuf, or anything with fd and size. */
+export interface MappableFile {
+  readonly fd: number;
+  readonly size: number;
+  /** Explains EOPNOTSUPP/ENODEV in the file's own terms (dma-bufs). */
+  describeMapError?(errno: number): string | undefined;
+}
+
+export interface IovaRange {
+  start: Iova;
+  /** Inclusive, as the kernel reports it. */
+  last: Iova;
+}
+
+export interface IovaRanges {
+  ranges: IovaRange[];
+  /** Every fixed IOVA and length must be a multiple of this. */
+  alignment: number;
+}
+
+export interface CopyOptions extends MapOptions {
+  srcIova: number | bigint;
+  length: number;
+}
+
+const mapCmd = iommu_ioas_map.create();
+const mapFileCmd = iommu_ioas_map_file.create();
+const unmapCmd = iommu_ioas_unmap.create();
+const copyCmd = iommu_ioas_copy.create();
+const rangesCmd = iommu_ioas_iova_ranges.create();
+const allowCmd = iommu_ioas_allow_iovas.create();
+
+const U64_ALL = (1n << 64n) - 1n;
+
+export class Ioas {
+  readonly iommufd: Iommufd;
+  readonly id: number;
+  #alive = true;
+  readonly #mappings = new Set<Mapping>();
+
+  /** @internal Created by Iommufd.createIoas(). */
+  constructor(iommufd: Iommufd, id: number) {
+    this.iommufd = iommufd;
+    this.id = id;
+  }
+
+  get destroyed(): boolean {
+    return !this.#alive;
+  }
+
+  /** Live mappings this object made (and has not seen unmapped). */
+  get mappings(): readonly Mapping[] {
+    return [...this.#mappings];
+  }
+
+  #requireAlive(operation: string): number {
+    if (!this.#alive) throw closedError(operation, `IOAS ${this.id} (destroyed)`);
+    return this.iommufd.requireFd(operation);
+  }
+
+  /** Map memory of this process by address (IOMMU_IOAS_MAP). Pins the pages. */
+  map(source: MapSource, options: RangeOptions = {}): Mapping {
+    const op = "IOMMU_IOAS_MAP";
+    this.#requireAlive(op);
+    const { address, size } = resolveMemory(source, op);
+    const offset = options.offset === undefined ? 0 : (u64(options.offset, op, "options.offset") as number);
+    if (offset >= size) throw argumentError(op, "options.offset", `offset ${offset} is past the end of the ${size}-byte source`);
+    const length = options.length === undefined ? size - offset : positiveLength(options.length, op, "options.length");
+    if (offset + length > size) {
+      throw argumentError(op, "options.length", `${length} bytes from offset ${offset} run past the end of the ${size}-byte source`);
+    }
+    const flags = mapFlags(options, op);
+    mapCmd.fill({ size: iommu_ioas_map.size, flags: flags.bits, ioas_id: this.id, user_va: address + offset, length });
+    if (flags.iova !== undefined) mapCmd.set("iova", flags.iova);
+    const errno = this.iommufd.call(IOMMU_IOAS_MAP, mapCmd, op);
+    if (errno) throw this.#mapError(op, errno, flags.iova, length);
+    return this.#record(readIova(mapCmd), length, source);
+  }
+
+  /** Map a file range by fd (IOMMU_IOAS_MAP_FILE): a MemfdBuffer, a VFIO dma-buf, or a raw fd. */
+  mapFile(file: MappableFile | number, options: RangeOptions = {}): Mapping {
+    const op = "IOMMU_IOAS_MAP_FILE";
+    this.#requireAlive(op);
+    const { fd, size } = resolveFile(file, op);
+    const offset = options.offset === undefined ? 0 : (u64(options.offset, op, "options.offset") as number);
+    let length: number;
+    if (options.length === undefined) {
+      if (size === undefined) throw argumentError(op, "options.length", "the file's size is unknown: give a length");
+      if (offset >= size) throw argumentError(op, "options.offset", `offset ${offset} is at or past the end of the ${size}-byte file`);
+      length = size - offset;
+    } else {
+      length = positiveLength(options.length, op, "options.length");
+    }
+    // With no domain attached the kernel accepts a range past the end of the file and fails only
+    // later, at attach time: refuse it here, where the cause is clear.
+    if (size !== undefined && offset + length > size) {
+      throw argumentError(
+        op,
+        "options.length",
+        `${length} bytes from offset ${offset} run past the end of the ${size}-byte file`,
+      );
+    }
+    const flags = mapFlags(options, op);
+    mapFileCmd.fill({ size: iommu_ioas_map_file.size, flags: flags.bits, ioas_id: this.id, fd, start: offset, length });
+    if (flags.iova !== undefined) mapFileCmd.set("iova", flags.iova);
+    const errno = this.iommufd.call(IOMMU_IOAS_MAP_FILE, mapFileCmd, op);
+    if (errno) {
+      const special = typeof file === "object" ? file.describeMapError?.(errno) : undefined;
+      if (special) throw syscallError(op, errno, special, { argument: "file" });
+      throw this.#mapError(op, errno, flags.iova, length);
+    }
+    return this.#record(readIova(mapFileCmd), length, file);
+  }
+
+  /**
+   * Map the pages behind `srcIova..+length` of another IOAS into this one (IOMMU_IOAS_COPY),
+   * without pinning them again. The range must cover whole mappings of the source.
+   */
+  copy(from: Ioas, options: CopyOptions): Mapping {
+    const op = "IOMMU_IOAS_COPY";
+    this.#requireAlive(op);
+    if (!(from instanceof Ioas)) throw argumentError(op, "from", "the source must be an Ioas");
+    from.#requireAlive(op);
+    if (from.iommufd !== this.iommufd) {
+      throw argumentError(op, "from", "both IOASes must belong to the same Iommufd");
+    }
+    const srcIova = u64(options.srcIova, op, "options.srcIova");
+    const length = positiveLength(options.length, op, "options.length");
+    const flags = mapFlags(options, op);
+    copyCmd.fill({
+      size: iommu_ioas_copy.size,
+      flags: flags.bits,
+      dst_ioas_id: this.id,
+      src_ioas_id: from.id,
+      length,
+      src_iova: srcIova,
+    });
+    if (flags.iova !== undefined) copyCmd.set("dst_iova", flags.iova);
+    const errno = this.iommufd.call(IOMMU_IOAS_COPY, copyCmd, op);
+    if (errno) {
+      if (errno === ERRNO.ENOENT) {
+        throw syscallError(op, errno, `nothing is mapped at ${hex(srcIova)}..+${hex(length)} in IOAS ${from.id}, or the range does not cover whole mappings`);
+      }
+      throw this.#mapError(op, errno, flags.iova, length);
+    }
+    const iova = normaliseIova(copyCmd.view.getBigUint64(iommu_ioas_copy.fields.dst_iova.offset, true));
+    return this.#record(iova, length, from);
+  }
+
+  /**
+   * Unmap every mapping inside `iova..+length` (IOMMU_IOAS_UNMAP). The range must not split a
+   * mapping. Returns the bytes unmapped.
+   */
+  unmap(iova: number | bigint, length: number | bigint): number {
+    const op = "IOMMU_IOAS_UNMAP";
+    this.#requireAlive(op);
+    const start = u64(iova, op, "iova");
+    const len = typeof length === "bigint" ? u64(length, op, "length") : positiveLength(length, op, "length");
+    if (len === 0n) throw argumentError(op, "length", "length is 0; there is nothing to unmap");
+    const unmapped = this.#unmapRaw(start, len, op);
+    const end = BigInt(start) + BigInt(len);
+    for (const mapping of this.#mappings) {
+      const mStart = BigInt(mapping.iova);
+      if (mStart >= BigInt(start) && mStart + BigInt(mapping.length) <= end) this.#forget(mapping);
+    }
+    return unmapped;
+  }
+
+  /** Unmap everything in this IOAS. Returns the bytes unmapped. */
+  unmapAll(): number {
+    const op = "IOMMU_IOAS_UNMAP";
+    this.#requireAlive(op);
+    const unmapped = this.#unmapRaw(0, U64_ALL, op, true);
+    for (const mapping of this.#mappings) this.#forget(mapping);
+    return unmapped;
+  }
+
+  #unmapRaw(iova: Iova, length: number | bigint, op: string, all = false): number {
+    unmapCmd.fill({ size: iommu_ioas_unmap.size, ioas_id: this.id, iova, length });
+    const errno = this.iommufd.call(IOMMU_IOAS_UNMAP, unmapCmd, op);
+    if (errno) {
+      if (errno === ERRNO.ENOENT && all) return 0; // an empty IOAS: nothing to do
+      throw syscallError(op, errno, describeUnmapError(errno, iova, length), {
+        hint:
+          errno === ERRNO.ENOENT
+            ? "the kernel also says ENOENT when the unmap itself failed: the range may still be mapped"
+            : undefined,
+      });
+    }
+    return unmapCmd.get("length");
+  }
+
+  /** @internal Unmap one Mapping exactly. */
+  unmapMapping(mapping: Mapping): void {
+    const op = "Mapping.unmap";
+    if (!this.#mappings.has(mapping)) {
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.ENOENT,
+        message: `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`,
+      });
+    }
+    this.#requireAlive(op);
+    this.#unmapRaw(mapping.iova, mapping.length, op);
+    this.#forget(mapping);
+  }
+
+  /** @internal */
+  isLive(mapping: Mapping): boolean {
+    return this.#mappings.has(mapping);
+  }
+
+  /** The IOVA ranges usable in this IOAS and the required alignment (IOMMU_IOAS_IOVA_RANGES). */
+  iovaRanges(): IovaRanges {
+    const op = "IOMMU_IOAS_IOVA_RANGES";
+    this.#requireAlive(op);
+    // The kernel answers EMSGSIZE with the count when the array is too small: ask twice at most.
+    let capacity = 8;
+    for (;;) {
+      const array = new Uint8Array(capacity * iommu_iova_range.size);
+      rangesCmd.fill({ size: iommu_ioas_iova_ranges.size, ioas_id: this.id, num_iovas: capacity, allowed_iovas: ptr(array) });
+      const errno = this.iommufd.call(IOMMU_IOAS_IOVA_RANGES, rangesCmd, op);
+      const count = rangesCmd.get("num_iovas");
+      if (errno === ERRNO.EMSGSIZE && count > capacity) {
+        capacity = count;
+        continue;
+      }
+      if (errno) throw syscallError(op, errno);
+      const view = new DataView(array.buffer);
+      const ranges: IovaRange[] = [];
+      for (let i = 0; i < count; i++) {
+        const at = i * iommu_iova_range.size;
+        ranges.push({
+          start: normaliseIova(view.getBigUint64(at + iommu_iova_range.fields.start.offset, true)),
+          last: normaliseIova(view.getBigUint64(at + iommu_iova_range.fields.last.offset, true)),
+        });
+      }
+      return { ranges, alignment: rangesCmd.get("out_iova_alignment") };
+    }
+  }
+
+  /**
+   * Restrict where the kernel may place kernel-chosen IOVAs (IOMMU_IOAS_ALLOW_IOVAS). Fixed-IOVA
+   * maps are not restricted. An empty list lifts the restriction.
+   */
+  allowIovas(ranges: readonly { start: number | bigint; last: number | bigint }[]): void {
+    const op = "IOMMU_IOAS_ALLOW_IOVAS";
+    this.#requireAlive(op);
+    if (!Array.isArray(ranges)) throw argumentError(op, "ranges", "expected an array of { start, last }");
+    const array = new Uint8Array(Math.max(1, ranges.length) * iommu_iova_range.size);
+    const view = new DataView(array.buffer);
+    ranges.forEach((range, i) => {
+      const start = BigInt(u64(range?.start, op, `ranges[${i}].start`));
+      const last = BigInt(u64(range?.last, op, `ranges[${i}].last`));
+      if (last < start) throw argumentError(op, `ranges[${i}]`, `last ${hex(last)} is below start ${hex(start)}`);
+      view.setBigUint64(i * 16, start, true);
+      view.setBigUint64(i * 16 + 8, last, true);
+    });
+    allowCmd.fill({ size: iommu_ioas_allow_iovas.size, ioas_id: this.id, num_iovas: ranges.length, allowed_iovas: ptr(array) });
+    const errno = this.iommufd.call(IOMMU_IOAS_ALLOW_IOVAS, allowCmd, op);
+    if (errno) {
+      const message =
+        errno === ERRNO.EINVAL
+          ? "the ranges overlap, are unsorted, or exclude IOVAs that are already mapped or required by an attached device"
+          : errno === ERRNO.EBUSY
+            ? "an existing mapping or reserved range lies outside the new allowed ranges"
+            : undefined;
+      throw syscallError(op, errno, message, { argument: "ranges" });
+    }
+  }
+
+  /** Whether the kernel may use huge IOMMU pages for this IOAS (IOMMU_OPTION_HUGE_PAGES). */
+  get hugePages(): boolean {
+    this.#requireAlive("IOMMU_OPTION");
+    return this.iommufd.option(IOMMU_OPTION_HUGE_PAGES, this.id, IOMMU_OPTION_OP_GET, 0n) !== 0n;
+  }
+
+  set hugePages(enabled: boolean) {
+    this.#requireAlive("IOMMU_OPTION");
+    this.iommufd.option(IOMMU_OPTION_HUGE_PAGES, this.id, IOMMU_OPTION_OP_SET, enabled ? 1n : 0n);
+  }
+
+  /** Destroy the IOAS (IOMMU_DESTROY); the kernel unmaps whatever it still holds. Idempotent. */
+  destroy(): void {
+    if (!this.#alive || this.iommufd.closed) {
+      this.markGone();
+      return;
+    }
+    this.iommufd.destroyObject(this.id, "Ioas.destroy");
+    this.markGone();
+  }
+
+  /** @internal The IOAS no longer exists (destroyed, or its iommufd closed). */
+  markGone(): void {
+    this.#alive = false;
+    this.#mappings.clear();
+    this.iommufd.untrack(this);
+  }
+
+  [Symbol.dispose](): void {
+    this.destroy();
+  }
+
+  #record(iova: Iova, length: number, source: unknown): Mapping {
+    const mapping = new Mapping(this, iova, length, source);
+    this.#mappings.add(mapping);
+    return mapping;
+  }
+
+  #forget(mapping: Mapping): void {
+    this.#mappings.delete(mapping);
+  }
+
+  #mapError(op: string, errno: number, iova: Iova | undefined, length: number): IommufdError {
+    const where = iova === undefined ? `${hex(length)} bytes` : `IOVA range ${hex(iova)}..${hex(addIova(iova, length - 1))}`;
+    switch (errno) {
+      case ERRNO.EEXIST:
+        return syscallError(op, errno, `${where} overlaps an existing mapping`, { argument: "options.iova" });
+      case ERRNO.ENOSPC:
+        return syscallError(op, errno, `no free IOVA range of ${hex(length)} bytes is left in IOAS ${this.id}`);
+      case ERRNO.ENOMEM:
+        return syscallError(op, errno, `cannot pin ${hex(length)} bytes: out of memory or over the locked-memory limit`, {
+          hint: "raise RLIMIT_MEMLOCK (ulimit -l) or map less",
+        });
+      case ERRNO.EFAULT:
+        return syscallError(op, errno, "the source memory is not mapped in this process");
+      case ERRNO.EBADF:
+        return syscallError(op, errno, "the file descriptor is not open", { argument: "file" });
+      case ERRNO.ENOENT:
+        return syscallError(op, errno, `IOAS ${this.id} does not exist in this iommufd`);
+      case ERRNO.EOVERFLOW:
+        return syscallError(op, errno, `${where} wraps past the end of the 64-bit IOVA space`, { argument: "options.iova" });
+      case ERRNO.EINVAL:
+        return syscallError(op, errno, this.#explainInvalid(iova, length));
+      default:
+        return syscallError(op, errno, `cannot map ${where}`);
+    }
+  }
+
+  /** EINVAL from a map: ask the kernel which rule the request broke, so the message can say it. */
+  #explainInvalid(iova: Iova | undefined, length: number): string {
+    if (iova === undefined) return `the kernel refused to map ${hex(length)} bytes (bad source, or a file type it cannot map)`;
+    let info: IovaRanges;
+    try {
+      info = this.iovaRanges();
+    } catch {
+      return `the kernel refused IOVA ${hex(iova)}`;
+    }
+    if (BigInt(iova) % BigInt(info.alignment) !== 0n) {
+      return `IOVA ${hex(iova)} is not aligned to this IOAS's IOVA alignment ${hex(info.alignment)}`;
+    }
+    const last = BigInt(iova) + BigInt(length) - 1n;
+    const inside = info.ranges.some((r) => BigInt(r.start) <= BigInt(iova) && last <= BigInt(r.last));
+    if (!inside) {
+      const usable = info.ranges.map((r) => `${hex(r.start)}..${hex(r.last)}`).join(", ");
+      return `IOVA range ${hex(iova)}..${hex(last)} is outside the usable ranges (${usable || "none"})`;
+    }
+    return `the kernel refused IOVA ${hex(iova)} (length ${hex(length)}): check alignment and the source`;
+  }
+}
+
+/** One mapping in an IOAS. Unmapped by unmap(), by `using`, or when its IOAS or iommufd goes. */
+export class Mapping {
+  readonly ioas: Ioas;
+  readonly iova: Iova;
+  readonly length: number;
+  /** What was mapped; kept referenced so it cannot be collected while the device may use it. */
+  readonly source: unknown;
+
+  /** @internal */
+  constructor(ioas: Ioas, iova: Iova, length: number, source: unknown) {
+    this.ioas = ioas;
+    this.iova = iova;
+    this.length = length;
+    this.source = source;
+  }
+
+  get mapped(): boolean {
+    return this.ioas.isLive(this);
+  }
+
+  /** The IOVA just past the end. */
+  get end(): Iova {
+    return addIova(this.iova, this.length);
+  }
+
+  /**
+   * Unmap exactly this range. If the kernel fails, the mapping stays recorded as live (it may
+   * well still be mapped) and unmap() can be called again.
+   */
+  unmap(): void {
+    this.ioas.unmapMapping(this);
+  }
+
+  [Symbol.dispose](): void {
+    if (this.mapped) this.unmap();
+  }
+}
+
+function mapFlags(options: MapOptions, op: string): { bits: number; iova: Iova | undefined } {
+  const readable = options.readable ?? true;
+  const writable = options.writable ?? true;
+  if (!readable && !writable) {
+    throw argumentError(op, "options", "a mapping must be readable, writable or both");
+  }
+  let bits = (readable ? IOMMU_IOAS_MAP_READABLE : 0) | (writable ? IOMMU_IOAS_MAP_WRITEABLE : 0);
+  let iova: Iova | undefined;
+  if (options.iova !== undefined) {
+    iova = normaliseIova(u64(options.iova, op, "options.iova"));
+    bits |= IOMMU_IOAS_MAP_FIXED_IOVA;
+  }
+  return { bits, iova };
+}
+
+function readIova(cmd: typeof mapCmd | typeof mapFileCmd): Iova {
+  // Below 2^53 the number read is exact; only then skip the bigint.
+  const high = cmd.view.getUint32(cmd.layout.fields.iova.offset + 4, true);
+  return high < 0x200000 ? cmd.get("iova") : normaliseIova(cmd.getBig("iova"));
+}
+
+function resolveMemory(source: MapSource, op: string): { address: number; size: number } {
+  if (source instanceof MemfdBuffer) {
+    return { address: source.address, size: source.size };
+  }
+  if (source instanceof ArrayBuffer) {
+    if (source.byteLength === 0) throw argumentError(op, "source", "the ArrayBuffer is empty (or detached)");
+    return { address: ptr(new Uint8Array(source)), size: source.byteLength };
+  }
+  if (ArrayBuffer.isView(source)) {
+    if (source.byteLength === 0) throw argumentError(op, "source", "the view is empty (or its buffer is detached)");
+    return { address: ptr(source as Uint8Array), size: source.byteLength };
+  }
+  if (source && typeof source === "object" && "address" in source && "length" in source) {
+    const address = u64(source.address, op, "source.address");
+    if (typeof address !== "number" || address === 0) throw argumentError(op, "source.address", "not a valid address");
+    return { address, size: positiveLength(source.length, op, "source.length") };
+  }
+  throw argumentError(op, "source", "expected an ArrayBuffer, a typed array, a MemfdBuffer or { address, length }");
+}
+
+function resolveFile(file: MappableFile | number, op: string): { fd: number; size: number | undefined } {
+  if (typeof file === "number") {
+    requireOpenFd(file, op, "file");
+    const stat = fstat(file, op);
+    return { fd: file, size: stat.size > 0 ? stat.size : undefined };
+  }
+  if (file instanceof MemfdBuffer) {
+    file.assertOpen(op);
+    return { fd: file.fd, size: file.size };
+  }
+  if (file && typeof file === "object" && "fd" in file) {
+    return { fd: file.fd, size: file.size };
+  }
+  throw argumentError(op, "file", "expected a MemfdBuffer, a DmaBuf or a file descriptor");
+}
+
+function describeUnmapError(errno: number, iova: Iova, length: number | bigint): string {
+  if (errno === ERRNO.ENOENT) {
+    return `no mapping covers exactly ${hex(iova)}..+${hex(length)} (an unmap must not split a mapping), or the unmap failed`;
+  }
+  if (errno === ERRNO.EBUSY) return "a device access to the range is in progress";
+  return `cannot unmap ${hex(iova)}..+${hex(length)}`;
+}

@@ -1,0 +1,184 @@
+/**
+ * Iommufd: an open /dev/iommu. It owns the fd; every object created through it (IOAS, hw page
+ * tables) dies with it, which the kernel guarantees and the library mirrors by marking them closed.
+ */
+import { ERRNO } from "./sys/errno.ts";
+import { closedError, IommufdError, syscallError } from "./sys/error.ts";
+import { closeFd, openPath, requireOpenFd } from "./sys/fd.ts";
+import { ioctl, lastErrno, libc, O_RDWR } from "./sys/libc.ts";
+import type { StructBuffer } from "./uapi/codec.ts";
+import {
+  IOMMU_DESTROY,
+  IOMMU_IOAS_ALLOC,
+  IOMMU_OPTION,
+  IOMMU_OPTION_OP_GET,
+  IOMMU_OPTION_OP_SET,
+  IOMMU_OPTION_RLIMIT_MODE,
+  iommu_destroy,
+  iommu_ioas_alloc,
+  iommu_option,
+} from "./uapi/iommufd.ts";
+import { Ioas } from "./ioas.ts";
+
+export const DEFAULT_IOMMU_PATH = "/dev/iommu";
+
+/** How pinned pages are charged against RLIMIT_MEMLOCK (IOMMU_OPTION_RLIMIT_MODE). */
+export type RlimitMode = "user" | "process";
+
+const registry = new FinalizationRegistry<number>((fd) => {
+  libc().close(fd);
+});
+
+const destroyCmd = iommu_destroy.create();
+const ioasAllocCmd = iommu_ioas_alloc.create();
+const optionCmd = iommu_option.create();
+
+/** Something the Iommufd must mark dead when it closes. */
+interface Owned {
+  markGone(): void;
+}
+
+export class Iommufd {
+  #fd: number;
+  readonly #owned = new Set<Owned>();
+  readonly #closeOnDispose: boolean;
+
+  private constructor(fd: number, owned: boolean) {
+    this.#fd = fd;
+    this.#closeOnDispose = owned;
+    if (owned) registry.register(this, fd, this);
+  }
+
+  /** Open the iommufd character device (close-on-exec). */
+  static open(path: string = DEFAULT_IOMMU_PATH): Iommufd {
+    const fd = openPath(path, O_RDWR, "Iommufd.open", {
+      ENOENT: "the running kernel has no iommufd: it needs CONFIG_IOMMUFD=y (run `bunx bun-iommufd doctor`)",
+      EACCES: `no permission to open ${path}: run as root, or give this user access to the device node`,
+      EPERM: `not permitted to open ${path}: check the device node's permissions and any security module policy`,
+    });
+    return new Iommufd(fd, true);
+  }
+
+  /**
+   * Wrap an fd that is already an iommufd (handed over by another process, say). With
+   * `takeOwnership` (the default) close() closes it; otherwise the caller keeps that duty.
+   */
+  static fromFd(fd: number, options: { takeOwnership?: boolean } = {}): Iommufd {
+    requireOpenFd(fd, "Iommufd.fromFd", "fd");
+    return new Iommufd(fd, options.takeOwnership ?? true);
+  }
+
+  get fd(): number {
+    if (this.#fd < 0) throw closedError("Iommufd.fd", "this Iommufd");
+    return this.#fd;
+  }
+
+  get closed(): boolean {
+    return this.#fd < 0;
+  }
+
+  /** @internal Throws EBADF once closed; the fd otherwise. */
+  requireFd(operation: string): number {
+    if (this.#fd < 0) throw closedError(operation, "the Iommufd");
+    return this.#fd;
+  }
+
+  /** @internal */
+  track(object: Owned): void {
+    this.#owned.add(object);
+  }
+
+  /** @internal */
+  untrack(object: Owned): void {
+    this.#owned.delete(object);
+  }
+
+  /** @internal One ioctl with a struct; returns the errno (0 on success). */
+  call(request: number, cmd: StructBuffer, operation: string): number {
+    const rc = ioctl(this.requireFd(operation), request, cmd.address);
+    return rc < 0 ? lastErrno() : 0;
+  }
+
+  /** Allocate an I/O address space (IOMMU_IOAS_ALLOC). */
+  createIoas(): Ioas {
+    const op = "IOMMU_IOAS_ALLOC";
+    ioasAllocCmd.fill({ size: iommu_ioas_alloc.size });
+    const errno = this.call(IOMMU_IOAS_ALLOC, ioasAllocCmd, op);
+    if (errno) {
+      throw syscallError(op, errno, errno === ERRNO.ENOMEM ? "the kernel is out of memory for a new IOAS" : undefined);
+    }
+    const ioas = new Ioas(this, ioasAllocCmd.get("out_ioas_id"));
+    this.track(ioas);
+    return ioas;
+  }
+
+  /** IOMMU_DESTROY of any object id (IOAS, hw page table, ...). */
+  destroyObject(id: number, operation = "IOMMU_DESTROY"): void {
+    destroyCmd.fill({ size: iommu_destroy.size, id });
+    const errno = this.call(IOMMU_DESTROY, destroyCmd, operation);
+    if (!errno) return;
+    const message =
+      errno === ERRNO.EBUSY
+        ? `object ${id} is still in use (a device or hw page table is attached to it; detach first)`
+        : errno === ERRNO.ENOENT
+          ? `no object with id ${id} exists in this iommufd`
+          : undefined;
+    throw syscallError(operation, errno, message, { argument: "id" });
+  }
+
+  /** IOMMU_OPTION RLIMIT_MODE: how this process's pinned pages are charged to RLIMIT_MEMLOCK. */
+  get rlimitMode(): RlimitMode {
+    return this.#option(IOMMU_OPTION_RLIMIT_MODE, 0, IOMMU_OPTION_OP_GET, 0n) === 0n ? "user" : "process";
+  }
+
+  /** Setting it needs CAP_SYS_RESOURCE and is refused (EBUSY) once anything is pinned. */
+  set rlimitMode(mode: RlimitMode) {
+    if (mode !== "user" && mode !== "process") {
+      throw new IommufdError({
+        operation: "IOMMU_OPTION",
+        errno: ERRNO.EINVAL,
+        argument: "rlimitMode",
+        message: `"${String(mode)}" is not "user" or "process"`,
+      });
+    }
+    this.#option(IOMMU_OPTION_RLIMIT_MODE, 0, IOMMU_OPTION_OP_SET, mode === "user" ? 0n : 1n);
+  }
+
+  /** @internal IOMMU_OPTION get/set; returns val64. */
+  option(optionId: number, objectId: number, op: number, value: bigint): bigint {
+    return this.#option(optionId, objectId, op, value);
+  }
+
+  #option(optionId: number, objectId: number, op: number, value: bigint): bigint {
+    const operation = "IOMMU_OPTION";
+    optionCmd.fill({ size: iommu_option.size, option_id: optionId, op, object_id: objectId, val64: value });
+    const errno = this.call(IOMMU_OPTION, optionCmd, operation);
+    if (errno) {
+      const message =
+        errno === ERRNO.EPERM
+          ? "changing this option needs CAP_SYS_RESOURCE"
+          : errno === ERRNO.EBUSY
+            ? "the option cannot change while pages are pinned"
+            : errno === ERRNO.ENOENT
+              ? `object ${objectId} does not exist`
+              : undefined;
+      throw syscallError(operation, errno, message);
+    }
+    return optionCmd.getBig("val64");
+  }
+
+  /** Close the iommufd. The kernel destroys every object in it; the library marks them closed. */
+  close(): void {
+    if (this.#fd < 0) return;
+    const fd = this.#fd;
+    this.#fd = -1;
+    registry.unregister(this);
+    for (const object of this.#owned) object.markGone();
+    this.#owned.clear();
+    if (this.#closeOnDispose) closeFd(fd, "Iommufd.close");
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
