@@ -27,3 +27,15 @@ export {
 export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions } from "./memfd.ts";
 export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
 export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";
+export {
+  VfioDevice,
+  RegionMapping,
+  bindToVfioPci,
+  findPciDevices,
+  type DeviceInfo,
+  type DmaBufRange,
+  type ExportDmaBufOptions,
+  type RegionCapability,
+  type RegionInfo,
+} from "./vfio.ts";
+export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./dmabuf.ts";

@@ -1,0 +1,621 @@
+/**
+ * VfioDevice: a VFIO device opened through its cdev (/dev/vfio/devices/vfioN), bound to an
+ * iommufd and attached to an IOAS, with region info, BAR mmap for registers, config space,
+ * bus mastering, reset and dma-buf export of BAR slices.
+ */
+import { toArrayBuffer, type Pointer } from "bun:ffi";
+import { existsSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
+import { basename, join } from "node:path";
+import { DmaBuf } from "./dmabuf.ts";
+import { Ioas } from "./ioas.ts";
+import type { Iommufd } from "./iommufd.ts";
+import { ERRNO } from "./sys/errno.ts";
+import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
+import { closeFd, openPath, preadInto, pwriteFrom } from "./sys/fd.ts";
+import { ioctl, lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "./sys/libc.ts";
+import { hex, u64 } from "./sys/validate.ts";
+import {
+  VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+  VFIO_DEVICE_BIND_IOMMUFD,
+  VFIO_DEVICE_DETACH_IOMMUFD_PT,
+  VFIO_DEVICE_FEATURE,
+  VFIO_DEVICE_FEATURE_BUS_MASTER,
+  VFIO_DEVICE_FEATURE_CLEAR_MASTER,
+  VFIO_DEVICE_FEATURE_DMA_BUF,
+  VFIO_DEVICE_FEATURE_GET,
+  VFIO_DEVICE_FEATURE_PROBE,
+  VFIO_DEVICE_FEATURE_SET,
+  VFIO_DEVICE_FEATURE_SET_MASTER,
+  VFIO_DEVICE_FLAGS_PCI,
+  VFIO_DEVICE_FLAGS_RESET,
+  VFIO_DEVICE_GET_INFO,
+  VFIO_DEVICE_GET_REGION_INFO,
+  VFIO_DEVICE_RESET,
+  VFIO_PCI_CONFIG_REGION_INDEX,
+  VFIO_REGION_INFO_FLAG_CAPS,
+  VFIO_REGION_INFO_FLAG_MMAP,
+  VFIO_REGION_INFO_FLAG_READ,
+  VFIO_REGION_INFO_FLAG_WRITE,
+  vfio_device_attach_iommufd_pt,
+  vfio_device_bind_iommufd,
+  vfio_device_detach_iommufd_pt,
+  vfio_device_feature,
+  vfio_device_feature_bus_master,
+  vfio_device_feature_dma_buf,
+  vfio_device_info,
+  vfio_info_cap_header,
+  vfio_region_dma_range,
+  vfio_region_info,
+} from "./uapi/vfio.ts";
+
+const PCI_ADDRESS = /^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/i;
+const SYSFS_PCI = "/sys/bus/pci/devices";
+const PAGE_SIZE = 4096;
+const PCI_COMMAND = 0x04;
+const PCI_COMMAND_MASTER = 0x4;
+
+export interface DeviceInfo {
+  flags: number;
+  numRegions: number;
+  numIrqs: number;
+  isPci: boolean;
+  /** The device supports VFIO_DEVICE_RESET. */
+  canReset: boolean;
+}
+
+export interface RegionCapability {
+  id: number;
+  version: number;
+  /** Offset of the capability inside the region-info reply. */
+  offset: number;
+}
+
+export interface RegionInfo {
+  index: number;
+  size: number;
+  /** Offset of the region in the device fd (for pread/pwrite/mmap). */
+  offset: number;
+  flags: number;
+  readable: boolean;
+  writable: boolean;
+  mmappable: boolean;
+  capabilities: RegionCapability[];
+}
+
+export interface DmaBufRange {
+  offset: number;
+  length: number;
+}
+
+export interface ExportDmaBufOptions {
+  /** Region index (BAR number for PCI). */
+  region: number;
+  ranges: readonly DmaBufRange[];
+}
+
+const registry = new FinalizationRegistry<number>((fd) => {
+  libc().close(fd);
+});
+
+export class VfioDevice {
+  readonly path: string;
+  readonly pciAddress: string | undefined;
+  #fd: number;
+  #iommufd: Iommufd | undefined;
+  #deviceId: number | undefined;
+  #attachedTo: number | undefined;
+  readonly #regions = new Set<RegionMapping>();
+
+  private constructor(fd: number, path: string, pciAddress: string | undefined) {
+    this.#fd = fd;
+    this.path = path;
+    this.pciAddress = pciAddress;
+    registry.register(this, fd, this);
+  }
+
+  /** Open a VFIO cdev by path (`/dev/vfio/devices/vfio0`) or PCI address (`0000:00:03.0`). */
+  static open(pathOrPciAddress: string): VfioDevice {
+    const op = "VfioDevice.open";
+    if (typeof pathOrPciAddress !== "string" || pathOrPciAddress === "") {
+      throw argumentError(op, "pathOrPciAddress", "expected a /dev/vfio/devices path or a PCI address like 0000:00:03.0");
+    }
+    let path = pathOrPciAddress;
+    let pciAddress: string | undefined;
+    if (PCI_ADDRESS.test(pathOrPciAddress)) {
+      pciAddress = pathOrPciAddress.toLowerCase();
+      path = vfioCdevOf(pciAddress, op);
+    } else {
+      pciAddress = pciAddressOfCdev(path);
+    }
+    const fd = openPath(path, O_RDWR, op, {
+      ENOENT: "no such VFIO device node: is the device bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?",
+      EACCES: "no permission on the VFIO device node",
+      EBUSY: "the device is already open through its VFIO group or another cdev user",
+    });
+    return new VfioDevice(fd, path, pciAddress);
+  }
+
+  get fd(): number {
+    if (this.#fd < 0) throw closedError("VfioDevice.fd", `VFIO device ${this.path}`);
+    return this.#fd;
+  }
+
+  get closed(): boolean {
+    return this.#fd < 0;
+  }
+
+  /** The iommufd device id from bind(), or undefined. */
+  get deviceId(): number | undefined {
+    return this.#deviceId;
+  }
+
+  /** The hw page table id the device is attached to, or undefined. */
+  get attachedTo(): number | undefined {
+    return this.#attachedTo;
+  }
+
+  #requireFd(operation: string): number {
+    if (this.#fd < 0) throw closedError(operation, `VFIO device ${this.path}`);
+    return this.#fd;
+  }
+
+  #ioctl(request: number, address: number, operation: string): number {
+    const rc = ioctl(this.#requireFd(operation), request, address);
+    return rc < 0 ? -lastErrno() : rc;
+  }
+
+  /** VFIO_DEVICE_BIND_IOMMUFD: bind to an iommufd; returns the device id inside it. */
+  bind(iommufd: Iommufd): number {
+    const op = "VFIO_DEVICE_BIND_IOMMUFD";
+    if (this.#deviceId !== undefined) {
+      throw new IommufdError({ operation: op, errno: ERRNO.EBUSY, message: `${this.path} is already bound (device id ${this.#deviceId})` });
+    }
+    const cmd = vfio_device_bind_iommufd.create().fill({ argsz: vfio_device_bind_iommufd.size, iommufd: iommufd.requireFd(op) });
+    const rc = this.#ioctl(VFIO_DEVICE_BIND_IOMMUFD, cmd.address, op);
+    if (rc < 0) {
+      throw syscallError(op, -rc, rc === -ERRNO.EBUSY ? "the device is already bound to an iommufd" : rc === -ERRNO.EPERM ? "binding needs the device's IOMMU group to be viable" : undefined);
+    }
+    this.#iommufd = iommufd;
+    this.#deviceId = cmd.get("out_devid");
+    return this.#deviceId;
+  }
+
+  /**
+   * VFIO_DEVICE_ATTACH_IOMMUFD_PT: attach to an IOAS (the kernel makes or reuses a domain) or a hw
+   * page table id. Returns the hw page table id now in use.
+   */
+  attach(target: Ioas | number): number {
+    const op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
+    if (this.#deviceId === undefined) {
+      throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: "bind the device to an iommufd first (device.bind(iommufd))" });
+    }
+    const ptId = target instanceof Ioas ? target.id : target;
+    if (target instanceof Ioas && target.iommufd !== this.#iommufd) {
+      throw argumentError(op, "target", "the IOAS belongs to another iommufd than the one the device is bound to");
+    }
+    if (target instanceof Ioas && target.destroyed) throw closedError(op, `IOAS ${target.id} (destroyed)`);
+    if (!Number.isInteger(ptId) || ptId <= 0) throw argumentError(op, "target", `${ptId} is not an object id`);
+    const cmd = vfio_device_attach_iommufd_pt.create().fill({ argsz: vfio_device_attach_iommufd_pt.size, pt_id: ptId });
+    const rc = this.#ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, cmd.address, op);
+    if (rc < 0) {
+      const errno = -rc;
+      const message =
+        errno === ERRNO.EADDRINUSE
+          ? `IOAS ${ptId} already has mappings outside the IOVA ranges this device's IOMMU can reach`
+          : errno === ERRNO.ENOENT
+            ? `no IOAS or hw page table with id ${ptId}`
+            : undefined;
+      throw syscallError(op, errno, message, { argument: "target" });
+    }
+    this.#attachedTo = cmd.get("pt_id");
+    return this.#attachedTo;
+  }
+
+  /** VFIO_DEVICE_DETACH_IOMMUFD_PT. */
+  detach(): void {
+    const op = "VFIO_DEVICE_DETACH_IOMMUFD_PT";
+    const cmd = vfio_device_detach_iommufd_pt.create().fill({ argsz: vfio_device_detach_iommufd_pt.size });
+    const rc = this.#ioctl(VFIO_DEVICE_DETACH_IOMMUFD_PT, cmd.address, op);
+    if (rc < 0) throw syscallError(op, -rc);
+    this.#attachedTo = undefined;
+  }
+
+  /** VFIO_DEVICE_GET_INFO. */
+  info(): DeviceInfo {
+    const op = "VFIO_DEVICE_GET_INFO";
+    const cmd = vfio_device_info.create().fill({ argsz: vfio_device_info.size });
+    const rc = this.#ioctl(VFIO_DEVICE_GET_INFO, cmd.address, op);
+    if (rc < 0) throw syscallError(op, -rc);
+    const flags = cmd.get("flags");
+    return {
+      flags,
+      numRegions: cmd.get("num_regions"),
+      numIrqs: cmd.get("num_irqs"),
+      isPci: (flags & VFIO_DEVICE_FLAGS_PCI) !== 0,
+      canReset: (flags & VFIO_DEVICE_FLAGS_RESET) !== 0,
+    };
+  }
+
+  /** VFIO_DEVICE_GET_REGION_INFO, with the capability chain when the kernel reports one. */
+  region(index: number): RegionInfo {
+    const op = "VFIO_DEVICE_GET_REGION_INFO";
+    if (!Number.isInteger(index) || index < 0) throw argumentError(op, "index", `${index} is not a region index`);
+    let extra = 0;
+    for (;;) {
+      const cmd = vfio_region_info.create(extra).fill({ argsz: vfio_region_info.size + extra, index });
+      const rc = this.#ioctl(VFIO_DEVICE_GET_REGION_INFO, cmd.address, op);
+      if (rc < 0) {
+        throw syscallError(op, -rc, rc === -ERRNO.EINVAL ? `the device has no region ${index}` : undefined, { argument: "index" });
+      }
+      const flags = cmd.get("flags");
+      const wanted = cmd.get("argsz");
+      // The kernel asks for a larger buffer (argsz) when the capability chain does not fit.
+      if (flags & VFIO_REGION_INFO_FLAG_CAPS && wanted > vfio_region_info.size + extra) {
+        extra = wanted - vfio_region_info.size;
+        continue;
+      }
+      const capabilities: RegionCapability[] = [];
+      let at = flags & VFIO_REGION_INFO_FLAG_CAPS ? cmd.get("cap_offset") : 0;
+      while (at && at + vfio_info_cap_header.size <= cmd.bytes.length && capabilities.length < 64) {
+        const id = cmd.view.getUint16(at, true);
+        const version = cmd.view.getUint16(at + 2, true);
+        capabilities.push({ id, version, offset: at });
+        at = cmd.view.getUint32(at + 4, true);
+      }
+      return {
+        index,
+        size: cmd.get("size"),
+        offset: cmd.get("offset"),
+        flags,
+        readable: (flags & VFIO_REGION_INFO_FLAG_READ) !== 0,
+        writable: (flags & VFIO_REGION_INFO_FLAG_WRITE) !== 0,
+        mmappable: (flags & VFIO_REGION_INFO_FLAG_MMAP) !== 0,
+        capabilities,
+      };
+    }
+  }
+
+  /** mmap a region (a BAR) for register access: one aligned 32- or 64-bit access per call. */
+  mapRegion(index: number): RegionMapping {
+    const op = "VfioDevice.mapRegion";
+    const info = this.region(index);
+    if (!info.mmappable) throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, argument: "index", message: `region ${index} cannot be mmapped` });
+    if (info.size === 0) throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, argument: "index", message: `region ${index} is empty` });
+    const prot = (info.readable ? PROT_READ : 0) | (info.writable ? PROT_WRITE : 0);
+    const address = Number(libc().mmap(null, info.size, prot, MAP_SHARED, this.#requireFd(op), info.offset) ?? -1);
+    if (address === -1 || address === 0 || address >= 2 ** 64 - 1) {
+      throw syscallError("mmap", lastErrno(), `cannot map region ${index} (${info.size} bytes) of ${this.path}`);
+    }
+    const mapping = new RegionMapping(this, index, address, info.size);
+    this.#regions.add(mapping);
+    return mapping;
+  }
+
+  /** @internal */
+  forgetRegion(mapping: RegionMapping): void {
+    this.#regions.delete(mapping);
+  }
+
+  #configOffset: number | undefined;
+
+  #config(operation: string): number {
+    this.#configOffset ??= this.region(VFIO_PCI_CONFIG_REGION_INDEX).offset;
+    this.#requireFd(operation);
+    return this.#configOffset;
+  }
+
+  /** Read PCI config space bytes. */
+  readConfig(offset: number, length: number): Uint8Array {
+    const op = "VfioDevice.readConfig";
+    checkConfigRange(op, offset, length);
+    const out = new Uint8Array(length);
+    const n = preadInto(this.fd, out, this.#config(op) + offset, op);
+    if (n !== length) throw new IommufdError({ operation: op, errno: ERRNO.EIO, message: `read ${n} of ${length} config bytes at ${hex(offset)}` });
+    return out;
+  }
+
+  /** Write PCI config space bytes (the kernel filters what user space may change). */
+  writeConfig(offset: number, bytes: Uint8Array): void {
+    const op = "VfioDevice.writeConfig";
+    checkConfigRange(op, offset, bytes.length);
+    const n = pwriteFrom(this.fd, bytes, this.#config(op) + offset, op);
+    if (n !== bytes.length) throw new IommufdError({ operation: op, errno: ERRNO.EIO, message: `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}` });
+  }
+
+  readConfig16(offset: number): number {
+    const b = this.readConfig(offset, 2);
+    return b[0]! | (b[1]! << 8);
+  }
+
+  readConfig32(offset: number): number {
+    const b = this.readConfig(offset, 4);
+    return new DataView(b.buffer).getUint32(0, true);
+  }
+
+  writeConfig16(offset: number, value: number): void {
+    this.writeConfig(offset, new Uint8Array([value & 0xff, (value >> 8) & 0xff]));
+  }
+
+  /** Vendor and device id from config space. */
+  pciId(): { vendor: number; device: number } {
+    const v = this.readConfig32(0);
+    return { vendor: v & 0xffff, device: v >>> 16 };
+  }
+
+  /**
+   * Enable or disable bus mastering (the device's permission to DMA). Uses the
+   * VFIO_DEVICE_FEATURE_BUS_MASTER feature where the kernel has it, else the PCI command register.
+   */
+  setBusMaster(enabled: boolean): void {
+    const op = "VFIO_DEVICE_FEATURE_BUS_MASTER";
+    const payload = vfio_device_feature_bus_master.size;
+    const cmd = vfio_device_feature.create(payload);
+    cmd.fill({ argsz: vfio_device_feature.size + payload, flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_BUS_MASTER });
+    cmd.view.setUint32(vfio_device_feature.size, enabled ? VFIO_DEVICE_FEATURE_SET_MASTER : VFIO_DEVICE_FEATURE_CLEAR_MASTER, true);
+    const rc = this.#ioctl(VFIO_DEVICE_FEATURE, cmd.address, op);
+    if (rc >= 0) return;
+    if (rc !== -ERRNO.ENOTTY && rc !== -ERRNO.EINVAL && rc !== -ERRNO.EOPNOTSUPP) throw syscallError(op, -rc);
+    const command = this.readConfig16(PCI_COMMAND);
+    this.writeConfig16(PCI_COMMAND, enabled ? command | PCI_COMMAND_MASTER : command & ~PCI_COMMAND_MASTER);
+  }
+
+  /** Whether bus mastering is on, from the PCI command register. */
+  get busMaster(): boolean {
+    return (this.readConfig16(PCI_COMMAND) & PCI_COMMAND_MASTER) !== 0;
+  }
+
+  /** VFIO_DEVICE_RESET. Devices without reset support get EINVAL saying so. */
+  reset(): void {
+    const op = "VFIO_DEVICE_RESET";
+    if (!this.info().canReset) {
+      throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: `${this.path} does not support reset (no FLR, PM or bus reset)` });
+    }
+    const rc = this.#ioctl(VFIO_DEVICE_RESET, 0, op);
+    if (rc < 0) throw syscallError(op, -rc);
+  }
+
+  /** Whether the kernel can export this device's memory as dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF). */
+  supportsDmaBuf(): boolean {
+    const cmd = vfio_device_feature.create().fill({
+      argsz: vfio_device_feature.size,
+      flags: VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
+    });
+    return this.#ioctl(VFIO_DEVICE_FEATURE, cmd.address, "VFIO_DEVICE_FEATURE_DMA_BUF") >= 0;
+  }
+
+  /**
+   * Export ranges of a region (a BAR slice) as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF). iommufd
+   * maps the result only when it has exactly one range.
+   */
+  exportDmaBuf(options: ExportDmaBufOptions): DmaBuf {
+    const op = "VFIO_DEVICE_FEATURE_DMA_BUF";
+    const { region, ranges } = options ?? ({} as ExportDmaBufOptions);
+    if (!Array.isArray(ranges) || ranges.length === 0) throw argumentError(op, "options.ranges", "give at least one { offset, length } range");
+    const info = this.region(region);
+    ranges.forEach((range, i) => {
+      const offset = u64(range?.offset, op, `options.ranges[${i}].offset`) as number;
+      const length = u64(range?.length, op, `options.ranges[${i}].length`) as number;
+      if (length === 0) throw argumentError(op, `options.ranges[${i}].length`, "length is 0");
+      if (offset % PAGE_SIZE || length % PAGE_SIZE) {
+        throw argumentError(op, `options.ranges[${i}]`, `offset ${hex(offset)} and length ${hex(length)} must be multiples of the page size`);
+      }
+      if (offset + length > info.size) {
+        throw argumentError(op, `options.ranges[${i}]`, `${hex(offset)}..+${hex(length)} runs past the end of region ${region} (${hex(info.size)} bytes)`);
+      }
+    });
+    const payload = vfio_device_feature_dma_buf.size + ranges.length * vfio_region_dma_range.size;
+    const cmd = vfio_device_feature.create(payload);
+    cmd.fill({ argsz: vfio_device_feature.size + payload, flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF });
+    const base = vfio_device_feature.size;
+    cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.region_index.offset, region, true);
+    cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.open_flags.offset, O_RDWR | O_CLOEXEC, true);
+    cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.nr_ranges.offset, ranges.length, true);
+    ranges.forEach((range, i) => {
+      const at = base + vfio_device_feature_dma_buf.size + i * vfio_region_dma_range.size;
+      cmd.view.setBigUint64(at + vfio_region_dma_range.fields.offset.offset, BigInt(range.offset), true);
+      cmd.view.setBigUint64(at + vfio_region_dma_range.fields.length.offset, BigInt(range.length), true);
+    });
+    const fd = this.#ioctl(VFIO_DEVICE_FEATURE, cmd.address, op);
+    if (fd < 0) {
+      const errno = -fd;
+      const message =
+        errno === ERRNO.ENOTTY || errno === ERRNO.EOPNOTSUPP
+          ? "this kernel or device cannot export dma-bufs (needs CONFIG_VFIO_PCI_DMABUF and an mmappable BAR)"
+          : errno === ERRNO.EINVAL
+            ? `the kernel refused the ranges of region ${region}`
+            : undefined;
+      throw syscallError(op, errno, message, { argument: "options" });
+    }
+    const size = ranges.reduce((sum, r) => sum + r.length, 0);
+    const where = ranges.map((r) => `[${hex(r.offset)}, +${hex(r.length)})`).join(" ");
+    return new DmaBuf(fd, { origin: "vfio", size, description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}` });
+  }
+
+  /**
+   * Close the device. Its register mappings are unmapped; the kernel detaches it, unbinds it and
+   * revokes dma-bufs exported from it. Idempotent.
+   */
+  close(): void {
+    if (this.#fd < 0) return;
+    for (const region of this.#regions) region.unmap();
+    const fd = this.#fd;
+    this.#fd = -1;
+    this.#deviceId = undefined;
+    this.#attachedTo = undefined;
+    registry.unregister(this);
+    closeFd(fd, "VfioDevice.close");
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/**
+ * A mmapped device region. MMIO needs exactly one aligned access per register, so reads and
+ * writes go through 32/64-bit typed-array elements (a DataView may split them into bytes).
+ */
+export class RegionMapping {
+  readonly device: VfioDevice;
+  readonly index: number;
+  readonly size: number;
+  #address: number;
+  #u32: Uint32Array;
+  #u64: BigUint64Array;
+
+  /** @internal */
+  constructor(device: VfioDevice, index: number, address: number, size: number) {
+    this.device = device;
+    this.index = index;
+    this.size = size;
+    this.#address = address;
+    const buffer = toArrayBuffer(address as unknown as Pointer, 0, size);
+    this.#u32 = new Uint32Array(buffer);
+    this.#u64 = new BigUint64Array(buffer);
+  }
+
+  get mapped(): boolean {
+    return this.#address !== 0;
+  }
+
+  #index(offset: number, width: 4 | 8, operation: string): number {
+    if (this.#address === 0) throw closedError(operation, `region ${this.index} mapping`);
+    if (!Number.isInteger(offset) || offset < 0 || offset + width > this.size) {
+      throw argumentError(operation, "offset", `${offset} is outside region ${this.index} (${hex(this.size)} bytes)`);
+    }
+    if (offset % width) throw argumentError(operation, "offset", `${hex(offset)} is not ${width}-byte aligned`);
+    return offset / width;
+  }
+
+  read32(offset: number): number {
+    return this.#u32[this.#index(offset, 4, "RegionMapping.read32")]!;
+  }
+
+  write32(offset: number, value: number): void {
+    this.#u32[this.#index(offset, 4, "RegionMapping.write32")] = value >>> 0;
+  }
+
+  read64(offset: number): bigint {
+    return this.#u64[this.#index(offset, 8, "RegionMapping.read64")]!;
+  }
+
+  write64(offset: number, value: bigint | number): void {
+    this.#u64[this.#index(offset, 8, "RegionMapping.write64")] = BigInt.asUintN(64, BigInt(value));
+  }
+
+  /** Unmap. Later accesses throw EBADF instead of faulting. Idempotent. */
+  unmap(): void {
+    if (this.#address === 0) return;
+    const address = this.#address;
+    this.#address = 0;
+    // Drop the views first so nothing can reach the pages once they are gone.
+    this.#u32 = new Uint32Array(0);
+    this.#u64 = new BigUint64Array(0);
+    libc().munmap(address as unknown as Pointer, this.size);
+    this.device.forgetRegion(this);
+  }
+
+  [Symbol.dispose](): void {
+    this.unmap();
+  }
+}
+
+function checkConfigRange(op: string, offset: number, length: number): void {
+  if (!Number.isInteger(offset) || offset < 0 || offset > 4095) throw argumentError(op, "offset", `${offset} is outside PCI config space`);
+  if (!Number.isInteger(length) || length <= 0 || offset + length > 4096) {
+    throw argumentError(op, "length", `${length} bytes at ${hex(offset)} do not fit in PCI config space`);
+  }
+}
+
+/** /dev/vfio/devices/vfioN of a PCI device bound to vfio-pci. */
+function vfioCdevOf(pciAddress: string, op: string): string {
+  const dir = join(SYSFS_PCI, pciAddress);
+  if (!existsSync(dir)) {
+    throw new IommufdError({ operation: op, errno: ERRNO.ENODEV, argument: "pathOrPciAddress", message: `no PCI device ${pciAddress}` });
+  }
+  const vfioDev = join(dir, "vfio-dev");
+  const nodes = existsSync(vfioDev) ? readdirSync(vfioDev).filter((n) => n.startsWith("vfio")) : [];
+  if (nodes.length === 0) {
+    throw new IommufdError({
+      operation: op,
+      errno: ERRNO.ENODEV,
+      argument: "pathOrPciAddress",
+      message: `${pciAddress} has no VFIO cdev (driver: ${driverOf(pciAddress) ?? "none"})`,
+      hint: `bind it to vfio-pci first: bindToVfioPci("${pciAddress}")`,
+    });
+  }
+  return join("/dev/vfio/devices", nodes[0]!);
+}
+
+function pciAddressOfCdev(path: string): string | undefined {
+  const name = basename(path);
+  try {
+    const link = readlinkSync(join("/sys/class/vfio-dev", name, "device"));
+    const address = basename(link);
+    return PCI_ADDRESS.test(address) ? address : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function driverOf(pciAddress: string): string | undefined {
+  try {
+    return basename(readlinkSync(join(SYSFS_PCI, pciAddress, "driver")));
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Bind a PCI device to vfio-pci (driver_override, unbind, probe) and return its VFIO cdev path.
+ * Needs root. Idempotent when the device is already bound to vfio-pci.
+ */
+export function bindToVfioPci(pciAddress: string, options: { timeoutMs?: number } = {}): string {
+  const op = "bindToVfioPci";
+  if (!PCI_ADDRESS.test(pciAddress)) throw argumentError(op, "pciAddress", `"${pciAddress}" is not a PCI address like 0000:00:03.0`);
+  const address = pciAddress.toLowerCase();
+  const dir = join(SYSFS_PCI, address);
+  if (!existsSync(dir)) throw new IommufdError({ operation: op, errno: ERRNO.ENODEV, argument: "pciAddress", message: `no PCI device ${address}` });
+  const write = (path: string, value: string) => {
+    try {
+      writeFileSync(path, value);
+    } catch (error) {
+      const errno = (error as { errno?: number }).errno;
+      throw new IommufdError({
+        operation: op,
+        errno: errno !== undefined ? Math.abs(errno) : ERRNO.EIO,
+        message: `writing "${value}" to ${path} failed: ${(error as Error).message}`,
+        hint: "binding drivers needs root, and vfio-pci must be built in or loaded",
+      });
+    }
+  };
+  if (driverOf(address) !== "vfio-pci") {
+    write(join(dir, "driver_override"), "vfio-pci");
+    if (driverOf(address)) write(join(dir, "driver", "unbind"), address);
+    write("/sys/bus/pci/drivers_probe", address);
+  }
+  const deadline = Date.now() + (options.timeoutMs ?? 5000);
+  for (;;) {
+    try {
+      return vfioCdevOf(address, op);
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      Bun.sleepSync(20);
+    }
+  }
+}
+
+/** PCI addresses of devices with this vendor and device id (e.g. 0x1234, 0x11e8 for QEMU's edu). */
+export function findPciDevices(vendor: number, device: number): string[] {
+  if (!existsSync(SYSFS_PCI)) return [];
+  return readdirSync(SYSFS_PCI).filter((address) => {
+    try {
+      const v = Number(readFileSync(join(SYSFS_PCI, address, "vendor"), "utf8").trim());
+      const d = Number(readFileSync(join(SYSFS_PCI, address, "device"), "utf8").trim());
+      return v === vendor && d === device;
+    } catch {
+      return false;
+    }
+  });
+}
+
