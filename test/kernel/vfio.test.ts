@@ -1,0 +1,301 @@
+/**
+ * VFIO and dma-bufs against the real kernel, with QEMU's edu device bound to vfio-pci behind the
+ * emulated Intel IOMMU. Every DMA here is real: edu reads and writes guest RAM through the IOMMU.
+ */
+import { afterEach, beforeAll, describe, expect, test } from "bun:test";
+import {
+  createUdmabuf,
+  DmaBuf,
+  findPciDevices,
+  Iommufd,
+  MemfdBuffer,
+  VfioDevice,
+  type Ioas,
+} from "../../src/index.ts";
+import { isCloseOnExec } from "../../src/sys/fd.ts";
+import { revokeSelftestDmaBuf, selftestDmaBuf } from "../../src/selftest.ts";
+import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
+import { expectIommufdError, openFdCount, requireIommufd } from "../support/kernel.ts";
+
+const KiB = 1024;
+let eduAddress = "";
+
+beforeAll(() => {
+  requireIommufd();
+  const found = findPciDevices(EDU_VENDOR, EDU_DEVICE);
+  if (found.length === 0) throw new Error("no edu device (1234:11e8): the VM must be started with -device edu");
+  eduAddress = found[0]!;
+});
+
+const cleanup: { close?(): void; destroy?(): void }[] = [];
+afterEach(() => {
+  for (const item of cleanup.splice(0).reverse()) {
+    try {
+      item.destroy ? item.destroy() : item.close?.();
+    } catch {
+      // already gone
+    }
+  }
+});
+function keep<T extends { close?(): void; destroy?(): void }>(item: T): T {
+  cleanup.push(item);
+  return item;
+}
+
+/** edu bound to a fresh iommufd and attached to a fresh IOAS, bus mastering on. */
+function attachedEdu(): { iommufd: Iommufd; ioas: Ioas; device: VfioDevice; edu: Edu } {
+  const iommufd = keep(Iommufd.open());
+  const ioas = iommufd.createIoas();
+  const device = keep(VfioDevice.open(eduAddress));
+  device.bind(iommufd);
+  device.attach(ioas);
+  device.setBusMaster(true);
+  const bar = device.mapRegion(0);
+  return { iommufd, ioas, device, edu: new Edu(bar) };
+}
+
+describe("VfioDevice basics", () => {
+  test("open by PCI address and by cdev path; the fd is close-on-exec", () => {
+    using byAddress = VfioDevice.open(eduAddress);
+    expect(byAddress.path).toMatch(/^\/dev\/vfio\/devices\/vfio\d+$/);
+    expect(isCloseOnExec(byAddress.fd)).toBe(true);
+    const path = byAddress.path;
+    byAddress.close();
+    using byPath = VfioDevice.open(path);
+    expect(byPath.pciAddress).toBe(eduAddress);
+  });
+
+  test("info, regions and config space describe edu", () => {
+    using device = VfioDevice.open(eduAddress);
+    const info = device.info();
+    expect(info.isPci).toBe(true);
+    expect(info.numRegions).toBeGreaterThanOrEqual(9);
+    const bar0 = device.region(0);
+    expect(bar0.size).toBe(1024 * KiB);
+    expect(bar0.mmappable && bar0.readable && bar0.writable).toBe(true);
+    expect(device.pciId()).toEqual({ vendor: EDU_VENDOR, device: EDU_DEVICE });
+  });
+
+  test("bind returns a device id; attach returns the hw page table; detach works", () => {
+    using iommufd = Iommufd.open();
+    const ioas = iommufd.createIoas();
+    using device = VfioDevice.open(eduAddress);
+    const id = device.bind(iommufd);
+    expect(id).toBeGreaterThan(0);
+    const hwpt = device.attach(ioas);
+    expect(hwpt).toBeGreaterThan(0);
+    expect(hwpt).not.toBe(ioas.id);
+    // The Intel IOMMU domain now decides the usable IOVA ranges.
+    expect(ioas.iovaRanges().ranges.length).toBeGreaterThan(0);
+    device.detach();
+    expect(device.attachedTo).toBeUndefined();
+  });
+
+  test("attach before bind: EINVAL telling to bind first", () => {
+    using iommufd = Iommufd.open();
+    using device = VfioDevice.open(eduAddress);
+    const e = expectIommufdError(() => device.attach(iommufd.createIoas()), "EINVAL", "VFIO_DEVICE_ATTACH_IOMMUFD_PT");
+    expect(e.message).toContain("bind");
+  });
+
+  test("a PCI address that does not exist: ENODEV", () => {
+    expectIommufdError(() => VfioDevice.open("0000:7f:1f.7"), "ENODEV", "VfioDevice.open", "pathOrPciAddress");
+  });
+
+  test("edu has no reset: EINVAL saying so", () => {
+    using device = VfioDevice.open(eduAddress);
+    expect(device.info().canReset).toBe(false);
+    const e = expectIommufdError(() => device.reset(), "EINVAL", "VFIO_DEVICE_RESET");
+    expect(e.message).toContain("does not support reset");
+  });
+});
+
+describe("registers through the BAR mapping", () => {
+  test("identification register and liveness round trip", () => {
+    const { edu } = attachedEdu();
+    expect(edu.id()).toBe(EDU_ID_VALUE);
+    expect(edu.liveness(0x12345678)).toBe(~0x12345678 >>> 0);
+    expect(edu.liveness(0)).toBe(0xffffffff);
+  });
+
+  test("misaligned or out-of-range register access: EINVAL, never a fault", () => {
+    const { device } = attachedEdu();
+    using bar = device.mapRegion(0);
+    expectIommufdError(() => bar.read32(2), "EINVAL", "RegionMapping.read32", "offset");
+    expectIommufdError(() => bar.write32(bar.size, 1), "EINVAL", "RegionMapping.write32", "offset");
+    bar.unmap();
+    expectIommufdError(() => bar.read32(0), "EBADF", "RegionMapping.read32");
+  });
+
+  test("bus mastering can be switched on and off", () => {
+    const { device } = attachedEdu();
+    expect(device.busMaster).toBe(true);
+    device.setBusMaster(false);
+    expect(device.busMaster).toBe(false);
+    device.setBusMaster(true);
+    expect(device.busMaster).toBe(true);
+  });
+});
+
+describe("zero-copy DMA through the IOMMU", () => {
+  test("bytes JS writes reach the device, and bytes the device writes appear in the ArrayBuffer", () => {
+    const { ioas, edu } = attachedEdu();
+    using buffer = MemfdBuffer.create(64 * KiB);
+    using mapping = ioas.mapFile(buffer, { iova: 0x100000 });
+    const pattern = buffer.bytes.subarray(0, 2048);
+    for (let i = 0; i < pattern.length; i++) pattern[i] = (i * 7 + 3) & 0xff;
+    edu.fromRam(Number(mapping.iova), 0, 2048);
+    edu.toRam(0, Number(mapping.iova) + 4096, 2048);
+    // No copy call: the device wrote into the pages the JS view is made of.
+    expect(Buffer.from(buffer.bytes.subarray(4096, 4096 + 2048)).equals(Buffer.from(pattern))).toBe(true);
+  });
+
+  test("map by VA works for DMA too", () => {
+    const { ioas, edu } = attachedEdu();
+    using buffer = MemfdBuffer.create(16 * KiB);
+    using mapping = ioas.map(buffer, { iova: 0x200000 });
+    buffer.bytes.set(new TextEncoder().encode("through the IOMMU"), 100);
+    edu.fromRam(Number(mapping.iova) + 100, 16, 17);
+    edu.toRam(16, Number(mapping.iova) + 8192, 17);
+    expect(new TextDecoder().decode(buffer.bytes.subarray(8192, 8192 + 17))).toBe("through the IOMMU");
+  });
+
+  test("after unmap a DMA to the old IOVA does not reach the buffer", () => {
+    const { ioas, edu } = attachedEdu();
+    using buffer = MemfdBuffer.create(16 * KiB);
+    const mapping = ioas.mapFile(buffer, { iova: 0x300000 });
+    buffer.bytes.fill(0x11, 0, 1024);
+    edu.fromRam(0x300000, 0, 1024); // device buffer now holds 0x11s
+    buffer.bytes.fill(0x22, 8192, 8192 + 1024);
+    mapping.unmap();
+    edu.toRam(0, 0x300000 + 8192, 1024); // blocked by the IOMMU
+    expect(buffer.bytes.subarray(8192, 8192 + 1024).every((b) => b === 0x22)).toBe(true);
+  });
+
+  test("a read-only mapping lets the device read but not write", () => {
+    const { ioas, edu } = attachedEdu();
+    using buffer = MemfdBuffer.create(16 * KiB);
+    using ro = ioas.mapFile(buffer, { iova: 0x400000, writable: false });
+    buffer.bytes.fill(0x5a, 0, 512);
+    buffer.bytes.fill(0x33, 4096, 4096 + 512);
+    edu.fromRam(Number(ro.iova), 0, 512);
+    edu.toRam(0, Number(ro.iova) + 4096, 512); // a write through a read-only IOVA: blocked
+    expect(buffer.bytes.subarray(4096, 4096 + 512).every((b) => b === 0x33)).toBe(true);
+  });
+});
+
+describe("dma-bufs", () => {
+  test("a single-range VFIO dma-buf of BAR0 maps with mapFile, and unmaps", () => {
+    const { iommufd, device } = attachedEdu();
+    const target = iommufd.createIoas();
+    expect(device.supportsDmaBuf()).toBe(true);
+    using dmabuf = device.exportDmaBuf({ region: 0, ranges: [{ offset: 0, length: 4096 }] });
+    expect(dmabuf.size).toBe(4096);
+    expect(isCloseOnExec(dmabuf.fd)).toBe(true);
+    const mapping = target.mapFile(dmabuf);
+    expect(mapping.length).toBe(4096);
+    mapping.unmap();
+  });
+
+  test("a two-range VFIO dma-buf exports, but mapping it is EOPNOTSUPP saying only single-range maps", () => {
+    const { iommufd, device } = attachedEdu();
+    const target = iommufd.createIoas();
+    using dmabuf = device.exportDmaBuf({
+      region: 0,
+      ranges: [
+        { offset: 0, length: 4096 },
+        { offset: 8192, length: 4096 },
+      ],
+    });
+    const e = expectIommufdError(() => target.mapFile(dmabuf), "EOPNOTSUPP", "IOMMU_IOAS_MAP_FILE", "file");
+    expect(e.message).toContain("single-range VFIO PCI dma-bufs");
+    expect(e.message).toContain("more than one range");
+  });
+
+  test("a udmabuf is refused with EOPNOTSUPP naming udmabuf", () => {
+    using iommufd = Iommufd.open();
+    const ioas = iommufd.createIoas();
+    using memfd = MemfdBuffer.create(64 * KiB);
+    using udmabuf = createUdmabuf(memfd);
+    const e = expectIommufdError(() => ioas.mapFile(udmabuf), "EOPNOTSUPP", "IOMMU_IOAS_MAP_FILE", "file");
+    expect(e.message).toContain("udmabuf");
+  });
+
+  test("after the device is closed its dma-buf is revoked: ENODEV saying so; an earlier mapping still unmaps", () => {
+    const iommufd = keep(Iommufd.open());
+    const target = iommufd.createIoas();
+    const device = VfioDevice.open(eduAddress);
+    device.bind(iommufd);
+    device.attach(iommufd.createIoas());
+    using dmabuf = device.exportDmaBuf({ region: 0, ranges: [{ offset: 4096, length: 4096 }] });
+    const early = target.mapFile(dmabuf);
+    device.close();
+    const e = expectIommufdError(() => target.mapFile(dmabuf), "ENODEV", "IOMMU_IOAS_MAP_FILE", "file");
+    expect(e.message).toContain("revoked");
+    early.unmap();
+  });
+
+  test("ranges are checked against the BAR before the kernel: past the end and unaligned are EINVAL", () => {
+    const { device } = attachedEdu();
+    const size = device.region(0).size;
+    expectIommufdError(
+      () => device.exportDmaBuf({ region: 0, ranges: [{ offset: size - 4096, length: 8192 }] }),
+      "EINVAL",
+      "VFIO_DEVICE_FEATURE_DMA_BUF",
+      "options.ranges[0]",
+    );
+    expectIommufdError(
+      () => device.exportDmaBuf({ region: 0, ranges: [{ offset: 100, length: 4096 }] }),
+      "EINVAL",
+      "VFIO_DEVICE_FEATURE_DMA_BUF",
+      "options.ranges[0]",
+    );
+    expectIommufdError(() => device.exportDmaBuf({ region: 0, ranges: [] }), "EINVAL", "VFIO_DEVICE_FEATURE_DMA_BUF", "options.ranges");
+  });
+
+  test("selftest dma-buf: maps; length past its end is refused; after revoke mapping is ENODEV", () => {
+    using iommufd = Iommufd.open();
+    const ioas = iommufd.createIoas();
+    using dmabuf = selftestDmaBuf(iommufd, 64 * KiB);
+    expect(dmabuf).toBeInstanceOf(DmaBuf);
+    expect(dmabuf.size).toBe(64 * KiB);
+    const mapping = ioas.mapFile(dmabuf);
+    mapping.unmap();
+    expectIommufdError(() => ioas.mapFile(dmabuf, { length: 128 * KiB }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.length");
+    revokeSelftestDmaBuf(iommufd, dmabuf);
+    const e = expectIommufdError(() => ioas.mapFile(dmabuf), "ENODEV", "IOMMU_IOAS_MAP_FILE", "file");
+    expect(e.message).toContain("revoked");
+  });
+});
+
+describe("lifetimes", () => {
+  const orders: [string, string[]][] = [
+    ["device, ioas, iommufd", ["device", "ioas", "iommufd"]],
+    ["iommufd, device", ["iommufd", "device", "ioas"]],
+    ["ioas first (attached: EBUSY), then device, then ioas", ["ioas-busy", "device", "ioas", "iommufd"]],
+  ];
+  for (const [name, order] of orders) {
+    test(`closing ${name} leaves no fd behind and does not crash`, () => {
+      const fds = openFdCount();
+      const iommufd = Iommufd.open();
+      const ioas = iommufd.createIoas();
+      const device = VfioDevice.open(eduAddress);
+      device.bind(iommufd);
+      device.attach(ioas);
+      const bar = device.mapRegion(0);
+      const buffer = MemfdBuffer.create(16 * KiB);
+      const mapping = ioas.mapFile(buffer, { iova: 0x500000 });
+      for (const step of order) {
+        if (step === "device") device.close();
+        if (step === "ioas") ioas.destroy();
+        if (step === "iommufd") iommufd.close();
+        if (step === "ioas-busy") expectIommufdError(() => ioas.destroy(), "EBUSY", "Ioas.destroy");
+      }
+      expect(mapping.mapped).toBe(false);
+      expect(bar.mapped).toBe(false);
+      buffer.close();
+      iommufd.close();
+      expect(openFdCount()).toBe(fds);
+    });
+  }
+});
