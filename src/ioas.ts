@@ -236,7 +236,9 @@ export class Ioas {
     unmapCmd.fill({ size: iommu_ioas_unmap.size, ioas_id: this.id, iova, length });
     const errno = this.iommufd.call(IOMMU_IOAS_UNMAP, unmapCmd, op);
     if (errno) {
-      if (errno === ERRNO.ENOENT && all) return 0; // an empty IOAS: nothing to do
+      // ENOENT on unmap-all means "empty" only when nothing was recorded: the kernel also answers
+      // ENOENT when the unmap itself failed, and then the mappings are still there.
+      if (errno === ERRNO.ENOENT && all && this.#mappings.size === 0) return 0;
       throw syscallError(op, errno, describeUnmapError(errno, iova, length), {
         hint:
           errno === ERRNO.ENOENT
