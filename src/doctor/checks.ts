@@ -1,0 +1,339 @@
+/**
+ * Judging the facts: each check turns part of DoctorFacts into one pass/warn/fail verdict with a
+ * one-line fix. Pure functions, so every verdict can be tested with hand-made facts.
+ */
+import type { DoctorFacts, PciDevice } from "./facts.ts";
+import { formatBytes, kernelAtLeast, parseKernelRelease } from "./parse.ts";
+
+export type CheckStatus = "pass" | "warn" | "fail";
+
+export type CheckId = "kernel" | "config" | "iommufd" | "memlock" | "iommu" | "vfio" | "hugepages" | "dmabuf";
+
+export interface CheckResult {
+  id: CheckId;
+  /** Short label for the line, e.g. "/dev/iommu". */
+  title: string;
+  status: CheckStatus;
+  /** One line saying what was found. */
+  summary: string;
+  /** One line saying what to do; present whenever status is not "pass". */
+  fix?: string;
+  /** Further lines (devices, pools, options), shown indented under the check. */
+  details?: string[];
+}
+
+/** Kernel releases that brought the features the library uses. */
+export const KERNEL_FEATURES = {
+  iommufd: { major: 6, minor: 2, what: "iommufd (/dev/iommu)" },
+  vfioCdev: { major: 6, minor: 6, what: "VFIO device cdevs (/dev/vfio/devices)" },
+  mapFile: { major: 6, minor: 13, what: "IOMMU_IOAS_MAP_FILE (mapping a memfd by fd)" },
+  dmabuf: { major: 6, minor: 19, what: "VFIO dma-buf export (and mapping one into an IOAS)" },
+} as const;
+
+/** How to try the library without rebuilding the machine's kernel; vm/ ships only in the repository. */
+export const GUEST_HINT = "or, in a checkout of bun-iommufd, try it in the QEMU test guest: bun run vm -- bun bin/bun-iommufd.ts doctor";
+
+const EDU = { vendor: 0x1234, device: 0x11e8 };
+
+function hex4(n: number | undefined): string {
+  return n === undefined ? "????" : n.toString(16).padStart(4, "0");
+}
+
+export function checkKernel(facts: DoctorFacts): CheckResult {
+  const base = { id: "kernel" as const, title: "kernel" };
+  const version = parseKernelRelease(facts.kernelRelease);
+  if (!version) {
+    return { ...base, status: "warn", summary: `cannot read a version from "${facts.kernelRelease}"`, fix: "check `uname -r`; iommufd needs Linux 6.2 or newer" };
+  }
+  const label = `Linux ${version.major}.${version.minor} (${version.release})`;
+  const features = Object.values(KERNEL_FEATURES);
+  const missing = features.filter((f) => !kernelAtLeast(version, f.major, f.minor));
+  if (missing.length === 0) {
+    return { ...base, status: "pass", summary: `${label}: new enough for iommufd, IOMMU_IOAS_MAP_FILE and VFIO dma-bufs` };
+  }
+  const lacking = missing.map((f) => `${f.what} needs ${f.major}.${f.minor}`).join("; ");
+  if (missing.includes(KERNEL_FEATURES.iommufd)) {
+    return { ...base, status: "fail", summary: `${label} predates iommufd: ${lacking}`, fix: `boot Linux 6.19 or newer built with CONFIG_IOMMUFD=y, ${GUEST_HINT}` };
+  }
+  const newest = missing[missing.length - 1]!;
+  return {
+    ...base,
+    status: "warn",
+    summary: `${label} is recent enough for iommufd, but ${lacking}`,
+    fix: `boot Linux ${newest.major}.${newest.minor} or newer to use every feature of the library`,
+  };
+}
+
+export function checkConfig(facts: DoctorFacts): CheckResult {
+  const base = { id: "config" as const, title: "kernel config" };
+  const usable = facts.iommufd?.ok === true;
+  if (!facts.configSource) {
+    if (usable) return { ...base, status: "pass", summary: "no kernel config readable (/proc/config.gz, /boot/config-*), but /dev/iommu works" };
+    return {
+      ...base,
+      status: "warn",
+      summary: `cannot tell whether the kernel has CONFIG_IOMMUFD: no /proc/config.gz or /boot/config-${facts.kernelRelease}`,
+      fix: "look for CONFIG_IOMMUFD in the config your kernel was built with (`modprobe configs` provides /proc/config.gz where CONFIG_IKCONFIG=m)",
+    };
+  }
+  const value = (name: keyof DoctorFacts["config"]) => facts.config[name] ?? "absent";
+  const details = (Object.keys(facts.config) as (keyof DoctorFacts["config"])[]).map((name) => `${name}=${value(name)}`);
+  const iommufd = facts.config.CONFIG_IOMMUFD;
+  const from = `(from ${facts.configSource})`;
+  if (iommufd === "y" || iommufd === "m") {
+    const cdev = facts.config.CONFIG_VFIO_DEVICE_CDEV;
+    if (cdev !== "y") {
+      return {
+        ...base,
+        status: "warn",
+        summary: `CONFIG_IOMMUFD=${iommufd}, but CONFIG_VFIO_DEVICE_CDEV=${cdev ?? "absent"} ${from}: no /dev/vfio/devices nodes for VfioDevice`,
+        fix: "rebuild the kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+) to drive devices through iommufd",
+        details,
+      };
+    }
+    if (iommufd === "m" && facts.iommuNode === "missing") {
+      return { ...base, status: "warn", summary: `CONFIG_IOMMUFD=m ${from}, but the module is not loaded`, fix: "modprobe iommufd", details };
+    }
+    return { ...base, status: "pass", summary: `CONFIG_IOMMUFD=${iommufd}, CONFIG_VFIO_DEVICE_CDEV=${cdev} ${from}`, details };
+  }
+  return {
+    ...base,
+    status: usable ? "warn" : "fail",
+    summary: `CONFIG_IOMMUFD is ${iommufd === "n" ? "not set" : "absent"} ${from}: this kernel was built without iommufd`,
+    fix: `build and boot a kernel with CONFIG_IOMMUFD=y (and CONFIG_VFIO_DEVICE_CDEV=y, CONFIG_VFIO_PCI=y), ${GUEST_HINT}`,
+    details,
+  };
+}
+
+export function checkIommufd(facts: DoctorFacts): CheckResult {
+  const base = { id: "iommufd" as const, title: facts.iommuPath };
+  const path = facts.iommuPath;
+  if (facts.iommuNode === "missing") {
+    const config = facts.config.CONFIG_IOMMUFD;
+    const why =
+      config === "n" || (facts.configSource && config === undefined)
+        ? "this kernel has no iommufd (CONFIG_IOMMUFD is not set)"
+        : config === "m"
+          ? "the iommufd module is not loaded"
+          : "this kernel has no iommufd, or the node was not created";
+    const fix =
+      config === "m"
+        ? "modprobe iommufd (and check that udev or devtmpfs created /dev/iommu)"
+        : config === "y"
+          ? "mount devtmpfs on /dev, or let udev create the node (its major:minor is in /sys/class/misc/iommu/dev)"
+          : `boot a kernel built with CONFIG_IOMMUFD=y (Linux 6.2+), ${GUEST_HINT}`;
+    return { ...base, status: "fail", summary: `${path} does not exist: ${why}`, fix };
+  }
+  if (facts.iommuNode === "other") {
+    return { ...base, status: "fail", summary: `${path} exists but is not a character device`, fix: `remove ${path} and let devtmpfs/udev create the real node (misc device "iommu")` };
+  }
+  const probe = facts.iommufd;
+  if (!probe) return { ...base, status: "fail", summary: `${path} was not tried`, fix: "run the doctor again" };
+  if (probe.ok) {
+    const ranges = probe.iovaRanges?.length ? `; usable IOVAs ${probe.iovaRanges.join(", ")}` : "";
+    return { ...base, status: "pass", summary: `opened ${path} and created IOAS ${probe.ioasId}${ranges}` };
+  }
+  const code = probe.code ? ` [${probe.code}]` : "";
+  if (probe.failedAt === "open") {
+    const fix =
+      probe.code === "EACCES" || probe.code === "EPERM"
+        ? `run as root, or give this user read-write access to ${path} (e.g. a udev rule: KERNEL=="iommu", GROUP="<group>", MODE="0660")`
+        : probe.code === "ENODEV" || probe.code === "ENXIO"
+          ? "the iommufd driver behind the node is gone: reboot into a kernel with CONFIG_IOMMUFD=y"
+          : `check ${path} and the kernel log (dmesg)`;
+    return { ...base, status: "fail", summary: `cannot open ${path}${code}: ${probe.message ?? "unknown error"}`, fix };
+  }
+  return {
+    ...base,
+    status: "fail",
+    summary: `opened ${path}, but IOMMU_IOAS_ALLOC failed${code}: ${probe.message ?? "unknown error"}`,
+    fix: probe.code === "ENOMEM" ? "free memory, or raise the memory cgroup limit" : "check the kernel log (dmesg) for iommufd errors",
+  };
+}
+
+export function checkMemlock(facts: DoctorFacts): CheckResult {
+  const base = { id: "memlock" as const, title: "locked memory" };
+  const need = formatBytes(facts.mapBytes);
+  // Pinned pages count only while a domain (a device, or the selftest mock) is attached; a map
+  // with nothing attached pins nothing. Say so, or a low limit looks worse than it is.
+  const when = "pinned pages are charged to RLIMIT_MEMLOCK once a device is attached";
+  if (facts.capIpcLock) {
+    const limit = facts.memlock ? `RLIMIT_MEMLOCK ${describeLimit(facts.memlock.soft)}, but ` : "";
+    return { ...base, status: "pass", summary: `${limit}this process has CAP_IPC_LOCK${facts.uid === 0 ? " (root)" : ""}: iommufd does not charge its pinned pages` };
+  }
+  if (!facts.memlock) {
+    return { ...base, status: "warn", summary: "cannot read RLIMIT_MEMLOCK from /proc/self/limits", fix: `check \`ulimit -l\`: ${when}, and a ${need} mapping needs at least that much` };
+  }
+  const { soft, hard } = facts.memlock;
+  if (soft === undefined) return { ...base, status: "pass", summary: "RLIMIT_MEMLOCK is unlimited" };
+  if (soft >= facts.mapBytes) {
+    return { ...base, status: "pass", summary: `RLIMIT_MEMLOCK ${formatBytes(soft)} covers a ${need} mapping (${when})` };
+  }
+  const raise =
+    hard === undefined || hard >= facts.mapBytes
+      ? `raise the soft limit: ulimit -l ${hard === undefined ? "unlimited" : Math.floor(hard / 1024)}`
+      : `raise the hard limit (${formatBytes(hard)}) as root: memlock in /etc/security/limits.conf, LimitMEMLOCK= in a systemd unit, or grant CAP_IPC_LOCK`;
+  return {
+    ...base,
+    status: "warn",
+    summary: `RLIMIT_MEMLOCK is ${formatBytes(soft)}: a ${need} mapping will fail with ENOMEM (${when})`,
+    fix: raise,
+  };
+}
+
+function describeLimit(limit: number | undefined): string {
+  return limit === undefined ? "is unlimited" : `is ${formatBytes(limit)}`;
+}
+
+export function checkIommu(facts: DoctorFacts): CheckResult {
+  const base = { id: "iommu" as const, title: "IOMMU" };
+  const units = facts.iommuUnits ?? [];
+  const groups = facts.iommuGroups ?? 0;
+  if (units.length > 0 && groups > 0) {
+    return { ...base, status: "pass", summary: `active: ${units.join(", ")}; ${groups} IOMMU group${groups === 1 ? "" : "s"}` };
+  }
+  const found =
+    units.length > 0
+      ? `${units.join(", ")} registered but no IOMMU groups`
+      : `no IOMMU is active (/sys/class/iommu ${facts.iommuUnits ? "is empty" : "is missing"}, ${groups} IOMMU groups)`;
+  return {
+    ...base,
+    status: "warn",
+    summary: `${found}: without one, iommufd can map memory but no device can be attached`,
+    fix: "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on (QEMU: -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on)",
+  };
+}
+
+function describeDevice(d: PciDevice): string {
+  const id = `${hex4(d.vendor)}:${hex4(d.device)}`;
+  const name = d.vendor === EDU.vendor && d.device === EDU.device ? " (QEMU edu)" : "";
+  const driver = d.driver ? `driver ${d.driver}` : "no driver";
+  const group = d.iommuGroup ? `, IOMMU group ${d.iommuGroup}` : "";
+  const node = d.vfioNode ? `, ${d.vfioNode}${d.vfioNodeExists ? "" : " (node missing in /dev)"}` : "";
+  return `${d.address}  ${id}${name}  ${driver}${group}${node}`;
+}
+
+export function checkVfio(facts: DoctorFacts): CheckResult {
+  const base = { id: "vfio" as const, title: "VFIO devices" };
+  const devices = facts.pciDevices;
+  if (!devices) {
+    return { ...base, status: "warn", summary: "no PCI bus (/sys/bus/pci/devices is missing)", fix: "VfioDevice needs PCI devices; run where the devices are (a VM with passthrough, or the host)" };
+  }
+  const details = devices.map(describeDevice);
+  const ready = devices.filter((d) => d.vfioNode && d.vfioNodeExists);
+  if (ready.length > 0) {
+    const list = ready.map((d) => `${d.address} -> ${d.vfioNode}`).join(", ");
+    return { ...base, status: "pass", summary: `${ready.length} of ${devices.length} PCI devices ready for VfioDevice: ${list}`, details };
+  }
+  const bound = devices.filter((d) => d.driver === "vfio-pci");
+  if (bound.some((d) => d.vfioNode)) {
+    return { ...base, status: "warn", summary: "a device has a VFIO cdev in sysfs but no node in /dev/vfio/devices", fix: "mount devtmpfs on /dev (or let udev create the node)", details };
+  }
+  if (bound.length > 0) {
+    return {
+      ...base,
+      status: "warn",
+      summary: `${bound.map((d) => d.address).join(", ")} bound to vfio-pci but without a VFIO cdev`,
+      fix: "boot a kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+): iommufd reaches devices only through /dev/vfio/devices",
+      details,
+    };
+  }
+  const vfioPci = facts.config.CONFIG_VFIO_PCI;
+  if (facts.configSource && vfioPci !== "y" && vfioPci !== "m") {
+    return {
+      ...base,
+      status: "warn",
+      summary: `this kernel has no vfio-pci (CONFIG_VFIO_PCI is ${vfioPci === "n" ? "not set" : "absent"}): no device can be handed to VfioDevice`,
+      fix: `build a kernel with CONFIG_VFIO_PCI=y and CONFIG_VFIO_DEVICE_CDEV=y, ${GUEST_HINT}`,
+      details,
+    };
+  }
+  const edu = devices.find((d) => d.vendor === EDU.vendor && d.device === EDU.device);
+  const addr = edu?.address ?? "ADDR";
+  return {
+    ...base,
+    status: "warn",
+    summary: `none of the ${devices.length} PCI devices is bound to vfio-pci`,
+    fix: `bind one as root: echo vfio-pci > /sys/bus/pci/devices/${addr}/driver_override; echo ${addr} > /sys/bus/pci/devices/${addr}/driver/unbind; echo ${addr} > /sys/bus/pci/drivers_probe (or bindToVfioPci("${addr}"))`,
+    details,
+  };
+}
+
+export function checkHugePages(facts: DoctorFacts): CheckResult {
+  const base = { id: "hugepages" as const, title: "huge pages" };
+  const pools = facts.hugePagePools;
+  if (!pools || pools.length === 0) {
+    return { ...base, status: "warn", summary: "no huge page pools (/sys/kernel/mm/hugepages is missing)", fix: "boot a kernel with CONFIG_HUGETLBFS=y to use MemfdBuffer's hugePages option" };
+  }
+  const details = pools.map((p) => `${formatBytes(p.pageBytes)} pages: ${p.total ?? "?"} reserved, ${p.free ?? "?"} free`);
+  const free = pools.filter((p) => (p.free ?? 0) > 0);
+  if (free.length > 0) {
+    const text = free.map((p) => `${p.free} free of ${formatBytes(p.pageBytes)}`).join(", ");
+    return { ...base, status: "pass", summary: `${text} (for MemfdBuffer.create(size, { hugePages }))`, details };
+  }
+  const reserved = pools.some((p) => (p.total ?? 0) > 0);
+  return {
+    ...base,
+    status: "warn",
+    summary: reserved
+      ? "huge pages are reserved but none is free: huge-page MemfdBuffers will fail with ENOMEM"
+      : `no huge pages reserved (nr_hugepages ${facts.nrHugepages ?? 0}): huge-page MemfdBuffers will fail`,
+    fix: "reserve some as root: echo 64 > /proc/sys/vm/nr_hugepages (64 x 2 MiB), or hugepages=64 on the kernel command line",
+    details,
+  };
+}
+
+export function checkDmaBuf(facts: DoctorFacts): CheckResult {
+  const base = { id: "dmabuf" as const, title: "VFIO dma-buf" };
+  const probe = facts.dmabuf;
+  const where = probe ? `${probe.node}${probe.pciAddress ? ` (${probe.pciAddress})` : ""}` : "";
+  const rebuild = "boot Linux 6.19+ built with CONFIG_PCI_P2PDMA=y and CONFIG_VFIO_PCI_DMABUF=y";
+  if (probe?.supported === true) {
+    return { ...base, status: "pass", summary: `${where} can export BAR slices as dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF probe)` };
+  }
+  if (probe?.supported === false) {
+    const notty = probe.code === "ENOTTY";
+    return {
+      ...base,
+      status: "warn",
+      summary: notty
+        ? `the kernel does not know VFIO_DEVICE_FEATURE_DMA_BUF (probe on ${where} gave ENOTTY)`
+        : `${where} refused the dma-buf feature probe [${probe.code ?? "?"}]: its driver cannot export dma-bufs`,
+      fix: notty ? rebuild : "use a device driven by vfio-pci with an mmappable BAR",
+    };
+  }
+  const version = parseKernelRelease(facts.kernelRelease);
+  const newEnough = version ? kernelAtLeast(version, KERNEL_FEATURES.dmabuf.major, KERNEL_FEATURES.dmabuf.minor) : undefined;
+  const config = facts.config.CONFIG_VFIO_PCI_DMABUF;
+  const notProbed = probe ? `could not probe ${where}: ${probe.message ?? probe.code ?? "unknown error"}` : "not probed (no VFIO device could be bound)";
+  if (newEnough === false || config === "n" || (facts.configSource && config === undefined)) {
+    const reasons = [
+      newEnough === false ? `Linux ${version!.major}.${version!.minor} < ${KERNEL_FEATURES.dmabuf.major}.${KERNEL_FEATURES.dmabuf.minor}` : undefined,
+      config === "n" || (facts.configSource && config === undefined) ? "CONFIG_VFIO_PCI_DMABUF is not set" : undefined,
+    ].filter(Boolean);
+    return { ...base, status: "warn", summary: `not available: ${reasons.join(" and ")}`, fix: rebuild };
+  }
+  if (config === "y" && newEnough) {
+    return { ...base, status: "pass", summary: `CONFIG_VFIO_PCI_DMABUF=y on Linux ${version!.major}.${version!.minor}; ${notProbed}` };
+  }
+  return {
+    ...base,
+    status: "warn",
+    summary: `unknown: ${notProbed}, and the kernel config does not say`,
+    fix: `bind a device to vfio-pci and run the doctor again as a user who can open it; else ${rebuild}`,
+  };
+}
+
+/** All checks, in the order they are printed. */
+export function evaluate(facts: DoctorFacts): CheckResult[] {
+  return [
+    checkKernel(facts),
+    checkConfig(facts),
+    checkIommufd(facts),
+    checkMemlock(facts),
+    checkIommu(facts),
+    checkVfio(facts),
+    checkHugePages(facts),
+    checkDmaBuf(facts),
+  ];
+}

@@ -1,0 +1,394 @@
+// The doctor on the host: its parsers with real-format text, its checks with hand-made facts, and
+// the real run (functions and CLI) against this machine's actual state.
+import { describe, expect, test } from "bun:test";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { release } from "node:os";
+import { join } from "node:path";
+import { gzipSync } from "node:zlib";
+import {
+  CAP_IPC_LOCK,
+  checkDmaBuf,
+  checkIommufd,
+  checkKernel,
+  checkMemlock,
+  checkVfio,
+  formatBytes,
+  formatReport,
+  gatherFacts,
+  hasCapability,
+  kernelAtLeast,
+  memlockLimit,
+  parseCapEff,
+  parseHugePageDir,
+  parseKernelConfig,
+  parseKernelRelease,
+  parseProcLimits,
+  parseSize,
+  parseSysfsInt,
+  reportFrom,
+  runDoctor,
+  type DoctorFacts,
+  type DoctorReport,
+  type DoctorSystem,
+} from "../../src/doctor/index.ts";
+
+const root = join(import.meta.dir, "../..");
+const cli = join(root, "bin/bun-iommufd.ts");
+
+// Verbatim from a Debian 12 machine (the columns are padded with spaces, names contain spaces).
+const LIMITS = `Limit                     Soft Limit           Hard Limit           Units     
+Max cpu time              unlimited            unlimited            seconds   
+Max file size             unlimited            unlimited            bytes     
+Max data size             unlimited            unlimited            bytes     
+Max stack size            8388608              unlimited            bytes     
+Max core file size        0                    unlimited            bytes     
+Max resident set          unlimited            unlimited            bytes     
+Max processes             96365                96365                processes 
+Max open files            20000                20000                files     
+Max locked memory         8388608              8388608              bytes     
+Max address space         unlimited            unlimited            bytes     
+Max file locks            unlimited            unlimited            locks     
+Max pending signals       96365                96365                signals   
+Max msgqueue size         819200               819200               bytes     
+Max nice priority         0                    0                    
+Max realtime priority     0                    0                    
+Max realtime timeout      unlimited            unlimited            us        
+`;
+
+// Shaped like a real .config: comments, section markers, strings, "is not set" lines.
+const CONFIG = `#
+# Automatically generated file; DO NOT EDIT.
+# Linux/x86 7.2.13 Kernel Configuration
+#
+CONFIG_CC_VERSION_TEXT="gcc (Debian 12.2.0-14) 12.2.0"
+CONFIG_IOMMU_SUPPORT=y
+CONFIG_IOMMUFD_DRIVER_CORE=y
+CONFIG_IOMMUFD=y
+CONFIG_IOMMUFD_TEST=y
+# CONFIG_IOMMUFD_VFIO_CONTAINER is not set
+CONFIG_VFIO=m
+CONFIG_VFIO_DEVICE_CDEV=y
+# CONFIG_VFIO_PCI_DMABUF is not set
+# end of DMABUF options
+CONFIG_HZ=250
+`;
+
+const STATUS_ROOT = "Name:\tbun\nCapInh:\t0000000000000000\nCapPrm:\t000001fffeffffff\nCapEff:\t000001fffeffffff\n";
+const STATUS_USER = "Name:\tbun\nCapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n";
+
+describe("parsers", () => {
+  test("/proc/self/limits: names with spaces, unlimited, empty units", () => {
+    const limits = parseProcLimits(LIMITS);
+    expect(limits.size).toBe(16);
+    expect(limits.get("Max locked memory")).toEqual({ soft: 8388608, hard: 8388608, units: "bytes" });
+    expect(limits.get("Max cpu time")).toEqual({ soft: undefined, hard: undefined, units: "seconds" });
+    expect(limits.get("Max stack size")).toEqual({ soft: 8388608, hard: undefined, units: "bytes" });
+    expect(limits.get("Max nice priority")).toEqual({ soft: 0, hard: 0, units: "" });
+    expect(memlockLimit(LIMITS)?.soft).toBe(8 << 20);
+    expect(memlockLimit("Limit  Soft Limit  Hard Limit  Units\n")).toBeUndefined();
+  });
+
+  test("this process's own /proc/self/limits parses", () => {
+    const memlock = memlockLimit(readFileSync("/proc/self/limits", "utf8"));
+    expect(memlock).toBeDefined();
+    expect(memlock!.units).toBe("bytes");
+  });
+
+  test("kernel config: y, m, not set, strings, absent", () => {
+    const config = parseKernelConfig(CONFIG);
+    expect(config.get("CONFIG_IOMMUFD")).toBe("y");
+    expect(config.get("CONFIG_VFIO")).toBe("m");
+    expect(config.get("CONFIG_IOMMUFD_VFIO_CONTAINER")).toBe("n");
+    expect(config.get("CONFIG_VFIO_PCI_DMABUF")).toBe("n");
+    expect(config.get("CONFIG_CC_VERSION_TEXT")).toBe("gcc (Debian 12.2.0-14) 12.2.0");
+    expect(config.get("CONFIG_HZ")).toBe("250");
+    expect(config.has("CONFIG_PCI_P2PDMA")).toBe(false);
+  });
+
+  test("kernel releases", () => {
+    expect(parseKernelRelease("6.18.44-fc-v657")).toEqual({ major: 6, minor: 18, patch: 44, release: "6.18.44-fc-v657" });
+    expect(parseKernelRelease("6.1.0-28-amd64")).toMatchObject({ major: 6, minor: 1, patch: 0 });
+    expect(parseKernelRelease("7.2.13\n")).toMatchObject({ major: 7, minor: 2, patch: 13, release: "7.2.13" });
+    expect(parseKernelRelease("6.19-rc1")).toMatchObject({ major: 6, minor: 19, patch: 0 });
+    expect(parseKernelRelease("unknown")).toBeUndefined();
+    const v = parseKernelRelease("6.13.0")!;
+    expect([kernelAtLeast(v, 6, 2), kernelAtLeast(v, 6, 13), kernelAtLeast(v, 6, 19), kernelAtLeast(v, 7, 0)]).toEqual([true, true, false, false]);
+    expect(kernelAtLeast(parseKernelRelease("7.0.1")!, 6, 19)).toBe(true);
+  });
+
+  test("capabilities, sysfs numbers, huge page dirs, sizes", () => {
+    expect(hasCapability(parseCapEff(STATUS_ROOT)!, CAP_IPC_LOCK)).toBe(true);
+    expect(hasCapability(parseCapEff(STATUS_USER)!, CAP_IPC_LOCK)).toBe(false);
+    expect(hasCapability(1n << 14n, CAP_IPC_LOCK)).toBe(true);
+    expect(parseCapEff("Name:\tx\n")).toBeUndefined();
+    expect(parseSysfsInt("0x1234\n")).toBe(0x1234);
+    expect(parseSysfsInt("256\n")).toBe(256);
+    expect(parseSysfsInt("")).toBeUndefined();
+    expect(parseSysfsInt(undefined)).toBeUndefined();
+    expect(parseHugePageDir("hugepages-2048kB")).toBe(2 << 20);
+    expect(parseHugePageDir("hugepages-1048576kB")).toBe(1 << 30);
+    expect(parseHugePageDir("README")).toBeUndefined();
+    expect([parseSize("64M"), parseSize("1G"), parseSize("4096"), parseSize("2MiB"), parseSize("lots")]).toEqual([64 << 20, 1 << 30, 4096, 2 << 20, undefined]);
+    expect([formatBytes(8388608), formatBytes(1 << 30), formatBytes(4096), formatBytes(100)]).toEqual(["8 MiB", "1 GiB", "4 KiB", "100 bytes"]);
+  });
+});
+
+/** Facts of a machine where everything works, like the test guest. */
+function goodFacts(): DoctorFacts {
+  return {
+    kernelRelease: "7.2.13",
+    arch: "x86_64",
+    uid: 0,
+    inVm: true,
+    config: {},
+    iommuPath: "/dev/iommu",
+    iommuNode: "char",
+    iommufd: { ok: true, ioasId: 1, iovaRanges: ["0x0..0xffffffffffffffff"] },
+    memlock: { soft: undefined, hard: undefined, units: "bytes" },
+    capIpcLock: true,
+    mapBytes: 64 << 20,
+    iommuUnits: ["dmar0"],
+    iommuGroups: 7,
+    pciDevices: [
+      { address: "0000:00:00.0", vendor: 0x8086, device: 0x29c0, driver: undefined, iommuGroup: "0" },
+      { address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "vfio-pci", iommuGroup: "3", vfioNode: "/dev/vfio/devices/vfio0", vfioNodeExists: true },
+    ],
+    nrHugepages: 256,
+    hugePagePools: [{ pageBytes: 2 << 20, total: 256, free: 256 }],
+    dmabuf: { node: "/dev/vfio/devices/vfio0", pciAddress: "0000:00:03.0", supported: true },
+  };
+}
+
+describe("checks on hand-made facts", () => {
+  test("a machine where everything works: all pass, exit 0", () => {
+    const report = reportFrom(goodFacts());
+    expect(report.checks.map((c) => [c.id, c.status])).toEqual([
+      ["kernel", "pass"],
+      ["config", "pass"],
+      ["iommufd", "pass"],
+      ["memlock", "pass"],
+      ["iommu", "pass"],
+      ["vfio", "pass"],
+      ["hugepages", "pass"],
+      ["dmabuf", "pass"],
+    ]);
+    expect(report.exitCode).toBe(0);
+    expect(report.usable).toBe(true);
+    expect(report.checks.every((c) => c.fix === undefined)).toBe(true);
+    const text = formatReport(report);
+    expect(text).toContain("0000:00:03.0  1234:11e8 (QEMU edu)  driver vfio-pci, IOMMU group 3, /dev/vfio/devices/vfio0");
+    expect(text).toMatch(/^PASS {2}\/dev\/iommu +opened \/dev\/iommu and created IOAS 1/m);
+  });
+
+  test("iommufd that opens but cannot allocate an IOAS is not usable", () => {
+    const facts = { ...goodFacts(), iommufd: { ok: false, failedAt: "ioas" as const, errno: 12, code: "ENOMEM", message: "out of memory" } };
+    const report = reportFrom(facts);
+    expect(report.exitCode).toBe(1);
+    expect(checkIommufd(facts)).toMatchObject({ status: "fail", summary: expect.stringContaining("IOMMU_IOAS_ALLOC failed [ENOMEM]") });
+  });
+
+  test("EACCES on /dev/iommu: fail with a permission fix", () => {
+    const facts = { ...goodFacts(), iommufd: { ok: false, failedAt: "open" as const, errno: 13, code: "EACCES", message: "permission denied" } };
+    const check = checkIommufd(facts);
+    expect(check.status).toBe("fail");
+    expect(check.fix).toContain("udev rule");
+  });
+
+  test("CONFIG_IOMMUFD=m with no node: load the module", () => {
+    const facts: DoctorFacts = { ...goodFacts(), iommuNode: "missing", iommufd: undefined, configSource: "/boot/config-6.8.0", config: { CONFIG_IOMMUFD: "m" } };
+    expect(checkIommufd(facts).fix).toContain("modprobe iommufd");
+  });
+
+  test("memlock: a non-root user with a small limit is warned, with ulimit in the fix", () => {
+    const facts: DoctorFacts = { ...goodFacts(), uid: 1000, capIpcLock: false, memlock: { soft: 8 << 20, hard: undefined, units: "bytes" } };
+    const check = checkMemlock(facts);
+    expect(check.status).toBe("warn");
+    expect(check.summary).toContain("8 MiB");
+    expect(check.fix).toContain("ulimit -l unlimited");
+    const hardCapped = checkMemlock({ ...facts, memlock: { soft: 8 << 20, hard: 8 << 20, units: "bytes" } });
+    expect(hardCapped.fix).toContain("hard limit");
+    expect(checkMemlock({ ...facts, mapBytes: 1 << 20 }).status).toBe("pass");
+    expect(checkMemlock({ ...facts, memlock: { soft: undefined, hard: undefined, units: "bytes" } }).status).toBe("pass");
+  });
+
+  test("kernel versions: too old fails, pre-6.19 warns about dma-bufs", () => {
+    expect(checkKernel({ ...goodFacts(), kernelRelease: "6.1.0-28-amd64" }).status).toBe("fail");
+    const k = checkKernel({ ...goodFacts(), kernelRelease: "6.8.0-45-generic" });
+    expect(k.status).toBe("warn");
+    expect(k.summary).toContain("IOMMU_IOAS_MAP_FILE (mapping a memfd by fd) needs 6.13");
+    expect(checkKernel({ ...goodFacts(), kernelRelease: "garbage" }).status).toBe("warn");
+  });
+
+  test("vfio: a device on vfio-pci without a cdev asks for CONFIG_VFIO_DEVICE_CDEV", () => {
+    const facts: DoctorFacts = { ...goodFacts(), pciDevices: [{ address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "vfio-pci" }] };
+    expect(checkVfio(facts)).toMatchObject({ status: "warn", fix: expect.stringContaining("CONFIG_VFIO_DEVICE_CDEV") });
+    const unbound: DoctorFacts = { ...goodFacts(), pciDevices: [{ address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "edu" }] };
+    expect(checkVfio(unbound).fix).toContain('bindToVfioPci("0000:00:03.0")');
+  });
+
+  test("dma-buf: ENOTTY from the probe means an older kernel; no probe falls back to the config", () => {
+    const notty: DoctorFacts = { ...goodFacts(), dmabuf: { node: "/dev/vfio/devices/vfio0", supported: false, failedAt: "probe", errno: 25, code: "ENOTTY" } };
+    expect(checkDmaBuf(notty)).toMatchObject({ status: "warn", fix: expect.stringContaining("CONFIG_VFIO_PCI_DMABUF") });
+    const byConfig: DoctorFacts = { ...goodFacts(), dmabuf: undefined, configSource: "/proc/config.gz", config: { CONFIG_IOMMUFD: "y", CONFIG_VFIO_PCI_DMABUF: "y" } };
+    expect(checkDmaBuf(byConfig).status).toBe("pass");
+    const old: DoctorFacts = { ...byConfig, kernelRelease: "6.18.3" };
+    expect(checkDmaBuf(old)).toMatchObject({ status: "warn", summary: expect.stringContaining("6.18 < 6.19") });
+  });
+});
+
+describe("gathering never crashes", () => {
+  const empty: DoctorSystem = {
+    kernelRelease: () => {
+      throw new Error("no uname");
+    },
+    arch: () => "x86_64",
+    uid: () => 1000,
+    env: () => undefined,
+    readText: () => undefined,
+    readBytes: () => undefined,
+    listDir: () => undefined,
+    readLink: () => undefined,
+    nodeType: () => "missing",
+    probeIommufd: () => {
+      throw new Error("must not be called without a node");
+    },
+    probeDmaBuf: () => {
+      throw new Error("must not be called without iommufd");
+    },
+  };
+
+  test("a system with no files at all gives a report with fails and warnings, not an exception", () => {
+    const report = runDoctor({ system: empty });
+    expect(report.exitCode).toBe(1);
+    expect(report.kernel).toBe("unknown");
+    expect(report.checks).toHaveLength(8);
+    for (const check of report.checks) {
+      expect(check.summary.length).toBeGreaterThan(10);
+      if (check.status !== "pass") expect(check.fix?.length ?? 0).toBeGreaterThan(10);
+    }
+  });
+
+  test("a gzipped /proc/config.gz is read and decides the verdict", () => {
+    const gz = gzipSync(Buffer.from("CONFIG_IOMMUFD=y\nCONFIG_VFIO_DEVICE_CDEV=y\nCONFIG_VFIO_PCI_DMABUF=y\n"));
+    const system: DoctorSystem = {
+      ...empty,
+      kernelRelease: () => "7.2.13",
+      readBytes: (path) => (path === "/proc/config.gz" ? new Uint8Array(gz) : undefined),
+    };
+    const facts = gatherFacts(system);
+    expect(facts.configSource).toBe("/proc/config.gz");
+    expect(facts.config).toEqual({ CONFIG_IOMMUFD: "y", CONFIG_VFIO_DEVICE_CDEV: "y", CONFIG_VFIO_PCI_DMABUF: "y" });
+    // Config says yes but no node: the node check names devtmpfs/udev, not the config.
+    expect(checkIommufd(facts)).toMatchObject({ status: "fail", fix: expect.stringContaining("devtmpfs") });
+  });
+});
+
+describe("this machine", () => {
+  const hasIommu = existsSync("/dev/iommu");
+  const report: DoctorReport = runDoctor();
+
+  test("the report describes this kernel and process", () => {
+    expect(report.kernel).toBe(release());
+    expect(report.uid).toBe(process.getuid!());
+    expect(report.checks.map((c) => c.id)).toEqual(["kernel", "config", "iommufd", "memlock", "iommu", "vfio", "hugepages", "dmabuf"]);
+    for (const check of report.checks) if (check.status !== "pass") expect(check.fix).toBeTruthy();
+  });
+
+  test.skipIf(hasIommu)("no /dev/iommu: the /dev/iommu check fails with a CONFIG_IOMMUFD fix and the exit code is 1", () => {
+    const check = report.checks.find((c) => c.id === "iommufd")!;
+    expect(check.status).toBe("fail");
+    expect(check.summary).toContain("/dev/iommu does not exist");
+    expect(check.fix).toContain("CONFIG_IOMMUFD=y");
+    expect(check.fix).toContain("bun run vm --");
+    expect(report.usable).toBe(false);
+    expect(report.exitCode).toBe(1);
+    expect(report.verdict).toContain("NOT usable");
+  });
+
+  test("the kernel config check agrees with /proc/config.gz or /boot/config-*", () => {
+    const check = report.checks.find((c) => c.id === "config")!;
+    if (report.facts.configSource === undefined) {
+      expect(existsSync("/proc/config.gz") || existsSync(`/boot/config-${release()}`)).toBe(false);
+      return;
+    }
+    const value = report.facts.config.CONFIG_IOMMUFD;
+    if (value === "y" || value === "m") expect(check.summary).toContain(`CONFIG_IOMMUFD=${value}`);
+    else {
+      expect(check.summary).toContain("CONFIG_IOMMUFD is");
+      if (!hasIommu) expect(check.status).toBe("fail");
+    }
+  });
+
+  test("memlock, IOMMU groups, PCI devices and huge pages match /proc and /sys", () => {
+    const limits = memlockLimit(readFileSync("/proc/self/limits", "utf8"));
+    expect(report.facts.memlock).toEqual(limits);
+    const capEff = parseCapEff(readFileSync("/proc/self/status", "utf8"));
+    expect(report.facts.capIpcLock).toBe(capEff !== undefined && hasCapability(capEff, CAP_IPC_LOCK));
+    if (report.facts.capIpcLock) expect(report.checks.find((c) => c.id === "memlock")!.summary).toContain("CAP_IPC_LOCK");
+
+    const groups = existsSync("/sys/kernel/iommu_groups") ? readdirSync("/sys/kernel/iommu_groups").length : undefined;
+    expect(report.facts.iommuGroups).toBe(groups);
+    if (!groups) expect(report.checks.find((c) => c.id === "iommu")!.status).toBe("warn");
+
+    const pci: string[] = existsSync("/sys/bus/pci/devices") ? readdirSync("/sys/bus/pci/devices") : [];
+    expect(report.facts.pciDevices?.map((d) => d.address) ?? []).toEqual([...pci].sort());
+    const vfioDetails = report.checks.find((c) => c.id === "vfio")!.details ?? [];
+    for (const address of pci) expect(vfioDetails.some((line) => line.startsWith(address))).toBe(true);
+
+    const nr = Number(readFileSync("/proc/sys/vm/nr_hugepages", "utf8"));
+    expect(report.facts.nrHugepages).toBe(nr);
+    if (nr === 0) expect(report.checks.find((c) => c.id === "hugepages")!.status).toBe("warn");
+  });
+});
+
+describe("the CLI", () => {
+  async function run(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+    const proc = Bun.spawn([process.execPath, cli, ...args], { cwd: root, stdout: "pipe", stderr: "pipe", env: { ...process.env, NO_COLOR: "1" } });
+    const [stdout, stderr] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+    return { code: await proc.exited, stdout, stderr };
+  }
+
+  test("doctor --json parses, and its exit code follows the /dev/iommu check", async () => {
+    const { code, stdout } = await run("doctor", "--json");
+    const json = JSON.parse(stdout) as DoctorReport;
+    expect(json.exitCode).toBe(code as 0 | 1);
+    expect(json.kernel).toBe(release());
+    expect(json.checks).toHaveLength(8);
+    for (const check of json.checks) expect(["pass", "warn", "fail"]).toContain(check.status);
+    const iommufd = json.checks.find((c) => c.id === "iommufd")!;
+    expect(code).toBe(iommufd.status === "pass" ? 0 : 1);
+    if (!existsSync("/dev/iommu")) {
+      expect(code).toBe(1);
+      expect(iommufd.status).toBe("fail");
+      expect(iommufd.fix).toContain("CONFIG_IOMMUFD");
+    }
+  });
+
+  test("doctor prints one labelled line per check and the verdict", async () => {
+    const { code, stdout } = await run("doctor");
+    const lines = stdout.split("\n");
+    expect(lines[0]).toStartWith(`bun-iommufd doctor: Linux ${release()}`);
+    expect(lines.filter((l) => /^(PASS|WARN|FAIL) {2}\S/.test(l))).toHaveLength(8);
+    expect(stdout).not.toContain("\x1b[");
+    if (!existsSync("/dev/iommu")) {
+      expect(code).toBe(1);
+      expect(stdout).toMatch(/^FAIL {2}\/dev\/iommu +\/dev\/iommu does not exist/m);
+      expect(stdout).toMatch(/^ +fix: boot a kernel built with CONFIG_IOMMUFD=y/m);
+      expect(lines.filter(Boolean).at(-1)).toContain("iommufd is NOT usable here");
+    }
+  });
+
+  test("usage errors exit 2; --help exits 0", async () => {
+    expect((await run("doctor", "--bogus")).code).toBe(2);
+    expect((await run("frobnicate")).code).toBe(2);
+    expect((await run("doctor", "--map-size", "lots")).code).toBe(2);
+    const help = await run("--help");
+    expect(help.code).toBe(0);
+    expect(help.stdout).toContain("usage: bun-iommufd doctor");
+  });
+
+  test("--map-size changes what the memlock check plans for", async () => {
+    const { stdout } = await run("doctor", "--json", "--map-size", "1G");
+    expect((JSON.parse(stdout) as DoctorReport).facts.mapBytes).toBe(1 << 30);
+  });
+});
