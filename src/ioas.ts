@@ -30,6 +30,7 @@ import {
   iommu_ioas_unmap,
   iommu_iova_range,
 } from "./uapi/iommufd.ts";
+import { getU64, putU64, wordIndex } from "./uapi/codec.ts";
 import type { Iommufd } from "./iommufd.ts";
 import { MemfdBuffer } from "./memfd.ts";
 
@@ -89,6 +90,35 @@ const allowCmd = iommu_ioas_allow_iovas.create();
 
 const U64_ALL = (1n << 64n) - 1n;
 
+// Hot paths write the command words directly: no object, no field lookup, no BigInt per call.
+const MAP_FILE = {
+  words: mapFileCmd.u32,
+  size: wordIndex(iommu_ioas_map_file, "size"),
+  flags: wordIndex(iommu_ioas_map_file, "flags"),
+  ioas: wordIndex(iommu_ioas_map_file, "ioas_id"),
+  fd: wordIndex(iommu_ioas_map_file, "fd"),
+  start: wordIndex(iommu_ioas_map_file, "start"),
+  length: wordIndex(iommu_ioas_map_file, "length"),
+  iova: wordIndex(iommu_ioas_map_file, "iova"),
+};
+const MAP = {
+  words: mapCmd.u32,
+  size: wordIndex(iommu_ioas_map, "size"),
+  flags: wordIndex(iommu_ioas_map, "flags"),
+  ioas: wordIndex(iommu_ioas_map, "ioas_id"),
+  reserved: wordIndex(iommu_ioas_map, "__reserved"),
+  userVa: wordIndex(iommu_ioas_map, "user_va"),
+  length: wordIndex(iommu_ioas_map, "length"),
+  iova: wordIndex(iommu_ioas_map, "iova"),
+};
+const UNMAP = {
+  words: unmapCmd.u32,
+  size: wordIndex(iommu_ioas_unmap, "size"),
+  ioas: wordIndex(iommu_ioas_unmap, "ioas_id"),
+  iova: wordIndex(iommu_ioas_unmap, "iova"),
+  length: wordIndex(iommu_ioas_unmap, "length"),
+};
+
 export class Ioas {
   readonly iommufd: Iommufd;
   readonly id: number;
@@ -126,12 +156,18 @@ export class Ioas {
     if (offset + length > size) {
       throw argumentError(op, "options.length", `${length} bytes from offset ${offset} run past the end of the ${size}-byte source`);
     }
-    const flags = mapFlags(options, op);
-    mapCmd.fill({ size: iommu_ioas_map.size, flags: flags.bits, ioas_id: this.id, user_va: address + offset, length });
-    if (flags.iova !== undefined) mapCmd.set("iova", flags.iova);
+    const iova = fixedIova(options, op);
+    const w = MAP.words;
+    w[MAP.size] = iommu_ioas_map.size;
+    w[MAP.flags] = mapFlags(options, op, iova);
+    w[MAP.ioas] = this.id;
+    w[MAP.reserved] = 0;
+    putU64(w, MAP.userVa, address + offset);
+    putU64(w, MAP.length, length);
+    putU64(w, MAP.iova, iova ?? 0);
     const errno = this.iommufd.call(IOMMU_IOAS_MAP, mapCmd, op);
-    if (errno) throw this.#mapError(op, errno, flags.iova, length);
-    return this.#record(readIova(mapCmd), length, source);
+    if (errno) throw this.#mapError(op, errno, iova, length);
+    return this.#record(getU64(w, MAP.iova), length, source);
   }
 
   /** Map a file range by fd (IOMMU_IOAS_MAP_FILE): a MemfdBuffer, a VFIO dma-buf, or a raw fd. */
@@ -157,16 +193,22 @@ export class Ioas {
         `${length} bytes from offset ${offset} run past the end of the ${size}-byte file`,
       );
     }
-    const flags = mapFlags(options, op);
-    mapFileCmd.fill({ size: iommu_ioas_map_file.size, flags: flags.bits, ioas_id: this.id, fd, start: offset, length });
-    if (flags.iova !== undefined) mapFileCmd.set("iova", flags.iova);
+    const iova = fixedIova(options, op);
+    const w = MAP_FILE.words;
+    w[MAP_FILE.size] = iommu_ioas_map_file.size;
+    w[MAP_FILE.flags] = mapFlags(options, op, iova);
+    w[MAP_FILE.ioas] = this.id;
+    w[MAP_FILE.fd] = fd;
+    putU64(w, MAP_FILE.start, offset);
+    putU64(w, MAP_FILE.length, length);
+    putU64(w, MAP_FILE.iova, iova ?? 0);
     const errno = this.iommufd.call(IOMMU_IOAS_MAP_FILE, mapFileCmd, op);
     if (errno) {
       const special = typeof file === "object" ? file.describeMapError?.(errno) : undefined;
       if (special) throw syscallError(op, errno, special, { argument: "file" });
-      throw this.#mapError(op, errno, flags.iova, length);
+      throw this.#mapError(op, errno, iova, length);
     }
-    return this.#record(readIova(mapFileCmd), length, file);
+    return this.#record(getU64(w, MAP_FILE.iova), length, file);
   }
 
   /**
@@ -183,25 +225,24 @@ export class Ioas {
     }
     const srcIova = u64(options.srcIova, op, "options.srcIova");
     const length = positiveLength(options.length, op, "options.length");
-    const flags = mapFlags(options, op);
+    const iova = fixedIova(options, op);
     copyCmd.fill({
       size: iommu_ioas_copy.size,
-      flags: flags.bits,
+      flags: mapFlags(options, op, iova),
       dst_ioas_id: this.id,
       src_ioas_id: from.id,
       length,
       src_iova: srcIova,
     });
-    if (flags.iova !== undefined) copyCmd.set("dst_iova", flags.iova);
+    if (iova !== undefined) copyCmd.set("dst_iova", iova);
     const errno = this.iommufd.call(IOMMU_IOAS_COPY, copyCmd, op);
     if (errno) {
       if (errno === ERRNO.ENOENT) {
         throw syscallError(op, errno, `nothing is mapped at ${hex(srcIova)}..+${hex(length)} in IOAS ${from.id}, or the range does not cover whole mappings`);
       }
-      throw this.#mapError(op, errno, flags.iova, length);
+      throw this.#mapError(op, errno, iova, length);
     }
-    const iova = normaliseIova(copyCmd.view.getBigUint64(iommu_ioas_copy.fields.dst_iova.offset, true));
-    return this.#record(iova, length, from);
+    return this.#record(normaliseIova(copyCmd.getBig("dst_iova")), length, from);
   }
 
   /**
@@ -233,7 +274,11 @@ export class Ioas {
   }
 
   #unmapRaw(iova: Iova, length: number | bigint, op: string, all = false): number {
-    unmapCmd.fill({ size: iommu_ioas_unmap.size, ioas_id: this.id, iova, length });
+    const w = UNMAP.words;
+    w[UNMAP.size] = iommu_ioas_unmap.size;
+    w[UNMAP.ioas] = this.id;
+    putU64(w, UNMAP.iova, iova);
+    putU64(w, UNMAP.length, length);
     const errno = this.iommufd.call(IOMMU_IOAS_UNMAP, unmapCmd, op);
     if (errno) {
       // ENOENT on unmap-all means "empty" only when nothing was recorded: the kernel also answers
@@ -246,7 +291,7 @@ export class Ioas {
             : undefined,
       });
     }
-    return unmapCmd.get("length");
+    return Number(getU64(w, UNMAP.length));
   }
 
   /** @internal Unmap one Mapping exactly. */
@@ -456,25 +501,21 @@ export class Mapping {
   }
 }
 
-function mapFlags(options: MapOptions, op: string): { bits: number; iova: Iova | undefined } {
+function fixedIova(options: MapOptions, op: string): Iova | undefined {
+  return options.iova === undefined ? undefined : normaliseIova(u64(options.iova, op, "options.iova"));
+}
+
+function mapFlags(options: MapOptions, op: string, iova: Iova | undefined): number {
   const readable = options.readable ?? true;
   const writable = options.writable ?? true;
   if (!readable && !writable) {
     throw argumentError(op, "options", "a mapping must be readable, writable or both");
   }
-  let bits = (readable ? IOMMU_IOAS_MAP_READABLE : 0) | (writable ? IOMMU_IOAS_MAP_WRITEABLE : 0);
-  let iova: Iova | undefined;
-  if (options.iova !== undefined) {
-    iova = normaliseIova(u64(options.iova, op, "options.iova"));
-    bits |= IOMMU_IOAS_MAP_FIXED_IOVA;
-  }
-  return { bits, iova };
-}
-
-function readIova(cmd: typeof mapCmd | typeof mapFileCmd): Iova {
-  // Below 2^53 the number read is exact; only then skip the bigint.
-  const high = cmd.view.getUint32(cmd.layout.fields.iova.offset + 4, true);
-  return high < 0x200000 ? cmd.get("iova") : normaliseIova(cmd.getBig("iova"));
+  return (
+    (readable ? IOMMU_IOAS_MAP_READABLE : 0) |
+    (writable ? IOMMU_IOAS_MAP_WRITEABLE : 0) |
+    (iova === undefined ? 0 : IOMMU_IOAS_MAP_FIXED_IOVA)
+  );
 }
 
 function resolveMemory(source: MapSource, op: string): { address: number; size: number } {

@@ -93,6 +93,8 @@ export class StructBuffer<F extends string = string> {
   readonly layout: StructLayout<F>;
   readonly bytes: Uint8Array;
   readonly view: DataView;
+  /** 32-bit words of the struct: hot paths write fields by word index (offset / 4). */
+  readonly u32: Uint32Array;
   readonly address: number;
 
   constructor(layout: StructLayout<F>, extraBytes = 0) {
@@ -102,6 +104,7 @@ export class StructBuffer<F extends string = string> {
     const storage = new ArrayBuffer(Math.ceil((layout.size + extraBytes) / 8) * 8);
     this.bytes = new Uint8Array(storage);
     this.view = new DataView(storage);
+    this.u32 = new Uint32Array(storage);
     this.address = ptr(this.bytes);
   }
 
@@ -178,6 +181,31 @@ export function readField(view: DataView, type: FieldType, at: number): number {
     case "u64":
       return view.getUint32(at + 4, true) * TWO_32 + view.getUint32(at, true);
   }
+}
+
+/** Word index of a 4- or 8-byte aligned field, for {@link StructBuffer.u32}. */
+export function wordIndex(layout: StructLayout, name: string): number {
+  const field = layout.fieldList.find((f) => f.name === name);
+  if (!field || field.offset % 4) throw new Error(`${layout.cName}.${name} is not a word-aligned field`);
+  return field.offset / 4;
+}
+
+/** Write a u64 as two words (little-endian) without a BigInt for exact numbers. */
+export function putU64(words: Uint32Array, index: number, value: number | bigint): void {
+  if (typeof value === "number") {
+    words[index] = value >>> 0;
+    words[index + 1] = (value / TWO_32) >>> 0;
+  } else {
+    words[index] = Number(value & 0xffffffffn);
+    words[index + 1] = Number((value >> 32n) & 0xffffffffn);
+  }
+}
+
+/** Read a u64 from two words: a number when exact (below 2^53), else a bigint. */
+export function getU64(words: Uint32Array, index: number): number | bigint {
+  const high = words[index + 1]!;
+  if (high < 0x200000) return high * TWO_32 + words[index]!;
+  return (BigInt(high) << 32n) | BigInt(words[index]!);
 }
 
 /** _IO(type, nr): iommufd and VFIO encode no size or direction in their request numbers. */
