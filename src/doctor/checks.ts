@@ -5,8 +5,10 @@
 import type { DoctorFacts, PciDevice } from "./facts.ts";
 import { formatBytes, kernelAtLeast, parseKernelRelease } from "./parse.ts";
 
+/** "fail" only for what stops the library working; optional features missing are "warn". */
 export type CheckStatus = "pass" | "warn" | "fail";
 
+/** Stable check names, also the keys in the --json output. */
 export type CheckId = "kernel" | "config" | "iommufd" | "memlock" | "iommu" | "vfio" | "hugepages" | "dmabuf";
 
 export interface CheckResult {
@@ -39,6 +41,7 @@ function hex4(n: number | undefined): string {
   return n === undefined ? "????" : n.toString(16).padStart(4, "0");
 }
 
+/** uname -r against the releases that brought iommufd, device cdevs, MAP_FILE and dma-bufs. */
 export function checkKernel(facts: DoctorFacts): CheckResult {
   const base = { id: "kernel" as const, title: "kernel" };
   const version = parseKernelRelease(facts.kernelRelease);
@@ -64,6 +67,7 @@ export function checkKernel(facts: DoctorFacts): CheckResult {
   };
 }
 
+/** CONFIG_IOMMUFD and friends in the kernel's own config, when one is readable. */
 export function checkConfig(facts: DoctorFacts): CheckResult {
   const base = { id: "config" as const, title: "kernel config" };
   const usable = facts.iommufd?.ok === true;
@@ -105,6 +109,7 @@ export function checkConfig(facts: DoctorFacts): CheckResult {
   };
 }
 
+/** The verdict that sets the exit code: /dev/iommu opened and an IOAS allocated. */
 export function checkIommufd(facts: DoctorFacts): CheckResult {
   const base = { id: "iommufd" as const, title: facts.iommuPath };
   const path = facts.iommuPath;
@@ -151,6 +156,7 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
   };
 }
 
+/** RLIMIT_MEMLOCK against facts.mapBytes; CAP_IPC_LOCK makes the limit moot. */
 export function checkMemlock(facts: DoctorFacts): CheckResult {
   const base = { id: "memlock" as const, title: "locked memory" };
   const need = formatBytes(facts.mapBytes);
@@ -185,6 +191,7 @@ function describeLimit(limit: number | undefined): string {
   return limit === undefined ? "is unlimited" : `is ${formatBytes(limit)}`;
 }
 
+/** Whether a hardware (or emulated) IOMMU is active and has put devices in groups. */
 export function checkIommu(facts: DoctorFacts): CheckResult {
   const base = { id: "iommu" as const, title: "IOMMU" };
   const units = facts.iommuUnits ?? [];
@@ -213,6 +220,7 @@ function describeDevice(d: PciDevice): string {
   return `${d.address}  ${id}${name}  ${driver}${group}${node}`;
 }
 
+/** PCI devices, their drivers and VFIO cdev nodes: what VfioDevice.open can reach. */
 export function checkVfio(facts: DoctorFacts): CheckResult {
   const base = { id: "vfio" as const, title: "VFIO devices" };
   const devices = facts.pciDevices;
@@ -259,6 +267,7 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
   };
 }
 
+/** Free huge pages, which MemfdBuffer's hugePages option draws from. */
 export function checkHugePages(facts: DoctorFacts): CheckResult {
   const base = { id: "hugepages" as const, title: "huge pages" };
   const pools = facts.hugePagePools;
@@ -283,6 +292,7 @@ export function checkHugePages(facts: DoctorFacts): CheckResult {
   };
 }
 
+/** VFIO dma-buf export: a real feature probe when a device could be bound, else version and config. */
 export function checkDmaBuf(facts: DoctorFacts): CheckResult {
   const base = { id: "dmabuf" as const, title: "VFIO dma-buf" };
   const probe = facts.dmabuf;

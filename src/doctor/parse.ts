@@ -96,6 +96,7 @@ export function parseCapEff(statusText: string): bigint | undefined {
 /** linux/capability.h */
 export const CAP_IPC_LOCK = 14;
 
+/** Whether bit `capability` is set in a capability mask. */
 export function hasCapability(capEff: bigint, capability: number): boolean {
   return ((capEff >> BigInt(capability)) & 1n) === 1n;
 }
