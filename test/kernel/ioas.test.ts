@@ -6,28 +6,17 @@ import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { Iommufd, IommufdError, MemfdBuffer, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { MOCK_APERTURE_LAST, MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
-import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
+import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd, testScope } from "../support/kernel.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
 beforeAll(requireIommufd);
 
-// Everything a test opens goes here, so a failing test cannot leak into the next one.
-const cleanup: { close?(): void; destroy?(): void }[] = [];
-afterEach(() => {
-  for (const item of cleanup.splice(0).reverse()) {
-    try {
-      item.destroy ? item.destroy() : item.close?.();
-    } catch {
-      // already gone
-    }
-  }
-});
-function keep<T extends { close?(): void; destroy?(): void }>(item: T): T {
-  cleanup.push(item);
-  return item;
-}
+// Everything a test opens is released after it, so a failing test cannot leak into the next.
+const scope = testScope();
+afterEach(scope.releaseAll);
+const keep = scope.keep;
 
 function setup(): { iommufd: Iommufd; ioas: Ioas } {
   const iommufd = keep(Iommufd.open());

@@ -15,7 +15,7 @@ import {
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { revokeSelftestDmaBuf, selftestDmaBuf } from "../../src/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
-import { expectIommufdError, openFdCount, requireIommufd } from "../support/kernel.ts";
+import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
 
 const KiB = 1024;
 let eduAddress = "";
@@ -27,20 +27,10 @@ beforeAll(() => {
   eduAddress = found[0]!;
 });
 
-const cleanup: { close?(): void; destroy?(): void }[] = [];
-afterEach(() => {
-  for (const item of cleanup.splice(0).reverse()) {
-    try {
-      item.destroy ? item.destroy() : item.close?.();
-    } catch {
-      // already gone
-    }
-  }
-});
-function keep<T extends { close?(): void; destroy?(): void }>(item: T): T {
-  cleanup.push(item);
-  return item;
-}
+// Everything a test opens is released after it, so a failing test cannot leak into the next.
+const scope = testScope();
+afterEach(scope.releaseAll);
+const keep = scope.keep;
 
 /** edu bound to a fresh iommufd and attached to a fresh IOAS, bus mastering on. */
 function attachedEdu(): { iommufd: Iommufd; ioas: Ioas; device: VfioDevice; edu: Edu } {

@@ -38,3 +38,28 @@ export function expectIommufdError(fn: () => unknown, code: string, operation: s
   expect(thrown.message.length).toBeGreaterThan(operation.length + 10);
   return thrown;
 }
+
+type Releasable = { close?(): void; destroy?(): void };
+
+/**
+ * Per-test ownership: `keep(x)` registers x, and the returned `releaseAll` (call it in afterEach)
+ * destroys or closes everything in reverse order, so a failing test cannot leak into the next.
+ */
+export function testScope(): { keep<T extends Releasable>(item: T): T; releaseAll(): void } {
+  const items: Releasable[] = [];
+  return {
+    keep(item) {
+      items.push(item);
+      return item;
+    },
+    releaseAll() {
+      for (const item of items.splice(0).reverse()) {
+        try {
+          item.destroy ? item.destroy() : item.close?.();
+        } catch {
+          // already released by the test itself
+        }
+      }
+    },
+  };
+}
