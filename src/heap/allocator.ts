@@ -113,6 +113,9 @@ function bigLog2(n: number): number {
   return n < TWO_32 ? 31 : 63 - Math.clz32(Math.floor(n / TWO_32));
 }
 
+// The class functions keep sizes of 2^31 granules and more in separate functions: the common
+// case then stays small enough for the JIT to inline.
+
 /** Class holding a free block of n granules (fl * 32 + sl). */
 function classOf(n: number): number {
   if (n < SMALL) return n;
@@ -120,6 +123,10 @@ function classOf(n: number): number {
     const t = 31 - Math.clz32(n);
     return ((t - 4) << SL_BITS) + ((n >>> (t - SL_BITS)) & (SL_COUNT - 1));
   }
+  return bigClassOf(n);
+}
+
+function bigClassOf(n: number): number {
   const t = bigLog2(n);
   return ((t - 4) << SL_BITS) + (Math.floor(n / POW2[t - SL_BITS]!) & (SL_COUNT - 1));
 }
@@ -133,6 +140,10 @@ function ceilClassOf(n: number): number {
     const c = ((t - 4) << SL_BITS) + ((n >>> shift) & (SL_COUNT - 1));
     return (n & ((1 << shift) - 1)) === 0 ? c : c + 1;
   }
+  return bigCeilClassOf(n);
+}
+
+function bigCeilClassOf(n: number): number {
   const t = bigLog2(n);
   const width = POW2[t - SL_BITS]!;
   const c = ((t - 4) << SL_BITS) + (Math.floor(n / width) & (SL_COUNT - 1));
@@ -545,16 +556,17 @@ export class OffsetAllocator {
     const head = this.heads[c]!;
     ints[s * I_STRIDE + I_PREV_FREE] = -1;
     ints[s * I_STRIDE + I_NEXT_FREE] = head;
-    if (head >= 0) {
-      ints[head * I_STRIDE + I_PREV_FREE] = s;
-    } else {
-      const fl = c >>> SL_BITS;
-      this.slMap[fl] = this.slMap[fl]! | (1 << (c & (SL_COUNT - 1)));
-      if (fl < 32) this.flLo |= 1 << fl;
-      else this.flHi |= 1 << (fl - 32);
-    }
+    if (head >= 0) ints[head * I_STRIDE + I_PREV_FREE] = s;
+    else this.markNonEmpty(c);
     this.heads[c] = s;
     this.freeBlocks++;
+  }
+
+  private markNonEmpty(c: number): void {
+    const fl = c >>> SL_BITS;
+    this.slMap[fl] = this.slMap[fl]! | (1 << (c & (SL_COUNT - 1)));
+    if (fl < 32) this.flLo |= 1 << fl;
+    else this.flHi |= 1 << (fl - 32);
   }
 
   private unlinkFree(s: number): void {
@@ -562,22 +574,23 @@ export class OffsetAllocator {
     const p = ints[s * I_STRIDE + I_PREV_FREE]!;
     const nx = ints[s * I_STRIDE + I_NEXT_FREE]!;
     if (nx >= 0) ints[nx * I_STRIDE + I_PREV_FREE] = p;
-    if (p >= 0) {
-      ints[p * I_STRIDE + I_NEXT_FREE] = nx;
-    } else {
-      const c = classOf(this.f[s * F_STRIDE + 1]!);
-      this.heads[c] = nx;
-      if (nx < 0) {
-        const fl = c >>> SL_BITS;
-        const word = this.slMap[fl]! & ~(1 << (c & (SL_COUNT - 1)));
-        this.slMap[fl] = word;
-        if (word === 0) {
-          if (fl < 32) this.flLo &= ~(1 << fl);
-          else this.flHi &= ~(1 << (fl - 32));
-        }
-      }
-    }
+    if (p >= 0) ints[p * I_STRIDE + I_NEXT_FREE] = nx;
+    else this.unlinkHead(s, nx);
     this.freeBlocks--;
+  }
+
+  /** unlinkFree of a list head, apart so the JIT keeps unlinkFree small enough to inline. */
+  private unlinkHead(s: number, next: number): void {
+    const c = classOf(this.f[s * F_STRIDE + 1]!);
+    this.heads[c] = next;
+    if (next >= 0) return;
+    const fl = c >>> SL_BITS;
+    const word = this.slMap[fl]! & ~(1 << (c & (SL_COUNT - 1)));
+    this.slMap[fl] = word;
+    if (word === 0) {
+      if (fl < 32) this.flLo &= ~(1 << fl);
+      else this.flHi &= ~(1 << (fl - 32));
+    }
   }
 
   private newSlot(): number {
@@ -611,10 +624,26 @@ export class OffsetAllocator {
     return this.lookup(u);
   }
 
+  // lookup, remember and forget keep the hash table in separate methods so that the direct-table
+  // case stays small enough for the JIT to inline. `u | 0` keeps the index an int32; u < 2^22.
   private lookup(u: number): number {
     const direct = this.direct;
-    // `| 0` keeps the index an int32 for the JIT; u < 2^22 here.
-    if (direct !== null) return direct[u | 0]! - 1;
+    return direct !== null ? direct[u | 0]! - 1 : this.hashLookup(u);
+  }
+
+  private remember(u: number, s: number): void {
+    const direct = this.direct;
+    if (direct !== null) direct[u | 0] = s + 1;
+    else this.hashRemember(u, s);
+  }
+
+  private forget(u: number): void {
+    const direct = this.direct;
+    if (direct !== null) direct[u | 0] = 0;
+    else this.hashForget(u);
+  }
+
+  private hashLookup(u: number): number {
     const keys = this.hashKeys;
     const mask = this.hashMask;
     const key = u + 1;
@@ -625,24 +654,14 @@ export class OffsetAllocator {
     }
   }
 
-  private remember(u: number, s: number): void {
-    const direct = this.direct;
-    if (direct !== null) {
-      direct[u | 0] = s + 1;
-      return;
-    }
+  private hashRemember(u: number, s: number): void {
     // Load factor stays at most 1/2 so probe runs stay short.
     if ((this.hashCount + 1) * 2 > this.hashKeys.length) this.growHash();
     this.hashInsert(u + 1, s);
     this.hashCount++;
   }
 
-  private forget(u: number): void {
-    const direct = this.direct;
-    if (direct !== null) {
-      direct[u | 0] = 0;
-      return;
-    }
+  private hashForget(u: number): void {
     const keys = this.hashKeys;
     const slots = this.hashSlots;
     const mask = this.hashMask;
