@@ -160,7 +160,16 @@ export class VfioDevice {
   }
 
   #ioctl(request: number, address: number, operation: string): number {
-    const rc = ioctl(this.#requireFd(operation), request, address);
+    const fd = this.#requireFd(operation);
+    // A cdev grants no ioctl but BIND before it is bound; say so instead of the kernel's bare EINVAL.
+    if (this.#deviceId === undefined && request !== VFIO_DEVICE_BIND_IOMMUFD) {
+      throw new IommufdError({
+        operation,
+        errno: ERRNO.EINVAL,
+        message: `${this.path} is not bound to an iommufd yet: call device.bind(iommufd) first`,
+      });
+    }
+    const rc = ioctl(fd, request, address);
     return rc < 0 ? -lastErrno() : rc;
   }
 

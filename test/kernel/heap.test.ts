@@ -38,10 +38,15 @@ describe("DmaHeap", () => {
     const iommufd = Iommufd.open();
     cleanup.push(iommufd);
     const ioas = iommufd.createIoas();
-    using heap = DmaHeap.create(ioas, { size: 8 * MiB, hugePages: false });
+    using heap = DmaHeap.create(ioas, { size: 8 * MiB, hugePages: false, granule: 512 });
     const before = counters.ioctls;
     const buffers = [];
-    for (let i = 0; i < 1000; i++) buffers.push(heap.alloc(4 * KiB + (i % 16) * 512, { align: i % 3 ? 4096 : 65536 }));
+    for (let i = 0; i < 1000; i++) {
+      const align = [512, 1024, 4096][i % 3]!;
+      const b = heap.alloc(1 * KiB + (i % 16) * 512, { align });
+      expect(b.iova % align).toBe(0);
+      buffers.push(b);
+    }
     for (const b of buffers) {
       expect(heap.iovaOf(b.bytes)).toBe(b.iova);
       expect(heap.iovaOf(b.offset)).toBe(b.iova);
@@ -50,6 +55,8 @@ describe("DmaHeap", () => {
     for (const b of buffers) b.free();
     expect(counters.ioctls).toBe(before);
     expect(heap.stats()).toMatchObject({ liveAllocations: 0, bytesInUse: 0, freeBlocks: 1, largestFree: 8 * MiB });
+    // Alignment beyond the region's page size cannot be honoured: a clear error, not a wrong IOVA.
+    expectIommufdError(() => heap.alloc(4096, { align: 65536 }), "EINVAL", "DmaHeap.alloc", "align");
   });
 
   test("errors: zero size, oversize, bad alignment, double free, a buffer of another heap, use after close", () => {

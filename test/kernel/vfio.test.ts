@@ -55,8 +55,17 @@ describe("VfioDevice basics", () => {
     expect(byPath.pciAddress).toBe(eduAddress);
   });
 
-  test("info, regions and config space describe edu", () => {
+  test("before bind every ioctl but bind is EINVAL saying to bind first", () => {
     using device = VfioDevice.open(eduAddress);
+    const e = expectIommufdError(() => device.info(), "EINVAL", "VFIO_DEVICE_GET_INFO");
+    expect(e.message).toContain("bind");
+    expectIommufdError(() => device.region(0), "EINVAL", "VFIO_DEVICE_GET_REGION_INFO");
+  });
+
+  test("info, regions and config space describe edu", () => {
+    using iommufd = Iommufd.open();
+    using device = VfioDevice.open(eduAddress);
+    device.bind(iommufd);
     const info = device.info();
     expect(info.isPci).toBe(true);
     expect(info.numRegions).toBeGreaterThanOrEqual(9);
@@ -93,7 +102,9 @@ describe("VfioDevice basics", () => {
   });
 
   test("edu has no reset: EINVAL saying so", () => {
+    using iommufd = Iommufd.open();
     using device = VfioDevice.open(eduAddress);
+    device.bind(iommufd);
     expect(device.info().canReset).toBe(false);
     const e = expectIommufdError(() => device.reset(), "EINVAL", "VFIO_DEVICE_RESET");
     expect(e.message).toContain("does not support reset");
