@@ -1,16 +1,43 @@
 #!/usr/bin/env bun
 /**
  * Export a slice of a device BAR as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF) and map it into an
- * IOAS: the way to let one device reach another's memory (peer to peer) through iommufd.
- * Here the device is QEMU's edu and the slice is the first page of its BAR0.
+ * IOAS: the way to let a device reach another device's memory (peer to peer) through iommufd.
+ *
+ * With only one device at hand (QEMU's edu), edu plays both parts: the first page of its BAR0 is
+ * exported, mapped at an IOVA in the IOAS edu itself is attached to, and edu's DMA engine then
+ * reads its own id register through the IOMMU, by IOVA, into a MemfdBuffer.
  *
  *   bun run vm -- bun examples/vfio-dmabuf.ts
  *
  * Needs Linux 6.19+ with CONFIG_VFIO_PCI_DMABUF (the test guest's kernel has it).
  */
-import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, VfioDevice } from "../src/index.ts";
+import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, MemfdBuffer, VfioDevice, type RegionMapping } from "../src/index.ts";
+
+const REG_ID = 0x00;
+const REG_DMA_SRC = 0x80;
+const REG_DMA_DST = 0x88;
+const REG_DMA_COUNT = 0x90;
+const REG_DMA_CMD = 0x98;
+const CMD_START = 0x1;
+const CMD_TO_RAM = 0x2;
+const DEVICE_BUFFER = 0x40000;
+/** Both IOVAs stay below 256 MiB: edu masks DMA addresses to 28 bits. */
+const BAR_IOVA = 0x200000;
+const RAM_IOVA = 0x100000;
 
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
+
+function dma(bar: RegionMapping, src: number, dst: number, count: number, command: number): void {
+  bar.write32(REG_DMA_SRC, src);
+  bar.write32(REG_DMA_DST, dst);
+  bar.write32(REG_DMA_COUNT, count);
+  bar.write32(REG_DMA_CMD, CMD_START | command);
+  const deadline = Date.now() + 10_000;
+  while (bar.read32(REG_DMA_CMD) & CMD_START) {
+    if (Date.now() > deadline) throw new Error("edu DMA did not finish within 10 s");
+    Bun.sleepSync(1);
+  }
+}
 
 function main(): number {
   const address = findPciDevices(0x1234, 0x11e8)[0];
@@ -26,7 +53,8 @@ function main(): number {
   using device = VfioDevice.open(node);
   // VFIO answers feature requests (dma-buf export included) only once the device is bound.
   device.bind(iommufd);
-  console.log(`bound ${node} to iommufd; dma-buf export supported: ${device.supportsDmaBuf()}`);
+  device.attach(ioas);
+  console.log(`bound ${node} to iommufd, attached to IOAS ${ioas.id}; dma-buf export supported: ${device.supportsDmaBuf()}`);
 
   const bar0 = device.region(0);
   console.log(`BAR0: ${hex(bar0.size)} bytes, mmappable=${bar0.mmappable}`);
@@ -35,10 +63,29 @@ function main(): number {
   console.log(`exported ${dmabuf.description} as dma-buf fd ${dmabuf.fd} (${dmabuf.size} bytes)`);
 
   {
-    using mapping = ioas.mapFile(dmabuf);
-    console.log(`mapped the dma-buf into IOAS ${ioas.id} at IOVA ${hex(mapping.iova)}..${hex(mapping.end)}`);
+    using anywhere = ioas.mapFile(dmabuf);
+    console.log(`mapped the dma-buf into IOAS ${ioas.id} at IOVA ${hex(anywhere.iova)}..${hex(anywhere.end)} (kernel-chosen)`);
   }
   console.log("unmapped the dma-buf");
+
+  using barMapping = ioas.mapFile(dmabuf, { iova: BAR_IOVA });
+  using ram = MemfdBuffer.create(0x10000, { name: "vfio-dmabuf example" });
+  using ramMapping = ioas.mapFile(ram, { iova: RAM_IOVA });
+  console.log(`mapped the dma-buf at IOVA ${hex(barMapping.iova)} and a MemfdBuffer at IOVA ${hex(ramMapping.iova)}`);
+
+  using bar = device.mapRegion(0);
+  const expected = bar.read32(REG_ID);
+  device.setBusMaster(true);
+  try {
+    // edu answers register reads of exactly 4 bytes, so the DMA reads one register.
+    dma(bar, BAR_IOVA + REG_ID, DEVICE_BUFFER, 4, 0);
+    dma(bar, DEVICE_BUFFER, RAM_IOVA, 4, CMD_TO_RAM);
+  } finally {
+    device.setBusMaster(false);
+  }
+  const seen = new Uint32Array(ram.buffer, 0, 1)[0]!;
+  const ok = seen === expected;
+  console.log(`edu DMA read its id register through the IOMMU at IOVA ${hex(BAR_IOVA)}: ${hex(seen)} (${ok ? "matches" : "differs from"} ${hex(expected)} read through the mmapped BAR)`);
 
   // iommufd maps single-range VFIO dma-bufs only; a two-range export is refused at map time.
   using twoRanges = device.exportDmaBuf({ region: 0, ranges: [{ offset: 0, length: 0x1000 }, { offset: 0x2000, length: 0x1000 }] });
@@ -50,7 +97,7 @@ function main(): number {
     console.log(`a two-range dma-buf is refused as expected: ${error.code}`);
   }
   console.log("done");
-  return 0;
+  return ok ? 0 : 1;
 }
 
 try {

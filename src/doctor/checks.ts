@@ -163,6 +163,7 @@ export function checkMemlock(facts: DoctorFacts): CheckResult {
   // Pinned pages count only while a domain (a device, or the selftest mock) is attached; a map
   // with nothing attached pins nothing. Say so, or a low limit looks worse than it is.
   const when = "pinned pages are charged to RLIMIT_MEMLOCK once a device is attached";
+  if (facts.memlock && facts.memlock.soft === undefined) return { ...base, status: "pass", summary: "RLIMIT_MEMLOCK is unlimited" };
   if (facts.capIpcLock) {
     const limit = facts.memlock ? `RLIMIT_MEMLOCK ${describeLimit(facts.memlock.soft)}, but ` : "";
     return { ...base, status: "pass", summary: `${limit}this process has CAP_IPC_LOCK${facts.uid === 0 ? " (root)" : ""}: iommufd does not charge its pinned pages` };

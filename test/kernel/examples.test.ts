@@ -43,13 +43,16 @@ test.skipIf(!haveEdu)("edu-dma.ts: edu copies RAM -> device -> RAM through the I
   expect(stdout).toContain("unmapped IOVA 0x100000");
 }, 120_000);
 
-test.skipIf(!haveEdu)("vfio-dmabuf.ts exports a BAR0 slice as a dma-buf and maps it into an IOAS", async () => {
+test.skipIf(!haveEdu)("vfio-dmabuf.ts exports a BAR0 slice as a dma-buf, maps it into an IOAS and edu reads it by IOVA", async () => {
   const { code, stdout } = await example("vfio-dmabuf.ts");
   expect(code).toBe(0);
-  expect(stdout).toContain("dma-buf export supported: true");
+  expect(stdout).toMatch(/^bound \S+ to iommufd, attached to IOAS \d+; dma-buf export supported: true$/m);
   expect(stdout).toMatch(/^exported dma-buf of \S+ region 0 \[0x0, \+0x1000\) as dma-buf fd \d+ \(4096 bytes\)$/m);
-  expect(stdout).toMatch(/^mapped the dma-buf into IOAS \d+ at IOVA 0x[0-9a-f]+\.\.0x[0-9a-f]+$/m);
+  expect(stdout).toMatch(/^mapped the dma-buf into IOAS \d+ at IOVA 0x[0-9a-f]+\.\.0x[0-9a-f]+ \(kernel-chosen\)$/m);
   expect(stdout).toContain("unmapped the dma-buf");
+  expect(stdout).toContain("mapped the dma-buf at IOVA 0x200000 and a MemfdBuffer at IOVA 0x100000");
+  // Peer to peer through the IOMMU: the device's DMA reached its own BAR by the dma-buf's IOVA.
+  expect(stdout).toContain("through the IOMMU at IOVA 0x200000: 0x10000ed (matches 0x10000ed read through the mmapped BAR)");
   expect(stdout).toMatch(/^a two-range dma-buf is refused as expected: EOPNOTSUPP$/m);
   expect(stdout.trimEnd().endsWith("done")).toBe(true);
 }, 120_000);
