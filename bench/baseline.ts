@@ -109,7 +109,14 @@ export async function runBaseline(binary: string, cases: CaseSpec[], m: Mode, lo
   const out = new Map<string, CStats>();
   if (cases.length === 0) return out;
   const proc = Bun.spawn(
-    [binary, "--warmup-pairs", String(m.warmupPairs), "--warmup-ms", String(m.warmupMs), "--min-ms", String(m.minMs), ...cases.map((c) => c.id)],
+    [
+      binary,
+      "--warmup-pairs", String(m.warmupPairs),
+      "--warmup-ms", String(m.warmupMs),
+      "--warmup-max-ms", String(m.warmupMaxMs),
+      "--min-ms", String(m.minMs),
+      ...cases.map((c) => `${c.id}:${c.k}`),
+    ],
     { stdout: "pipe", stderr: "pipe" },
   );
   // Lines arrive as cases finish: print them as progress, since a full run takes minutes.

@@ -28,7 +28,7 @@ import { MockDomain } from "../src/selftest.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 import { baselineBinary, buildBaseline, runBaseline, type Build, type CStats } from "./baseline.ts";
 import { mode, OP_LABEL, planCases, probeMachine, type CaseSpec } from "./cases.ts";
-import { registerLibraryBenchmarks } from "./library.ts";
+import { benchName, registerLibraryBenchmarks, warmProcess } from "./library.ts";
 import {
   compare,
   cSample,
@@ -158,6 +158,7 @@ async function measure(args: Args, build: Build, vm: boolean): Promise<Measureme
   const c = new Map<string, CStats[]>();
   const errors = new Map<string, Set<string>>();
   const warmups = new Map<string, number>();
+  const byName = new Map(cases.map((spec) => [benchName(spec), spec]));
   const addError = (id: string, e: string) => (errors.get(id) ?? errors.set(id, new Set()).get(id)!).add(e);
 
   for (let round = 1; round <= m.rounds; round++) {
@@ -170,15 +171,25 @@ async function measure(args: Args, build: Build, vm: boolean): Promise<Measureme
       }
     }
     say(`== round ${round}/${m.rounds}: library (mitata) ==`);
+    if (round === 1 && m.processWarmupMs > 0 && cases.length > 0) {
+      say(`(warming the Bun process up for ${m.processWarmupMs / 1000} s first)`);
+      warmProcess(m);
+    }
     registerLibraryBenchmarks(cases, m, warmups);
     const { benchmarks } = await run(mitataOptions());
     for (const trial of benchmarks) {
       for (const r of trial.runs) {
+        const spec = byName.get(r.name);
+        if (!spec) continue;
         if (r.stats) {
+          // mitata timed iterations of k pairs: per pair from here on.
           const { p50, avg, min, p99, samples, ticks } = r.stats;
-          (lib.get(r.name) ?? lib.set(r.name, []).get(r.name)!).push({ p50, avg, min, p99, samples: samples.length, ticks });
+          const k = spec.k;
+          (lib.get(spec.id) ?? lib.set(spec.id, []).get(spec.id)!).push({
+            p50: p50 / k, avg: avg / k, min: min / k, p99: p99 / k, samples: samples.length, ticks: ticks * k,
+          });
         } else {
-          addError(r.name, `library: ${(r.error as Error)?.message ?? String(r.error)}`);
+          addError(spec.id, `library: ${(r.error as Error)?.message ?? String(r.error)}`);
         }
       }
     }

@@ -23,19 +23,23 @@ function errno(): number {
 }
 
 const MAP_FIXED_RW = 1 | 2 | 4; // FIXED_IOVA | WRITEABLE | READABLE
+const pinned: Uint32Array[] = [];
 
 /** Returns a pair function over pre-encoded structs. Throws (with errno) if an ioctl fails. */
 export function rawMapFilePair(iommufd: number, ioasId: number, fd: number, length: number, iova: number): () => void {
   lib ??= open();
   const ioctl = lib.ioctl;
   // struct iommu_ioas_map_file: size flags ioas_id fd | start | length | iova
-  const mapFile = new Uint32Array(10);
+  // Dedicated ArrayBuffers, kept referenced for good: the kernel reads them by address only, so
+  // a collected one would hand it whatever reused the memory (EINVAL, at best).
+  const mapFile = new Uint32Array(new ArrayBuffer(40));
   mapFile.set([40, MAP_FIXED_RW, ioasId, fd, 0, 0, length % 2 ** 32, Math.floor(length / 2 ** 32), iova % 2 ** 32, Math.floor(iova / 2 ** 32)]);
   // struct iommu_ioas_unmap: size ioas_id | iova | length
-  const unmap = new Uint32Array(6);
+  const unmap = new Uint32Array(new ArrayBuffer(24));
   unmap.set([24, ioasId, iova % 2 ** 32, Math.floor(iova / 2 ** 32), length % 2 ** 32, Math.floor(length / 2 ** 32)]);
   const mapFileAddress = ptr(mapFile);
   const unmapAddress = ptr(unmap);
+  pinned.push(mapFile, unmap);
   return () => {
     if (ioctl(iommufd, IOMMU_IOAS_MAP_FILE, mapFileAddress) < 0) throw new Error(`raw IOMMU_IOAS_MAP_FILE: errno ${errno()}`);
     // The kernel writes back the iova and the unmapped length, equal to what was asked: both

@@ -3,12 +3,14 @@
  * timed the way mitata times them, so that "library / C" isolates what Bun, bun:ffi and the
  * library add on top of the kernel's own cost.
  *
- *   map_bench [--warmup-pairs N] [--warmup-ms MS] [--min-ms MS] OP/DOMAIN/SIZE ...
+ *   map_bench [--warmup-pairs N] [--warmup-ms MS] [--warmup-max-ms MS] [--min-ms MS]
+ *             OP/DOMAIN/SIZE[:K] ...
  *
  *   OP      mapFile | map | copy | mapFileHuge | rawFfi (same ioctls as mapFile) | vfioDmabuf
  *   DOMAIN  none | mock (selftest mock domain) | edu (QEMU's edu device behind the emulated
  *           Intel IOMMU, attached with VFIO_DEVICE_ATTACH_IOMMUFD_PT)
  *   SIZE    bytes, or with a KiB/MiB/GiB suffix (4KiB, 2MiB)
+ *   K       pairs per timed iteration (default 1), as the library side's mitata benches loop
  *
  * One JSON object per case on stdout. Built by bench/baseline.ts with `cc -O2` against the
  * kernel's UAPI headers and, for the mock domain, drivers/iommu/iommufd/iommufd_test.h.
@@ -52,7 +54,8 @@ enum op { OP_MAP_FILE, OP_MAP, OP_COPY, OP_MAP_FILE_HUGE, OP_RAW_FFI, OP_VFIO_DM
 enum domain { DOMAIN_NONE, DOMAIN_MOCK, DOMAIN_EDU };
 
 struct bench_case {
-	const char *id;
+	char id[96];
+	int k;
 	enum op op;
 	enum domain domain;
 	uint64_t size;
@@ -242,14 +245,30 @@ static int cmp_double(const void *a, const void *b)
 
 static double samples[MAX_SAMPLES];
 
-static void run_case(struct bench_case *c, long warmup_pairs, double warmup_ms, double min_ms)
+/* One timed iteration: k pairs, as the library side's bench function loops them. */
+static inline int iteration(struct bench_case *c)
+{
+	for (int i = 0; i < c->k; i++)
+		if (pair(c)) return -1;
+	return 0;
+}
+
+struct warmup {
+	long pairs;
+	double ms, max_ms;
+};
+
+static void run_case(struct bench_case *c, const struct warmup *w, double min_ms)
 {
 	if (setup(c)) goto out_error;
 
-	/* The library side's warm-up: a number of pairs, or a time budget, whichever ends first. */
+	/* The library side's warm-up rule (bench/library.ts warmUp): at least w->pairs pairs and
+	 * w->ms, or w->max_ms at most. */
 	long warmed = 0;
-	double t_end = now_ns() + warmup_ms * 1e6;
-	while (warmed < warmup_pairs && now_ns() < t_end) {
+	double start = now_ns();
+	for (;;) {
+		double elapsed = (now_ns() - start) / 1e6;
+		if ((warmed >= w->pairs && elapsed >= w->ms) || elapsed >= w->max_ms) break;
 		if (pair(c)) {
 			fail(c, "warm-up pair");
 			goto out_error;
@@ -257,15 +276,15 @@ static void run_case(struct bench_case *c, long warmup_pairs, double warmup_ms, 
 		warmed++;
 	}
 
-	/* mitata's own warm-up decides between one call per sample and batches of 4096. */
+	/* mitata's own warm-up decides between one iteration per sample and batches of 4096. */
 	int batch = 0;
 	double t0 = now_ns();
-	if (pair(c)) goto out_pair_error;
+	if (iteration(c)) goto out_pair_error;
 	double t1 = now_ns();
 	if (t1 - t0 <= MITATA_WARMUP_THRESHOLD_NS) {
 		for (int i = 0; i < MITATA_WARMUP_SAMPLES; i++) {
 			t0 = now_ns();
-			if (pair(c)) goto out_pair_error;
+			if (iteration(c)) goto out_pair_error;
 			t1 = now_ns();
 			if ((batch = (t1 - t0 <= MITATA_BATCH_THRESHOLD_NS))) break;
 		}
@@ -278,10 +297,11 @@ static void run_case(struct bench_case *c, long warmup_pairs, double warmup_ms, 
 		if (n >= MITATA_MIN_SAMPLES && total >= min_ms * 1e6) break;
 		t0 = now_ns();
 		for (int i = 0; i < per_sample; i++)
-			if (pair(c)) goto out_pair_error;
+			if (iteration(c)) goto out_pair_error;
 		t1 = now_ns();
 		total += t1 - t0;
-		samples[n] = (t1 - t0) / per_sample;
+		/* Per pair, as the library side divides mitata's per-iteration figures by k. */
+		samples[n] = (t1 - t0) / per_sample / c->k;
 	}
 
 	qsort(samples, (size_t)n, sizeof(double), cmp_double);
@@ -294,9 +314,9 @@ static void run_case(struct bench_case *c, long warmup_pairs, double warmup_ms, 
 	double sum = 0;
 	for (int i = 0; i < m; i++) sum += s[i];
 #define AT(q) s[(int)((q) * (m - 1))]
-	printf("{\"id\":\"%s\",\"ok\":true,\"warmupPairs\":%ld,\"batch\":%d,\"samples\":%d,\"ticks\":%ld,"
+	printf("{\"id\":\"%s\",\"ok\":true,\"warmupPairs\":%ld,\"k\":%d,\"batch\":%d,\"samples\":%d,\"ticks\":%ld,"
 	       "\"avg\":%.3f,\"min\":%.3f,\"p25\":%.3f,\"p50\":%.3f,\"p75\":%.3f,\"p99\":%.3f,\"max\":%.3f}\n",
-	       c->id, warmed, per_sample, m, (long)n * per_sample, sum / m, s[0], AT(0.25), AT(0.5), AT(0.75),
+	       c->id, warmed, c->k, per_sample, m, (long)n * per_sample * c->k, sum / m, s[0], AT(0.25), AT(0.5), AT(0.75),
 	       AT(0.99), s[m - 1]);
 #undef AT
 	fflush(stdout);
@@ -314,9 +334,12 @@ out_error:
 static int parse_case(const char *spec, struct bench_case *c)
 {
 	char op[32], domain[16], size[32];
-	if (sscanf(spec, "%31[^/]/%15[^/]/%31s", op, domain, size) != 3) return -1;
+	int k = 1;
+	if (sscanf(spec, "%31[^/]/%15[^/]/%31[^:]:%d", op, domain, size, &k) < 3) return -1;
 	memset(c, 0, sizeof(*c));
-	c->id = spec;
+	snprintf(c->id, sizeof(c->id), "%s/%s/%s", op, domain, size);
+	if (k < 1) return -1;
+	c->k = k;
 	c->iommufd = c->memfd = c->vfio_fd = c->dmabuf_fd = -1;
 	if (!strcmp(op, "mapFile")) c->op = OP_MAP_FILE;
 	else if (!strcmp(op, "map")) c->op = OP_MAP;
@@ -340,13 +363,14 @@ static int parse_case(const char *spec, struct bench_case *c)
 
 int main(int argc, char **argv)
 {
-	long warmup_pairs = 40000;
-	double warmup_ms = 2000, min_ms = 642; /* 642 ms: mitata's k_min_cpu_time */
+	struct warmup w = { .pairs = 40000, .ms = 2000, .max_ms = 4000 };
+	double min_ms = 642; /* mitata's k_min_cpu_time */
 	int i = 1;
 	for (; i < argc && !strncmp(argv[i], "--", 2); i += 2) {
 		if (i + 1 >= argc) break;
-		if (!strcmp(argv[i], "--warmup-pairs")) warmup_pairs = atol(argv[i + 1]);
-		else if (!strcmp(argv[i], "--warmup-ms")) warmup_ms = atof(argv[i + 1]);
+		if (!strcmp(argv[i], "--warmup-pairs")) w.pairs = atol(argv[i + 1]);
+		else if (!strcmp(argv[i], "--warmup-ms")) w.ms = atof(argv[i + 1]);
+		else if (!strcmp(argv[i], "--warmup-max-ms")) w.max_ms = atof(argv[i + 1]);
 		else if (!strcmp(argv[i], "--min-ms")) min_ms = atof(argv[i + 1]);
 		else {
 			fprintf(stderr, "map_bench: unknown option %s\n", argv[i]);
@@ -359,7 +383,7 @@ int main(int argc, char **argv)
 			fprintf(stderr, "map_bench: bad case %s (want OP/DOMAIN/SIZE)\n", argv[i]);
 			return 2;
 		}
-		run_case(&c, warmup_pairs, warmup_ms, min_ms);
+		run_case(&c, &w, min_ms);
 	}
 	return 0;
 }
