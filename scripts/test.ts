@@ -38,6 +38,10 @@ export function parseBunTestSummary(output: string): BunTestSummary {
     s[m[2] as "pass" | "fail" | "skip" | "todo"] = Number(m[1]);
     s.found = true;
   }
+  // A run cut short (guest panic, timeout) prints no summary; its per-test lines still count.
+  if (!s.found) {
+    for (const m of plain.matchAll(/^\((pass|fail|skip|todo)\) /gm)) s[m[1] as "pass" | "fail" | "skip" | "todo"]++;
+  }
   return s;
 }
 

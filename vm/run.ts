@@ -313,7 +313,8 @@ class Tail {
 
 function lastLines(path: string, n: number): string {
   if (!existsSync(path)) return "(no console output)";
-  const text = readFileSync(path, "latin1").replaceAll("\r", "");
+  // SeaBIOS clears the screen with escape sequences; they only garble a log.
+  const text = readFileSync(path, "latin1").replace(/\x1b(\[[0-9;?]*[A-Za-z]|.)/g, "").replaceAll("\r", "");
   const lines = text.split("\n");
   if (lines.at(-1) === "") lines.pop();
   return lines.length ? lines.slice(-n).join("\n") : "(no console output)";
@@ -325,6 +326,8 @@ interface Attempt {
   outcome: "done" | "early-death" | "setup" | "died" | "timeout";
   exitCode?: number;
   bootSeconds: number;
+  /** Guest uptime when the command started: the kernel's and init's share of bootSeconds. */
+  guestUptime?: number;
   reason?: string;
   consoleLog: string;
   qemuLog: string;
@@ -346,7 +349,14 @@ interface AttemptConfig {
 }
 
 function qemuArgs(c: AttemptConfig, share: string, consoleLog: string): string[] {
-  const append = ["console=ttyS0", "intel_iommu=on", "panic=-1", "quiet"];
+  // no_timer_check: on a busy host a TCG guest misses the IO-APIC timer check's short window and
+  // panics with "timer doesn't work through Interrupt-remapped IO-APIC" (seen 1 boot in 24).
+  // oops=panic: an oopsing guest kernel is broken for the rest of the run and often hangs the
+  // command (seen: an oops in a close() under fault injection left bun stuck with irqs off), so
+  // end the run at once and report the console instead of waiting for the timeout.
+  const append = ["console=ttyS0", "intel_iommu=on", "panic=-1", "oops=panic", "quiet", "no_timer_check"];
+  // For debugging the guest, e.g. IOMMUFD_VM_APPEND="loglevel=7" to see the whole boot.
+  if (process.env.IOMMUFD_VM_APPEND) append.push(process.env.IOMMUFD_VM_APPEND);
   return [
     qemuBinary,
     // split irqchip is what intremap=on needs under KVM; TCG accepts and ignores it.
@@ -421,7 +431,8 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   const codeFile = join(share, "exit-code");
   if (existsSync(codeFile)) {
     const code = Number.parseInt(readFileSync(codeFile, "utf8").trim(), 10);
-    if (!Number.isNaN(code)) return { ...base, outcome: "done", exitCode: code, bootSeconds };
+    const uptime = Number.parseFloat(readFileSync(join(share, "started"), "utf8"));
+    if (!Number.isNaN(code)) return { ...base, outcome: "done", exitCode: code, bootSeconds, guestUptime: uptime };
   }
   if (killedFor === "timeout") return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
   const fatalFile = join(share, "fatal");
@@ -436,12 +447,16 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
       : `QEMU exited with status ${qemuExit} before the command started`;
     return { ...base, outcome: "early-death", bootSeconds, reason: why };
   }
-  const panic = /Kernel panic[^\n]*/.exec(consoleText)?.[0];
+  const plain = consoleText.replaceAll("\r", "");
+  const panic = /Kernel panic[^\n]*/.exec(plain)?.[0]?.trim();
+  const cause = /(BUG:|Oops:|general protection fault)[^\n]*/.exec(plain)?.[0]?.trim();
   return {
     ...base,
     outcome: "died",
     bootSeconds,
-    reason: panic ? `the guest kernel panicked while the command ran (${panic.trim()})` : `the guest stopped while the command ran (QEMU status ${qemuExit})`,
+    reason: panic
+      ? `the guest kernel panicked while the command ran (${cause ? `${cause}; ` : ""}${panic})`
+      : `the guest stopped while the command ran (QEMU status ${qemuExit})`,
   };
 }
 
@@ -476,6 +491,7 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
   if (!available.ok) return fail("setup", available.reason ?? "cannot run a guest");
   if (opts.command.length === 0) return fail("setup", "no command given");
   const cwd = resolve(opts.cwd ?? process.cwd());
+  if (!existsSync(cwd)) return fail("setup", `no such directory: ${cwd}`);
   // The guest mounts its own tmpfs on /tmp, hiding the host's.
   if (cwd === "/tmp" || cwd.startsWith("/tmp/")) return fail("setup", `${cwd} is hidden in the guest (its /tmp is a tmpfs); run from elsewhere`);
   for (const k of Object.keys(opts.env ?? {})) {
@@ -521,7 +537,13 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
     let retried = false;
     let a = await attempt(config, 1);
     if (a.outcome === "early-death") {
-      log(`[vm] the guest died before the command started: ${a.reason}. Last console lines:`);
+      const kept = join(cacheDir(), "failed-boot-console.log");
+      try {
+        copyFileSync(a.consoleLog, kept);
+      } catch {
+        // QEMU wrote no console at all.
+      }
+      log(`[vm] the guest failed before the command started: ${a.reason}. Last console lines (all: ${kept}):`);
       log(lastLines(a.consoleLog, 40));
       log(`[vm] retrying once with a fresh guest (emulator faults at boot happen now and then)`);
       retried = true;
@@ -550,7 +572,8 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
         log(`[vm]       full console: ${consoleLog}`);
       }
       const total = seconds();
-      log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s, total ${total.toFixed(1)} s, exit status ${a.exitCode}${retried ? " (after one retry)" : ""}`);
+      const uptime = a.guestUptime === undefined || Number.isNaN(a.guestUptime) ? "" : ` (guest kernel+init ${a.guestUptime.toFixed(1)} s)`;
+      log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}, total ${total.toFixed(1)} s, exit status ${a.exitCode}${retried ? " (after one retry)" : ""}`);
       rmSync(dir, { recursive: true, force: true });
       return { exitCode: a.exitCode ?? EXIT_VM_FAILURE, bootSeconds: a.bootSeconds, totalSeconds: total, retried, consoleLog };
     }
