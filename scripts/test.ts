@@ -9,7 +9,7 @@
 
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { runInGuest, vmAvailability } from "../vm/run.ts";
+import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 
 const root = resolve(import.meta.dir, "..");
 const isCI = !!process.env.CI && !["0", "false", "no"].includes(process.env.CI.toLowerCase());
@@ -201,6 +201,19 @@ async function main(argv: string[]): Promise<number> {
   }
 
   const t0 = performance.now();
+  // The guest's kernel is built first: its build also keeps the selftest header that the unit
+  // layout test checks, and a broken build should be reported before anything else runs.
+  if (kernel && !existsSync("/dev/iommu") && vmAvailability().ok) {
+    await timed("kernel", async () => {
+      header("test kernel (vm/kernel.sh build, cached after the first build)");
+      try {
+        console.log(`kernel: ${await kernelImage()}`);
+      } catch (error) {
+        tally.failed += 1;
+        problems.push(`test kernel: ${(error as Error).message}`);
+      }
+    });
+  }
   if (unit) {
     await timed("typecheck", typecheck);
     await timed("unit tests", () => unitTests(extra));
