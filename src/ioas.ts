@@ -6,7 +6,7 @@
  */
 import { ptr } from "bun:ffi";
 import { ERRNO } from "./sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
+import { argumentError, IommufdError, syscallError } from "./sys/error.ts";
 import { fstat, requireOpenFd } from "./sys/fd.ts";
 import { addIova, hex, type Iova, normaliseIova, positiveLength, u64 } from "./sys/validate.ts";
 import {
@@ -123,6 +123,8 @@ export class Ioas {
   readonly iommufd: Iommufd;
   readonly id: number;
   #alive = true;
+  /** Why the IOAS is gone, for the EBADF message. */
+  #goneBecause = "";
   readonly #mappings = new Set<Mapping>();
 
   /** @internal Created by Iommufd.createIoas(). */
@@ -141,7 +143,9 @@ export class Ioas {
   }
 
   #requireAlive(operation: string): number {
-    if (!this.#alive) throw closedError(operation, `IOAS ${this.id} (destroyed)`);
+    if (!this.#alive) {
+      throw new IommufdError({ operation, errno: ERRNO.EBADF, message: `IOAS ${this.id} ${this.#goneBecause}; it cannot be used any more` });
+    }
     return this.iommufd.requireFd(operation);
   }
 
@@ -386,17 +390,19 @@ export class Ioas {
 
   /** Destroy the IOAS (IOMMU_DESTROY); the kernel unmaps whatever it still holds. Idempotent. */
   destroy(): void {
-    if (!this.#alive || this.iommufd.closed) {
-      this.markGone();
+    if (!this.#alive) return;
+    if (this.iommufd.closed) {
+      this.markGone("is gone: its Iommufd was closed");
       return;
     }
     this.iommufd.destroyObject(this.id, "Ioas.destroy");
-    this.markGone();
+    this.markGone("was destroyed");
   }
 
   /** @internal The IOAS no longer exists (destroyed, or its iommufd closed). */
-  markGone(): void {
+  markGone(because = "is gone: its Iommufd was closed"): void {
     this.#alive = false;
+    this.#goneBecause = because;
     this.#mappings.clear();
     this.iommufd.untrack(this);
   }
