@@ -192,7 +192,17 @@ mkdir -p $r/dev/pts $r/dev/shm $r/dev/hugepages
 mount -t devpts devpts $r/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $r/dev/shm
 mount -t hugetlbfs hugetlbfs $r/dev/hugepages
+# A project under the host's /tmp (a CI clone, say) would vanish under the guest's own /tmp:
+# set it aside first, then put it back at the same path on top of the tmpfs.
+if [ -n "$KEEP" ]; then
+  mkdir -p /kept
+  mount -o bind $r$KEEP /kept || fatal "cannot set aside $KEEP"
+fi
 mount -t tmpfs -o mode=1777 tmpfs $r/tmp || fatal "cannot mount a tmpfs on /tmp in the new root"
+if [ -n "$KEEP" ]; then
+  mkdir -p $r$KEEP
+  mount -o bind /kept $r$KEEP || fatal "cannot bring $KEEP back under the guest's /tmp"
+fi
 mkdir -p $r${guestShare}
 mount -o bind /results $r${guestShare} || fatal "cannot bind the results share into the new root"
 
@@ -339,6 +349,8 @@ interface AttemptConfig {
   dir: string;
   script: string;
   hugepages: number;
+  /** A directory under /tmp to keep visible in the guest (the project), or "". */
+  keepDir: string;
   memory: string;
   kvm: boolean;
   deadline: number;
@@ -383,7 +395,7 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   mkdirSync(join(share, "out"), { recursive: true });
   const consoleLog = join(dir, "console.log");
   const qemuLog = join(dir, "qemu.log");
-  writeFileSync(join(share, "config"), `HUGEPAGES=${c.hugepages}\n`);
+  writeFileSync(join(share, "config"), `HUGEPAGES=${c.hugepages}\nKEEP=${shellQuote(c.keepDir)}\n`);
   writeFileSync(join(share, "cmd.sh"), c.script);
   const base = { consoleLog, qemuLog };
 
@@ -492,8 +504,9 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
   if (opts.command.length === 0) return fail("setup", "no command given");
   const cwd = resolve(opts.cwd ?? process.cwd());
   if (!existsSync(cwd)) return fail("setup", `no such directory: ${cwd}`);
-  // The guest mounts its own tmpfs on /tmp, hiding the host's.
-  if (cwd === "/tmp" || cwd.startsWith("/tmp/")) return fail("setup", `${cwd} is hidden in the guest (its /tmp is a tmpfs); run from elsewhere`);
+  // The guest mounts its own tmpfs on /tmp; a directory below it is bound back in (KEEP), but /tmp
+  // itself cannot be both.
+  if (cwd === "/tmp") return fail("setup", "/tmp itself is the guest's own tmpfs; run from a directory below it or elsewhere");
   for (const k of Object.keys(opts.env ?? {})) {
     if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k)) return fail("setup", `invalid environment variable name ${JSON.stringify(k)}`);
   }
@@ -524,6 +537,7 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
     dir,
     script: commandScript(opts.command, cwd, guestEnvironment(opts.env ?? {})),
     hugepages,
+    keepDir: cwd.startsWith("/tmp/") ? cwd : "",
     memory: opts.memory ?? "4G",
     kvm: opts.kvm ?? process.env.IOMMUFD_VM_KVM === "1",
     deadline: t0 + timeoutSeconds * 1000,
