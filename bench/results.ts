@@ -147,12 +147,16 @@ function readResults(dir: string): { path: string; results: Results }[] {
   return out;
 }
 
-/** The newest earlier results of the same mode (full runs compare with full runs only). */
+/**
+ * The newest earlier results of the same mode (full runs compare with full runs only). A whole
+ * run compares with whole runs only; a filtered one with anything that has its cases.
+ */
 export function previousResults(results: Results): { path: string; results: Results } | undefined {
   const dirs = results.mode === "quick" ? [quickSavedDir, scratchDir] : [resultsDir, scratchDir];
   return dirs
     .flatMap(readResults)
     .filter((r) => r.results.mode === results.mode && r.results.date < results.date)
+    .filter((r) => results.filter !== undefined || r.results.filter === undefined)
     .sort((a, b) => (a.results.date < b.results.date ? 1 : -1))[0];
 }
 
