@@ -165,17 +165,49 @@ async function kernelTests(extra: string[]): Promise<void> {
   account("kernel tests", result.exitCode, t.text());
 }
 
+/**
+ * `bun bench --quick` end to end (C baseline build, guest, both sides, report): counts as one
+ * test. It asserts that the benchmark runs and reports every case, never a timing.
+ */
+async function benchSmoke(): Promise<void> {
+  header("benchmark smoke run: bun bench --quick");
+  const proc = Bun.spawn([process.execPath, join(root, "bench", "main.ts"), "--quick", "--json"], {
+    cwd: root,
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "inherit",
+  });
+  const output = await new Response(proc.stdout).text();
+  const status = await proc.exited;
+  let cases = 0;
+  try {
+    const report = JSON.parse(output.slice(output.indexOf("{")));
+    cases = (report.cases ?? report.results ?? []).length;
+  } catch {
+    // counted as a failure below
+  }
+  if (status === 0 && cases > 0) {
+    tally.passed += 1;
+    console.log(`benchmark smoke run passed: ${cases} cases reported`);
+  } else {
+    tally.failed += 1;
+    problems.push(`benchmark smoke run: exit status ${status}, ${cases} cases in its JSON report`);
+  }
+}
+
 function usage(): string {
   return `usage: bun run test [-- [--unit-only | --kernel-only] [-- <bun test args>]]
 
   --unit-only     typecheck and unit tests only
   --kernel-only   kernel tests only (in a QEMU guest unless the host has /dev/iommu)
+  --no-bench      leave out the benchmark smoke run (bun bench --quick)
   -- ARGS         passed on to each bun test run (e.g. -t <pattern>)`;
 }
 
 async function main(argv: string[]): Promise<number> {
   let unit = true;
   let kernel = true;
+  let bench = true;
   const extra: string[] = [];
   // `bun run test -- x` passes x, `bun scripts/test.ts -- x` passes "--" too.
   if (argv[0] === "--") argv = argv.slice(1);
@@ -186,6 +218,7 @@ async function main(argv: string[]): Promise<number> {
       break;
     }
     if (a === "--unit-only") kernel = false;
+    else if (a === "--no-bench") bench = false;
     else if (a === "--kernel-only") unit = false;
     else if (a === "-h" || a === "--help") {
       console.log(usage());
@@ -219,6 +252,7 @@ async function main(argv: string[]): Promise<number> {
     await timed("unit tests", () => unitTests(extra));
   }
   if (kernel) await timed("kernel tests", () => kernelTests(extra));
+  if (kernel && bench && (existsSync("/dev/iommu") || vmAvailability().ok)) await timed("bench smoke", benchSmoke);
 
   console.log("");
   for (const p of problems) console.log(`FAILED  ${p}`);
