@@ -141,6 +141,19 @@ export function registerHotPathBenchmarks(): void {
         live.delete(m);
         return m;
       });
+      // The alternative proposed for Ioas's Set of live Mappings: links in the Mapping itself.
+      type Linked = { iova: number; length: number; prev: Linked | null; next: Linked | null; live: boolean };
+      let head: Linked | null = null;
+      bench("record + forget a Mapping-like object in a linked list", () => {
+        const m: Linked = { iova: BENCH_IOVA, length: SIZE, prev: null, next: head, live: true };
+        if (head) head.prev = m;
+        head = m;
+        if (m.prev) m.prev.next = m.next;
+        else head = m.next;
+        if (m.next) m.next.prev = m.prev;
+        m.live = false;
+        return m;
+      });
       bench("counters.ioctls++ (x2)", () => {
         counters.ioctls++;
         counters.ioctls++;

@@ -255,7 +255,8 @@ function finish(args: Args, measurement: Measurement, extra: { host?: Results["h
   say(`== map/unmap pairs: library vs C (${results.vm ? "QEMU/TCG guest: emulated time, compare ratios" : "this host"}) ==`);
   say(table(results));
   say();
-  for (const line of verdicts(results)) say(line);
+  if (results.mode === "quick") say("quick mode: a smoke test of the suite, not a measurement (short warm-up, one round)");
+  else for (const line of verdicts(results)) say(line);
   if (previous) {
     say(`compared with ${previous.path}: ${results.regressions.length ? `${results.regressions.length} case(s) more than 10% slower` : "no case more than 10% slower"}`);
     for (const line of results.regressions) say(line);
