@@ -15,6 +15,7 @@ export { Iommufd, DEFAULT_IOMMU_PATH, type RlimitMode } from "./iommufd.ts";
 export {
   Ioas,
   Mapping,
+  PreparedMapping,
   type CopyOptions,
   type Iova,
   type IovaRange,

@@ -126,6 +126,8 @@ export class Ioas {
   /** Why the IOAS is gone, for the EBADF message. */
   #goneBecause = "";
   readonly #mappings = new Set<Mapping>();
+  /** Prepared mappings: registered once, so map/unmap through them record nothing per call. */
+  readonly #prepared = new Set<PreparedMapping>();
 
   /** @internal Created by Iommufd.createIoas(). */
   constructor(iommufd: Iommufd, id: number) {
@@ -216,6 +218,48 @@ export class Ioas {
   }
 
   /**
+   * Validate and encode a MAP_FILE once, for a buffer that is mapped and unmapped over and over
+   * (per-I/O mapping). `map()` and `unmap()` on the result then issue one ioctl each with the
+   * command already built: no argument checks, no encoding, no allocation per call.
+   */
+  prepareMapFile(file: MappableFile, options: RangeOptions = {}): PreparedMapping {
+    const op = "Ioas.prepareMapFile";
+    this.#requireAlive(op);
+    const { fd, size } = resolveFile(file, op);
+    if (typeof file !== "object" || !("closed" in file)) {
+      throw argumentError(op, "file", "a prepared mapping needs a MemfdBuffer or DmaBuf (an object that knows when it is closed)");
+    }
+    const offset = options.offset === undefined ? 0 : (u64(options.offset, op, "options.offset") as number);
+    const fileSize = size ?? 0;
+    const length = options.length === undefined ? fileSize - offset : positiveLength(options.length, op, "options.length");
+    if (length <= 0 || offset + length > fileSize) {
+      throw argumentError(op, "options.length", `${length} bytes from offset ${offset} do not fit in the ${fileSize}-byte file`);
+    }
+    const iova = fixedIova(options, op);
+    const prepared = new PreparedMapping(this, file as MappableFile & { readonly closed: boolean }, fd, offset, length, mapFlags(options, op, iova), iova);
+    this.#prepared.add(prepared);
+    return prepared;
+  }
+
+  /** @internal Forget a prepared mapping (it was released). */
+  dropPrepared(prepared: PreparedMapping): void {
+    this.#prepared.delete(prepared);
+  }
+
+  /** @internal For PreparedMapping: the same error text map() would give. */
+  mapError(op: string, errno: number, iova: Iova | undefined, length: number, file: MappableFile): IommufdError {
+    const special = file.describeMapError?.(errno);
+    return special ? syscallError(op, errno, special, { argument: "file" }) : this.#mapError(op, errno, iova, length);
+  }
+
+  /** @internal For PreparedMapping: the same error text unmap() would give. */
+  unmapError(op: string, errno: number, iova: Iova, length: number): IommufdError {
+    return syscallError(op, errno, describeUnmapError(errno, iova, length), {
+      hint: errno === ERRNO.ENOENT ? "the kernel also says ENOENT when the unmap itself failed: the range may still be mapped" : undefined,
+    });
+  }
+
+  /**
    * Map the pages behind `srcIova..+length` of another IOAS into this one (IOMMU_IOAS_COPY),
    * without pinning them again. The range must cover whole mappings of the source.
    */
@@ -265,6 +309,10 @@ export class Ioas {
       const mStart = BigInt(mapping.iova);
       if (mStart >= BigInt(start) && mStart + BigInt(mapping.length) <= end) this.#forget(mapping);
     }
+    for (const prepared of this.#prepared) {
+      const at = prepared.iova;
+      if (at !== undefined && BigInt(at) >= BigInt(start) && BigInt(at) + BigInt(prepared.length) <= end) prepared.markUnmapped();
+    }
     return unmapped;
   }
 
@@ -274,6 +322,7 @@ export class Ioas {
     this.#requireAlive(op);
     const unmapped = this.#unmapRaw(0, U64_ALL, op, true);
     for (const mapping of this.#mappings) this.#forget(mapping);
+    for (const prepared of this.#prepared) prepared.markUnmapped();
     return unmapped;
   }
 
@@ -287,7 +336,7 @@ export class Ioas {
     if (errno) {
       // ENOENT on unmap-all means "empty" only when nothing was recorded: the kernel also answers
       // ENOENT when the unmap itself failed, and then the mappings are still there.
-      if (errno === ERRNO.ENOENT && all && this.#mappings.size === 0) return 0;
+      if (errno === ERRNO.ENOENT && all && this.#mappings.size === 0 && ![...this.#prepared].some((p) => p.mapped)) return 0;
       throw syscallError(op, errno, describeUnmapError(errno, iova, length), {
         hint:
           errno === ERRNO.ENOENT
@@ -404,6 +453,8 @@ export class Ioas {
     this.#alive = false;
     this.#goneBecause = because;
     this.#mappings.clear();
+    for (const prepared of this.#prepared) prepared.markUnmapped();
+    this.#prepared.clear();
     this.iommufd.untrack(this);
   }
 
@@ -505,6 +556,102 @@ export class Mapping {
   [Symbol.dispose](): void {
     if (this.mapped) this.unmap();
   }
+}
+
+/**
+ * A MAP_FILE validated and encoded once (Ioas.prepareMapFile): map() and unmap() issue one ioctl
+ * each. At most one mapping of it exists at a time; the Ioas keeps track of it like a Mapping.
+ */
+export class PreparedMapping {
+  readonly ioas: Ioas;
+  readonly file: MappableFile;
+  readonly length: number;
+  #mapped = false;
+  #iova: Iova | undefined;
+  readonly #fixed: boolean;
+  readonly #map = iommu_ioas_map_file.create();
+  readonly #unmap = iommu_ioas_unmap.create();
+  readonly #isClosed: () => boolean;
+
+  /** @internal Created by Ioas.prepareMapFile(). */
+  constructor(
+    ioas: Ioas,
+    file: MappableFile & { readonly closed: boolean },
+    fd: number,
+    offset: number,
+    length: number,
+    flags: number,
+    iova: Iova | undefined,
+  ) {
+    this.ioas = ioas;
+    this.file = file;
+    this.length = length;
+    this.#fixed = iova !== undefined;
+    this.#iova = iova;
+    this.#isClosed = () => file.closed;
+    this.#map.fill({ size: iommu_ioas_map_file.size, flags, ioas_id: ioas.id, fd, start: offset, length, iova: iova ?? 0 });
+    this.#unmap.fill({ size: iommu_ioas_unmap.size, ioas_id: ioas.id, iova: iova ?? 0, length });
+  }
+
+  get mapped(): boolean {
+    return this.#mapped;
+  }
+
+  /** The IOVA of the current (or, for a fixed IOVA, every) mapping; undefined before the first map. */
+  get iova(): Iova | undefined {
+    return this.#iova;
+  }
+
+  /** IOMMU_IOAS_MAP_FILE with the prepared command. Returns the IOVA. */
+  map(): Iova {
+    const op = "PreparedMapping.map";
+    if (this.#mapped) {
+      throw new IommufdError({ operation: op, errno: ERRNO.EEXIST, message: `already mapped at IOVA ${hex(this.#iova!)}; unmap it first` });
+    }
+    // The fd number of a closed file may already belong to another file: never map it blindly.
+    if (this.#isClosed()) throw closedFileError(op);
+    if (this.ioas.destroyed) {
+      throw new IommufdError({ operation: op, errno: ERRNO.EBADF, message: `IOAS ${this.ioas.id} no longer exists` });
+    }
+    const errno = this.ioas.iommufd.call(IOMMU_IOAS_MAP_FILE, this.#map, op);
+    if (errno) throw this.ioas.mapError(op, errno, this.#fixed ? this.#iova : undefined, this.length, this.file);
+    if (!this.#fixed) {
+      const words = this.#map.u32;
+      const at = getU64(words, MAP_FILE.iova);
+      this.#iova = at;
+      putU64(this.#unmap.u32, UNMAP.iova, at);
+    }
+    this.#mapped = true;
+    return this.#iova!;
+  }
+
+  /** IOMMU_IOAS_UNMAP of exactly this mapping. On failure it stays mapped and can be retried. */
+  unmap(): void {
+    const op = "PreparedMapping.unmap";
+    if (!this.#mapped) throw new IommufdError({ operation: op, errno: ERRNO.ENOENT, message: "not mapped" });
+    const errno = this.ioas.iommufd.call(IOMMU_IOAS_UNMAP, this.#unmap, op);
+    if (errno) throw this.ioas.unmapError(op, errno, this.#iova!, this.length);
+    this.#mapped = false;
+  }
+
+  /** @internal The range was unmapped another way (unmapAll, a range unmap, the IOAS went away). */
+  markUnmapped(): void {
+    this.#mapped = false;
+  }
+
+  /** Unmap if mapped, and stop tracking. */
+  release(): void {
+    if (this.#mapped && !this.ioas.destroyed) this.unmap();
+    this.ioas.dropPrepared(this);
+  }
+
+  [Symbol.dispose](): void {
+    this.release();
+  }
+}
+
+function closedFileError(operation: string): IommufdError {
+  return new IommufdError({ operation, errno: ERRNO.EBADF, argument: "file", message: "the prepared file was closed; prepare again with an open one" });
 }
 
 function fixedIova(options: MapOptions, op: string): Iova | undefined {

@@ -420,3 +420,54 @@ describe("no leaks", () => {
     expect(pinnedKiB()).toEqual(pinned);
   });
 });
+
+describe("prepared mappings (the hot path)", () => {
+  test("map/unmap cycles with a fixed IOVA land on the buffer's pages and record nothing per call", () => {
+    const { ioas } = setup();
+    using domain = MockDomain.attach(ioas);
+    using buffer = MemfdBuffer.create(64 * KiB);
+    buffer.bytes.fill(4);
+    using prepared = ioas.prepareMapFile(buffer, { iova: MOCK_APERTURE_START, length: 16 * KiB, offset: 16 * KiB });
+    for (let i = 0; i < 100; i++) {
+      expect(prepared.map()).toBe(MOCK_APERTURE_START);
+      expect(ioas.mappings).toHaveLength(0);
+      expect(domain.checkMap(MOCK_APERTURE_START, 16 * KiB, buffer.address + 16 * KiB)).toBe(true);
+      prepared.unmap();
+      expect(domain.checkMap(MOCK_APERTURE_START, 16 * KiB, buffer.address + 16 * KiB)).toBe(false);
+    }
+    expect(prepared.mapped).toBe(false);
+  });
+
+  test("kernel-chosen IOVA: unmap uses the IOVA the kernel gave", () => {
+    const { ioas } = setup();
+    using buffer = MemfdBuffer.create(64 * KiB);
+    using prepared = ioas.prepareMapFile(buffer);
+    const first = prepared.map();
+    expect(prepared.iova).toBe(first);
+    prepared.unmap();
+    prepared.map();
+    expect(ioas.unmap(prepared.iova!, 64 * KiB)).toBe(64 * KiB);
+    expect(prepared.mapped).toBe(false); // the range unmap was noticed
+  });
+
+  test("errors: double map is EEXIST, unmap when unmapped ENOENT, a closed file EBADF, unmapAll is noticed", () => {
+    const { ioas } = setup();
+    const buffer = MemfdBuffer.create(64 * KiB);
+    const prepared = ioas.prepareMapFile(buffer, { iova: 0x100000 });
+    prepared.map();
+    expectIommufdError(() => prepared.map(), "EEXIST", "PreparedMapping.map");
+    expect(ioas.unmapAll()).toBe(64 * KiB);
+    expect(prepared.mapped).toBe(false);
+    expectIommufdError(() => prepared.unmap(), "ENOENT", "PreparedMapping.unmap");
+    buffer.close();
+    expectIommufdError(() => prepared.map(), "EBADF", "PreparedMapping.map", "file");
+    prepared.release();
+    expectIommufdError(() => ioas.prepareMapFile(buffer), "EBADF", "Ioas.prepareMapFile");
+  });
+
+  test("a range past the end of the file is refused when preparing", () => {
+    const { ioas } = setup();
+    using buffer = MemfdBuffer.create(8 * KiB);
+    expectIommufdError(() => ioas.prepareMapFile(buffer, { offset: 4096, length: 8192 }), "EINVAL", "Ioas.prepareMapFile", "options.length");
+  });
+});
