@@ -4,7 +4,7 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 
-export type Op = "mapFile" | "map" | "copy" | "mapFileHuge" | "rawFfi" | "vfioDmabuf";
+export type Op = "mapFile" | "prepared" | "map" | "copy" | "mapFileHuge" | "rawFfi" | "vfioDmabuf";
 export type Domain = "none" | "mock" | "edu";
 
 export interface CaseSpec {
@@ -37,6 +37,7 @@ export const OP_LABEL: Record<Op, string> = {
   map: "MAP (by VA) memfd + UNMAP",
   copy: "COPY + UNMAP",
   mapFileHuge: "MAP_FILE 2M-hugetlb memfd + UNMAP",
+  prepared: "MAP_FILE memfd + UNMAP through a PreparedMapping (ioas.prepareMapFile)",
   rawFfi: "raw bun:ffi MAP_FILE + UNMAP (no library)",
   vfioDmabuf: "MAP_FILE VFIO dma-buf (edu BAR0) + UNMAP",
 };
@@ -128,7 +129,7 @@ export interface Probe {
 export function planCases(m: Mode, probe: Probe, filter: RegExp | undefined): { cases: CaseSpec[]; skipped: SkippedCase[] } {
   const sizes = m.quick ? [4 * KiB, 64 * KiB] : [4 * KiB, 64 * KiB, 2 * MiB, 64 * MiB, 1 * GiB];
   const domains: Domain[] = ["none", "mock", "edu"];
-  const ops: Op[] = ["rawFfi", "mapFile", "map", "copy", "mapFileHuge", "vfioDmabuf"];
+  const ops: Op[] = ["rawFfi", "mapFile", "prepared", "map", "copy", "mapFileHuge", "vfioDmabuf"];
   const cases: CaseSpec[] = [];
   const skipped: SkippedCase[] = [];
   for (const domain of domains) {

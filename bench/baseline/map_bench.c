@@ -6,7 +6,7 @@
  *   map_bench [--warmup-pairs N] [--warmup-ms MS] [--warmup-max-ms MS] [--min-ms MS]
  *             OP/DOMAIN/SIZE[:K] ...
  *
- *   OP      mapFile | map | copy | mapFileHuge | rawFfi (same ioctls as mapFile) | vfioDmabuf
+ *   OP      mapFile | map | copy | mapFileHuge | rawFfi, prepared (same ioctls as mapFile) | vfioDmabuf
  *   DOMAIN  none | mock (selftest mock domain) | edu (QEMU's edu device behind the emulated
  *           Intel IOMMU, attached with VFIO_DEVICE_ATTACH_IOMMUFD_PT)
  *   SIZE    bytes, or with a KiB/MiB/GiB suffix (4KiB, 2MiB)
@@ -346,6 +346,7 @@ static int parse_case(const char *spec, struct bench_case *c)
 	else if (!strcmp(op, "copy")) c->op = OP_COPY;
 	else if (!strcmp(op, "mapFileHuge")) c->op = OP_MAP_FILE_HUGE;
 	else if (!strcmp(op, "rawFfi")) c->op = OP_RAW_FFI;
+	else if (!strcmp(op, "prepared")) c->op = OP_RAW_FFI; /* the same ioctls as mapFile */
 	else if (!strcmp(op, "vfioDmabuf")) c->op = OP_VFIO_DMABUF;
 	else return -1;
 	if (!strcmp(domain, "none")) c->domain = DOMAIN_NONE;
