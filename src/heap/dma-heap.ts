@@ -65,15 +65,16 @@ export class DmaBuffer {
   readonly offset: number;
   /** Bytes requested (the heap reserves it rounded up to the granule). */
   readonly size: number;
-  readonly #bytes: Uint8Array;
   readonly #iova: number;
+  #bytes: Uint8Array | undefined;
+  /** @internal Set by DmaHeap.free: the buffer itself knows, so no lookup table is needed. */
+  _freed = false;
 
   /** @internal */
-  constructor(heap: DmaHeap, offset: number, size: number, bytes: Uint8Array, iova: number) {
+  constructor(heap: DmaHeap, offset: number, size: number, iova: number) {
     this.heap = heap;
     this.offset = offset;
     this.size = size;
-    this.#bytes = bytes;
     this.#iova = iova;
   }
 
@@ -83,14 +84,14 @@ export class DmaBuffer {
     return this.#iova;
   }
 
-  /** Zero-copy view of the buffer's bytes. */
+  /** Zero-copy view of the buffer's bytes (made on first use: many buffers are only handed to devices). */
   get bytes(): Uint8Array {
     this.heap.assertOpen("DmaBuffer.bytes");
-    return this.#bytes;
+    return (this.#bytes ??= this.heap.viewOf(this.offset, this.size));
   }
 
   get freed(): boolean {
-    return !this.heap.owns(this);
+    return this._freed;
   }
 
   free(): void {
@@ -98,7 +99,7 @@ export class DmaBuffer {
   }
 
   [Symbol.dispose](): void {
-    if (!this.heap.closed && this.heap.owns(this)) this.heap.free(this);
+    if (!this.heap.closed && !this._freed) this.heap.free(this);
   }
 }
 
@@ -111,8 +112,6 @@ export class DmaHeap {
   #region: MemfdBuffer | undefined;
   #mapping: Mapping | undefined;
   readonly #allocator: OffsetAllocator;
-  /** offset -> live buffer, so free() can tell a live buffer from a stale or foreign one. */
-  readonly #live = new Map<number, DmaBuffer>();
 
   private constructor(ioas: Ioas, region: MemfdBuffer, mapping: Mapping, granule: number, note: string | undefined) {
     this.ioas = ioas;
@@ -192,9 +191,9 @@ export class DmaHeap {
     if (this.#region === undefined) throw closedError(operation, "the DmaHeap");
   }
 
-  /** @internal */
-  owns(buffer: DmaBuffer): boolean {
-    return this.#live.get(buffer.offset) === buffer;
+  /** @internal A view of the region for a buffer. */
+  viewOf(offset: number, size: number): Uint8Array {
+    return new Uint8Array(this.#region!.buffer, offset, size);
   }
 
   /** Reserve a buffer. `align` is a power of two up to the region's page size. No kernel call. */
@@ -202,9 +201,7 @@ export class DmaHeap {
     const region = this.#region;
     if (region === undefined) throw closedError("DmaHeap.alloc", "the DmaHeap");
     const offset = options.align === undefined ? this.#allocator.alloc(size) : this.#allocator.alloc(size, options.align);
-    const buffer = new DmaBuffer(this, offset, size, new Uint8Array(region.buffer, offset, size), this.rule.iovaBase + offset);
-    this.#live.set(offset, buffer);
-    return buffer;
+    return new DmaBuffer(this, offset, size, this.rule.iovaBase + offset);
   }
 
   /** Return a buffer to the heap. Double frees and buffers of other heaps get EINVAL. No kernel call. */
@@ -213,11 +210,11 @@ export class DmaHeap {
     if (this.#region === undefined) throw closedError(op, "the DmaHeap");
     if (!(buffer instanceof DmaBuffer)) throw argumentError(op, "buffer", "expected a DmaBuffer from this heap");
     if (buffer.heap !== this) throw argumentError(op, "buffer", "the buffer belongs to another DmaHeap");
-    if (this.#live.get(buffer.offset) !== buffer) {
+    if (buffer._freed) {
       throw argumentError(op, "buffer", `the buffer at offset ${hex(buffer.offset)} was already freed`);
     }
-    this.#live.delete(buffer.offset);
     this.#allocator.free(buffer.offset);
+    buffer._freed = true;
   }
 
   /** The IOVA of a view into the heap (or of a region offset). */
@@ -269,7 +266,6 @@ export class DmaHeap {
     if (mapping?.mapped) mapping.unmap();
     this.#mapping = undefined;
     this.#region = undefined;
-    this.#live.clear();
     region.close();
   }
 
