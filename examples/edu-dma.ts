@@ -10,40 +10,14 @@
  * inverse of what was written), 0x80 DMA source, 0x88 DMA destination, 0x90 count, 0x98 command
  * (bit 0 start, cleared when done; bit 1 direction, 0 = RAM to device, 1 = device to RAM).
  */
-import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, MemfdBuffer, VfioDevice, type RegionMapping } from "../src/index.ts";
+import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, MemfdBuffer, VfioDevice } from "../src/index.ts";
+import { Edu, EDU_BUFFER, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "./edu.ts";
 
-const EDU_VENDOR = 0x1234;
-const EDU_DEVICE = 0x11e8;
-const EDU_ID = 0x010000ed;
-const REG_ID = 0x00;
-const REG_LIVENESS = 0x04;
-const REG_DMA_SRC = 0x80;
-const REG_DMA_DST = 0x88;
-const REG_DMA_COUNT = 0x90;
-const REG_DMA_CMD = 0x98;
-const CMD_START = 0x1;
-const CMD_TO_RAM = 0x2;
-/** The device's own buffer, in its DMA address space. */
-const DEVICE_BUFFER = 0x40000;
 /** edu masks DMA addresses to 28 bits, so every IOVA it uses must sit below 256 MiB. */
 const IOVA = 0x100000;
 const LENGTH = 2048;
 
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
-
-function dma(bar: RegionMapping, src: number, dst: number, count: number, command: number): void {
-  // QEMU 7.2's edu aborts the whole VM on a transfer ending exactly at the end of its buffer:
-  // the transfers here stay strictly inside it.
-  bar.write32(REG_DMA_SRC, src);
-  bar.write32(REG_DMA_DST, dst);
-  bar.write32(REG_DMA_COUNT, count);
-  bar.write32(REG_DMA_CMD, CMD_START | command);
-  const deadline = Date.now() + 10_000;
-  while (bar.read32(REG_DMA_CMD) & CMD_START) {
-    if (Date.now() > deadline) throw new Error("edu DMA did not finish within 10 s");
-    Bun.sleepSync(1);
-  }
-}
 
 function main(): number {
   const address = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0];
@@ -62,11 +36,11 @@ function main(): number {
   console.log(`bound to iommufd (device id ${deviceId}) and attached to IOAS ${ioas.id} (hw page table ${hwpt})`);
 
   using bar = device.mapRegion(0);
-  const id = bar.read32(REG_ID);
+  const edu = new Edu(bar);
+  const id = edu.id();
   console.log(`BAR0 mapped (${hex(bar.size)} bytes): id register ${hex(id)}`);
-  if (id !== EDU_ID) throw new Error(`unexpected edu id ${hex(id)}, expected ${hex(EDU_ID)}`);
-  bar.write32(REG_LIVENESS, 0x12345678);
-  const alive = bar.read32(REG_LIVENESS);
+  if (id !== EDU_ID_VALUE) throw new Error(`unexpected edu id ${hex(id)}, expected ${hex(EDU_ID_VALUE)}`);
+  const alive = edu.liveness(0x12345678);
   console.log(`liveness: wrote 0x12345678, read ${hex(alive)} (the inverse)`);
 
   using buffer = MemfdBuffer.create(64 * 1024, { name: "edu-dma example" });
@@ -78,9 +52,9 @@ function main(): number {
 
   device.setBusMaster(true);
   try {
-    dma(bar, IOVA, DEVICE_BUFFER, LENGTH, 0);
-    console.log(`DMA RAM -> device: ${LENGTH} bytes from IOVA ${hex(IOVA)} to device offset ${hex(DEVICE_BUFFER)}`);
-    dma(bar, DEVICE_BUFFER, IOVA + 0x8000, LENGTH, CMD_TO_RAM);
+    edu.fromRam(IOVA, 0, LENGTH);
+    console.log(`DMA RAM -> device: ${LENGTH} bytes from IOVA ${hex(IOVA)} to device offset ${hex(EDU_BUFFER)}`);
+    edu.toRam(0, IOVA + 0x8000, LENGTH);
     console.log(`DMA device -> RAM: ${LENGTH} bytes to IOVA ${hex(IOVA + 0x8000)}`);
   } finally {
     device.setBusMaster(false);

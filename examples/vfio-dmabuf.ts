@@ -11,36 +11,19 @@
  *
  * Needs Linux 6.19+ with CONFIG_VFIO_PCI_DMABUF (the test guest's kernel has it).
  */
-import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, MemfdBuffer, VfioDevice, type RegionMapping } from "../src/index.ts";
+import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, MemfdBuffer, VfioDevice } from "../src/index.ts";
+import { Edu, EDU_DEVICE, EDU_VENDOR } from "./edu.ts";
 
-const REG_ID = 0x00;
-const REG_DMA_SRC = 0x80;
-const REG_DMA_DST = 0x88;
-const REG_DMA_COUNT = 0x90;
-const REG_DMA_CMD = 0x98;
-const CMD_START = 0x1;
-const CMD_TO_RAM = 0x2;
-const DEVICE_BUFFER = 0x40000;
 /** Both IOVAs stay below 256 MiB: edu masks DMA addresses to 28 bits. */
 const BAR_IOVA = 0x200000;
 const RAM_IOVA = 0x100000;
+/** edu's identification register, at the start of BAR0. */
+const REG_ID = 0x00;
 
 const hex = (n: number | bigint) => `0x${n.toString(16)}`;
 
-function dma(bar: RegionMapping, src: number, dst: number, count: number, command: number): void {
-  bar.write32(REG_DMA_SRC, src);
-  bar.write32(REG_DMA_DST, dst);
-  bar.write32(REG_DMA_COUNT, count);
-  bar.write32(REG_DMA_CMD, CMD_START | command);
-  const deadline = Date.now() + 10_000;
-  while (bar.read32(REG_DMA_CMD) & CMD_START) {
-    if (Date.now() > deadline) throw new Error("edu DMA did not finish within 10 s");
-    Bun.sleepSync(1);
-  }
-}
-
 function main(): number {
-  const address = findPciDevices(0x1234, 0x11e8)[0];
+  const address = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0];
   if (!address) {
     console.error("no edu device (1234:11e8) here: run this in the test guest: bun run vm -- bun examples/vfio-dmabuf.ts");
     return 1;
@@ -74,12 +57,13 @@ function main(): number {
   console.log(`mapped the dma-buf at IOVA ${hex(barMapping.iova)} and a MemfdBuffer at IOVA ${hex(ramMapping.iova)}`);
 
   using bar = device.mapRegion(0);
-  const expected = bar.read32(REG_ID);
+  const edu = new Edu(bar);
+  const expected = edu.id();
   device.setBusMaster(true);
   try {
     // edu answers register reads of exactly 4 bytes, so the DMA reads one register.
-    dma(bar, BAR_IOVA + REG_ID, DEVICE_BUFFER, 4, 0);
-    dma(bar, DEVICE_BUFFER, RAM_IOVA, 4, CMD_TO_RAM);
+    edu.fromRam(BAR_IOVA + REG_ID, 0, 4);
+    edu.toRam(0, RAM_IOVA, 4);
   } finally {
     device.setBusMaster(false);
   }
