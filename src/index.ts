@@ -25,7 +25,7 @@ export {
   type MapSource,
   type RangeOptions,
 } from "./ioas.ts";
-export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions } from "./memfd.ts";
+export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions, type MemfdSeals } from "./memfd.ts";
 export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
 export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";
 export {

@@ -9,7 +9,11 @@ import { argumentError, closedError, IommufdError, syscallError } from "./sys/er
 import { closeFd, cString } from "./sys/fd.ts";
 import {
   F_ADD_SEALS,
+  F_GET_SEALS,
+  F_SEAL_GROW,
+  F_SEAL_SEAL,
   F_SEAL_SHRINK,
+  F_SEAL_WRITE,
   lastErrno,
   libc,
   MAP_SHARED,
@@ -31,6 +35,19 @@ export interface MemfdBufferOptions {
    * size, and the system must have huge pages reserved (/proc/sys/vm/nr_hugepages).
    */
   hugePages?: HugePageSize | false;
+  /**
+   * Seals added besides F_SEAL_SHRINK (which is always set): `grow` forbids growing the file
+   * (F_SEAL_GROW), `final` forbids adding or removing seals later (F_SEAL_SEAL).
+   */
+  seal?: { grow?: boolean; final?: boolean };
+}
+
+/** The seals of a memfd, as fcntl(F_GET_SEALS) reports them. */
+export interface MemfdSeals {
+  shrink: boolean;
+  grow: boolean;
+  write: boolean;
+  final: boolean;
 }
 
 const PAGE_SIZE = 4096;
@@ -107,8 +124,9 @@ export class MemfdBuffer {
         throw syscallError("ftruncate", lastErrno(), `cannot size the memfd to ${size} bytes`);
       }
       // A shrunk file turns every touch of the ArrayBuffer into SIGBUS: forbid shrinking for good.
-      if (lib.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) < 0) {
-        throw syscallError("fcntl", lastErrno(), "cannot seal the memfd against shrinking (F_SEAL_SHRINK)");
+      const seals = F_SEAL_SHRINK | (options.seal?.grow ? F_SEAL_GROW : 0) | (options.seal?.final ? F_SEAL_SEAL : 0);
+      if (lib.fcntl(fd, F_ADD_SEALS, seals) < 0) {
+        throw syscallError("fcntl", lastErrno(), `cannot seal the memfd (F_ADD_SEALS 0x${seals.toString(16)})`);
       }
       const address = Number(lib.mmap(null, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) ?? -1);
       if (address === -1 || address === 0 || address === 2 ** 64 - 1) {
@@ -153,6 +171,18 @@ export class MemfdBuffer {
 
   get closed(): boolean {
     return this.#fd < 0;
+  }
+
+  /** The memfd's seals, read from the kernel. */
+  get seals(): MemfdSeals {
+    const bits = libc().fcntl(this.fd, F_GET_SEALS, 0);
+    if (bits < 0) throw syscallError("fcntl", lastErrno(), "cannot read the memfd's seals (F_GET_SEALS)");
+    return {
+      shrink: (bits & F_SEAL_SHRINK) !== 0,
+      grow: (bits & F_SEAL_GROW) !== 0,
+      write: (bits & F_SEAL_WRITE) !== 0,
+      final: (bits & F_SEAL_SEAL) !== 0,
+    };
   }
 
   /** Throws EBADF when closed; used by the objects that accept a MemfdBuffer. */

@@ -61,6 +61,19 @@ describe("MemfdBuffer ownership", () => {
     expect(libc().ftruncate(buf.fd, 4096 * 8)).toBe(0); // growing is still allowed
   });
 
+  test("seal options: grow and final are added on request and hold", () => {
+    using plain = MemfdBuffer.create(8192);
+    expect(plain.seals).toEqual({ shrink: true, grow: false, write: false, final: false });
+    using sealed = MemfdBuffer.create(8192, { seal: { grow: true, final: true } });
+    expect(sealed.seals).toEqual({ shrink: true, grow: true, write: false, final: true });
+    expect(libc().ftruncate(sealed.fd, 16384)).toBe(-1);
+    expect(lastErrno()).toBe(1); // EPERM: cannot grow
+    expect(libc().fcntl(sealed.fd, 1033, 0x8)).toBe(-1); // F_ADD_SEALS after F_SEAL_SEAL
+    expect(lastErrno()).toBe(1);
+    sealed.bytes[8191] = 1; // the mapping still works
+    expect(sealed.bytes[8191]).toBe(1);
+  });
+
   test("close() releases the fd and the mapping; old views become empty, not a crash", () => {
     const fdsBefore = openFds();
     const vmBefore = vmSizeKiB();
