@@ -190,7 +190,16 @@ export class Ioas {
   mapFile(file: MappableFile | number, options: RangeOptions = {}): Mapping {
     const op = "IOMMU_IOAS_MAP_FILE";
     this.#requireAlive(op);
-    const { fd, size } = resolveFile(file, op);
+    let fd: number;
+    let size: number | undefined;
+    // The common case first, without the object resolveFile() returns: this runs per I/O.
+    if (file instanceof MemfdBuffer) {
+      file.assertOpen(op);
+      fd = file.fd;
+      size = file.size;
+    } else {
+      ({ fd, size } = resolveFile(file, op));
+    }
     const offset = options.offset === undefined ? 0 : (u64(options.offset, op, "options.offset") as number);
     let length: number;
     if (options.length === undefined) {
