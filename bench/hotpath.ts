@@ -11,7 +11,7 @@
  */
 import { dlopen, FFIType, ptr, type Pointer } from "bun:ffi";
 import { bench, do_not_optimize, group, run, summary } from "mitata";
-import { Iommufd, MemfdBuffer } from "../src/index.ts";
+import { Iommufd, MemfdBuffer, type Ioas } from "../src/index.ts";
 import { counters, ioctl as libraryIoctl, libc } from "../src/sys/libc.ts";
 import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_copy } from "../src/uapi/iommufd.ts";
 import { BENCH_IOVA } from "./cases.ts";
@@ -42,55 +42,56 @@ function warm(pair: () => unknown, n = 200_000): () => unknown {
   return pair;
 }
 
+/**
+ * A buffer and `count` IOASes on an iommufd whose ioctls are JS no-ops (any open fd will do:
+ * nothing reaches the kernel). `release` puts the real binding back and closes the buffer.
+ */
+function fakeIoases(count: number): { buffer: MemfdBuffer; ioases: Ioas[]; release: () => void } {
+  const { value, restore } = withFakeKernel(() => {
+    const buffer = MemfdBuffer.create(SIZE);
+    const iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
+    return { buffer, ioases: Array.from({ length: count }, () => iommufd.createIoas()) };
+  });
+  return {
+    ...value,
+    release: () => {
+      restore();
+      value.buffer.close();
+    },
+  };
+}
+
 export function registerHotPathBenchmarks(): void {
   group("JS cost of one 4 KiB pair (ioctl = a JS no-op)", () => {
     summary(() => {
       bench("library mapFile+unmap", function* () {
-        const { value, restore } = withFakeKernel(() => {
-          // Any open fd will do: nothing reaches the kernel.
-          const buffer = MemfdBuffer.create(SIZE);
-          const iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
-          return { buffer, ioas: iommufd.createIoas() };
-        });
-        const { buffer, ioas } = value;
+        const { buffer, ioases, release } = fakeIoases(1);
         const options = { iova: BENCH_IOVA };
         try {
-          yield warm(() => ioas.mapFile(buffer, options).unmap());
+          yield warm(() => ioases[0]!.mapFile(buffer, options).unmap());
         } finally {
-          restore();
-          buffer.close();
+          release();
         }
       });
 
       bench("library map(VA)+unmap", function* () {
-        const { value, restore } = withFakeKernel(() => {
-          const buffer = MemfdBuffer.create(SIZE);
-          const iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
-          return { buffer, ioas: iommufd.createIoas() };
-        });
-        const { buffer, ioas } = value;
+        const { buffer, ioases, release } = fakeIoases(1);
         const options = { iova: BENCH_IOVA };
         try {
-          yield warm(() => ioas.map(buffer, options).unmap());
+          yield warm(() => ioases[0]!.map(buffer, options).unmap());
         } finally {
-          restore();
-          buffer.close();
+          release();
         }
       });
 
       bench("library copy+unmap", function* () {
-        const { value, restore } = withFakeKernel(() => {
-          const buffer = MemfdBuffer.create(SIZE);
-          const iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
-          return { buffer, dst: iommufd.createIoas(), src: iommufd.createIoas() };
-        });
-        const { buffer, dst, src } = value;
+        const { ioases, release } = fakeIoases(2);
+        const [dst, src] = ioases as [Ioas, Ioas];
         const options = { srcIova: BENCH_IOVA, length: SIZE, iova: BENCH_IOVA };
         try {
           yield warm(() => dst.copy(src, options).unmap());
         } finally {
-          restore();
-          buffer.close();
+          release();
         }
       });
 

@@ -128,7 +128,7 @@ export class Iommufd {
 
   /** IOMMU_OPTION RLIMIT_MODE: how this process's pinned pages are charged to RLIMIT_MEMLOCK. */
   get rlimitMode(): RlimitMode {
-    return this.#option(IOMMU_OPTION_RLIMIT_MODE, 0, IOMMU_OPTION_OP_GET, 0n) === 0n ? "user" : "process";
+    return this.option(IOMMU_OPTION_RLIMIT_MODE, 0, IOMMU_OPTION_OP_GET, 0n) === 0n ? "user" : "process";
   }
 
   /** Setting it needs CAP_SYS_RESOURCE and is refused (EBUSY) once anything is pinned. */
@@ -141,15 +141,11 @@ export class Iommufd {
         message: `"${String(mode)}" is not "user" or "process"`,
       });
     }
-    this.#option(IOMMU_OPTION_RLIMIT_MODE, 0, IOMMU_OPTION_OP_SET, mode === "user" ? 0n : 1n);
+    this.option(IOMMU_OPTION_RLIMIT_MODE, 0, IOMMU_OPTION_OP_SET, mode === "user" ? 0n : 1n);
   }
 
   /** @internal IOMMU_OPTION get/set; returns val64. */
   option(optionId: number, objectId: number, op: number, value: bigint): bigint {
-    return this.#option(optionId, objectId, op, value);
-  }
-
-  #option(optionId: number, objectId: number, op: number, value: bigint): bigint {
     const operation = "IOMMU_OPTION";
     optionCmd.fill({ size: iommu_option.size, option_id: optionId, op, object_id: objectId, val64: value });
     const errno = this.call(IOMMU_OPTION, optionCmd, operation);
