@@ -13,7 +13,7 @@ say() { printf '[install +%ds] %s\n' "$((SECONDS - t0))" "$*"; }
 installed() { [[ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" == ii* ]]; }
 
 packages=(qemu-system-x86 busybox-static cpio flex bison bc libelf-dev libssl-dev build-essential
-  rsync libcap-dev xz-utils util-linux)
+  rsync libcap-dev xz-utils util-linux strace fio)
 missing=()
 for p in "${packages[@]}"; do installed "$p" || missing+=("$p"); done
 if ! command -v bun >/dev/null && ! command -v npm >/dev/null; then missing+=(nodejs npm); fi

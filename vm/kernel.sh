@@ -21,7 +21,8 @@ apt_dir="$cache/apt-sid"
 
 # Options the tests rely on; a build missing any of them is useless, so it fails loudly.
 required_options=(IOMMUFD IOMMUFD_TEST VFIO_PCI VFIO_DEVICE_CDEV VFIO_PCI_DMABUF UDMABUF
-  INTEL_IOMMU 9P_FS DEBUG_FS FAULT_INJECTION_DEBUG_FS FAILSLAB FAIL_PAGE_ALLOC HUGETLBFS)
+  INTEL_IOMMU 9P_FS DEBUG_FS FAULT_INJECTION_DEBUG_FS FAILSLAB FAIL_PAGE_ALLOC HUGETLBFS
+  BLK_DEV_NVME IO_URING AIO)
 
 say() { printf '[kernel %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { say "error: $*"; exit 1; }
