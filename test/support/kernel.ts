@@ -23,6 +23,13 @@ export function pinnedKiB(): { pin: number; lck: number } {
   return { pin: field("VmPin"), lck: field("VmLck") };
 }
 
+/** The kernel's log (`dmesg`), one line per entry. Needs root (or kernel.dmesg_restrict=0). */
+export function kernelLog(): string[] {
+  const run = Bun.spawnSync(["dmesg"], { stdout: "pipe", stderr: "pipe" });
+  if (run.exitCode !== 0) throw new Error(`dmesg exited with ${run.exitCode}: ${run.stderr.toString().trim()}`);
+  return run.stdout.toString().split("\n");
+}
+
 /** Runs fn, expects an IommufdError with this code and operation; returns it for more checks. */
 export function expectIommufdError(fn: () => unknown, code: string, operation: string, argument?: string): IommufdError {
   let thrown: unknown;
