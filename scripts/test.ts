@@ -59,13 +59,20 @@ export interface RunVerdict {
  * summary line (cut short, whatever its exit status); a run that ran nothing; a non-zero exit with
  * no failed test; and, with `skipsFail` (kernel tests under CI), every skipped or todo test.
  */
-export function judgeRun(label: string, exitCode: number, output: string, options: { skipsFail?: boolean } = {}): RunVerdict {
+export function judgeRun(
+  label: string,
+  exitCode: number,
+  output: string,
+  options: { skipsFail?: boolean } = {},
+): RunVerdict {
   const s = parseBunTestSummary(output);
   const v: RunVerdict = { passed: s.pass, failed: s.fail, skipped: s.skip + s.todo, problems: [] };
   if (s.fail > 0) v.problems.push(`${label}: ${s.fail} test(s) failed`);
   if (!s.found) {
     v.failed += 1;
-    v.problems.push(`${label}: bun test ended without its summary line (exit status ${exitCode}): the run was cut short`);
+    v.problems.push(
+      `${label}: bun test ended without its summary line (exit status ${exitCode}): the run was cut short`,
+    );
   } else if (s.pass + s.fail === 0) {
     v.failed += 1;
     v.problems.push(`${label}: no test was executed${s.skip ? ` (${s.skip} skipped)` : ""}`);

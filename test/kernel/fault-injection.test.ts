@@ -22,7 +22,15 @@ import {
 } from "../../src/index.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
-import { FailNth, faultInjectionSettings, formatSweepReports, sweep, sweepReports, type SweepCase, type Usage } from "../support/fail-nth.ts";
+import {
+  FailNth,
+  faultInjectionSettings,
+  formatSweepReports,
+  sweep,
+  sweepReports,
+  type SweepCase,
+  type Usage,
+} from "../support/fail-nth.ts";
 import { requireIommufd } from "../support/kernel.ts";
 
 const KiB = 1024;
@@ -47,7 +55,8 @@ let eduAddress: string | undefined;
 
 beforeAll(() => {
   requireIommufd();
-  if (!FailNth.available()) throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
+  if (!FailNth.available())
+    throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
   failNth = new FailNth();
   eduAddress = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0];
 });
@@ -139,11 +148,17 @@ function deviceMaps(device: VfioDevice): number {
     .filter((line) => line.endsWith(` ${device.path}`)).length;
 }
 
-function mapCase(name: string, domain: Domain, how: "map" | "mapFile", huge = false): Omit<SweepCase<Env, Mapping>, "dispose"> {
+function mapCase(
+  name: string,
+  domain: Domain,
+  how: "map" | "mapFile",
+  huge = false,
+): Omit<SweepCase<Env, Mapping>, "dispose"> {
   return {
     name,
     setup: () => environment(domain, { huge }),
-    run: (env) => (how === "map" ? env.ioas.map(env.buffer, { iova: env.base }) : env.ioas.mapFile(env.buffer, { iova: env.base })),
+    run: (env) =>
+      how === "map" ? env.ioas.map(env.buffer, { iova: env.base }) : env.ioas.mapFile(env.buffer, { iova: env.base }),
     verify(env, { result, error }) {
       if (error) {
         expect(env.ioas.mappings).toHaveLength(0);
@@ -283,7 +298,8 @@ describe("fault-injection sweep", () => {
         }
         expect(code).toBe("ENOENT");
       },
-      cannotFail: "iommufd_destroy() -> iommufd_object_remove() only erases an xarray entry; iommufd_ioas_destroy() and iopt_destroy_table() free, they do not allocate",
+      cannotFail:
+        "iommufd_destroy() -> iommufd_object_remove() only erases an xarray entry; iommufd_ioas_destroy() and iopt_destroy_table() free, they do not allocate",
     });
   });
 
@@ -410,7 +426,8 @@ describe("fault-injection sweep", () => {
   test("iovaRanges, allowIovas and the IOMMU_OPTION setters", () => {
     sweepEnv({
       name: "iovaRanges (mock domain; cannot fail)",
-      cannotFail: "iommufd_ioas_iova_ranges() walks the allowed/reserved trees under a lock and copies out: no allocation",
+      cannotFail:
+        "iommufd_ioas_iova_ranges() walks the allowed/reserved trees under a lock and copies out: no allocation",
       setup: () => environment("mock"),
       run: (env) => env.ioas.iovaRanges(),
       verify(env, { result }) {
@@ -436,7 +453,8 @@ describe("fault-injection sweep", () => {
     });
     sweepEnv<void>({
       name: "rlimitMode setter (cannot fail)",
-      cannotFail: "iommufd_option_rlimit_mode() checks capable() and sets ictx->account_mode under xa_lock: no allocation",
+      cannotFail:
+        "iommufd_option_rlimit_mode() checks capable() and sets ictx->account_mode under xa_lock: no allocation",
       setup() {
         // The mode can change only while the iommufd holds no object: a fresh one.
         const env = environment("none");

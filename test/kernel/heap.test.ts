@@ -69,9 +69,15 @@ describe("DmaHeap", () => {
     const tag = `heap-${process.pid}-${Date.now()}`;
     const log = join(tmpdir(), `${tag}.strace`);
     const fixture = join(import.meta.dir, "fixtures", "heap-pairs.ts");
-    const run = Bun.spawnSync(["strace", "-f", "-C", "-qq", "-o", log, process.execPath, fixture, "1000", tag], { stdout: "pipe", stderr: "pipe" });
+    const run = Bun.spawnSync(["strace", "-f", "-C", "-qq", "-o", log, process.execPath, fixture, "1000", tag], {
+      stdout: "pipe",
+      stderr: "pipe",
+    });
     try {
-      expect({ exitCode: run.exitCode, stderr: run.exitCode ? run.stderr.toString() : "" }).toEqual({ exitCode: 0, stderr: "" });
+      expect({ exitCode: run.exitCode, stderr: run.exitCode ? run.stderr.toString() : "" }).toEqual({
+        exitCode: 0,
+        stderr: "",
+      });
       const report = JSON.parse(run.stdout.toString().trim().split("\n").pop()!);
       const text = readFileSync(log, "utf8");
       const pairs = syscallsBetween(text, `${tag}-pairs-begin`, `${tag}-pairs-end`);

@@ -29,11 +29,21 @@ interface ChildReport {
 function runChild(limit: string): ChildReport {
   const child = join(import.meta.dir, "fixtures", "memlock-child.ts");
   const run = Bun.spawnSync(
-    ["sh", "-c", `ulimit -l ${limit} && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$1"`, process.execPath, child],
+    [
+      "sh",
+      "-c",
+      `ulimit -l ${limit} && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$1"`,
+      process.execPath,
+      child,
+    ],
     { env: { ...process.env, HOME: "/tmp" }, stdout: "pipe", stderr: "pipe" },
   );
   const stderr = run.stderr.toString();
-  expect({ limit, exitCode: run.exitCode, stderr: run.exitCode ? stderr : "" }).toEqual({ limit, exitCode: 0, stderr: "" });
+  expect({ limit, exitCode: run.exitCode, stderr: run.exitCode ? stderr : "" }).toEqual({
+    limit,
+    exitCode: 0,
+    stderr: "",
+  });
   return JSON.parse(run.stdout.toString().trim().split("\n").pop()!);
 }
 
@@ -53,7 +63,11 @@ test.skipIf(!root)(
       expect(limited.memlockSoft).toBe(String(256 * 1024));
       expect(limited.smallMapped).toBe(true);
       expect(limited.bigMapped).toBeUndefined();
-      expect(limited.bigError).toMatchObject({ name: "IommufdError", code: "ENOMEM", operation: "IOMMU_IOAS_MAP_FILE" });
+      expect(limited.bigError).toMatchObject({
+        name: "IommufdError",
+        code: "ENOMEM",
+        operation: "IOMMU_IOAS_MAP_FILE",
+      });
       expect(limited.bigError!.message).toContain("locked-memory limit");
       expect(limited.bigError!.hint).toContain("ulimit -l");
       expect(limited.recorded).toBe(1);

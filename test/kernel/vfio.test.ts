@@ -3,15 +3,7 @@
  * emulated Intel IOMMU. Every DMA here is real: edu reads and writes guest RAM through the IOMMU.
  */
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
-import {
-  createUdmabuf,
-  DmaBuf,
-  findPciDevices,
-  Iommufd,
-  MemfdBuffer,
-  VfioDevice,
-  type Ioas,
-} from "../../src/index.ts";
+import { createUdmabuf, DmaBuf, findPciDevices, Iommufd, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { revokeSelftestDmaBuf, selftestDmaBuf } from "../../src/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
@@ -177,7 +169,9 @@ describe("zero-copy DMA through the IOMMU", () => {
     mapping.unmap();
     // The IOMMU logs a DMA remapping fault at the page it refused. Its printing is rate limited
     // (10 per 5 s, shared with earlier tests' faults): if none shows, wait out the window once.
-    const faultLine = new RegExp(`DMAR: \\[DMA Write[^\\]]*\\] Request device \\[[0-9a-f:.]+\\] fault addr 0x${target.toString(16)}\\b`);
+    const faultLine = new RegExp(
+      `DMAR: \\[DMA Write[^\\]]*\\] Request device \\[[0-9a-f:.]+\\] fault addr 0x${target.toString(16)}\\b`,
+    );
     const faults = () => kernelLog().filter((line) => faultLine.test(line)).length;
     const before = faults();
     let recorded = false;
@@ -271,7 +265,12 @@ describe("dma-bufs", () => {
       "VFIO_DEVICE_FEATURE_DMA_BUF",
       "options.ranges[0]",
     );
-    expectIommufdError(() => device.exportDmaBuf({ region: 0, ranges: [] }), "EINVAL", "VFIO_DEVICE_FEATURE_DMA_BUF", "options.ranges");
+    expectIommufdError(
+      () => device.exportDmaBuf({ region: 0, ranges: [] }),
+      "EINVAL",
+      "VFIO_DEVICE_FEATURE_DMA_BUF",
+      "options.ranges",
+    );
   });
 
   test("selftest dma-buf: maps; length past its end is refused; after revoke mapping is ENODEV", () => {
@@ -282,7 +281,12 @@ describe("dma-bufs", () => {
     expect(dmabuf.size).toBe(64 * KiB);
     const mapping = ioas.mapFile(dmabuf);
     mapping.unmap();
-    expectIommufdError(() => ioas.mapFile(dmabuf, { length: 128 * KiB }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.length");
+    expectIommufdError(
+      () => ioas.mapFile(dmabuf, { length: 128 * KiB }),
+      "EINVAL",
+      "IOMMU_IOAS_MAP_FILE",
+      "options.length",
+    );
     revokeSelftestDmaBuf(iommufd, dmabuf);
     const e = expectIommufdError(() => ioas.mapFile(dmabuf), "ENODEV", "IOMMU_IOAS_MAP_FILE", "file");
     expect(e.message).toContain("revoked");

@@ -71,7 +71,9 @@ export class FailNth {
     // would "succeed without a fault" and the sweep would end green at point 1.
     if (written !== text.length) {
       const errno = written < 0 ? lastErrno() : 0;
-      throw new Error(`fail-nth: writing "${text}" returned ${written}${errno ? ` (errno ${errno})` : ""}: fault injection is not armed`);
+      throw new Error(
+        `fail-nth: writing "${text}" returned ${written}${errno ? ` (errno ${errno})` : ""}: fault injection is not armed`,
+      );
     }
   }
 
@@ -162,7 +164,8 @@ export type FaultInjector = Pick<FailNth, "arm" | "hit">;
 export function sweep<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepReport {
   if (c.cannotFail !== undefined) {
     if (!/cannot fail/.test(c.name)) throw new Error(`${c.name}: a sweep that cannot fail must say so in its name`);
-    if (!/\w+\(\)/.test(c.cannotFail)) throw new Error(`${c.name}: cannotFail must name the kernel function that shows it, as fn()`);
+    if (!/\w+\(\)/.test(c.cannotFail))
+      throw new Error(`${c.name}: cannotFail must name the kernel function that shows it, as fn()`);
   }
   // Warm-up: the first call through a new FFI path may do work of its own on this thread.
   {
@@ -219,7 +222,9 @@ export function sweep<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepRe
     );
   }
   if (c.cannotFail !== undefined && surfaced > 0) {
-    throw new Error(`${c.name}: claims it cannot fail (${c.cannotFail}), but ${JSON.stringify(report.errnos)} surfaced`);
+    throw new Error(
+      `${c.name}: claims it cannot fail (${c.cannotFail}), but ${JSON.stringify(report.errnos)} surfaced`,
+    );
   }
   return report;
 }
@@ -230,7 +235,11 @@ export function formatSweepReports(reports: readonly SweepReport[] = sweepReport
     .map(
       (r) =>
         `  ${r.name.padEnd(44)} ${String(r.points).padStart(3)} points  ` +
-        `${Object.entries(r.errnos).map(([code, n]) => `${code} x${n}`).join(", ") || "-"}` +
+        `${
+          Object.entries(r.errnos)
+            .map(([code, n]) => `${code} x${n}`)
+            .join(", ") || "-"
+        }` +
         (r.tolerated ? `  (tolerated by the kernel: ${r.tolerated})` : "") +
         (r.cannotFail ? `  [cannot fail: ${r.cannotFail}]` : ""),
     )

@@ -13,7 +13,10 @@ import { isCI } from "../support/ci.ts";
 const root = join(import.meta.dir, "../..");
 
 /** stderr of a bun test run, as bun 1.x prints it. */
-function bunOutput(lines: string[], summary: { pass: number; fail: number; skip?: number; todo?: number } | undefined): string {
+function bunOutput(
+  lines: string[],
+  summary: { pass: number; fail: number; skip?: number; todo?: number } | undefined,
+): string {
   const tail = summary
     ? [
         "",
@@ -78,7 +81,10 @@ describe("judging a bun test run", () => {
   });
 
   test("a failed test counts, and a non-zero status without one counts once", () => {
-    expect(judgeRun("unit", 1, bunOutput(["(pass) a", "(fail) b"], { pass: 1, fail: 1 }))).toMatchObject({ passed: 1, failed: 1 });
+    expect(judgeRun("unit", 1, bunOutput(["(pass) a", "(fail) b"], { pass: 1, fail: 1 }))).toMatchObject({
+      passed: 1,
+      failed: 1,
+    });
     const v = judgeRun("unit", 1, bunOutput(["(pass) a"], { pass: 1, fail: 0 }));
     expect(v).toMatchObject({ passed: 1, failed: 1 });
     expect(v.problems[0]).toContain("status 1");

@@ -31,7 +31,12 @@ function simulatedKernel(points: number, fatal: number[]) {
     for (let point = 1; point <= points; point++) {
       if (armed > 0 && --armed === 0) {
         injected = true;
-        if (fatal.includes(point)) throw new IommufdError({ operation: "SIMULATED", errno: 12, message: "out of memory in the simulated kernel" });
+        if (fatal.includes(point))
+          throw new IommufdError({
+            operation: "SIMULATED",
+            errno: 12,
+            message: "out of memory in the simulated kernel",
+          });
       }
     }
     return "done";
@@ -61,23 +66,34 @@ describe("sweep", () => {
 
   test("a sweep whose faults never surface as an error fails: it proved nothing", () => {
     const k = simulatedKernel(3, []);
-    expect(() => sweep(k.injector, simulatedCase(k.call))).toThrow(/none of its 3 fault point\(s\) surfaced as an error/);
+    expect(() => sweep(k.injector, simulatedCase(k.call))).toThrow(
+      /none of its 3 fault point\(s\) surfaced as an error/,
+    );
   });
 
   test("an operation with no fault point at all fails unless it says why it cannot fail", () => {
     const k = simulatedKernel(0, []);
     expect(() => sweep(k.injector, simulatedCase(k.call))).toThrow(/proved nothing/);
     const why = "simulated_op() allocates nothing";
-    expect(sweep(k.injector, simulatedCase(k.call, { name: "simulated (cannot fail)", cannotFail: why }))).toMatchObject({ points: 0, cannotFail: why });
+    expect(
+      sweep(k.injector, simulatedCase(k.call, { name: "simulated (cannot fail)", cannotFail: why })),
+    ).toMatchObject({ points: 0, cannotFail: why });
   });
 
   test('"cannot fail" must be in the name and name a kernel function, and must be true', () => {
     const k = simulatedKernel(2, [1]);
-    expect(() => sweep(k.injector, simulatedCase(k.call, { cannotFail: "simulated_op() allocates nothing" }))).toThrow(/say so in its name/);
-    expect(() => sweep(k.injector, simulatedCase(k.call, { name: "x (cannot fail)", cannotFail: "it allocates nothing" }))).toThrow(/name the kernel function/);
-    expect(() => sweep(k.injector, simulatedCase(k.call, { name: "x (cannot fail)", cannotFail: "simulated_op() allocates nothing" }))).toThrow(
-      /claims it cannot fail/,
+    expect(() => sweep(k.injector, simulatedCase(k.call, { cannotFail: "simulated_op() allocates nothing" }))).toThrow(
+      /say so in its name/,
     );
+    expect(() =>
+      sweep(k.injector, simulatedCase(k.call, { name: "x (cannot fail)", cannotFail: "it allocates nothing" })),
+    ).toThrow(/name the kernel function/);
+    expect(() =>
+      sweep(
+        k.injector,
+        simulatedCase(k.call, { name: "x (cannot fail)", cannotFail: "simulated_op() allocates nothing" }),
+      ),
+    ).toThrow(/claims it cannot fail/);
   });
 
   test("a leak is caught before disposal, against the figure right after setup", () => {
@@ -117,7 +133,8 @@ describe("sweep", () => {
     let calls = 0;
     const run = () => {
       calls++;
-      if (calls === 3) throw new IommufdError({ operation: "SIMULATED", errno: 22, message: "invalid argument for no reason at all" });
+      if (calls === 3)
+        throw new IommufdError({ operation: "SIMULATED", errno: 22, message: "invalid argument for no reason at all" });
       return k.call();
     };
     expect(() => sweep(k.injector, simulatedCase(run))).toThrow(/with no fault injected/);
