@@ -25,7 +25,10 @@ function withFakeKernel<T>(body: () => T): { value: T; restore: () => void } {
   const real = symbols.ioctl;
   symbols.ioctl = () => 0;
   try {
-    return { value: body(), restore: () => void (symbols.ioctl = real) };
+    const restore = () => {
+      symbols.ioctl = real;
+    };
+    return { value: body(), restore };
   } catch (error) {
     symbols.ioctl = real;
     throw error;
