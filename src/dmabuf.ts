@@ -81,7 +81,10 @@ export class DmaBuf implements MappableFile {
  * Wrap memfd pages as a dma-buf through /dev/udmabuf. iommufd refuses these (EOPNOTSUPP); the
  * function exists to show and test that refusal, and for users who pass dma-bufs elsewhere.
  */
-export function createUdmabuf(memfd: MemfdBuffer, options: { offset?: number; size?: number; device?: string } = {}): DmaBuf {
+export function createUdmabuf(
+  memfd: MemfdBuffer,
+  options: { offset?: number; size?: number; device?: string } = {},
+): DmaBuf {
   const op = "UDMABUF_CREATE";
   const offset = options.offset ?? 0;
   const size = options.size ?? memfd.size - offset;

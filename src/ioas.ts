@@ -22,7 +22,16 @@ import { ERRNO } from "./sys/errno.ts";
 import { argumentError, IommufdError } from "./sys/error.ts";
 import { fstat, requireOpenFd } from "./sys/fd.ts";
 import { ioctl, isErrno } from "./sys/ioctl.ts";
-import { hex, type Iova, normaliseIova, positiveLength, rangeLength, rangeOffset, U64_MAX, u64 } from "./sys/validate.ts";
+import {
+  hex,
+  type Iova,
+  normaliseIova,
+  positiveLength,
+  rangeLength,
+  rangeOffset,
+  U64_MAX,
+  u64,
+} from "./sys/validate.ts";
 import { getU64, putU64 } from "./uapi/codec.ts";
 import {
   IOMMU_IOAS_ALLOW_IOVAS,
@@ -190,7 +199,11 @@ export class Ioas {
     this.assertOpen(op);
     const { fd, size } = resolveFile(file, op);
     if (typeof file !== "object" || !("closed" in file)) {
-      throw argumentError(op, "file", "a prepared mapping needs a MemfdBuffer or DmaBuf (an object that knows when it is closed)");
+      throw argumentError(
+        op,
+        "file",
+        "a prepared mapping needs a MemfdBuffer or DmaBuf (an object that knows when it is closed)",
+      );
     }
     const offset = rangeOffset(options, size, op, "file");
     const length = rangeLength(options, offset, size, op, "file");
@@ -252,7 +265,8 @@ export class Ioas {
     }
     for (const prepared of this.#prepared) {
       const at = prepared.iova;
-      if (at !== undefined && BigInt(at) >= BigInt(start) && BigInt(at) + BigInt(prepared.length) <= end) prepared.markUnmapped();
+      if (at !== undefined && BigInt(at) >= BigInt(start) && BigInt(at) + BigInt(prepared.length) <= end)
+        prepared.markUnmapped();
     }
     return unmapped;
   }
