@@ -11,7 +11,7 @@ import {
   DmaHeap,
   findPciDevices,
   Iommufd,
-  IommufdError,
+  type IommufdError,
   MemfdBuffer,
   VfioDevice,
   type DmaBuf,
@@ -641,7 +641,7 @@ describe("fault-injection sweep", () => {
 
   test("the sweep injected faults at all, and order-0 page allocations among them", () => {
     const byName = Object.fromEntries(sweepReports.map((r) => [r.name, r]));
-    expect(byName["createIoas"]!.points).toBeGreaterThanOrEqual(1);
+    expect(byName.createIoas!.points).toBeGreaterThanOrEqual(1);
     // 9 fault points with fail_page_alloc's default min-order 1; the page-table pages of the
     // mock domain are order 0 and add more once single pages can fail.
     expect(byName["mapFile (mock domain)"]!.points).toBeGreaterThanOrEqual(10);

@@ -4,7 +4,7 @@ import { readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DmaHeap, findPciDevices, Iommufd, VfioDevice } from "../../src/index.ts";
-import { counters } from "../../src/sys/libc.ts";
+import { counters } from "../../src/sys/ioctl.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
