@@ -4,8 +4,10 @@
 //
 //   bun run test [-- --unit-only | --kernel-only] [-- <extra bun test args>]
 //
-// Under CI (CI=true) the kernel tests are mandatory: no QEMU, no kernel or a broken guest fails
-// the run. Elsewhere a host that cannot run a guest skips them with one line saying why.
+// Under CI (test/support/ci.ts decides: CI set to anything but "", 0, false, no) the kernel tests
+// are mandatory: no QEMU, no kernel, a broken guest or a skipped kernel test fails the run (the
+// guest provides everything they need). Elsewhere a host that cannot run a guest skips them with
+// one line saying why. A bun test run that ends without its summary line fails, whatever its status.
 
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
