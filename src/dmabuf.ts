@@ -44,7 +44,12 @@ export class DmaBuf implements MappableFile {
   }
 
   get fd(): number {
-    if (this.#fd < 0) throw closedError("DmaBuf.fd", this.description);
+    return this.assertOpen("DmaBuf.fd");
+  }
+
+  /** Throws EBADF when closed; the fd otherwise. */
+  assertOpen(operation: string): number {
+    if (this.#fd < 0) throw closedError(operation, this.description);
     return this.#fd;
   }
 
