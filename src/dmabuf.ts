@@ -64,7 +64,10 @@ export class DmaBuf implements MappableFile {
       return `iommufd maps only single-range VFIO PCI dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF): ${because}`;
     }
     if (errno === ERRNO.ENODEV) {
-      return `${this.description} was revoked: its device was closed, reset or disabled, so its memory can no longer be mapped`;
+      return (
+        `${this.description} was revoked: its device was closed, reset or disabled, so its memory can no ` +
+        `longer be mapped`
+      );
     }
     return undefined;
   }
