@@ -14,7 +14,7 @@ import { bench, do_not_optimize, group, run, summary } from "mitata";
 import { Iommufd, MemfdBuffer, type Ioas } from "../src/index.ts";
 import { counters, ioctl as libraryIoctl, libc } from "../src/sys/libc.ts";
 import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_copy } from "../src/uapi/iommufd.ts";
-import { BENCH_IOVA } from "./cases.ts";
+import { BENCH_IOVA } from "./suite.ts";
 
 type Symbols = { ioctl: (fd: number, request: number, arg: Pointer | number) => number };
 
