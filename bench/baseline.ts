@@ -81,7 +81,8 @@ export function buildBaseline(where: { sourceDir?: string; buildDir?: string; pa
   const binaryPath = join(buildDir, "cbench");
   const stampPath = join(buildDir, "cbench.stamp.json");
   const cc = Bun.which("cc", where.path !== undefined ? { PATH: where.path } : undefined);
-  if (!cc) throw new BaselineError("no C compiler: `cc` is not in PATH (install build-essential); the C side cannot be built");
+  if (!cc)
+    throw new BaselineError("no C compiler: `cc` is not in PATH (install build-essential); the C side cannot be built");
   let include: string;
   try {
     include = uapiIncludeDir();
@@ -89,7 +90,10 @@ export function buildBaseline(where: { sourceDir?: string; buildDir?: string; pa
     throw new BaselineError(`no kernel UAPI headers for the C side: ${(error as Error).message.split("\n")[0]}`);
   }
   const version = Bun.spawnSync([cc, "--version"], { stdout: "pipe" }).stdout.toString().split("\n")[0] ?? "cc";
-  const sources = readdirSync(sourceDir).filter((n) => n.endsWith(".c")).sort().map((n) => join(sourceDir, n));
+  const sources = readdirSync(sourceDir)
+    .filter((n) => n.endsWith(".c"))
+    .sort()
+    .map((n) => join(sourceDir, n));
   mkdirSync(buildDir, { recursive: true });
   const tmp = `${binaryPath}.${process.pid}`;
   const command = [cc, "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", `-I${include}`, "-o", tmp, ...sources];
@@ -125,7 +129,8 @@ export function buildBaseline(where: { sourceDir?: string; buildDir?: string; pa
   for (const source of sources) {
     // Dependencies per source (-MD with several sources writes one .d each, named after -o).
     const dep = Bun.spawnSync([cc, "-MM", "-MF", depFile, `-I${include}`, "-std=gnu11", source], { stderr: "pipe" });
-    if (dep.exitCode !== 0) throw new BaselineError(`cc -MM ${relative(here, source)} failed:\n${dep.stderr.toString()}`);
+    if (dep.exitCode !== 0)
+      throw new BaselineError(`cc -MM ${relative(here, source)} failed:\n${dep.stderr.toString()}`);
     for (const f of depsOf(depFile)) files.add(f.startsWith("/") ? f : join(process.cwd(), f));
   }
   const compiled = Bun.spawnSync(command, { stdout: "pipe", stderr: "pipe" });
@@ -135,7 +140,11 @@ export function buildBaseline(where: { sourceDir?: string; buildDir?: string; pa
   }
   renameSync(tmp, binaryPath);
   const hashed = hashFiles([...files]);
-  if (hashed) writeFileSync(stampPath, `${JSON.stringify({ command: stampCommand, compiler: version, files: hashed } satisfies Stamp, null, 2)}\n`);
+  if (hashed)
+    writeFileSync(
+      stampPath,
+      `${JSON.stringify({ command: stampCommand, compiler: version, files: hashed } satisfies Stamp, null, 2)}\n`,
+    );
   return { binary: binaryPath, how: "built", ...info };
 }
 
@@ -208,7 +217,17 @@ export class CProcess {
 
   async measure(minMs: number): Promise<Sample> {
     const r = await this.#command(`measure ${minMs}`);
-    return { p50: r.p50!, avg: r.avg!, min: r.min!, p25: r.p25!, p75: r.p75!, p99: r.p99!, max: r.max!, samples: r.samples!, ticks: r.ticks! };
+    return {
+      p50: r.p50!,
+      avg: r.avg!,
+      min: r.min!,
+      p25: r.p25!,
+      p75: r.p75!,
+      p99: r.p99!,
+      max: r.max!,
+      samples: r.samples!,
+      ticks: r.ticks!,
+    };
   }
 
   async close(): Promise<void> {
@@ -231,8 +250,7 @@ async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string
   let pending = "";
   for await (const chunk of stream) {
     pending += decoder.decode(chunk, { stream: true });
-    let nl: number;
-    while ((nl = pending.indexOf("\n")) >= 0) {
+    for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
       const line = pending.slice(0, nl).trim();
       pending = pending.slice(nl + 1);
       if (line) yield line;

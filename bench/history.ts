@@ -93,12 +93,16 @@ export function historyTable(runs: Saved[]): string {
     const res = r.results;
     const reg = (res.changes ?? []).filter((c) => c.kind === "regression").length;
     const wall = res.wallSeconds !== undefined ? `${res.wallSeconds.toFixed(0)} s` : "";
-    lines.push(`  #${String(i + 1).padEnd(3)} ${runLabel(r).padEnd(25)} ${res.mode.padEnd(8)} ${res.schema === 2 ? "paired" : "schema 1 (unpaired best-of)"}  ${wall}  ${res.schema === 2 ? `${reg} regression(s)` : ""}  ${r.file}`);
+    lines.push(
+      `  #${String(i + 1).padEnd(3)} ${runLabel(r).padEnd(25)} ${res.mode.padEnd(8)} ${res.schema === 2 ? "paired" : "schema 1 (unpaired best-of)"}  ${wall}  ${res.schema === 2 ? `${reg} regression(s)` : ""}  ${r.file}`,
+    );
   });
   lines.push("");
   const series = seriesOf(runs);
   const w = 34;
-  lines.push(["tracked case (lib/C, speedup or time)".padEnd(w), ...runs.map((_, i) => `#${i + 1}`.padStart(9))].join(" "));
+  lines.push(
+    ["tracked case (lib/C, speedup or time)".padEnd(w), ...runs.map((_, i) => `#${i + 1}`.padStart(9))].join(" "),
+  );
   for (const s of series) {
     lines.push([s.id.padEnd(w), ...s.points.map((p) => (p ? fmt(s.metric, p) : "-").padStart(9))].join(" "));
   }
@@ -125,7 +129,10 @@ function trendSvg(s: Series, labels: string[]): string {
   const B = 40;
   const vals = s.points.flatMap((p) => (p ? [p.lo ?? p.median, p.hi ?? p.median] : []));
   if (vals.length === 0) return "";
-  const [y0, y1] = niceRange(Math.min(...vals, s.metric === "ratio" ? 1 : Infinity), Math.max(...vals, s.metric === "ratio" ? 1 : -Infinity));
+  const [y0, y1] = niceRange(
+    Math.min(...vals, s.metric === "ratio" ? 1 : Infinity),
+    Math.max(...vals, s.metric === "ratio" ? 1 : -Infinity),
+  );
   const n = s.points.length;
   const x = (i: number) => L + (n === 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (n - 1));
   const y = (v: number) => T + (H - T - B) * (1 - (v - y0) / (y1 - y0));
@@ -133,20 +140,28 @@ function trendSvg(s: Series, labels: string[]): string {
   const parts: string[] = [];
   parts.push(`<text x="${L}" y="14" class="t">${esc(s.id)} (${s.metric === "ratio" ? "lib/C" : s.metric})</text>`);
   for (const v of [y0, (y0 + y1) / 2, y1]) {
-    parts.push(`<line x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}" class="g"/><text x="${L - 4}" y="${y(v) + 4}" class="a" text-anchor="end">${esc(f(v))}</text>`);
+    parts.push(
+      `<line x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}" class="g"/><text x="${L - 4}" y="${y(v) + 4}" class="a" text-anchor="end">${esc(f(v))}</text>`,
+    );
   }
-  if (s.metric === "ratio" && y0 <= 1 && 1 <= y1) parts.push(`<line x1="${L}" x2="${W - R}" y1="${y(1)}" y2="${y(1)}" class="one"/>`);
+  if (s.metric === "ratio" && y0 <= 1 && 1 <= y1)
+    parts.push(`<line x1="${L}" x2="${W - R}" y1="${y(1)}" y2="${y(1)}" class="one"/>`);
   let path = "";
   s.points.forEach((p, i) => {
     if (!p) return;
     path += `${path ? "L" : "M"}${x(i).toFixed(1)},${y(p.median).toFixed(1)}`;
-    if (p.lo !== undefined && p.hi !== undefined) parts.push(`<line x1="${x(i)}" x2="${x(i)}" y1="${y(p.lo)}" y2="${y(p.hi)}" class="e"/>`);
-    parts.push(`<circle cx="${x(i)}" cy="${y(p.median)}" r="3" class="${p.lo === undefined ? "old" : "p"}"><title>${esc(`${labels[i]}: ${f(p.median)}${p.lo !== undefined ? ` [${f(p.lo)}, ${f(p.hi!)}]` : " (no interval: schema 1)"}`)}</title></circle>`);
+    if (p.lo !== undefined && p.hi !== undefined)
+      parts.push(`<line x1="${x(i)}" x2="${x(i)}" y1="${y(p.lo)}" y2="${y(p.hi)}" class="e"/>`);
+    parts.push(
+      `<circle cx="${x(i)}" cy="${y(p.median)}" r="3" class="${p.lo === undefined ? "old" : "p"}"><title>${esc(`${labels[i]}: ${f(p.median)}${p.lo !== undefined ? ` [${f(p.lo)}, ${f(p.hi!)}]` : " (no interval: schema 1)"}`)}</title></circle>`,
+    );
   });
   parts.push(`<path d="${path}" class="l"/>`);
   labels.forEach((lab, i) => {
     if (n > 8 && i % Math.ceil(n / 8) !== 0 && i !== n - 1) return;
-    parts.push(`<text x="${x(i)}" y="${H - B + 14}" class="a" text-anchor="middle">${esc(lab.split(" ").pop()!)}</text>`);
+    parts.push(
+      `<text x="${x(i)}" y="${H - B + 14}" class="a" text-anchor="middle">${esc(lab.split(" ").pop()!)}</text>`,
+    );
   });
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">${parts.join("")}</svg>`;
 }
@@ -177,10 +192,23 @@ function sizeSvg(run: Saved): string {
   const ly1 = Math.ceil(Math.log10(Math.max(...ys)));
   const x = (b: number) => L + ((Math.log10(b) - lx0) / (lx1 - lx0 || 1)) * (W - L - R);
   const y = (ns: number) => T + (1 - (Math.log10(ns) - ly0) / (ly1 - ly0 || 1)) * (H - T - B);
-  const colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
+  const colors = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#7f7f7f",
+    "#bcbd22",
+  ];
   const parts: string[] = [];
   for (let e = ly0; e <= ly1; e++) {
-    parts.push(`<line x1="${L}" x2="${W - R}" y1="${y(10 ** e)}" y2="${y(10 ** e)}" class="g"/><text x="${L - 4}" y="${y(10 ** e) + 4}" class="a" text-anchor="end">${esc(formatNs(10 ** e))}</text>`);
+    parts.push(
+      `<line x1="${L}" x2="${W - R}" y1="${y(10 ** e)}" y2="${y(10 ** e)}" class="g"/><text x="${L - 4}" y="${y(10 ** e) + 4}" class="a" text-anchor="end">${esc(formatNs(10 ** e))}</text>`,
+    );
   }
   for (const b of [...new Set(xs)].sort((a, c) => a - c)) {
     const label = b >= 2 ** 30 ? `${b / 2 ** 30} GiB` : b >= 2 ** 20 ? `${b / 2 ** 20} MiB` : `${b / 1024} KiB`;
@@ -190,11 +218,17 @@ function sizeSvg(run: Saved): string {
     const color = colors[i % colors.length]!;
     const sorted = [...list].sort((a, b) => a.bytes! - b.bytes!);
     const line = (pick: (c: CaseResult) => Interval | undefined, dash: string) => {
-      const pts = sorted.flatMap((c) => (pick(c) ? [`${x(c.bytes!).toFixed(1)},${y(pick(c)!.median).toFixed(1)}`] : []));
-      if (pts.length) parts.push(`<polyline points="${pts.join(" ")}" fill="none" stroke="${color}" stroke-width="1.6"${dash}/>`);
+      const pts = sorted.flatMap((c) =>
+        pick(c) ? [`${x(c.bytes!).toFixed(1)},${y(pick(c)!.median).toFixed(1)}`] : [],
+      );
+      if (pts.length)
+        parts.push(`<polyline points="${pts.join(" ")}" fill="none" stroke="${color}" stroke-width="1.6"${dash}/>`);
       for (const c of sorted) {
         const v = pick(c);
-        if (v) parts.push(`<circle cx="${x(c.bytes!)}" cy="${y(v.median)}" r="2.5" fill="${color}"><title>${esc(`${c.id} ${dash ? "C" : "lib"}: ${formatNs(v.median)}`)}</title></circle>`);
+        if (v)
+          parts.push(
+            `<circle cx="${x(c.bytes!)}" cy="${y(v.median)}" r="2.5" fill="${color}"><title>${esc(`${c.id} ${dash ? "C" : "lib"}: ${formatNs(v.median)}`)}</title></circle>`,
+          );
       }
     };
     line((c) => c.lib, "");
@@ -215,7 +249,10 @@ svg{background:#fff;border:1px solid #ddd;margin:4px}.t{font:600 12px sans-serif
 .old{fill:#fff;stroke:#1f77b4}.l{fill:none;stroke:#1f77b4;stroke-width:1.2}table{border-collapse:collapse;font-size:12px}
 td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}td:first-child,th:first-child{text-align:left}`;
   const rows = runs
-    .map((r, i) => `<tr><td>#${i + 1}</td><td>${esc(labels[i]!)}</td><td>${esc(r.results.mode)}</td><td>${r.results.schema === 2 ? "paired rounds" : "schema 1"}</td><td>${r.results.wallSeconds !== undefined ? `${r.results.wallSeconds.toFixed(0)} s` : ""}</td><td>${esc(r.file)}</td></tr>`)
+    .map(
+      (r, i) =>
+        `<tr><td>#${i + 1}</td><td>${esc(labels[i]!)}</td><td>${esc(r.results.mode)}</td><td>${r.results.schema === 2 ? "paired rounds" : "schema 1"}</td><td>${r.results.wallSeconds !== undefined ? `${r.results.wallSeconds.toFixed(0)} s` : ""}</td><td>${esc(r.file)}</td></tr>`,
+    )
     .join("");
   return `<!doctype html><html><head><meta charset="utf-8"><title>bun-iommufd bench history</title><style>${style}</style></head><body>
 <h1>bun-iommufd: <code>bun bench</code> history</h1>
@@ -242,7 +279,9 @@ export function history(argv: string[]): number {
       return 2;
     }
   }
-  const runs = readResults().filter((r) => r.results.mode !== "quick").slice(-last);
+  const runs = readResults()
+    .filter((r) => r.results.mode !== "quick")
+    .slice(-last);
   if (runs.length === 0) {
     console.log("no saved runs in bench/results/");
     return 0;

@@ -67,7 +67,10 @@ export function checkLayout(kind: Layout["kind"], address: number, length: numbe
  * first, then odd ones, so that no two neighbours come from consecutive allocations; "huge": 2 MiB
  * hugetlb pages (contiguous by construction).
  */
-export function layoutBuffer(size: number, kind: "scattered" | "huge" | "single-page"): { buffer: MemfdBuffer; layout: Layout } {
+export function layoutBuffer(
+  size: number,
+  kind: "scattered" | "huge" | "single-page",
+): { buffer: MemfdBuffer; layout: Layout } {
   const buffer = MemfdBuffer.create(size, { name: "bun-iommufd-bench", hugePages: kind === "huge" ? "2MB" : false });
   try {
     const bytes = buffer.bytes;

@@ -59,7 +59,10 @@ interface Args {
 }
 
 function usage(): string {
-  return readFileSync(import.meta.path, "utf8").split("*/")[0]!.replace(/^\/\*\*\n/, "").replace(/^ \* ?/gm, "");
+  return readFileSync(import.meta.path, "utf8")
+    .split("*/")[0]!
+    .replace(/^\/\*\*\n/, "")
+    .replace(/^ \* ?/gm, "");
 }
 
 function parseArgs(argv: string[]): Args {
@@ -67,12 +70,24 @@ function parseArgs(argv: string[]): Args {
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     switch (a) {
-      case "--quick": args.tier = "quick"; break;
-      case "--full": args.tier = "full"; break;
-      case "--json": args.json = true; break;
-      case "--save": args.save = true; break;
-      case "--no-c": args.noC = true; break;
-      case "--child": args.child = true; break;
+      case "--quick":
+        args.tier = "quick";
+        break;
+      case "--full":
+        args.tier = "full";
+        break;
+      case "--json":
+        args.json = true;
+        break;
+      case "--save":
+        args.save = true;
+        break;
+      case "--no-c":
+        args.noC = true;
+        break;
+      case "--child":
+        args.child = true;
+        break;
       case "--filter": {
         const source = argv[++i];
         if (source === undefined) throw new Error("--filter needs a regular expression");
@@ -80,7 +95,8 @@ function parseArgs(argv: string[]): Args {
         args.filterSource = source;
         break;
       }
-      case "-h": case "--help":
+      case "-h":
+      case "--help":
         console.log(usage());
         process.exit(0);
         break;
@@ -201,9 +217,17 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
       ...mode,
       statistic: "median over the rounds of each round's median time per operation (mitata's p50; the same rule in C)",
       order: "per case, sides alternate round by round: C, lib (, ref) then (ref,) lib, C, ...; a ratio per round",
-      interval: "order-statistic interval of the median over rounds, confidence >= 95% where the round count allows (min..max for 6-8 rounds)",
+      interval:
+        "order-statistic interval of the median over rounds, confidence >= 95% where the round count allows (min..max for 6-8 rounds)",
     },
-    env: { mock: env.mock, edu: env.edu !== undefined, hugeFreeMiB: env.hugeFree / MiB, pagemap: env.pagemap, shmemThp, ...env.extra },
+    env: {
+      mock: env.mock,
+      edu: env.edu !== undefined,
+      hugeFreeMiB: env.hugeFree / MiB,
+      pagemap: env.pagemap,
+      shmemThp,
+      ...env.extra,
+    },
     planned: cases.map((c) => c.id),
     cases: results,
     skipped,
@@ -239,7 +263,11 @@ export function smokeProblems(results: Pick<Results, "planned" | "cases" | "skip
 }
 
 /** Dates, names and files the measuring side cannot know or write (the guest's tree is read-only). */
-function finish(args: Args, m: Measurement, extra: { host?: Results["host"]; build?: Build; bootSeconds?: number }): number {
+function finish(
+  args: Args,
+  m: Measurement,
+  extra: { host?: Results["host"]; build?: Build; bootSeconds?: number },
+): number {
   const results: Results = {
     schema: 2,
     date: new Date().toISOString(),
@@ -249,7 +277,14 @@ function finish(args: Args, m: Measurement, extra: { host?: Results["host"]; bui
     filter: args.filterSource,
     ...m,
     host: extra.host,
-    cBuild: extra.build ? { how: extra.build.how, command: extra.build.command, compiler: extra.build.compiler, headers: extra.build.headers } : undefined,
+    cBuild: extra.build
+      ? {
+          how: extra.build.how,
+          command: extra.build.command,
+          compiler: extra.build.compiler,
+          headers: extra.build.headers,
+        }
+      : undefined,
     bootSeconds: extra.bootSeconds,
     wallSeconds: (performance.now() - started) / 1000,
     threshold: THRESHOLD,
@@ -273,7 +308,9 @@ function finish(args: Args, m: Measurement, extra: { host?: Results["host"]; bui
   say();
   if (previous) {
     const reg = results.changes.filter((c) => c.kind === "regression");
-    say(`compared with ${previous.file}: ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s) (intervals apart by more than ${THRESHOLD * 100}%)`);
+    say(
+      `compared with ${previous.file}: ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s) (intervals apart by more than ${THRESHOLD * 100}%)`,
+    );
     for (const c of results.changes) say(c.text);
   } else {
     say(`no earlier ${results.mode} results to compare with`);
@@ -282,7 +319,9 @@ function finish(args: Args, m: Measurement, extra: { host?: Results["host"]; bui
   let path: string;
   try {
     path = save(results, args.save);
-    say(`results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds?.toFixed(0)} s in all)`);
+    say(
+      `results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds?.toFixed(0)} s in all)`,
+    );
   } catch (error) {
     say((error as Error).message);
     status = 1;
@@ -292,7 +331,9 @@ function finish(args: Args, m: Measurement, extra: { host?: Results["host"]; bui
   const problems =
     results.mode === "quick"
       ? smokeProblems(results, isCI)
-      : results.cases.flatMap((c) => (c.errors.length || !c.lib ? [`${c.id}: ${c.errors.join("; ") || "no figure"}`] : []));
+      : results.cases.flatMap((c) =>
+          c.errors.length || !c.lib ? [`${c.id}: ${c.errors.join("; ") || "no figure"}`] : [],
+        );
   if (problems.length) {
     say(`${results.mode === "quick" ? "smoke test FAILED" : "run had failures"}:`);
     for (const p of problems) say(`  ${p}`);
@@ -326,7 +367,9 @@ async function viaGuest(args: Args): Promise<number> {
     say(`benchmarks skipped: no /dev/iommu here and no test guest (${available.reason})`);
     return isCI ? 1 : 0;
   }
-  say("no /dev/iommu here: the benchmarks run in the QEMU/TCG guest (vm/run.ts); absolute times are emulated, ratios count");
+  say(
+    "no /dev/iommu here: the benchmarks run in the QEMU/TCG guest (vm/run.ts); absolute times are emulated, ratios count",
+  );
   let kernel: string;
   try {
     kernel = await kernelImage();

@@ -22,8 +22,10 @@ const ns = (i: Interval | undefined) => (i ? formatNs(i.median) : "-");
 
 function source(results: Results, file: string): string {
   const where = results.vm ? "the QEMU/TCG guest (emulated time: compare ratios, not times)" : "a host with /dev/iommu";
-  return `From \`bench/results/${file}\` (${results.mode} run, commit ${results.commit}, ${results.date.slice(0, 10)}, ${where}; ` +
-    `${results.settings.rounds} paired rounds per case: median, and in brackets the interval of the median).`;
+  return (
+    `From \`bench/results/${file}\` (${results.mode} run, commit ${results.commit}, ${results.date.slice(0, 10)}, ${where}; ` +
+    `${results.settings.rounds} paired rounds per case: median, and in brackets the interval of the median).`
+  );
 }
 
 function find(results: Results, id: string): CaseResult | undefined {
@@ -32,7 +34,12 @@ function find(results: Results, id: string): CaseResult | undefined {
 
 /** README.md: the headline ratios. */
 function summaryBlock(results: Results, file: string): string {
-  const lines = [source(results, file), "", "| library time / C time, same memory, same run | no domain | mock domain | edu (VT-d) |", "| --- | --- | --- | --- |"];
+  const lines = [
+    source(results, file),
+    "",
+    "| library time / C time, same memory, same run | no domain | mock domain | edu (VT-d) |",
+    "| --- | --- | --- | --- |",
+  ];
   const row = (label: string, op: string) => {
     const cell = (d: string) => r3(find(results, `${op}/${d}/4KiB`)?.ratio);
     lines.push(`| ${label} | ${cell("none")} | ${cell("mock")} | ${cell("edu")} |`);
@@ -42,7 +49,11 @@ function summaryBlock(results: Results, file: string): string {
   row("4 KiB, `ioas.mapFile()` + `mapping.unmap()`", "mapFile");
   const large = results.cases.filter((c) => c.ratio && (c.bytes ?? 0) >= 2 * 2 ** 20 && c.id.startsWith("mapFile/"));
   if (large.length) {
-    lines.push("", "| `mapFile` + `unmap`, 2 MiB and more | lib/C | C per pair | library per pair |", "| --- | --- | --- | --- |");
+    lines.push(
+      "",
+      "| `mapFile` + `unmap`, 2 MiB and more | lib/C | C per pair | library per pair |",
+      "| --- | --- | --- | --- |",
+    );
     for (const c of large) lines.push(`| \`${c.id}\` | ${r3(c.ratio)} | ${ns(c.c)} | ${ns(c.lib)} |`);
   }
   const heap = results.cases.filter((c) => c.speedup);
@@ -55,17 +66,32 @@ function summaryBlock(results: Results, file: string): string {
 
 /** bench/README.md: why the layout matters, in figures. */
 function layoutBlock(results: Results, file: string): string {
-  const lines = [source(results, file), "", "| case | layout (checked) | C per pair | library per pair | lib/C |", "| --- | --- | --- | --- | --- |"];
-  const cases = results.cases.filter((c) => c.layout && (c.layout.kind === "scattered" || c.layout.kind === "huge") && c.c);
-  for (const c of cases) lines.push(`| \`${c.id}\` | ${layoutNote(c.layout)} | ${ns(c.c)} | ${ns(c.lib)} | ${r3(c.ratio)} |`);
+  const lines = [
+    source(results, file),
+    "",
+    "| case | layout (checked) | C per pair | library per pair | lib/C |",
+    "| --- | --- | --- | --- | --- |",
+  ];
+  const cases = results.cases.filter(
+    (c) => c.layout && (c.layout.kind === "scattered" || c.layout.kind === "huge") && c.c,
+  );
+  for (const c of cases)
+    lines.push(`| \`${c.id}\` | ${layoutNote(c.layout)} | ${ns(c.c)} | ${ns(c.lib)} | ${r3(c.ratio)} |`);
   return lines.join("\n");
 }
 
 /** bench/README.md: every case of the file. */
 function allBlock(results: Results, file: string): string {
-  const lines = [source(results, file), "", "| case | library | C | lib/C | reference | speedup |", "| --- | --- | --- | --- | --- | --- |"];
+  const lines = [
+    source(results, file),
+    "",
+    "| case | library | C | lib/C | reference | speedup |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ];
   for (const c of results.cases) {
-    lines.push(`| \`${c.id}\` | ${ns(c.lib)} | ${ns(c.c)} | ${r3(c.ratio)} | ${ns(c.ref)} | ${c.speedup ? x1(c.speedup) : "-"} |`);
+    lines.push(
+      `| \`${c.id}\` | ${ns(c.lib)} | ${ns(c.c)} | ${r3(c.ratio)} | ${ns(c.ref)} | ${c.speedup ? x1(c.speedup) : "-"} |`,
+    );
   }
   return lines.join("\n");
 }

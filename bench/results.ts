@@ -44,8 +44,8 @@ export interface Change {
   id: string;
   kind: "regression" | "improvement";
   metric: "ratio" | "speedup";
-  then: Interval;
-  now: Interval;
+  before: Interval;
+  after: Interval;
   /** C time per op now over then (the machine's own drift), when both runs have it. */
   cChange?: number;
   text: string;
@@ -81,7 +81,12 @@ export function machine(): Machine {
   } catch {
     // no /proc
   }
-  return { cpu: list[0]?.model ?? "unknown", cores: list.length, memoryGiB: Math.round((totalmem() / GiB) * 10) / 10, kernel };
+  return {
+    cpu: list[0]?.model ?? "unknown",
+    cores: list.length,
+    memoryGiB: Math.round((totalmem() / GiB) * 10) / 10,
+    kernel,
+  };
 }
 
 export const resultsDir = join(import.meta.dir, "results");
@@ -109,7 +114,8 @@ export function readResults(dir = resultsDir): Saved[] {
     const path = join(dir, name);
     try {
       const results = JSON.parse(readFileSync(path, "utf8")) as Results;
-      if ((results.schema === 2 || (results.schema as number) === 1) && Array.isArray(results.cases)) out.push({ file: name, path, results });
+      if ((results.schema === 2 || (results.schema as number) === 1) && Array.isArray(results.cases))
+        out.push({ file: name, path, results });
     } catch {
       // not ours, or half written
     }
@@ -145,14 +151,20 @@ export function compare(now: Results, then: Results, threshold = THRESHOLD): Cha
     const p = before.get(c.id);
     if (!c.tracked || !p) continue;
     const cChange = c.c && p.c ? c.c.median / p.c.median : undefined;
-    const cNote = cChange !== undefined ? `; C itself ${cChange >= 1 ? "+" : ""}${((cChange - 1) * 100).toFixed(1)}%` : "";
+    const cNote =
+      cChange !== undefined ? `; C itself ${cChange >= 1 ? "+" : ""}${((cChange - 1) * 100).toFixed(1)}%` : "";
     if (c.ratio && p.ratio) {
       const worse = c.ratio.lo > p.ratio.hi * (1 + threshold);
       const better = c.ratio.hi < p.ratio.lo / (1 + threshold);
       if (worse || better) {
         const kind = worse ? "regression" : "improvement";
         out.push({
-          id: c.id, kind, metric: "ratio", then: p.ratio, now: c.ratio, cChange,
+          id: c.id,
+          kind,
+          metric: "ratio",
+          before: p.ratio,
+          after: c.ratio,
+          cChange,
           text: `${worse ? "REGRESSION" : "improved  "} ${c.id}: lib/C ${fmtInterval(c.ratio)}, was ${fmtInterval(p.ratio)}${cNote}`,
         });
       }
@@ -163,7 +175,11 @@ export function compare(now: Results, then: Results, threshold = THRESHOLD): Cha
       if (worse || better) {
         const f1 = (x: number) => x.toFixed(1);
         out.push({
-          id: c.id, kind: worse ? "regression" : "improvement", metric: "speedup", then: p.speedup, now: c.speedup,
+          id: c.id,
+          kind: worse ? "regression" : "improvement",
+          metric: "speedup",
+          before: p.speedup,
+          after: c.speedup,
           text: `${worse ? "REGRESSION" : "improved  "} ${c.id}: speedup ${fmtInterval(c.speedup, f1)}x, was ${fmtInterval(p.speedup, f1)}x`,
         });
       }
@@ -209,7 +225,11 @@ export function save(results: Results, saveFlag: boolean): string {
 
 function rate(bytesPerSec: number | undefined): string {
   if (bytesPerSec === undefined || !Number.isFinite(bytesPerSec)) return "";
-  return bytesPerSec >= 100 ? bytesPerSec.toFixed(0) : bytesPerSec >= 1 ? bytesPerSec.toFixed(2) : bytesPerSec.toPrecision(2);
+  return bytesPerSec >= 100
+    ? bytesPerSec.toFixed(0)
+    : bytesPerSec >= 1
+      ? bytesPerSec.toFixed(2)
+      : bytesPerSec.toPrecision(2);
 }
 
 function pad(cells: string[], widths: number[]): string {
@@ -225,7 +245,18 @@ export function tables(results: Results): string {
     lines.push(pad(["case", "lib/op", "C/op", "lib/C median [interval]", "lib GiB/s"], w));
     lines.push(w.map((n) => "-".repeat(n)).join("  "));
     for (const c of withC) {
-      lines.push(pad([c.id, c.lib ? formatNs(c.lib.median) : "error", c.c ? formatNs(c.c.median) : "n/a", fmtInterval(c.ratio), rate(c.gibPerSec)], w));
+      lines.push(
+        pad(
+          [
+            c.id,
+            c.lib ? formatNs(c.lib.median) : "error",
+            c.c ? formatNs(c.c.median) : "n/a",
+            fmtInterval(c.ratio),
+            rate(c.gibPerSec),
+          ],
+          w,
+        ),
+      );
     }
     lines.push("");
   }
@@ -235,7 +266,17 @@ export function tables(results: Results): string {
     lines.push(pad(["case", "lib/op", "reference/op", "speedup median [interval]"], w));
     lines.push(w.map((n) => "-".repeat(n)).join("  "));
     for (const c of withRef) {
-      lines.push(pad([c.id, c.lib ? formatNs(c.lib.median) : "error", c.ref ? formatNs(c.ref.median) : "n/a", fmtInterval(c.speedup, (x) => `${x.toFixed(1)}x`)], w));
+      lines.push(
+        pad(
+          [
+            c.id,
+            c.lib ? formatNs(c.lib.median) : "error",
+            c.ref ? formatNs(c.ref.median) : "n/a",
+            fmtInterval(c.speedup, (x) => `${x.toFixed(1)}x`),
+          ],
+          w,
+        ),
+      );
     }
     lines.push("");
   }
@@ -262,7 +303,9 @@ export function tables(results: Results): string {
 
 /** mitata's box plot of the per-round ratios of every case with a C side. */
 export function ratioPlot(results: Results, colors: boolean): string {
-  const $ = (mitata as unknown as { $: { boxplot: { ascii(map: object, key: number, size: number, o: object): string[] } } }).$;
+  const $ = (
+    mitata as unknown as { $: { boxplot: { ascii(map: object, key: number, size: number, o: object): string[] } } }
+  ).$;
   const map: Record<string, { min: number; max: number; p25: number; p75: number; avg: number }> = {};
   for (const c of results.cases) {
     const r = c.rounds.flatMap((x) => (x.ratio !== undefined ? [x.ratio] : [])).sort((a, b) => a - b);

@@ -128,7 +128,11 @@ function iteration(op: () => unknown, k: number, isAsync: boolean): () => unknow
   };
 }
 
-async function warmUp(op: () => unknown, rule: RunMode["warmup"], maxMs: number): Promise<{ ops: number; isAsync: boolean }> {
+async function warmUp(
+  op: () => unknown,
+  rule: RunMode["warmup"],
+  maxMs: number,
+): Promise<{ ops: number; isAsync: boolean }> {
   const first = op();
   const isAsync = first instanceof Promise;
   if (isAsync) await first;
@@ -146,8 +150,15 @@ async function warmUp(op: () => unknown, rule: RunMode["warmup"], maxMs: number)
 async function measureLib(op: () => unknown, k: number, isAsync: boolean, minMs: number): Promise<Sample> {
   const s = await measure(iteration(op, k, isAsync), { min_cpu_time: minMs * 1e6 });
   return {
-    p50: s.p50 / k, avg: s.avg / k, min: s.min / k, p25: s.p25 / k, p75: s.p75 / k, p99: s.p99 / k, max: s.max / k,
-    samples: s.samples.length, ticks: s.ticks * k,
+    p50: s.p50 / k,
+    avg: s.avg / k,
+    min: s.min / k,
+    p25: s.p25 / k,
+    p75: s.p75 / k,
+    p99: s.p99 / k,
+    max: s.max / k,
+    samples: s.samples.length,
+    ticks: s.ticks * k,
   };
 }
 
@@ -161,8 +172,18 @@ export async function runCase(
   firstCase: boolean,
 ): Promise<CaseResult> {
   const result: CaseResult = {
-    id: spec.id, suite: spec.suite, title: spec.title, bytes: spec.bytes, k: spec.k, tier: spec.tier,
-    tracked: spec.tracked, cPlanned: spec.c, refPlanned: spec.reference ?? false, rounds: [], warmupOps: {}, errors: [],
+    id: spec.id,
+    suite: spec.suite,
+    title: spec.title,
+    bytes: spec.bytes,
+    k: spec.k,
+    tier: spec.tier,
+    tracked: spec.tracked,
+    cPlanned: spec.c,
+    refPlanned: spec.reference ?? false,
+    rounds: [],
+    warmupOps: {},
+    errors: [],
   };
   let instance: CaseInstance | undefined;
   let c: CProcess | undefined;
@@ -175,7 +196,11 @@ export async function runCase(
 
     const lib = instance.lib;
     const ref = instance.reference;
-    const libWarm = await warmUp(lib, mode.warmup, firstCase ? Math.max(mode.warmup.maxMs, mode.processWarmupMs) : mode.warmup.maxMs);
+    const libWarm = await warmUp(
+      lib,
+      mode.warmup,
+      firstCase ? Math.max(mode.warmup.maxMs, mode.processWarmupMs) : mode.warmup.maxMs,
+    );
     result.warmupOps.lib = libWarm.ops;
     let refWarm: { ops: number; isAsync: boolean } | undefined;
     if (ref) {

@@ -39,7 +39,11 @@ function heapCase(size: number, tier: Tier): Omit<BenchCase, "suite"> {
         scope.keep(MockDomain.attach(ioas));
         const heap = scope.keep(DmaHeap.create(ioas, { size: 64 * MiB, iova: MOCK_APERTURE_START }));
         const live = Array.from({ length: HEAP_LIVE }, () => heap.alloc(size));
-        scope.keep({ close: () => live.forEach((b) => b.free()) });
+        scope.keep({
+          close: () => {
+            for (const b of live) b.free();
+          },
+        });
         const buffer = scope.keep(MemfdBuffer.create(size));
         buffer.bytes.fill(1);
         const mapOptions = { length: size };

@@ -2,11 +2,24 @@
  * The map suite: one map + unmap pair per operation, through the library's public API, against
  * the same ioctls in C (bench/baseline/ops_map.c) on the same iommufd, IOAS and memfd/dma-buf.
  */
-import { Iommufd, MemfdBuffer, VfioDevice, type Ioas, type MappableFile } from "../../src/index.ts";
+import { Iommufd, type MemfdBuffer, VfioDevice, type Ioas, type MappableFile } from "../../src/index.ts";
 import { MockDomain } from "../../src/selftest.ts";
 import { layoutBuffer } from "../layout.ts";
 import { rawMapFilePair } from "../rawffi.ts";
-import { BENCH_IOVA, defineSuite, GiB, KiB, MiB, Scope, sizeLabel, type BenchCase, type BenchEnv, type CaseInstance, type Layout, type Tier } from "../suite.ts";
+import {
+  BENCH_IOVA,
+  defineSuite,
+  GiB,
+  KiB,
+  MiB,
+  Scope,
+  sizeLabel,
+  type BenchCase,
+  type BenchEnv,
+  type CaseInstance,
+  type Layout,
+  type Tier,
+} from "../suite.ts";
 
 /** edu's BAR0 is 1 MiB: dma-bufs of it are at most that. */
 const EDU_BAR0 = 1 * MiB;
@@ -55,7 +68,13 @@ function id(p: Plan): string {
 function plans(): Plan[] {
   const out: Plan[] = [];
   const add = (tier: Tier, op: MapOp, domain: Domain, size: number, layout?: LayoutKind) =>
-    out.push({ op, domain, size, tier, layout: layout ?? (op === "vfioDmabuf" ? "device" : size <= 4 * KiB ? "single-page" : "scattered") });
+    out.push({
+      op,
+      domain,
+      size,
+      tier,
+      layout: layout ?? (op === "vfioDmabuf" ? "device" : size <= 4 * KiB ? "single-page" : "scattered"),
+    });
   // The per-call overhead, where the library's own cost shows most.
   for (const op of ["rawFfi", "prepared", "mapFile"] as const) add("quick", op, "none", 4 * KiB);
   for (const op of ["prepared", "mapFile", "map", "copy"] as const) add("quick", op, "mock", 4 * KiB);

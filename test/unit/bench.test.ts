@@ -13,7 +13,15 @@ import { compare, hostPaths, scrubbed, type Results } from "../../bench/results.
 import { interval, type CaseResult, type Interval } from "../../bench/runner.ts";
 import { TIERS, type BenchEnv } from "../../bench/suite.ts";
 
-const env: BenchEnv = { mock: true, edu: "0000:00:03.0", hugeFree: 512 << 20, memAvailable: 3 * 2 ** 30, pagemap: true, vm: true, extra: {} };
+const env: BenchEnv = {
+  mock: true,
+  edu: "0000:00:03.0",
+  hugeFree: 512 << 20,
+  memAvailable: 3 * 2 ** 30,
+  pagemap: true,
+  vm: true,
+  extra: {},
+};
 
 function iv(median: number, lo: number, hi: number): Interval {
   return { median, lo, hi, confidence: 0.97, n: 6 };
@@ -21,8 +29,21 @@ function iv(median: number, lo: number, hi: number): Interval {
 
 function caseResult(id: string, ratio: Interval | undefined, extra: Partial<CaseResult> = {}): CaseResult {
   return {
-    id, suite: "map", title: id, k: 1, tier: "default", tracked: true, cPlanned: true, refPlanned: false, rounds: [],
-    lib: iv(100, 90, 110), c: iv(80, 75, 85), ratio, warmupOps: {}, errors: [], ...extra,
+    id,
+    suite: "map",
+    title: id,
+    k: 1,
+    tier: "default",
+    tracked: true,
+    cPlanned: true,
+    refPlanned: false,
+    rounds: [],
+    lib: iv(100, 90, 110),
+    c: iv(80, 75, 85),
+    ratio,
+    warmupOps: {},
+    errors: [],
+    ...extra,
   };
 }
 
@@ -87,11 +108,16 @@ describe("the smoke test fails", () => {
     expect(smokeProblems({ planned: ["a"], cases: [good], skipped: [] }, true)).toEqual([]);
   });
   test("when a planned case did not report", () => {
-    expect(smokeProblems({ planned: ["a", "b"], cases: [good], skipped: [] }, false)).toEqual(["b: planned but did not report"]);
+    expect(smokeProblems({ planned: ["a", "b"], cases: [good], skipped: [] }, false)).toEqual([
+      "b: planned but did not report",
+    ]);
   });
   test("when a case has no C figure or ratio", () => {
     const noC = caseResult("a", undefined, { c: undefined });
-    expect(smokeProblems({ planned: ["a"], cases: [noC], skipped: [] }, false)).toEqual(["a: no C figure", "a: no ratio"]);
+    expect(smokeProblems({ planned: ["a"], cases: [noC], skipped: [] }, false)).toEqual([
+      "a: no C figure",
+      "a: no ratio",
+    ]);
   });
   test("when a case skipped under CI, not outside it", () => {
     const skipped = [{ id: "b", reason: "no mock domain" }];
@@ -158,7 +184,9 @@ describe("the C side", () => {
   test("without a compiler is an error, not an old binary", () => {
     const dir = copy();
     buildBaseline({ sourceDir: dir, buildDir: join(dir, "build") });
-    expect(() => buildBaseline({ sourceDir: dir, buildDir: join(dir, "build"), path: "/nonexistent" })).toThrow(BaselineError);
+    expect(() => buildBaseline({ sourceDir: dir, buildDir: join(dir, "build"), path: "/nonexistent" })).toThrow(
+      BaselineError,
+    );
   }, 60_000);
 
   test("receives the library side's descriptors and reports what the kernel said", async () => {
@@ -171,8 +199,12 @@ describe("the C side", () => {
       await expect(c.warmUp(10, 0, 100)).rejects.toThrow(/errno 25/);
       await c.close();
       // One missing: the C side says which.
-      await expect(CProcess.start(binary, { op: "map_file", fds: [fd], args: [1, 4096, 1 << 24] }, 1)).rejects.toThrow(/fd 4/);
-      await expect(CProcess.start(binary, { op: "nonsense", fds: [], args: [] }, 1)).rejects.toThrow(/no op named nonsense/);
+      await expect(CProcess.start(binary, { op: "map_file", fds: [fd], args: [1, 4096, 1 << 24] }, 1)).rejects.toThrow(
+        /fd 4/,
+      );
+      await expect(CProcess.start(binary, { op: "nonsense", fds: [], args: [] }, 1)).rejects.toThrow(
+        /no op named nonsense/,
+      );
     } finally {
       closeSync(fd);
     }
