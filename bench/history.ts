@@ -124,7 +124,7 @@ function trendSvg(s: Series, labels: string[]): string {
   const W = 420;
   const H = 170;
   const L = 52;
-  const R = 10;
+  const R = 34;
   const T = 22;
   const B = 40;
   const vals = s.points.flatMap((p) => (p ? [p.lo ?? p.median, p.hi ?? p.median] : []));
