@@ -189,19 +189,31 @@ export function sweep<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepRe
       error = e;
     }
     const injected = failNth.hit();
-    if (error !== undefined && !(error instanceof IommufdError)) {
-      throw new Error(`${c.name}, fault point ${n}: not an IommufdError: ${String(error)}`, { cause: error });
+    let typed: IommufdError | undefined;
+    try {
+      if (error !== undefined && !(error instanceof IommufdError)) {
+        throw new Error(`${c.name}, fault point ${n}: not an IommufdError: ${String(error)}`, { cause: error });
+      }
+      typed = error as IommufdError | undefined;
+      if (typed) {
+        expect(typed.errno).toBeGreaterThan(0);
+        expect(typed.message.length).toBeGreaterThan(20);
+      }
+      c.verify(env, { result, error: typed, injected });
+      if (!typed) c.release?.(env, result as T);
+      // Before dispose: closing the iommufd would release every pin whatever the library did.
+      const expected = c.expectUsage?.({ beforeSetup, afterSetup }) ?? afterSetup;
+      expect({ point: n, ...usage() }).toEqual({ point: n, ...expected });
+    } catch (failure) {
+      // Release what this point holds (an open device stays bound otherwise, and the next test's
+      // bind would fail for a reason that is not its own), then report the first failure.
+      try {
+        c.dispose(env);
+      } catch {
+        // the failure above is the one to report
+      }
+      throw failure;
     }
-    const typed = error as IommufdError | undefined;
-    if (typed) {
-      expect(typed.errno).toBeGreaterThan(0);
-      expect(typed.message.length).toBeGreaterThan(20);
-    }
-    c.verify(env, { result, error: typed, injected });
-    if (!typed) c.release?.(env, result as T);
-    // Before dispose: closing the iommufd would release every pin whatever the library did.
-    const expected = c.expectUsage?.({ beforeSetup, afterSetup }) ?? afterSetup;
-    expect({ point: n, ...usage() }).toEqual({ point: n, ...expected });
     c.dispose(env);
     expect({ point: n, ...usage() }).toEqual({ point: n, ...beforeSetup });
     if (!injected) {
