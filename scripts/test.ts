@@ -17,6 +17,13 @@ import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 const root = resolve(import.meta.dir, "..");
 const ci = isCI();
 
+/**
+ * Per-test time limits, passed on the command line: bun test (1.4.5) ignores `timeout` in
+ * bunfig.toml and would stop every test at 5 s, too short for a TCG guest on a shared machine.
+ */
+export const UNIT_TEST_ARGS = ["--timeout", "30000"];
+export const KERNEL_TEST_ARGS = ["--timeout", "120000"];
+
 const tally = { passed: 0, failed: 0, skipped: 0 };
 const timings: string[] = [];
 const problems: string[] = [];
@@ -197,13 +204,13 @@ async function lint(): Promise<void> {
 
 async function unitTests(extra: string[]): Promise<void> {
   header("unit tests (host)");
-  await bunTestOnHost("unit tests", ["./test/unit", ...extra]);
+  await bunTestOnHost("unit tests", [...UNIT_TEST_ARGS, "./test/unit", ...extra]);
 }
 
 async function kernelTests(extra: string[]): Promise<void> {
   if (existsSync("/dev/iommu")) {
     header("kernel tests (host /dev/iommu)");
-    await bunTestOnHost("kernel tests", ["./test/kernel", ...extra], { skipsFail: ci });
+    await bunTestOnHost("kernel tests", [...KERNEL_TEST_ARGS, "./test/kernel", ...extra], { skipsFail: ci });
     return;
   }
   const available = vmAvailability();
@@ -221,7 +228,7 @@ async function kernelTests(extra: string[]): Promise<void> {
   header("kernel tests (QEMU guest)");
   const t = tee();
   const result = await runInGuest({
-    command: ["bun", "test", "./test/kernel", ...extra],
+    command: ["bun", "test", ...KERNEL_TEST_ARGS, "./test/kernel", ...extra],
     cwd: root,
     onStdout: t.out,
     onStderr: t.err,

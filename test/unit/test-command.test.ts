@@ -7,7 +7,7 @@ import { describe, expect, test } from "bun:test";
 import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { judgeRun, parseBunTestSummary, skippedTests } from "../../scripts/test.ts";
+import { judgeRun, KERNEL_TEST_ARGS, parseBunTestSummary, skippedTests, UNIT_TEST_ARGS } from "../../scripts/test.ts";
 import { isCI } from "../support/ci.ts";
 
 const root = join(import.meta.dir, "../..");
@@ -112,6 +112,26 @@ describe("judging a bun test run", () => {
     expect(parseBunTestSummary("pass 4\nRan 4 tests")).toMatchObject({ found: false, pass: 0 });
     expect(skippedTests("(skip) x [0.1ms]\n(pass) y\n(todo) z")).toEqual(["x [0.1ms]", "z"]);
   });
+});
+
+describe("time limits", () => {
+  test("the limit the test command passes really holds: a 5.5 s test passes (bun's default stops it at 5 s)", () => {
+    const dir = mkdtempSync(join(tmpdir(), "timeout-"));
+    try {
+      writeFileSync(
+        join(dir, "slow.test.ts"),
+        `import { test } from "bun:test";\ntest("slow", () => Bun.sleepSync(5500));\n`,
+      );
+      const withLimit = Bun.spawnSync([process.execPath, "test", ...UNIT_TEST_ARGS, "./slow.test.ts"], {
+        cwd: dir,
+        stderr: "pipe",
+      });
+      expect(parseBunTestSummary(withLimit.stderr.toString())).toMatchObject({ pass: 1, fail: 0, found: true });
+      expect(Number(KERNEL_TEST_ARGS[1])).toBeGreaterThanOrEqual(60_000);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 20_000);
 });
 
 describe(".ci/run", () => {
