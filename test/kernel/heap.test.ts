@@ -84,15 +84,18 @@ describe("DmaHeap", () => {
       const control = syscallsBetween(text, `${tag}-control-begin`, `${tag}-control-end`);
       const whole = straceSummary(text);
       console.log(
-        `strace, 1,000 heap alloc/free pairs: ${JSON.stringify(pairs)}; control (one iovaRanges): ${JSON.stringify(control)}; ` +
+        `strace, 1,000 heap alloc/free pairs: all threads ${JSON.stringify(pairs.all)}, JS thread ` +
+          `${JSON.stringify(pairs.markerThread)}; control (one iovaRanges): ${JSON.stringify(control.all)}; ` +
           `whole process: ${whole.total} syscalls, ${whole.ioctl ?? 0} ioctls`,
       );
-      expect(pairs.ioctl ?? 0).toBe(0);
+      // No ioctl on any thread while the pairs ran (what other threads do, GC and JIT futexes and
+      // madvise, is theirs; the counts are printed above).
+      expect(pairs.all.ioctl ?? 0).toBe(0);
       expect(report).toMatchObject({ pairs: 1000, ioctlsPairs: 0 });
       // The control proves strace sees this process's ioctls through bun:ffi: iovaRanges' ioctls,
-      // as many as the library's counter says, between their markers.
+      // as many as the library's counter says, on the JS thread between their markers.
       expect(report.ioctlsControl).toBeGreaterThanOrEqual(1);
-      expect(control.ioctl).toBe(report.ioctlsControl);
+      expect(control.markerThread.ioctl).toBe(report.ioctlsControl);
     } finally {
       rmSync(log, { force: true });
     }

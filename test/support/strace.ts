@@ -3,21 +3,35 @@
  * access(2) or similar whose argument contains a unique marker string).
  */
 
-/** Syscall name -> how many calls, over every thread, between the first line naming `begin` and the first naming `end` after it. */
-export function syscallsBetween(log: string, begin: string, end: string): Record<string, number> {
+/** Calls between two markers: over every thread, and on the thread that wrote the markers. */
+export interface SyscallWindow {
+  all: Record<string, number>;
+  /** The thread that made the marker calls (the JS thread that ran the measured code). */
+  markerThread: Record<string, number>;
+}
+
+/**
+ * Syscall name -> how many calls between the first line naming `begin` and the first naming `end`
+ * after it, over every thread and on the marker's own thread.
+ */
+export function syscallsBetween(log: string, begin: string, end: string): SyscallWindow {
   const lines = log.split("\n");
   const from = lines.findIndex((l) => l.includes(begin));
   if (from < 0) throw new Error(`strace log: no line with the marker ${begin}`);
   const to = lines.findIndex((l, i) => i > from && l.includes(end));
   if (to < 0) throw new Error(`strace log: no line with the marker ${end} after ${begin}`);
-  const counts: Record<string, number> = {};
+  const thread = /^(?:\[pid\s+)?(\d+)/.exec(lines[from]!)?.[1];
+  const window: SyscallWindow = { all: {}, markerThread: {} };
   for (const line of lines.slice(from + 1, to)) {
     // "PID name(args) = ret" or "PID name(args <unfinished ...>"; "<... name resumed>" is the same
     // call again, and "--- SIG..." / "+++ exited" are not calls.
-    const m = /^(?:\[pid\s+)?\d+\]?\s+([a-z_][a-z0-9_]*)\(/.exec(line);
-    if (m) counts[m[1]!] = (counts[m[1]!] ?? 0) + 1;
+    const m = /^(?:\[pid\s+)?(\d+)\]?\s+([a-z_][a-z0-9_]*)\(/.exec(line);
+    if (!m) continue;
+    const name = m[2]!;
+    window.all[name] = (window.all[name] ?? 0) + 1;
+    if (m[1] === thread) window.markerThread[name] = (window.markerThread[name] ?? 0) + 1;
   }
-  return counts;
+  return window;
 }
 
 /** The per-syscall call counts of strace's -c / -C summary table. */

@@ -32,12 +32,13 @@ const log = `23925 futex(0x69018c8, FUTEX_WAKE_PRIVATE, 2147483647) = 0
 
 test("counts each call once across threads, not its resumption, signals or exits", () => {
   expect(syscallsBetween(log, "t-pairs-begin", "t-pairs-end")).toEqual({
-    mmap: 1,
-    rt_sigprocmask: 2,
-    rseq: 1,
-    set_robust_list: 1,
+    all: { mmap: 1, rt_sigprocmask: 2, rseq: 1, set_robust_list: 1 },
+    markerThread: { mmap: 1, rt_sigprocmask: 2 },
   });
-  expect(syscallsBetween(log, "t-control-begin", "t-control-end")).toEqual({ ioctl: 2 });
+  expect(syscallsBetween(log, "t-control-begin", "t-control-end")).toEqual({
+    all: { ioctl: 2 },
+    markerThread: { ioctl: 2 },
+  });
 });
 
 test("a missing marker is an error, not an empty count", () => {
