@@ -179,6 +179,15 @@ async function kernelTests(extra: string[]): Promise<void> {
 }
 
 /**
+ * The guest as a command (test/vm, on the host): bad input to `bun-iommufd vm`, and a consumer
+ * project that depends on the packed package and runs its own edu DMA test in the guest.
+ */
+async function vmCommandTests(extra: string[]): Promise<void> {
+  header("test guest as a command (bad input; consumer project with the packed package)");
+  await bunTestOnHost("vm command tests", ["./test/vm", ...extra]);
+}
+
+/**
  * `bun bench --quick` end to end (C baseline build, guest, both sides, report): counts as one
  * test. It asserts that the benchmark runs and reports every case, never a timing.
  */
@@ -265,6 +274,7 @@ async function main(argv: string[]): Promise<number> {
     await timed("unit tests", () => unitTests(extra));
   }
   if (kernel) await timed("kernel tests", () => kernelTests(extra));
+  if (kernel) await timed("vm command tests", () => vmCommandTests(extra));
   if (kernel && bench && (existsSync("/dev/iommu") || vmAvailability().ok)) await timed("bench smoke", benchSmoke);
 
   console.log("");

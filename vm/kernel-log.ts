@@ -31,6 +31,7 @@ export function kernelWarnings(log: string): string[] {
   const reports: string[] = [];
   let current: string[] | undefined;
   const flush = () => {
+    while (current?.length && current.at(-1)!.trim() === "") current.pop();
     if (current?.some((l) => !l.includes("[ cut here ]"))) reports.push(current.join("\n"));
     current = undefined;
   };

@@ -530,14 +530,16 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
     const said = qemuErr.split("\n").filter(Boolean).slice(-3).join("; ");
     return { ...base, outcome: "refused", bootSeconds, reason: `QEMU could not start the guest (status ${qemuExit}): ${said}` };
   }
+  const plain = consoleText.replaceAll("\r", "");
+  const panic = /Kernel panic[^\n]*/.exec(plain)?.[0]?.trim();
   if (Number.isNaN(bootSeconds)) {
     const why = killedFor === "boot"
       ? `the command had not started after ${c.bootTimeoutMs / 1000} s`
-      : `QEMU exited with status ${qemuExit} before the command started`;
+      : panic
+        ? `the guest kernel panicked before the command started (${panic})`
+        : `QEMU exited with status ${qemuExit} before the command started`;
     return { ...base, outcome: "early-death", bootSeconds, reason: why };
   }
-  const plain = consoleText.replaceAll("\r", "");
-  const panic = /Kernel panic[^\n]*/.exec(plain)?.[0]?.trim();
   const cause = /(BUG:|Oops:|general protection fault)[^\n]*/.exec(plain)?.[0]?.trim();
   return {
     ...base,
