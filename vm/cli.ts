@@ -47,6 +47,7 @@ run:
   --cwd DIR          run the command there (default: the current directory)
   --out DIR          copy what the command wrote to $IOMMUFD_VM_OUT into DIR
   --allow-kernel-warnings   a kernel WARNING/BUG during the command is a note, not a failure
+  --panic-on-warn    stop the guest at the first kernel WARNING (shows which step caused it)
   --check            list what this host lacks to run the guest, and how to install it
   -h, --help         this text
 
@@ -131,6 +132,9 @@ export function parseArgs(argv: string[]): GuestOptions & { check?: boolean; hel
         break;
       case "--allow-kernel-warnings":
         opts.allowKernelWarnings = true;
+        break;
+      case "--panic-on-warn":
+        opts.panicOnWarn = true;
         break;
       case "--device":
         try {

@@ -70,6 +70,8 @@ export interface GuestOptions {
   diskDir?: string;
   /** A kernel WARNING/BUG while the command runs only gets a note instead of failing the run. */
   allowKernelWarnings?: boolean;
+  /** Boot with panic_on_warn=1: the first WARNING stops the guest at once (shows which test). */
+  panicOnWarn?: boolean;
   /** A bzImage to boot instead of the one vm/kernel.sh builds. */
   kernel?: string;
   /** Host directory that receives whatever the command wrote to $IOMMUFD_VM_OUT in the guest. */
@@ -371,6 +373,8 @@ interface Attempt {
   outcome: "done" | "early-death" | "refused" | "setup" | "died" | "timeout";
   exitCode?: number;
   bootSeconds: number;
+  /** From the start of this process to the command starting. */
+  sinceLaunch?: number;
   /** Guest uptime when the command started: the kernel's and init's share of bootSeconds. */
   guestUptime?: number;
   reason?: string;
@@ -391,6 +395,7 @@ interface AttemptConfig {
   memory: string;
   cpus: number;
   kvm: boolean;
+  panicOnWarn: boolean;
   iommu: IommuModel;
   devices: PlacedDevice[];
   deadline: number;
@@ -420,6 +425,9 @@ function qemuArgs(c: AttemptConfig, share: string, consoleLog: string): string[]
     "quiet",
     "no_timer_check",
     "log_buf_len=8M",
+    // A WARNING's lines are below the console level of `quiet`; replaying the log at panic time
+    // (when the console turns verbose) puts them in the console log the runner reports.
+    ...(c.panicOnWarn ? ["panic_on_warn=1", "panic_console_replay=1"] : []),
   ];
   // For debugging the guest, e.g. IOMMUFD_VM_APPEND="loglevel=7" to see the whole boot.
   if (process.env.IOMMUFD_VM_APPEND) append.push(process.env.IOMMUFD_VM_APPEND);
@@ -475,6 +483,7 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   const out = new Tail(join(share, "stdout"), c.onStdout);
   const err = new Tail(join(share, "stderr"), c.onStderr);
   let bootSeconds = NaN;
+  let sinceLaunch = NaN;
   let commandDone: number | undefined;
   let killedFor: "timeout" | "boot" | "poweroff" | undefined;
   try {
@@ -483,7 +492,11 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
       out.pump();
       err.pump();
       const now = performance.now();
-      if (Number.isNaN(bootSeconds) && existsSync(join(share, "started"))) bootSeconds = (now - started) / 1000;
+      if (Number.isNaN(bootSeconds) && existsSync(join(share, "started"))) {
+        bootSeconds = (now - started) / 1000;
+        // performance.now() counts from this process's start: what a user waits after typing.
+        sinceLaunch = now / 1000;
+      }
       if (commandDone === undefined && existsSync(join(share, "exit-code"))) commandDone = now;
       if (qemuExit !== undefined) break;
       if (now > c.deadline) killedFor = "timeout";
@@ -514,7 +527,9 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
     const uptime = Number.parseFloat(readFileSync(join(share, "started"), "utf8"));
     const dmesgFile = join(share, "dmesg");
     const dmesg = existsSync(dmesgFile) ? readFileSync(dmesgFile, "utf8") : undefined;
-    if (!Number.isNaN(code)) return { ...base, outcome: "done", exitCode: code, bootSeconds, guestUptime: uptime, dmesg };
+    if (!Number.isNaN(code)) {
+      return { ...base, outcome: "done", exitCode: code, bootSeconds, sinceLaunch, guestUptime: uptime, dmesg };
+    }
   }
   if (killedFor === "timeout") return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
   const fatalFile = join(share, "fatal");
@@ -665,6 +680,7 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
     memory: opts.memory ?? "4G",
     cpus,
     kvm: opts.kvm ?? process.env.IOMMUFD_VM_KVM === "1",
+    panicOnWarn: opts.panicOnWarn ?? false,
     iommu: opts.iommu ?? "intel",
     devices,
     deadline: t0 + timeoutSeconds * 1000,
@@ -735,7 +751,8 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
           log(`[vm] error: ${message}`);
         }
       }
-      log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}, total ${total.toFixed(1)} s, exit status ${exitCode}${retried ? " (after one retry)" : ""}`);
+      const launch = a.sinceLaunch === undefined || Number.isNaN(a.sinceLaunch) ? "" : `, ${a.sinceLaunch.toFixed(1)} s after launch`;
+      log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}${launch}, total ${total.toFixed(1)} s, exit status ${exitCode}${retried ? " (after one retry)" : ""}`);
       rmSync(dir, { recursive: true, force: true });
       return {
         exitCode,
@@ -755,6 +772,8 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
     if (a.outcome !== "refused") {
       log(`[vm] last console lines (full log: ${consoleLog}):`);
       log(lastLines(a.consoleLog, 40));
+      const reports = existsSync(a.consoleLog) ? kernelWarnings(readFileSync(a.consoleLog, "latin1")) : [];
+      if (reports.length) log(`[vm] the kernel's first report on the console:\n${reports[0]}`);
     }
     if (qemuErr) log(`[vm] QEMU said:\n${qemuErr.split("\n").slice(-15).join("\n")}`);
     const reason = a.outcome === "timeout" ? `timed out after ${timeoutSeconds} s` : (a.reason ?? "the guest failed");
