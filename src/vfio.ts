@@ -14,6 +14,7 @@ import { argumentError, closedError, IommufdError, syscallError } from "./sys/er
 import { closeFd, openPath, preadInto, pwriteFrom } from "./sys/fd.ts";
 import { ioctl, lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "./sys/libc.ts";
 import { hex, u64 } from "./sys/validate.ts";
+import { enableIrq, irqInfo, releaseIrqs, type EnableIrqOptions, type IrqInfo, type IrqKind, type IrqSet } from "./vfio/irq.ts";
 import {
   VFIO_DEVICE_ATTACH_IOMMUFD_PT,
   VFIO_DEVICE_BIND_IOMMUFD,
@@ -440,12 +441,31 @@ export class VfioDevice {
     return new DmaBuf(fd, { origin: "vfio", size, description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}` });
   }
 
+  /** VFIO_DEVICE_GET_IRQ_INFO of one interrupt index ("intx", "msi", "msix", "err", "req" or a number). */
+  irqInfo(kind: IrqKind | number): IrqInfo {
+    return irqInfo(this, kind);
+  }
+
+  /** The interrupt info of every index the device reports (vfio-pci: INTx, MSI, MSI-X, ERR, REQ). */
+  irqs(): IrqInfo[] {
+    return Array.from({ length: this.info().numIrqs }, (_, index) => irqInfo(this, index));
+  }
+
   /**
-   * Close the device. Its register mappings are unmapped; the kernel detaches it, unbinds it and
+   * Enable vectors 0..n-1 of an interrupt index, each with its own eventfd; see IrqSet. MSI and
+   * MSI-X turn bus mastering on (an MSI is a memory write by the device).
+   */
+  enableIrq(kind: IrqKind, options?: EnableIrqOptions): IrqSet {
+    return enableIrq(this, kind, options);
+  }
+
+  /**
+   * Close the device. Its interrupts are disabled first; its register mappings are unmapped; the kernel detaches it, unbinds it and
    * revokes dma-bufs exported from it. Idempotent.
    */
   close(): void {
     if (this.#fd < 0) return;
+    releaseIrqs(this);
     for (const region of this.#regions) region.unmap();
     const fd = this.#fd;
     this.#fd = -1;
