@@ -64,7 +64,12 @@ export class Edu {
     const { toRam, iova, deviceOffset, count } = options;
     this.#checkDma(iova, deviceOffset, count);
     const device = EDU_BUFFER + deviceOffset;
-    this.#program(toRam ? device : iova, toRam ? iova : device, count, DMA_START | DMA_RAISE_IRQ | (toRam ? DMA_TO_RAM : 0));
+    this.#program(
+      toRam ? device : iova,
+      toRam ? iova : device,
+      count,
+      DMA_START | DMA_RAISE_IRQ | (toRam ? DMA_TO_RAM : 0),
+    );
   }
 
   /** Whether a DMA is still running. */
@@ -85,7 +90,9 @@ export class Edu {
   #checkDma(iova: number, deviceOffset: number, count: number): void {
     // QEMU 7.2's edu aborts the VM on a transfer that ends exactly at the buffer's end.
     if (deviceOffset < 0 || deviceOffset + count >= EDU_BUFFER_SIZE) {
-      throw new Error(`edu DMA must stay strictly inside the 4 KiB device buffer (offset ${deviceOffset}, count ${count})`);
+      throw new Error(
+        `edu DMA must stay strictly inside the 4 KiB device buffer (offset ${deviceOffset}, count ${count})`,
+      );
     }
     if (iova + count > EDU_DMA_LIMIT) throw new Error(`edu cannot reach IOVA 0x${iova.toString(16)} (28-bit DMA)`);
   }

@@ -77,7 +77,10 @@ export class DmaBuf implements MappableFile {
  * Wrap memfd pages as a dma-buf through /dev/udmabuf. iommufd refuses these (EOPNOTSUPP); the
  * function exists to show and test that refusal, and for users who pass dma-bufs elsewhere.
  */
-export function createUdmabuf(memfd: MemfdBuffer, options: { offset?: number; size?: number; device?: string } = {}): DmaBuf {
+export function createUdmabuf(
+  memfd: MemfdBuffer,
+  options: { offset?: number; size?: number; device?: string } = {},
+): DmaBuf {
   const op = "UDMABUF_CREATE";
   const offset = options.offset ?? 0;
   const size = options.size ?? memfd.size - offset;
@@ -89,7 +92,11 @@ export function createUdmabuf(memfd: MemfdBuffer, options: { offset?: number; si
     const fd = ioctl(dev, UDMABUF_CREATE, cmd.address);
     if (fd < 0) {
       const errno = lastErrno();
-      throw syscallError(op, errno, errno === ERRNO.EINVAL ? "the memfd range must be page aligned and sealed against shrinking" : undefined);
+      throw syscallError(
+        op,
+        errno,
+        errno === ERRNO.EINVAL ? "the memfd range must be page aligned and sealed against shrinking" : undefined,
+      );
     }
     return new DmaBuf(fd, { origin: "udmabuf", size, description: `udmabuf of memfd "${memfd.name}"` });
   } finally {

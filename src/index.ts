@@ -39,7 +39,15 @@ export {
   type RegionCapability,
   type RegionInfo,
 } from "./vfio.ts";
-export { IrqSet, IrqVector, IRQ_INDEX, type EnableIrqOptions, type IrqInfo, type IrqKind, type WaitOptions } from "./vfio/irq.ts";
+export {
+  IrqSet,
+  IrqVector,
+  IRQ_INDEX,
+  type EnableIrqOptions,
+  type IrqInfo,
+  type IrqKind,
+  type WaitOptions,
+} from "./vfio/irq.ts";
 export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./dmabuf.ts";
 export { DmaHeap, DmaBuffer, AddressRule, type DmaHeapOptions, type DmaHeapStats } from "./heap/dma-heap.ts";
 export { OffsetAllocator, type OffsetAllocatorOptions, type OffsetAllocatorStats } from "./heap/allocator.ts";

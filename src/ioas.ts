@@ -156,7 +156,11 @@ export class Ioas {
 
   #requireAlive(operation: string): number {
     if (!this.#alive) {
-      throw new IommufdError({ operation, errno: ERRNO.EBADF, message: `IOAS ${this.id} ${this.#goneBecause}; it cannot be used any more` });
+      throw new IommufdError({
+        operation,
+        errno: ERRNO.EBADF,
+        message: `IOAS ${this.id} ${this.#goneBecause}; it cannot be used any more`,
+      });
     }
     return this.iommufd.requireFd(operation);
   }
@@ -167,10 +171,15 @@ export class Ioas {
     this.#requireAlive(op);
     const { address, size } = resolveMemory(source, op);
     const offset = options.offset === undefined ? 0 : (u64(options.offset, op, "options.offset") as number);
-    if (offset >= size) throw argumentError(op, "options.offset", `offset ${offset} is past the end of the ${size}-byte source`);
+    if (offset >= size)
+      throw argumentError(op, "options.offset", `offset ${offset} is past the end of the ${size}-byte source`);
     const length = options.length === undefined ? size - offset : positiveLength(options.length, op, "options.length");
     if (offset + length > size) {
-      throw argumentError(op, "options.length", `${length} bytes from offset ${offset} run past the end of the ${size}-byte source`);
+      throw argumentError(
+        op,
+        "options.length",
+        `${length} bytes from offset ${offset} run past the end of the ${size}-byte source`,
+      );
     }
     const iova = fixedIova(options, op);
     const w = MAP.words;
@@ -204,7 +213,8 @@ export class Ioas {
     let length: number;
     if (options.length === undefined) {
       if (size === undefined) throw argumentError(op, "options.length", "the file's size is unknown: give a length");
-      if (offset >= size) throw argumentError(op, "options.offset", `offset ${offset} is at or past the end of the ${size}-byte file`);
+      if (offset >= size)
+        throw argumentError(op, "options.offset", `offset ${offset} is at or past the end of the ${size}-byte file`);
       length = size - offset;
     } else {
       length = positiveLength(options.length, op, "options.length");
@@ -246,16 +256,33 @@ export class Ioas {
     this.#requireAlive(op);
     const { fd, size } = resolveFile(file, op);
     if (typeof file !== "object" || !("closed" in file)) {
-      throw argumentError(op, "file", "a prepared mapping needs a MemfdBuffer or DmaBuf (an object that knows when it is closed)");
+      throw argumentError(
+        op,
+        "file",
+        "a prepared mapping needs a MemfdBuffer or DmaBuf (an object that knows when it is closed)",
+      );
     }
     const offset = options.offset === undefined ? 0 : (u64(options.offset, op, "options.offset") as number);
     const fileSize = size ?? 0;
-    const length = options.length === undefined ? fileSize - offset : positiveLength(options.length, op, "options.length");
+    const length =
+      options.length === undefined ? fileSize - offset : positiveLength(options.length, op, "options.length");
     if (length <= 0 || offset + length > fileSize) {
-      throw argumentError(op, "options.length", `${length} bytes from offset ${offset} do not fit in the ${fileSize}-byte file`);
+      throw argumentError(
+        op,
+        "options.length",
+        `${length} bytes from offset ${offset} do not fit in the ${fileSize}-byte file`,
+      );
     }
     const iova = fixedIova(options, op);
-    const prepared = new PreparedMapping(this, file as MappableFile & { readonly closed: boolean }, fd, offset, length, mapFlags(options, op, iova), iova);
+    const prepared = new PreparedMapping(
+      this,
+      file as MappableFile & { readonly closed: boolean },
+      fd,
+      offset,
+      length,
+      mapFlags(options, op, iova),
+      iova,
+    );
     this.#prepared.add(prepared);
     return prepared;
   }
@@ -274,7 +301,10 @@ export class Ioas {
   /** @internal For PreparedMapping: the same error text unmap() would give. */
   unmapError(op: string, errno: number, iova: Iova, length: number): IommufdError {
     return syscallError(op, errno, describeUnmapError(errno, iova, length), {
-      hint: errno === ERRNO.ENOENT ? "the kernel also says ENOENT when the unmap itself failed: the range may still be mapped" : undefined,
+      hint:
+        errno === ERRNO.ENOENT
+          ? "the kernel also says ENOENT when the unmap itself failed: the range may still be mapped"
+          : undefined,
     });
   }
 
@@ -304,7 +334,11 @@ export class Ioas {
     const errno = this.iommufd.call(IOMMU_IOAS_COPY, copyCmd, op);
     if (errno) {
       if (errno === ERRNO.ENOENT) {
-        throw syscallError(op, errno, `nothing is mapped at ${hex(srcIova)}..+${hex(length)} in IOAS ${from.id}, or the range does not cover whole mappings`);
+        throw syscallError(
+          op,
+          errno,
+          `nothing is mapped at ${hex(srcIova)}..+${hex(length)} in IOAS ${from.id}, or the range does not cover whole mappings`,
+        );
       }
       throw this.#mapError(op, errno, iova, length);
     }
@@ -329,7 +363,8 @@ export class Ioas {
     }
     for (const prepared of this.#prepared) {
       const at = prepared.iova;
-      if (at !== undefined && BigInt(at) >= BigInt(start) && BigInt(at) + BigInt(prepared.length) <= end) prepared.markUnmapped();
+      if (at !== undefined && BigInt(at) >= BigInt(start) && BigInt(at) + BigInt(prepared.length) <= end)
+        prepared.markUnmapped();
     }
     return unmapped;
   }
@@ -354,7 +389,8 @@ export class Ioas {
     if (errno) {
       // ENOENT on unmap-all means "empty" only when nothing was recorded: the kernel also answers
       // ENOENT when the unmap itself failed, and then the mappings are still there.
-      if (errno === ERRNO.ENOENT && all && this.#mappings.size === 0 && ![...this.#prepared].some((p) => p.mapped)) return 0;
+      if (errno === ERRNO.ENOENT && all && this.#mappings.size === 0 && ![...this.#prepared].some((p) => p.mapped))
+        return 0;
       throw syscallError(op, errno, describeUnmapError(errno, iova, length), {
         hint:
           errno === ERRNO.ENOENT
@@ -393,7 +429,12 @@ export class Ioas {
     let capacity = 8;
     for (;;) {
       const array = new Uint8Array(capacity * iommu_iova_range.size);
-      rangesCmd.fill({ size: iommu_ioas_iova_ranges.size, ioas_id: this.id, num_iovas: capacity, allowed_iovas: ptr(array) });
+      rangesCmd.fill({
+        size: iommu_ioas_iova_ranges.size,
+        ioas_id: this.id,
+        num_iovas: capacity,
+        allowed_iovas: ptr(array),
+      });
       const errno = this.iommufd.call(IOMMU_IOAS_IOVA_RANGES, rangesCmd, op);
       const count = rangesCmd.get("num_iovas");
       if (errno === ERRNO.EMSGSIZE && count > capacity) {
@@ -431,7 +472,12 @@ export class Ioas {
       view.setBigUint64(i * 16, start, true);
       view.setBigUint64(i * 16 + 8, last, true);
     });
-    allowCmd.fill({ size: iommu_ioas_allow_iovas.size, ioas_id: this.id, num_iovas: ranges.length, allowed_iovas: ptr(array) });
+    allowCmd.fill({
+      size: iommu_ioas_allow_iovas.size,
+      ioas_id: this.id,
+      num_iovas: ranges.length,
+      allowed_iovas: ptr(array),
+    });
     const errno = this.iommufd.call(IOMMU_IOAS_ALLOW_IOVAS, allowCmd, op);
     if (errno) {
       const message =
@@ -491,16 +537,22 @@ export class Ioas {
   }
 
   #mapError(op: string, errno: number, iova: Iova | undefined, length: number): IommufdError {
-    const where = iova === undefined ? `${hex(length)} bytes` : `IOVA range ${hex(iova)}..${hex(addIova(iova, length - 1))}`;
+    const where =
+      iova === undefined ? `${hex(length)} bytes` : `IOVA range ${hex(iova)}..${hex(addIova(iova, length - 1))}`;
     switch (errno) {
       case ERRNO.EEXIST:
         return syscallError(op, errno, `${where} overlaps an existing mapping`, { argument: "options.iova" });
       case ERRNO.ENOSPC:
         return syscallError(op, errno, `no free IOVA range of ${hex(length)} bytes is left in IOAS ${this.id}`);
       case ERRNO.ENOMEM:
-        return syscallError(op, errno, `cannot pin ${hex(length)} bytes: out of memory or over the locked-memory limit`, {
-          hint: "raise RLIMIT_MEMLOCK (ulimit -l) or map less",
-        });
+        return syscallError(
+          op,
+          errno,
+          `cannot pin ${hex(length)} bytes: out of memory or over the locked-memory limit`,
+          {
+            hint: "raise RLIMIT_MEMLOCK (ulimit -l) or map less",
+          },
+        );
       case ERRNO.EFAULT:
         return syscallError(op, errno, "the source memory is not mapped in this process");
       case ERRNO.EBADF:
@@ -508,7 +560,9 @@ export class Ioas {
       case ERRNO.ENOENT:
         return syscallError(op, errno, `IOAS ${this.id} does not exist in this iommufd`);
       case ERRNO.EOVERFLOW:
-        return syscallError(op, errno, `${where} wraps past the end of the 64-bit IOVA space`, { argument: "options.iova" });
+        return syscallError(op, errno, `${where} wraps past the end of the 64-bit IOVA space`, {
+          argument: "options.iova",
+        });
       case ERRNO.EINVAL:
         return syscallError(op, errno, this.#explainInvalid(iova, length));
       default:
@@ -518,7 +572,8 @@ export class Ioas {
 
   /** EINVAL from a map: ask the kernel which rule the request broke, so the message can say it. */
   #explainInvalid(iova: Iova | undefined, length: number): string {
-    if (iova === undefined) return `the kernel refused to map ${hex(length)} bytes (bad source, or a file type it cannot map)`;
+    if (iova === undefined)
+      return `the kernel refused to map ${hex(length)} bytes (bad source, or a file type it cannot map)`;
     let info: IovaRanges;
     try {
       info = this.iovaRanges();
@@ -665,7 +720,15 @@ export class PreparedMapping {
     this.#fixed = iova !== undefined;
     this.#iova = iova;
     this.#isClosed = () => file.closed;
-    this.#map.fill({ size: iommu_ioas_map_file.size, flags, ioas_id: ioas.id, fd, start: offset, length, iova: iova ?? 0 });
+    this.#map.fill({
+      size: iommu_ioas_map_file.size,
+      flags,
+      ioas_id: ioas.id,
+      fd,
+      start: offset,
+      length,
+      iova: iova ?? 0,
+    });
     this.#unmap.fill({ size: iommu_ioas_unmap.size, ioas_id: ioas.id, iova: iova ?? 0, length });
   }
 
@@ -682,7 +745,11 @@ export class PreparedMapping {
   map(): Iova {
     const op = "PreparedMapping.map";
     if (this.#mapped) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EEXIST, message: `already mapped at IOVA ${hex(this.#iova!)}; unmap it first` });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EEXIST,
+        message: `already mapped at IOVA ${hex(this.#iova!)}; unmap it first`,
+      });
     }
     // The fd number of a closed file may already belong to another file: never map it blindly.
     if (this.#isClosed()) throw closedFileError(op);
@@ -727,7 +794,12 @@ export class PreparedMapping {
 }
 
 function closedFileError(operation: string): IommufdError {
-  return new IommufdError({ operation, errno: ERRNO.EBADF, argument: "file", message: "the prepared file was closed; prepare again with an open one" });
+  return new IommufdError({
+    operation,
+    errno: ERRNO.EBADF,
+    argument: "file",
+    message: "the prepared file was closed; prepare again with an open one",
+  });
 }
 
 function fixedIova(options: MapOptions, op: string): Iova | undefined {

@@ -116,7 +116,10 @@ export class MemfdBuffer {
     if (fd < 0) {
       const errno = lastErrno();
       throw syscallError("memfd_create", errno, `cannot create a memfd "${name}"`, {
-        hint: huge && errno === ERRNO.EINVAL ? `the kernel has no ${huge} hugetlbfs pool (CONFIG_HUGETLBFS, or this page size is unsupported)` : undefined,
+        hint:
+          huge && errno === ERRNO.EINVAL
+            ? `the kernel has no ${huge} hugetlbfs pool (CONFIG_HUGETLBFS, or this page size is unsupported)`
+            : undefined,
       });
     }
     try {

@@ -20,7 +20,11 @@ function testCmd(iommufd: Iommufd, operation: string, values: Parameters<typeof 
   const rc = ioctl(iommufd.requireFd(operation), IOMMU_TEST_CMD, cmd.address);
   if (rc < 0) {
     const errno = lastErrno();
-    throw syscallError(operation, errno, errno === ERRNO.ENOTTY ? "this kernel was built without CONFIG_IOMMUFD_TEST" : undefined);
+    throw syscallError(
+      operation,
+      errno,
+      errno === ERRNO.ENOTTY ? "this kernel was built without CONFIG_IOMMUFD_TEST" : undefined,
+    );
   }
   return rc;
 }

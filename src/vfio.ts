@@ -14,7 +14,15 @@ import { argumentError, closedError, IommufdError, syscallError } from "./sys/er
 import { closeFd, openPath, preadInto, pwriteFrom } from "./sys/fd.ts";
 import { ioctl, lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "./sys/libc.ts";
 import { hex, u64 } from "./sys/validate.ts";
-import { enableIrq, irqInfo, releaseIrqs, type EnableIrqOptions, type IrqInfo, type IrqKind, type IrqSet } from "./vfio/irq.ts";
+import {
+  enableIrq,
+  irqInfo,
+  releaseIrqs,
+  type EnableIrqOptions,
+  type IrqInfo,
+  type IrqKind,
+  type IrqSet,
+} from "./vfio/irq.ts";
 import {
   VFIO_DEVICE_ATTACH_IOMMUFD_PT,
   VFIO_DEVICE_BIND_IOMMUFD,
@@ -118,7 +126,11 @@ export class VfioDevice {
   static open(pathOrPciAddress: string): VfioDevice {
     const op = "VfioDevice.open";
     if (typeof pathOrPciAddress !== "string" || pathOrPciAddress === "") {
-      throw argumentError(op, "pathOrPciAddress", "expected a /dev/vfio/devices path or a PCI address like 0000:00:03.0");
+      throw argumentError(
+        op,
+        "pathOrPciAddress",
+        "expected a /dev/vfio/devices path or a PCI address like 0000:00:03.0",
+      );
     }
     let path = pathOrPciAddress;
     let pciAddress: string | undefined;
@@ -129,7 +141,8 @@ export class VfioDevice {
       pciAddress = pciAddressOfCdev(path);
     }
     const fd = openPath(path, O_RDWR, op, {
-      ENOENT: "no such VFIO device node: is the device bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?",
+      ENOENT:
+        "no such VFIO device node: is the device bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?",
       EACCES: "no permission on the VFIO device node",
       EBUSY: "the device is already open through its VFIO group or another cdev user",
     });
@@ -178,12 +191,26 @@ export class VfioDevice {
   bind(iommufd: Iommufd): number {
     const op = "VFIO_DEVICE_BIND_IOMMUFD";
     if (this.#deviceId !== undefined) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EBUSY, message: `${this.path} is already bound (device id ${this.#deviceId})` });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EBUSY,
+        message: `${this.path} is already bound (device id ${this.#deviceId})`,
+      });
     }
-    const cmd = vfio_device_bind_iommufd.create().fill({ argsz: vfio_device_bind_iommufd.size, iommufd: iommufd.requireFd(op) });
+    const cmd = vfio_device_bind_iommufd
+      .create()
+      .fill({ argsz: vfio_device_bind_iommufd.size, iommufd: iommufd.requireFd(op) });
     const rc = this.#ioctl(VFIO_DEVICE_BIND_IOMMUFD, cmd.address, op);
     if (rc < 0) {
-      throw syscallError(op, -rc, rc === -ERRNO.EBUSY ? "the device is already bound to an iommufd" : rc === -ERRNO.EPERM ? "binding needs the device's IOMMU group to be viable" : undefined);
+      throw syscallError(
+        op,
+        -rc,
+        rc === -ERRNO.EBUSY
+          ? "the device is already bound to an iommufd"
+          : rc === -ERRNO.EPERM
+            ? "binding needs the device's IOMMU group to be viable"
+            : undefined,
+      );
     }
     this.#iommufd = iommufd;
     this.#deviceId = cmd.get("out_devid");
@@ -197,7 +224,11 @@ export class VfioDevice {
   attach(target: Ioas | number): number {
     const op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
     if (this.#deviceId === undefined) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: "bind the device to an iommufd first (device.bind(iommufd))" });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EINVAL,
+        message: "bind the device to an iommufd first (device.bind(iommufd))",
+      });
     }
     const ptId = target instanceof Ioas ? target.id : target;
     if (target instanceof Ioas && target.iommufd !== this.#iommufd) {
@@ -255,7 +286,9 @@ export class VfioDevice {
       const cmd = vfio_region_info.create(extra).fill({ argsz: vfio_region_info.size + extra, index });
       const rc = this.#ioctl(VFIO_DEVICE_GET_REGION_INFO, cmd.address, op);
       if (rc < 0) {
-        throw syscallError(op, -rc, rc === -ERRNO.EINVAL ? `the device has no region ${index}` : undefined, { argument: "index" });
+        throw syscallError(op, -rc, rc === -ERRNO.EINVAL ? `the device has no region ${index}` : undefined, {
+          argument: "index",
+        });
       }
       const flags = cmd.get("flags");
       const wanted = cmd.get("argsz");
@@ -289,8 +322,20 @@ export class VfioDevice {
   mapRegion(index: number): RegionMapping {
     const op = "VfioDevice.mapRegion";
     const info = this.region(index);
-    if (!info.mmappable) throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, argument: "index", message: `region ${index} cannot be mmapped` });
-    if (info.size === 0) throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, argument: "index", message: `region ${index} is empty` });
+    if (!info.mmappable)
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EINVAL,
+        argument: "index",
+        message: `region ${index} cannot be mmapped`,
+      });
+    if (info.size === 0)
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EINVAL,
+        argument: "index",
+        message: `region ${index} is empty`,
+      });
     const prot = (info.readable ? PROT_READ : 0) | (info.writable ? PROT_WRITE : 0);
     const address = Number(libc().mmap(null, info.size, prot, MAP_SHARED, this.#requireFd(op), info.offset) ?? -1);
     if (address === -1 || address === 0 || address >= 2 ** 64 - 1) {
@@ -320,7 +365,12 @@ export class VfioDevice {
     checkConfigRange(op, offset, length);
     const out = new Uint8Array(length);
     const n = preadInto(this.fd, out, this.#config(op) + offset, op);
-    if (n !== length) throw new IommufdError({ operation: op, errno: ERRNO.EIO, message: `read ${n} of ${length} config bytes at ${hex(offset)}` });
+    if (n !== length)
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EIO,
+        message: `read ${n} of ${length} config bytes at ${hex(offset)}`,
+      });
     return out;
   }
 
@@ -329,7 +379,12 @@ export class VfioDevice {
     const op = "VfioDevice.writeConfig";
     checkConfigRange(op, offset, bytes.length);
     const n = pwriteFrom(this.fd, bytes, this.#config(op) + offset, op);
-    if (n !== bytes.length) throw new IommufdError({ operation: op, errno: ERRNO.EIO, message: `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}` });
+    if (n !== bytes.length)
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EIO,
+        message: `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}`,
+      });
   }
 
   readConfig16(offset: number): number {
@@ -360,8 +415,15 @@ export class VfioDevice {
     const op = "VFIO_DEVICE_FEATURE_BUS_MASTER";
     const payload = vfio_device_feature_bus_master.size;
     const cmd = vfio_device_feature.create(payload);
-    cmd.fill({ argsz: vfio_device_feature.size + payload, flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_BUS_MASTER });
-    cmd.view.setUint32(vfio_device_feature.size, enabled ? VFIO_DEVICE_FEATURE_SET_MASTER : VFIO_DEVICE_FEATURE_CLEAR_MASTER, true);
+    cmd.fill({
+      argsz: vfio_device_feature.size + payload,
+      flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_BUS_MASTER,
+    });
+    cmd.view.setUint32(
+      vfio_device_feature.size,
+      enabled ? VFIO_DEVICE_FEATURE_SET_MASTER : VFIO_DEVICE_FEATURE_CLEAR_MASTER,
+      true,
+    );
     const rc = this.#ioctl(VFIO_DEVICE_FEATURE, cmd.address, op);
     if (rc >= 0) return;
     if (rc !== -ERRNO.ENOTTY && rc !== -ERRNO.EINVAL && rc !== -ERRNO.EOPNOTSUPP) throw syscallError(op, -rc);
@@ -378,7 +440,11 @@ export class VfioDevice {
   reset(): void {
     const op = "VFIO_DEVICE_RESET";
     if (!this.info().canReset) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: `${this.path} does not support reset (no FLR, PM or bus reset)` });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EINVAL,
+        message: `${this.path} does not support reset (no FLR, PM or bus reset)`,
+      });
     }
     const rc = this.#ioctl(VFIO_DEVICE_RESET, 0, op);
     if (rc < 0) throw syscallError(op, -rc);
@@ -400,22 +466,34 @@ export class VfioDevice {
   exportDmaBuf(options: ExportDmaBufOptions): DmaBuf {
     const op = "VFIO_DEVICE_FEATURE_DMA_BUF";
     const { region, ranges } = options ?? ({} as ExportDmaBufOptions);
-    if (!Array.isArray(ranges) || ranges.length === 0) throw argumentError(op, "options.ranges", "give at least one { offset, length } range");
+    if (!Array.isArray(ranges) || ranges.length === 0)
+      throw argumentError(op, "options.ranges", "give at least one { offset, length } range");
     const info = this.region(region);
     ranges.forEach((range, i) => {
       const offset = u64(range?.offset, op, `options.ranges[${i}].offset`) as number;
       const length = u64(range?.length, op, `options.ranges[${i}].length`) as number;
       if (length === 0) throw argumentError(op, `options.ranges[${i}].length`, "length is 0");
       if (offset % PAGE_SIZE || length % PAGE_SIZE) {
-        throw argumentError(op, `options.ranges[${i}]`, `offset ${hex(offset)} and length ${hex(length)} must be multiples of the page size`);
+        throw argumentError(
+          op,
+          `options.ranges[${i}]`,
+          `offset ${hex(offset)} and length ${hex(length)} must be multiples of the page size`,
+        );
       }
       if (offset + length > info.size) {
-        throw argumentError(op, `options.ranges[${i}]`, `${hex(offset)}..+${hex(length)} runs past the end of region ${region} (${hex(info.size)} bytes)`);
+        throw argumentError(
+          op,
+          `options.ranges[${i}]`,
+          `${hex(offset)}..+${hex(length)} runs past the end of region ${region} (${hex(info.size)} bytes)`,
+        );
       }
     });
     const payload = vfio_device_feature_dma_buf.size + ranges.length * vfio_region_dma_range.size;
     const cmd = vfio_device_feature.create(payload);
-    cmd.fill({ argsz: vfio_device_feature.size + payload, flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF });
+    cmd.fill({
+      argsz: vfio_device_feature.size + payload,
+      flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
+    });
     const base = vfio_device_feature.size;
     cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.region_index.offset, region, true);
     cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.open_flags.offset, O_RDWR | O_CLOEXEC, true);
@@ -438,7 +516,11 @@ export class VfioDevice {
     }
     const size = ranges.reduce((sum, r) => sum + r.length, 0);
     const where = ranges.map((r) => `[${hex(r.offset)}, +${hex(r.length)})`).join(" ");
-    return new DmaBuf(fd, { origin: "vfio", size, description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}` });
+    return new DmaBuf(fd, {
+      origin: "vfio",
+      size,
+      description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}`,
+    });
   }
 
   /** VFIO_DEVICE_GET_IRQ_INFO of one interrupt index ("intx", "msi", "msix", "err", "req" or a number). */
@@ -550,7 +632,8 @@ export class RegionMapping {
 }
 
 function checkConfigRange(op: string, offset: number, length: number): void {
-  if (!Number.isInteger(offset) || offset < 0 || offset > 4095) throw argumentError(op, "offset", `${offset} is outside PCI config space`);
+  if (!Number.isInteger(offset) || offset < 0 || offset > 4095)
+    throw argumentError(op, "offset", `${offset} is outside PCI config space`);
   if (!Number.isInteger(length) || length <= 0 || offset + length > 4096) {
     throw argumentError(op, "length", `${length} bytes at ${hex(offset)} do not fit in PCI config space`);
   }
@@ -560,7 +643,12 @@ function checkConfigRange(op: string, offset: number, length: number): void {
 function vfioCdevOf(pciAddress: string, op: string): string {
   const dir = join(SYSFS_PCI, pciAddress);
   if (!existsSync(dir)) {
-    throw new IommufdError({ operation: op, errno: ERRNO.ENODEV, argument: "pathOrPciAddress", message: `no PCI device ${pciAddress}` });
+    throw new IommufdError({
+      operation: op,
+      errno: ERRNO.ENODEV,
+      argument: "pathOrPciAddress",
+      message: `no PCI device ${pciAddress}`,
+    });
   }
   const vfioDev = join(dir, "vfio-dev");
   const nodes = existsSync(vfioDev) ? readdirSync(vfioDev).filter((n) => n.startsWith("vfio")) : [];
@@ -601,10 +689,17 @@ function driverOf(pciAddress: string): string | undefined {
  */
 export function bindToVfioPci(pciAddress: string, options: { timeoutMs?: number } = {}): string {
   const op = "bindToVfioPci";
-  if (!PCI_ADDRESS.test(pciAddress)) throw argumentError(op, "pciAddress", `"${pciAddress}" is not a PCI address like 0000:00:03.0`);
+  if (!PCI_ADDRESS.test(pciAddress))
+    throw argumentError(op, "pciAddress", `"${pciAddress}" is not a PCI address like 0000:00:03.0`);
   const address = pciAddress.toLowerCase();
   const dir = join(SYSFS_PCI, address);
-  if (!existsSync(dir)) throw new IommufdError({ operation: op, errno: ERRNO.ENODEV, argument: "pciAddress", message: `no PCI device ${address}` });
+  if (!existsSync(dir))
+    throw new IommufdError({
+      operation: op,
+      errno: ERRNO.ENODEV,
+      argument: "pciAddress",
+      message: `no PCI device ${address}`,
+    });
   const write = (path: string, value: string) => {
     try {
       writeFileSync(path, value);
@@ -647,4 +742,3 @@ export function findPciDevices(vendor: number, device: number): string[] {
     }
   });
 }
-

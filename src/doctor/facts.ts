@@ -11,9 +11,24 @@ import { Iommufd } from "../iommufd.ts";
 import { IommufdError } from "../sys/error.ts";
 import { errnoCode } from "../sys/errno.ts";
 import { ioctl, lastErrno } from "../sys/libc.ts";
-import { VFIO_DEVICE_FEATURE, VFIO_DEVICE_FEATURE_DMA_BUF, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_PROBE, vfio_device_feature } from "../uapi/vfio.ts";
+import {
+  VFIO_DEVICE_FEATURE,
+  VFIO_DEVICE_FEATURE_DMA_BUF,
+  VFIO_DEVICE_FEATURE_GET,
+  VFIO_DEVICE_FEATURE_PROBE,
+  vfio_device_feature,
+} from "../uapi/vfio.ts";
 import { VfioDevice } from "../vfio.ts";
-import { CAP_IPC_LOCK, hasCapability, memlockLimit, parseCapEff, parseHugePageDir, parseKernelConfig, parseSysfsInt, type ProcLimit } from "./parse.ts";
+import {
+  CAP_IPC_LOCK,
+  hasCapability,
+  memlockLimit,
+  parseCapEff,
+  parseHugePageDir,
+  parseKernelConfig,
+  parseSysfsInt,
+  type ProcLimit,
+} from "./parse.ts";
 
 /** The kernel options the doctor reports on. */
 export const CONFIG_OPTIONS = [

@@ -61,7 +61,9 @@ function describeOpenErrno(errno: number): string {
     case ERRNO.EBUSY:
       return "the device is busy (already opened or bound elsewhere)";
     default:
-      return syscallError("open", errno).message.replace(/^open: /, "").replace(/ \[E\w+\]$/, "");
+      return syscallError("open", errno)
+        .message.replace(/^open: /, "")
+        .replace(/ \[E\w+\]$/, "");
   }
 }
 
@@ -99,14 +101,16 @@ export function fstat(fd: number, operation: string): FdStat {
 /** pread(2) into `target`; returns the bytes read. */
 export function preadInto(fd: number, target: Uint8Array, offset: number, operation: string): number {
   const n = Number(libc().pread(fd, target, target.byteLength, offset));
-  if (n < 0) throw syscallError(operation, lastErrno(), `pread of ${target.byteLength} bytes at offset ${offset} failed`);
+  if (n < 0)
+    throw syscallError(operation, lastErrno(), `pread of ${target.byteLength} bytes at offset ${offset} failed`);
   return n;
 }
 
 /** pwrite(2) of `source`; returns the bytes written. */
 export function pwriteFrom(fd: number, source: Uint8Array, offset: number, operation: string): number {
   const n = Number(libc().pwrite(fd, source, source.byteLength, offset));
-  if (n < 0) throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
+  if (n < 0)
+    throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
   return n;
 }
 

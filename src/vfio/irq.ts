@@ -112,7 +112,11 @@ function requireBound(device: IrqDevice, operation: string): number {
 function indexOf(kind: IrqKind | number, operation: string): number {
   if (typeof kind === "number" && Number.isInteger(kind) && kind >= 0) return kind;
   if (typeof kind === "string" && Object.hasOwn(IRQ_INDEX, kind)) return IRQ_INDEX[kind];
-  throw argumentError(operation, "kind", `${String(kind)} is not an interrupt kind: use "intx", "msi", "msix", "err" or "req"`);
+  throw argumentError(
+    operation,
+    "kind",
+    `${String(kind)} is not an interrupt kind: use "intx", "msi", "msix", "err" or "req"`,
+  );
 }
 
 function describe(index: number): string {
@@ -128,7 +132,9 @@ export function irqInfo(device: IrqDevice, kind: IrqKind | number): IrqInfo {
   const cmd = vfio_irq_info.create().fill({ argsz: vfio_irq_info.size, index });
   if (ioctl(fd, VFIO_DEVICE_GET_IRQ_INFO, cmd.address) < 0) {
     const errno = lastErrno();
-    throw syscallError(op, errno, errno === ERRNO.EINVAL ? `the device has no interrupt index ${index}` : undefined, { argument: "kind" });
+    throw syscallError(op, errno, errno === ERRNO.EINVAL ? `the device has no interrupt index ${index}` : undefined, {
+      argument: "kind",
+    });
   }
   const flags = cmd.get("flags");
   return {
@@ -156,7 +162,8 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
   const op = "VfioDevice.enableIrq";
   const index = indexOf(kind, op);
   const vectors = options?.vectors ?? 1;
-  if (!Number.isInteger(vectors) || vectors < 1) throw argumentError(op, "options.vectors", `${vectors} is not a vector count (1 or more)`);
+  if (!Number.isInteger(vectors) || vectors < 1)
+    throw argumentError(op, "options.vectors", `${vectors} is not a vector count (1 or more)`);
   const info = irqInfo(device, kind);
   const name = describe(index);
   if (info.count === 0) {
@@ -168,7 +175,11 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
     });
   }
   if (vectors > info.count) {
-    throw argumentError(op, "options.vectors", `${vectors} vectors asked, but the device's ${name} index has ${info.count}`);
+    throw argumentError(
+      op,
+      "options.vectors",
+      `${vectors} vectors asked, but the device's ${name} index has ${info.count}`,
+    );
   }
   const sets = enabledSets.get(device) ?? new Map<number, IrqSet>();
   const existing = sets.get(index);
@@ -192,7 +203,8 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
   }
   // An MSI is a memory write by the device: with bus mastering off SET_IRQS succeeds and no
   // interrupt ever arrives.
-  if ((index === VFIO_PCI_MSI_IRQ_INDEX || index === VFIO_PCI_MSIX_IRQ_INDEX) && !device.busMaster) device.setBusMaster(true);
+  if ((index === VFIO_PCI_MSI_IRQ_INDEX || index === VFIO_PCI_MSIX_IRQ_INDEX) && !device.busMaster)
+    device.setBusMaster(true);
 
   const fds: number[] = [];
   const closeAll = () => {
@@ -219,7 +231,10 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
     const errno = lastErrno();
     closeAll();
     throw syscallError("VFIO_DEVICE_SET_IRQS", errno, `cannot enable ${vectors} ${name} vector(s) on ${device.path}`, {
-      hint: errno === ERRNO.EINVAL ? "another interrupt type may be enabled on this device by another user of its fd" : undefined,
+      hint:
+        errno === ERRNO.EINVAL
+          ? "another interrupt type may be enabled on this device by another user of its fd"
+          : undefined,
     });
   }
   const set = new IrqSet(device, index, info, fds);
@@ -271,7 +286,8 @@ export class IrqSet implements Disposable {
   /** Vector `i` (0-based). */
   vector(i: number): IrqVector {
     const vector = this.vectors[i];
-    if (!vector) throw argumentError("IrqSet.vector", "i", `${i} is not one of the ${this.vectors.length} enabled vectors`);
+    if (!vector)
+      throw argumentError("IrqSet.vector", "i", `${i} is not one of the ${this.vectors.length} enabled vectors`);
     return vector;
   }
 
@@ -289,7 +305,11 @@ export class IrqSet implements Disposable {
     const rc = this.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, "IrqSet.close");
     if (rc < 0) {
       // The kernel still signals these eventfds: keep them (and this set) whole so close() can be retried.
-      throw syscallError("VFIO_DEVICE_SET_IRQS", -rc, `cannot disable ${describe(this.index)} on ${this.#device.path}; the interrupt set stays enabled`);
+      throw syscallError(
+        "VFIO_DEVICE_SET_IRQS",
+        -rc,
+        `cannot disable ${describe(this.index)} on ${this.#device.path}; the interrupt set stays enabled`,
+      );
     }
     this.release(false);
   }
@@ -300,7 +320,8 @@ export class IrqSet implements Disposable {
    */
   release(disable: boolean): void {
     if (this.#closed) return;
-    if (disable && !this.#device.closed) this.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, "IrqSet.close");
+    if (disable && !this.#device.closed)
+      this.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, "IrqSet.close");
     this.#closed = true;
     enabledSets.get(this.#device)?.delete(this.index);
     registry.unregister(this);
@@ -318,7 +339,8 @@ const TWO_32 = 2 ** 32;
 function sumCounters(chunk: Uint8Array): number {
   const view = new DataView(chunk.buffer, chunk.byteOffset, chunk.byteLength);
   let total = 0;
-  for (let at = 0; at + 8 <= chunk.byteLength; at += 8) total += view.getUint32(at + 4, true) * TWO_32 + view.getUint32(at, true);
+  for (let at = 0; at + 8 <= chunk.byteLength; at += 8)
+    total += view.getUint32(at + 4, true) * TWO_32 + view.getUint32(at, true);
   return total;
 }
 
@@ -402,7 +424,11 @@ export class IrqVector implements AsyncIterable<number> {
     if (this.#fd < 0) return Promise.reject(closedError(op, this.#what()));
     if (this.#waiter) {
       return Promise.reject(
-        new IommufdError({ operation: op, errno: ERRNO.EBUSY, message: `another wait() on ${this.#what()} is still pending: one waiter per vector` }),
+        new IommufdError({
+          operation: op,
+          errno: ERRNO.EBUSY,
+          message: `another wait() on ${this.#what()} is still pending: one waiter per vector`,
+        }),
       );
     }
     let count: number;
@@ -448,7 +474,11 @@ export class IrqVector implements AsyncIterable<number> {
     const op = "IrqVector.unmask";
     if (this.#fd < 0) throw closedError(op, this.#what());
     if (!this.set.info.maskable) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: `${describe(this.set.index)} cannot be masked or unmasked by VFIO (only INTx can)` });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EINVAL,
+        message: `${describe(this.set.index)} cannot be masked or unmasked by VFIO (only INTx can)`,
+      });
     }
     const rc = this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, this.vector, 1, op);
     if (rc < 0) throw syscallError("VFIO_DEVICE_SET_IRQS", -rc, `cannot unmask ${this.#what()}`);
@@ -485,7 +515,14 @@ export class IrqVector implements AsyncIterable<number> {
         if (this.#reader !== reader) return;
         this.#reader = undefined;
         const waiter = this.#takeWaiter();
-        waiter?.reject(new IommufdError({ operation: "IrqVector.wait", errno: ERRNO.EIO, message: `reading the eventfd of ${this.#what()} failed`, cause: error }));
+        waiter?.reject(
+          new IommufdError({
+            operation: "IrqVector.wait",
+            errno: ERRNO.EIO,
+            message: `reading the eventfd of ${this.#what()} failed`,
+            cause: error,
+          }),
+        );
       },
     );
   }

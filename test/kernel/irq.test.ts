@@ -4,7 +4,16 @@
  * vectors' eventfds, and read by the library through Bun's event loop.
  */
 import { afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, IrqSet, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
+import {
+  bindToVfioPci,
+  findPciDevices,
+  Iommufd,
+  IommufdError,
+  IrqSet,
+  MemfdBuffer,
+  VfioDevice,
+  type Ioas,
+} from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { libc } from "../../src/sys/libc.ts";
 import { Edu, EDU_DEVICE, EDU_IRQ_DMA, EDU_VENDOR } from "../support/edu.ts";
@@ -228,7 +237,9 @@ describe("edu completion interrupt after a DMA", () => {
     edu.startDma({ toRam: true, iova: iova + 8192, deviceOffset: 0, count: 1024 });
     expect(await msi.vectors[0]!.wait()).toBe(1);
     edu.ackInterrupt(EDU_IRQ_DMA);
-    expect(Buffer.from(buffer.bytes.subarray(8192, 8192 + 1024)).equals(Buffer.from(buffer.bytes.subarray(0, 1024)))).toBe(true);
+    expect(
+      Buffer.from(buffer.bytes.subarray(8192, 8192 + 1024)).equals(Buffer.from(buffer.bytes.subarray(0, 1024))),
+    ).toBe(true);
   });
 });
 
@@ -276,9 +287,19 @@ describe("errors", () => {
 
   test("more vectors than the index has, or none: EINVAL; an index the device lacks: EINVAL saying so", () => {
     const { device } = attachedEdu();
-    const e = expectIommufdError(() => device.enableIrq("msi", { vectors: 2 }), "EINVAL", "VfioDevice.enableIrq", "options.vectors");
+    const e = expectIommufdError(
+      () => device.enableIrq("msi", { vectors: 2 }),
+      "EINVAL",
+      "VfioDevice.enableIrq",
+      "options.vectors",
+    );
     expect(e.message).toContain("has 1");
-    expectIommufdError(() => device.enableIrq("msi", { vectors: 0 }), "EINVAL", "VfioDevice.enableIrq", "options.vectors");
+    expectIommufdError(
+      () => device.enableIrq("msi", { vectors: 0 }),
+      "EINVAL",
+      "VfioDevice.enableIrq",
+      "options.vectors",
+    );
     const lacks = expectIommufdError(() => device.enableIrq("msix"), "EINVAL", "VfioDevice.enableIrq", "kind");
     expect(lacks.message).toContain("no MSI-X");
     expectIommufdError(() => device.enableIrq("err"), "EINVAL", "VfioDevice.enableIrq", "kind");
@@ -340,7 +361,9 @@ describe("REQ: the kernel asks for the device back", () => {
     device.attach(iommufd.createIoas());
     const req = device.enableIrq("req");
     // The unbind blocks in the kernel until the device is released: run it in another process.
-    const unbind = Bun.spawn(["sh", "-c", `echo ${eduAddress} > /sys/bus/pci/drivers/vfio-pci/unbind`], { stderr: "pipe" });
+    const unbind = Bun.spawn(["sh", "-c", `echo ${eduAddress} > /sys/bus/pci/drivers/vfio-pci/unbind`], {
+      stderr: "pipe",
+    });
     try {
       const count = await req.vectors[0]!.wait({ signal: AbortSignal.timeout(20_000) });
       expect(count).toBeGreaterThanOrEqual(1);
