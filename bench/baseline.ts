@@ -145,8 +145,7 @@ export async function runBaseline(
   let pending = "";
   for await (const chunk of proc.stdout as ReadableStream<Uint8Array>) {
     pending += decoder.decode(chunk, { stream: true });
-    let nl: number;
-    while ((nl = pending.indexOf("\n")) >= 0) {
+    for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
       const line = pending.slice(0, nl);
       pending = pending.slice(nl + 1);
       if (!line.trim()) continue;

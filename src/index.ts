@@ -30,24 +30,23 @@ export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
 export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";
 export {
   VfioDevice,
-  RegionMapping,
-  bindToVfioPci,
-  findPciDevices,
   type DeviceInfo,
   type DmaBufRange,
   type ExportDmaBufOptions,
   type RegionCapability,
   type RegionInfo,
-} from "./vfio.ts";
+} from "./vfio/device.ts";
 export {
-  IrqSet,
-  IrqVector,
-  IRQ_INDEX,
   type EnableIrqOptions,
+  IRQ_INDEX,
   type IrqInfo,
   type IrqKind,
+  IrqSet,
+  IrqVector,
   type WaitOptions,
 } from "./vfio/irq.ts";
+export { RegionMapping } from "./vfio/region.ts";
+export { bindToVfioPci, findPciDevices } from "./vfio/pci.ts";
 export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./dmabuf.ts";
 export { DmaHeap, DmaBuffer, AddressRule, type DmaHeapOptions, type DmaHeapStats } from "./heap/dma-heap.ts";
 export { OffsetAllocator, type OffsetAllocatorOptions, type OffsetAllocatorStats } from "./heap/allocator.ts";

@@ -303,7 +303,7 @@ function commandScript(command: string[], cwd: string, env: Record<string, strin
   for (const [k, v] of Object.entries(env)) lines.push(`export ${k}=${shellQuote(v)}`);
   lines.push(`cd ${shellQuote(cwd)} || exit 125`);
   lines.push(`exec ${command.map(shellQuote).join(" ")}`);
-  return lines.join("\n") + "\n";
+  return `${lines.join("\n")}\n`;
 }
 
 // Copies whatever a file gains to a sink. The guest writes through 9p without caching, so bytes

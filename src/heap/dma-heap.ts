@@ -87,7 +87,8 @@ export class DmaBuffer {
   /** Zero-copy view of the buffer's bytes (made on first use: many buffers are only handed to devices). */
   get bytes(): Uint8Array {
     this.heap.assertOpen("DmaBuffer.bytes");
-    return (this.#bytes ??= this.heap.viewOf(this.offset, this.size));
+    this.#bytes ??= this.heap.viewOf(this.offset, this.size);
+    return this.#bytes;
   }
 
   get freed(): boolean {

@@ -10,7 +10,9 @@
 import { ptr } from "bun:ffi";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
-import { EFD_CLOEXEC, EFD_NONBLOCK, ioctl, lastErrno, libc } from "../sys/libc.ts";
+import { fdFinalizer } from "../sys/fd.ts";
+import type { ErrnoTable } from "../sys/ioctl.ts";
+import { EFD_CLOEXEC, EFD_NONBLOCK, lastErrno, libc } from "../sys/libc.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
 import {
   VFIO_DEVICE_GET_IRQ_INFO,
@@ -83,31 +85,14 @@ export interface WaitOptions {
 export interface IrqDevice {
   readonly path: string;
   readonly closed: boolean;
-  readonly deviceId: number | undefined;
-  readonly fd: number;
   readonly busMaster: boolean;
   setBusMaster(enabled: boolean): void;
+  /** The device's ioctl path: EBADF once closed, EINVAL before bind, throws on failure. */
+  ioctl(request: number, cmd: StructBuffer | null, operation: string, errors?: ErrnoTable): number;
 }
 
 /** Interrupt sets per device; the device disables them before it closes its fd. */
 const enabledSets = new WeakMap<IrqDevice, Map<number, IrqSet>>();
-
-/** Eventfds of sets dropped without close(): closed by the collector, after the device fd. */
-const registry = new FinalizationRegistry<number[]>((fds) => {
-  for (const fd of fds) libc().close(fd);
-});
-
-function requireBound(device: IrqDevice, operation: string): number {
-  if (device.closed) throw closedError(operation, `VFIO device ${device.path}`);
-  if (device.deviceId === undefined) {
-    throw new IommufdError({
-      operation,
-      errno: ERRNO.EINVAL,
-      message: `${device.path} is not bound to an iommufd yet: call device.bind(iommufd) first`,
-    });
-  }
-  return device.fd;
-}
 
 function indexOf(kind: IrqKind | number, operation: string): number {
   if (typeof kind === "number" && Number.isInteger(kind) && kind >= 0) return kind;
@@ -124,18 +109,23 @@ function describe(index: number): string {
   return kind ? DESCRIPTION[kind] : `interrupt index ${index}`;
 }
 
+const IRQ_INFO_ERRORS: ErrnoTable = {
+  EINVAL: ({ cmd }) => ({ message: `the device has no interrupt index ${cmd!.get("index")}`, argument: "kind" }),
+};
+
+const ENABLE_ERRORS: ErrnoTable = {
+  EINVAL: {
+    message: "the kernel refused the interrupt setup",
+    hint: "another interrupt type may be enabled on this device through another handle",
+  },
+};
+
 /** VFIO_DEVICE_GET_IRQ_INFO for one index. */
 export function irqInfo(device: IrqDevice, kind: IrqKind | number): IrqInfo {
   const op = "VFIO_DEVICE_GET_IRQ_INFO";
   const index = indexOf(kind, op);
-  const fd = requireBound(device, op);
   const cmd = vfio_irq_info.create().fill({ argsz: vfio_irq_info.size, index });
-  if (ioctl(fd, VFIO_DEVICE_GET_IRQ_INFO, cmd.address) < 0) {
-    const errno = lastErrno();
-    throw syscallError(op, errno, errno === ERRNO.EINVAL ? `the device has no interrupt index ${index}` : undefined, {
-      argument: "kind",
-    });
-  }
+  device.ioctl(VFIO_DEVICE_GET_IRQ_INFO, cmd, op, IRQ_INFO_ERRORS);
   const flags = cmd.get("flags");
   return {
     kind: KIND_OF_INDEX[index],
@@ -226,16 +216,12 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
     start: 0,
     count: vectors,
   });
-  fds.forEach((fd, i) => cmd.view.setInt32(vfio_irq_set.size + 4 * i, fd, true));
-  if (ioctl(requireBound(device, op), VFIO_DEVICE_SET_IRQS, cmd.address) < 0) {
-    const errno = lastErrno();
+  for (const [i, fd] of fds.entries()) cmd.view.setInt32(vfio_irq_set.size + 4 * i, fd, true);
+  try {
+    device.ioctl(VFIO_DEVICE_SET_IRQS, cmd, "VFIO_DEVICE_SET_IRQS", ENABLE_ERRORS);
+  } catch (error) {
     closeAll();
-    throw syscallError("VFIO_DEVICE_SET_IRQS", errno, `cannot enable ${vectors} ${name} vector(s) on ${device.path}`, {
-      hint:
-        errno === ERRNO.EINVAL
-          ? "another interrupt type may be enabled on this device by another user of its fd"
-          : undefined,
-    });
+    throw error;
   }
   const set = new IrqSet(device, index, info, fds);
   sets.set(index, set);
@@ -272,7 +258,6 @@ export class IrqSet implements Disposable {
     this.info = info;
     this.#control = vfio_irq_set.create();
     this.vectors = fds.map((fd, i) => new IrqVector(this, i, fd));
-    registry.register(this, fds, this);
   }
 
   get closed(): boolean {
@@ -291,40 +276,38 @@ export class IrqSet implements Disposable {
     return vector;
   }
 
-  /** @internal SET_IRQS with no data (trigger, unmask, disable); returns 0 or -errno. */
-  control(flags: number, start: number, count: number, operation: string): number {
+  /** @internal SET_IRQS with no data (trigger, unmask, disable); throws on failure. */
+  control(flags: number, start: number, count: number, operation: string, errors?: ErrnoTable): void {
     if (this.#closed) throw closedError(operation, `${describe(this.index)} interrupt set of ${this.#device.path}`);
-    const fd = requireBound(this.#device, operation);
     this.#control.fill({ argsz: vfio_irq_set.size, flags, index: this.index, start, count });
-    return ioctl(fd, VFIO_DEVICE_SET_IRQS, this.#control.address) < 0 ? -lastErrno() : 0;
+    this.#device.ioctl(VFIO_DEVICE_SET_IRQS, this.#control, operation, errors);
   }
 
-  /** Disable the index in the kernel, then close the eventfds. Idempotent. */
+  /**
+   * Disable the index in the kernel, then close the eventfds. Idempotent. If the kernel refuses,
+   * the set stays whole (the kernel still signals its eventfds) and close() can be retried.
+   */
   close(): void {
     if (this.#closed) return;
-    const rc = this.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, "IrqSet.close");
-    if (rc < 0) {
-      // The kernel still signals these eventfds: keep them (and this set) whole so close() can be retried.
-      throw syscallError(
-        "VFIO_DEVICE_SET_IRQS",
-        -rc,
-        `cannot disable ${describe(this.index)} on ${this.#device.path}; the interrupt set stays enabled`,
-      );
-    }
+    this.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, "IrqSet.close");
     this.release(false);
   }
 
   /**
-   * @internal Forget the set and close its eventfds. From VfioDevice.close() the kernel disables
-   * what a failed SET_IRQS left enabled when the device fd closes right after.
+   * @internal Forget the set and close its eventfds. From VfioDevice.close() a failed disable is
+   * not fatal: closing the device fd right after disables every interrupt in the kernel.
    */
   release(disable: boolean): void {
     if (this.#closed) return;
-    if (disable && !this.#device.closed)
-      this.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, "IrqSet.close");
+    if (disable && !this.#device.closed) {
+      try {
+        this.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0, "IrqSet.close");
+      } catch {
+        // the device fd closes next, which disables the index in the kernel
+      }
+    }
     this.#closed = true;
     enabledSets.get(this.#device)?.delete(this.index);
-    registry.unregister(this);
     for (const vector of this.vectors) vector.release();
   }
 
@@ -377,6 +360,7 @@ export class IrqVector implements AsyncIterable<number> {
     this.set = set;
     this.vector = vector;
     this.#fd = fd;
+    fdFinalizer.register(this, fd, this);
   }
 
   /** The eventfd (for users who poll it themselves; the vector still owns and closes it). */
@@ -480,16 +464,14 @@ export class IrqVector implements AsyncIterable<number> {
         message: `${describe(this.set.index)} cannot be masked or unmasked by VFIO (only INTx can)`,
       });
     }
-    const rc = this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, this.vector, 1, op);
-    if (rc < 0) throw syscallError("VFIO_DEVICE_SET_IRQS", -rc, `cannot unmask ${this.#what()}`);
+    this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, this.vector, 1, op);
   }
 
   /** Signal this vector's eventfd from the kernel, as the device would (loopback test of the wiring). */
   trigger(): void {
     const op = "IrqVector.trigger";
     if (this.#fd < 0) throw closedError(op, this.#what());
-    const rc = this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, this.vector, 1, op);
-    if (rc < 0) throw syscallError("VFIO_DEVICE_SET_IRQS", -rc, `cannot trigger ${this.#what()}`);
+    this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, this.vector, 1, op);
   }
 
   /**
@@ -551,6 +533,7 @@ export class IrqVector implements AsyncIterable<number> {
     // Bun reads a duplicate of the fd; cancelling closes that duplicate (on Bun's own schedule).
     reader?.cancel().catch(() => {});
     this.#takeWaiter()?.reject(closedError("IrqVector.wait", this.#what()));
+    fdFinalizer.unregister(this);
     libc().close(fd);
   }
 }

@@ -422,7 +422,7 @@ describe("fault-injection sweep", () => {
 
   test("the sweep injected faults at all (it is not a no-op)", () => {
     const byName = Object.fromEntries(report.map((r) => [r.name, r]));
-    expect(byName["createIoas"]!.points).toBeGreaterThanOrEqual(1);
+    expect(byName.createIoas!.points).toBeGreaterThanOrEqual(1);
     expect(byName["mapFile (mock domain)"]!.points).toBeGreaterThanOrEqual(3);
     expect(Object.keys(byName["mapFile (mock domain)"]!.errnos).length).toBeGreaterThanOrEqual(1);
   });
