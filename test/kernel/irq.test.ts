@@ -389,3 +389,29 @@ describe("REQ: the kernel asks for the device back", () => {
     expect(await req.vectors[0]!.wait()).toBe(1);
   });
 });
+
+// QEMU's NVMe is a PCIe device with MSI-X: the ERR index and multi-vector MSI-X exist there.
+const nvmeAddress = (process.env.IOMMUFD_VM_NVME ?? "").split(",").filter(Boolean)[0]?.split("=")[0];
+
+describe("MSI-X and ERR on QEMU's NVMe (PCIe)", () => {
+  test.skipIf(!nvmeAddress)(
+    `four MSI-X vectors, each its own eventfd; ERR enables and signals${nvmeAddress ? "" : " [skipped: no NVMe on vfio-pci in this VM (IOMMUFD_VM_NVME is empty)]"}`,
+    async () => {
+      const iommufd = keep(Iommufd.open());
+      const device = keep(VfioDevice.open(nvmeAddress!));
+      device.bind(iommufd);
+      device.attach(iommufd.createIoas());
+      expect(device.irqInfo("msix").count).toBeGreaterThanOrEqual(4);
+      expect(device.irqInfo("err").count).toBe(1);
+      using msix = device.enableIrq("msix", { vectors: 4 });
+      expect(new Set(msix.vectors.map((v) => v.fd)).size).toBe(4);
+      msix.vectors[2]!.trigger();
+      msix.vectors[2]!.trigger();
+      msix.vectors[0]!.trigger();
+      expect(msix.vectors.map((v) => v.poll())).toEqual([1, 0, 2, 0]);
+      using err = device.enableIrq("err");
+      setTimeout(() => err.vectors[0]!.trigger(), 5);
+      expect(await err.vectors[0]!.wait()).toBe(1);
+    },
+  );
+});
