@@ -362,7 +362,7 @@ describe("REQ: the kernel asks for the device back", () => {
     const req = device.enableIrq("req");
     // The unbind blocks in the kernel until the device is released: run it in another process.
     const unbind = Bun.spawn(["sh", "-c", `echo ${eduAddress} > /sys/bus/pci/drivers/vfio-pci/unbind`], {
-      stderr: "pipe",
+      stdio: ["ignore", "ignore", "inherit"],
     });
     try {
       const count = await req.vectors[0]!.wait({ signal: AbortSignal.timeout(20_000) });
