@@ -357,6 +357,7 @@ describe("REQ: the kernel asks for the device back", () => {
   test("unbinding edu from vfio-pci while it is held: the event arrives, the test releases, the unbind completes", async () => {
     const iommufd = keep(Iommufd.open());
     const device = keep(VfioDevice.open(eduAddress));
+    const node = device.path;
     device.bind(iommufd);
     device.attach(iommufd.createIoas());
     const req = device.enableIrq("req");
@@ -376,8 +377,9 @@ describe("REQ: the kernel asks for the device back", () => {
       if (unbind.exitCode === null) unbind.kill();
       bindToVfioPci(eduAddress);
     }
-    // Back on vfio-pci and usable.
+    // Back on vfio-pci and usable, under the same node (later tests and the bench open it by path).
     const again = keep(VfioDevice.open(eduAddress));
+    expect(again.path).toBe(node);
     again.bind(keep(Iommufd.open()));
     expect(again.irqInfo("req").count).toBe(1);
   }, 60_000);
