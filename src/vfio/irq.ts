@@ -348,7 +348,8 @@ export class IrqVector implements AsyncIterable<number> {
   /** Sub-index inside the set's interrupt index. */
   readonly vector: number;
   #fd: number;
-  readonly #word = new Uint32Array(2);
+  // The vector holds the buffer for its whole life, so the address taken once stays valid.
+  readonly #word = new Uint32Array(new ArrayBuffer(8));
   readonly #wordAddress = ptr(this.#word);
   /** Counted by the event loop's reader but not yet handed out. */
   #pending = 0;

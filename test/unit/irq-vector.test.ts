@@ -4,14 +4,14 @@
  * needs a device) is covered by test/kernel/irq.test.ts; the set here only carries the index.
  */
 import { afterEach, expect, test } from "bun:test";
-import { ptr } from "bun:ffi";
 import { readdirSync } from "node:fs";
 import { type IrqSet, IrqVector } from "../../src/vfio/irq.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
 
+// Passed as the typed array itself: a cached ptr() of a module-level array that no closure keeps
+// alive points at freed memory once the engine collects it (writes of garbage counts).
 const one = new BigUint64Array([1n]);
-const oneAddress = ptr(one);
 const open: IrqVector[] = [];
 
 /** A vector on a fresh eventfd; `signal()` adds 1 to its counter. */
@@ -21,7 +21,7 @@ function vector(): { vector: IrqVector; signal: () => void } {
   const set = { index: 1, info: { maskable: false } } as unknown as IrqSet;
   const v = new IrqVector(set, 0, fd);
   open.push(v);
-  return { vector: v, signal: () => void libc().write(fd, oneAddress, 8) };
+  return { vector: v, signal: () => void libc().write(fd, one, 8) };
 }
 
 const fdCount = () => readdirSync("/proc/self/fd").length;
