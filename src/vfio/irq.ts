@@ -178,7 +178,9 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
       operation: op,
       errno: ERRNO.EBUSY,
       argument: "kind",
-      message: `${name} is already enabled on ${device.path} (${existing.vectors.length} vectors): close that IrqSet first`,
+      message:
+        `${name} is already enabled on ${device.path} (${existing.vectors.length} vectors): ` +
+        "close that IrqSet first",
     });
   }
   const exclusive = [VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX];
@@ -188,7 +190,9 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
       operation: op,
       errno: ERRNO.EBUSY,
       argument: "kind",
-      message: `${describe(other)} is enabled on ${device.path}; a device runs one of INTx, MSI and MSI-X at a time: close that IrqSet first`,
+      message:
+        `${describe(other)} is enabled on ${device.path}; a device runs one of INTx, MSI and MSI-X ` +
+        "at a time: close that IrqSet first",
     });
   }
   // An MSI is a memory write by the device: with bus mastering off SET_IRQS succeeds and no
