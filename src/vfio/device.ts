@@ -54,6 +54,7 @@ import {
   type IrqKind,
   type IrqSet,
   irqInfo,
+  irqInfoOrNone,
   releaseIrqs,
 } from "./irq.ts";
 import { RegionMapping } from "./region.ts";
@@ -539,9 +540,9 @@ export class VfioDevice {
     return irqInfo(this, kind);
   }
 
-  /** The interrupt info of every index the device reports (vfio-pci: INTx, MSI, MSI-X, ERR, REQ). */
+  /** The info of every index (vfio-pci: INTx, MSI, MSI-X, ERR, REQ); count 0 where the device lacks one. */
   irqs(): IrqInfo[] {
-    return Array.from({ length: this.info().numIrqs }, (_, index) => irqInfo(this, index));
+    return Array.from({ length: this.info().numIrqs }, (_, index) => irqInfoOrNone(this, index));
   }
 
   /**

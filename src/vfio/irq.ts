@@ -11,7 +11,7 @@ import { ptr } from "bun:ffi";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
 import { fdFinalizer } from "../sys/fd.ts";
-import type { ErrnoTable } from "../sys/ioctl.ts";
+import { type ErrnoTable, isErrno } from "../sys/ioctl.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, lastErrno, libc } from "../sys/libc.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
 import {
@@ -85,6 +85,7 @@ export interface WaitOptions {
 export interface IrqDevice {
   readonly path: string;
   readonly closed: boolean;
+  readonly deviceId: number | undefined;
   readonly busMaster: boolean;
   setBusMaster(enabled: boolean): void;
   /** The device's ioctl path: EBADF once closed, EINVAL before bind, throws on failure. */
@@ -110,7 +111,11 @@ function describe(index: number): string {
 }
 
 const IRQ_INFO_ERRORS: ErrnoTable = {
-  EINVAL: ({ cmd }) => ({ message: `the device has no interrupt index ${cmd!.get("index")}`, argument: "kind" }),
+  EINVAL: ({ cmd }) => {
+    const index = cmd!.get("index");
+    const why = index === VFIO_PCI_ERR_IRQ_INDEX ? " (ERR exists only on PCI Express devices)" : "";
+    return { message: `the device has no ${describe(index)} interrupt${why}`, argument: "kind" };
+  },
 };
 
 const ENABLE_ERRORS: ErrnoTable = {
@@ -120,17 +125,34 @@ const ENABLE_ERRORS: ErrnoTable = {
   },
 };
 
-/** VFIO_DEVICE_GET_IRQ_INFO for one index. */
+/** VFIO_DEVICE_GET_IRQ_INFO for one index; EINVAL when the device lacks it (vfio-pci: ERR off PCIe). */
 export function irqInfo(device: IrqDevice, kind: IrqKind | number): IrqInfo {
   const op = "VFIO_DEVICE_GET_IRQ_INFO";
   const index = indexOf(kind, op);
   const cmd = vfio_irq_info.create().fill({ argsz: vfio_irq_info.size, index });
   device.ioctl(VFIO_DEVICE_GET_IRQ_INFO, cmd, op, IRQ_INFO_ERRORS);
-  const flags = cmd.get("flags");
+  return decodeInfo(index, cmd.get("flags"), cmd.get("count"));
+}
+
+/**
+ * The info of an index below the device's num_irqs, with count 0 where the kernel refuses the
+ * query (vfio-pci answers EINVAL for ERR on a conventional PCI device instead of a count of 0).
+ */
+export function irqInfoOrNone(device: IrqDevice, index: number): IrqInfo {
+  try {
+    return irqInfo(device, index);
+  } catch (error) {
+    // Only the kernel's answer means "no such index": not the library's own bind-first EINVAL.
+    if (isErrno(error, "EINVAL") && device.deviceId !== undefined) return decodeInfo(index, 0, 0);
+    throw error;
+  }
+}
+
+function decodeInfo(index: number, flags: number, count: number): IrqInfo {
   return {
     kind: KIND_OF_INDEX[index],
     index,
-    count: cmd.get("count"),
+    count,
     flags,
     eventfd: (flags & VFIO_IRQ_INFO_EVENTFD) !== 0,
     maskable: (flags & VFIO_IRQ_INFO_MASKABLE) !== 0,
@@ -154,7 +176,7 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
   const vectors = options?.vectors ?? 1;
   if (!Number.isInteger(vectors) || vectors < 1)
     throw argumentError(op, "options.vectors", `${vectors} is not a vector count (1 or more)`);
-  const info = irqInfo(device, kind);
+  const info = irqInfoOrNone(device, index);
   const name = describe(index);
   if (info.count === 0) {
     throw new IommufdError({

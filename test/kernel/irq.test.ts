@@ -4,6 +4,7 @@
  * vectors' eventfds, and read by the library through Bun's event loop.
  */
 import { afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
 import {
   bindToVfioPci,
   findPciDevices,
@@ -66,6 +67,20 @@ async function countWithin(vector: { wait(o: { signal: AbortSignal }): Promise<n
   }
 }
 
+/** How many times the kernel handled the interrupt named `name` in /proc/interrupts (all CPUs). */
+function kernelInterrupts(name: string): number {
+  const line = readFileSync("/proc/interrupts", "utf8")
+    .split("\n")
+    .find((l) => l.includes(name));
+  if (!line) throw new Error(`no ${name} in /proc/interrupts`);
+  const cpus = readFileSync("/proc/interrupts", "utf8").split("\n")[0]!.trim().split(/\s+/).length;
+  return line
+    .trim()
+    .split(/\s+/)
+    .slice(1, 1 + cpus)
+    .reduce((sum, n) => sum + Number(n), 0);
+}
+
 /** A second fd on the same eventfd, to watch it after the library closed its own. */
 function dupFd(fd: number): number {
   const copy = libc().fcntl(fd, F_DUPFD_CLOEXEC, 0);
@@ -84,7 +99,7 @@ describe("interrupt info", () => {
       ["err", 0],
       ["req", 1],
     ]);
-    expect(infos.every((i) => i.eventfd)).toBe(true);
+    expect(infos.filter((i) => i.count > 0).every((i) => i.eventfd)).toBe(true);
     expect(infos[0]).toMatchObject({ maskable: true, automasked: true, noresize: false });
     expect(infos[1]).toMatchObject({ maskable: false, automasked: false, noresize: true });
     expect(device.irqInfo("msi")).toEqual(infos[1]!);
@@ -93,6 +108,9 @@ describe("interrupt info", () => {
   test("an index past the device's: EINVAL; an unknown kind: EINVAL before the kernel", () => {
     const { device } = attachedEdu();
     expectIommufdError(() => device.irqInfo(5), "EINVAL", "VFIO_DEVICE_GET_IRQ_INFO", "kind");
+    // vfio-pci refuses the ERR query itself on a conventional PCI device; irqs() shows count 0.
+    const err = expectIommufdError(() => device.irqInfo("err"), "EINVAL", "VFIO_DEVICE_GET_IRQ_INFO", "kind");
+    expect(err.message).toContain("PCI Express");
     expectIommufdError(() => device.irqInfo("nmi" as never), "EINVAL", "VFIO_DEVICE_GET_IRQ_INFO", "kind");
   });
 });
@@ -115,16 +133,21 @@ describe("MSI", () => {
     expect(vector.poll()).toBe(0);
   });
 
-  test("raises in a burst coalesce in the eventfd with the right total", async () => {
+  test("raises in a burst may coalesce; the counts add up to the interrupts the kernel handled", async () => {
     const { device, edu } = attachedEdu();
     using msi = device.enableIrq("msi");
     const vector = msi.vector(0);
+    const before = kernelInterrupts(`vfio-msi[0](${eduAddress})`);
+    // Back to back, an MSI can arrive while the previous one is still pending in the local APIC:
+    // the two become one interrupt. The kernel's own count is the truth to compare with.
     for (let i = 0; i < 8; i++) edu.raiseInterrupt();
     edu.ackInterrupt(1);
     let total = 0;
-    for (let n = 1; total < 8 && n > 0; total += n) n = await countWithin(vector, 1000);
-    expect(total).toBe(8);
-    expect(await countWithin(vector, 100)).toBe(0);
+    for (let n = 1; n > 0; total += n) n = await countWithin(vector, 200);
+    const handled = kernelInterrupts(`vfio-msi[0](${eduAddress})`) - before;
+    expect(total).toBe(handled);
+    expect(total).toBeGreaterThanOrEqual(1);
+    expect(total).toBeLessThanOrEqual(8);
   });
 
   test("the event loop keeps running while a wait is pending (timers fire)", async () => {
@@ -214,6 +237,7 @@ describe("MSI", () => {
     setTimeout(() => edu.raiseInterrupt(), 10);
     expect(await vector.wait()).toBe(1); // the loop's reader is running from here on
     edu.raiseInterrupt();
+    await Bun.sleep(20); // one at a time: back to back they may coalesce into one interrupt
     edu.raiseInterrupt();
     await Bun.sleep(30); // let the loop take them in
     expect(vector.poll()).toBe(2);
