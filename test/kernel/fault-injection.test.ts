@@ -470,7 +470,7 @@ describe("fault-injection sweep", () => {
         expectWorking(env, "msi");
       },
     });
-  });
+  }, 180_000);
 
   test("the sweep injected faults at all (it is not a no-op)", () => {
     const byName = Object.fromEntries(report.map((r) => [r.name, r]));
