@@ -381,6 +381,7 @@ export class IrqVector implements AsyncIterable<number> {
   #pending = 0;
   #waiter: Waiter | undefined;
   #reader: EventfdReader | undefined;
+  #stopPending = false;
 
   /** @internal */
   constructor(set: IrqSet, vector: number, fd: number) {
@@ -458,6 +459,7 @@ export class IrqVector implements AsyncIterable<number> {
           if (this.#waiter !== waiter) return;
           this.#waiter = undefined;
           reject(signal.reason);
+          this.#stopWhenIdle();
         };
         signal.addEventListener("abort", waiter.onAbort, { once: true });
       }
@@ -502,8 +504,9 @@ export class IrqVector implements AsyncIterable<number> {
   }
 
   /**
-   * Hand the eventfd to Bun's event loop. The reader keeps draining into #pending for the
-   * vector's life, so poll() and wait() see what the loop already read.
+   * Hand the eventfd to Bun's event loop while someone waits. A read is always pending on the
+   * reader, so Bun hands over every chunk as soon as it reads it: nothing sits in the stream's
+   * queue, and stopping the reader (once no wait follows) loses no count.
    */
   #listen(): void {
     if (this.#reader) return;
@@ -515,8 +518,9 @@ export class IrqVector implements AsyncIterable<number> {
   #readNext(reader: EventfdReader): void {
     reader.read().then(
       ({ done, value }) => {
-        if (this.#reader !== reader || done) return;
-        if (value) this.#pending += sumCounters(value);
+        // Counted even from a reader being stopped: Bun read it from the eventfd.
+        if (value && this.#fd >= 0) this.#pending += sumCounters(value);
+        if (done || this.#reader !== reader) return;
         this.#readNext(reader);
         this.#deliver();
       },
@@ -536,6 +540,22 @@ export class IrqVector implements AsyncIterable<number> {
     );
   }
 
+  /**
+   * Stop the reader when no wait() follows within this turn of the event loop: a loop of awaits
+   * keeps one reader, an idle vector holds none (and does not keep the process alive).
+   */
+  #stopWhenIdle(): void {
+    if (this.#stopPending || !this.#reader) return;
+    this.#stopPending = true;
+    setImmediate(() => {
+      this.#stopPending = false;
+      if (this.#waiter || !this.#reader) return;
+      const reader = this.#reader;
+      this.#reader = undefined;
+      reader.cancel().catch(() => {});
+    });
+  }
+
   #takeWaiter(): Waiter | undefined {
     const waiter = this.#waiter;
     this.#waiter = undefined;
@@ -548,6 +568,7 @@ export class IrqVector implements AsyncIterable<number> {
     const count = this.#pending;
     this.#pending = 0;
     this.#takeWaiter()!.resolve(count);
+    this.#stopWhenIdle();
   }
 
   /** @internal Called by the set once the kernel no longer signals the eventfd. */
