@@ -5,7 +5,7 @@
 import { barplot, bench, do_not_optimize, group, summary } from "mitata";
 import { Iommufd, MemfdBuffer, type Ioas, type MappableFile } from "../src/index.ts";
 import { MockDomain } from "../src/selftest.ts";
-import { VfioDevice } from "../src/vfio.ts";
+import { VfioDevice } from "../src/vfio/device.ts";
 import { BENCH_IOVA, DOMAIN_LABEL, KiB, sizeLabel, VFIO_DEVICE, type CaseSpec, type Mode } from "./cases.ts";
 import { rawMapFilePair } from "./rawffi.ts";
 
@@ -61,7 +61,10 @@ export function prepare(spec: CaseSpec): Prepared {
       file = scope.keep(device().exportDmaBuf({ region: 0, ranges: [{ offset: 0, length: spec.size }] }));
     } else {
       buffer = scope.keep(
-        MemfdBuffer.create(spec.size, { name: "bun-iommufd-bench", hugePages: spec.op === "mapFileHuge" ? "2MB" : false }),
+        MemfdBuffer.create(spec.size, {
+          name: "bun-iommufd-bench",
+          hugePages: spec.op === "mapFileHuge" ? "2MB" : false,
+        }),
       );
       // Touch every page, as the C side's memset does: the first pin must not also fault them in.
       buffer.bytes.fill(1);

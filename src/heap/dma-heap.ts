@@ -87,7 +87,8 @@ export class DmaBuffer {
   /** Zero-copy view of the buffer's bytes (made on first use: many buffers are only handed to devices). */
   get bytes(): Uint8Array {
     this.heap.assertOpen("DmaBuffer.bytes");
-    return (this.#bytes ??= this.heap.viewOf(this.offset, this.size));
+    this.#bytes ??= this.heap.viewOf(this.offset, this.size);
+    return this.#bytes;
   }
 
   get freed(): boolean {
@@ -120,10 +121,18 @@ export class DmaHeap {
     this.pageSize = region.pageSize;
     this.note = note;
     if (typeof mapping.iova !== "number") {
-      throw new IommufdError({ operation: "DmaHeap.create", errno: ERRNO.ERANGE, message: "the heap's IOVA must lie below 2^53" });
+      throw new IommufdError({
+        operation: "DmaHeap.create",
+        errno: ERRNO.ERANGE,
+        message: "the heap's IOVA must lie below 2^53",
+      });
     }
     this.rule = new AddressRule(mapping.iova, region.size);
-    this.#allocator = new OffsetAllocator(region.size, { minBlock: granule, maxAlign: region.pageSize, operationPrefix: "DmaHeap" });
+    this.#allocator = new OffsetAllocator(region.size, {
+      minBlock: granule,
+      maxAlign: region.pageSize,
+      operationPrefix: "DmaHeap",
+    });
   }
 
   /** Create the region, map it once into `ioas`, and set up the allocator. */
@@ -144,7 +153,10 @@ export class DmaHeap {
       const huge: HugePageSize = want === "auto" ? "2MB" : want;
       const hugeBytes = huge === "2MB" ? 2 << 20 : 1 << 30;
       try {
-        region = MemfdBuffer.create(Math.ceil(size / hugeBytes) * hugeBytes, { hugePages: huge, name: options.name ?? "dma-heap" });
+        region = MemfdBuffer.create(Math.ceil(size / hugeBytes) * hugeBytes, {
+          hugePages: huge,
+          name: options.name ?? "dma-heap",
+        });
       } catch (error) {
         if (want !== "auto") throw error;
         note = `huge pages unavailable (${(error as Error).message}); using 4 KiB pages`;
@@ -200,7 +212,8 @@ export class DmaHeap {
   alloc(size: number, options: { align?: number } = {}): DmaBuffer {
     const region = this.#region;
     if (region === undefined) throw closedError("DmaHeap.alloc", "the DmaHeap");
-    const offset = options.align === undefined ? this.#allocator.alloc(size) : this.#allocator.alloc(size, options.align);
+    const offset =
+      options.align === undefined ? this.#allocator.alloc(size) : this.#allocator.alloc(size, options.align);
     return new DmaBuffer(this, offset, size, this.rule.iovaBase + offset);
   }
 
@@ -242,7 +255,8 @@ export class DmaHeap {
     const region = this.#region;
     if (region === undefined) throw closedError(op, "the DmaHeap");
     const offset = this.rule.offsetOf(iova);
-    if (offset < 0) throw argumentError(op, "iova", `${hex(iova)} is outside the heap (${hex(this.iova)}..+${hex(this.size)})`);
+    if (offset < 0)
+      throw argumentError(op, "iova", `${hex(iova)} is outside the heap (${hex(this.iova)}..+${hex(this.size)})`);
     if (!Number.isInteger(length) || length <= 0 || offset + length > this.rule.length) {
       throw argumentError(op, "length", `${length} bytes at ${hex(iova)} run past the end of the heap`);
     }

@@ -34,6 +34,14 @@ export interface OpenHints {
   EBUSY?: string;
 }
 
+/**
+ * The safety net for every fd an object owns: register the owner with its fd (and itself as the
+ * unregister token); close() unregisters it. Closing is the contract, collection only a fallback.
+ */
+export const fdFinalizer = new FinalizationRegistry<number>((fd) => {
+  libc().close(fd);
+});
+
 /** open(2) with O_CLOEXEC always added. */
 export function openPath(path: string, flags: number, operation: string, hints: OpenHints = {}): number {
   const fd = libc().open(cString(path), flags | O_CLOEXEC, 0);
@@ -61,7 +69,9 @@ function describeOpenErrno(errno: number): string {
     case ERRNO.EBUSY:
       return "the device is busy (already opened or bound elsewhere)";
     default:
-      return syscallError("open", errno).message.replace(/^open: /, "").replace(/ \[E\w+\]$/, "");
+      return syscallError("open", errno)
+        .message.replace(/^open: /, "")
+        .replace(/ \[E\w+\]$/, "");
   }
 }
 
@@ -99,14 +109,16 @@ export function fstat(fd: number, operation: string): FdStat {
 /** pread(2) into `target`; returns the bytes read. */
 export function preadInto(fd: number, target: Uint8Array, offset: number, operation: string): number {
   const n = Number(libc().pread(fd, target, target.byteLength, offset));
-  if (n < 0) throw syscallError(operation, lastErrno(), `pread of ${target.byteLength} bytes at offset ${offset} failed`);
+  if (n < 0)
+    throw syscallError(operation, lastErrno(), `pread of ${target.byteLength} bytes at offset ${offset} failed`);
   return n;
 }
 
 /** pwrite(2) of `source`; returns the bytes written. */
 export function pwriteFrom(fd: number, source: Uint8Array, offset: number, operation: string): number {
   const n = Number(libc().pwrite(fd, source, source.byteLength, offset));
-  if (n < 0) throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
+  if (n < 0)
+    throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
   return n;
 }
 

@@ -77,13 +77,32 @@ export const IOMMU_HWPT_DATA_NONE = 0;
 /** enum iommufd_hwpt_get_dirty_bitmap_flags */
 export const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR = 1;
 
-export const iommu_destroy = struct([["size", "u32"], ["id", "u32"]], { cName: "struct iommu_destroy" });
+export const iommu_destroy = struct(
+  [
+    ["size", "u32"],
+    ["id", "u32"],
+  ],
+  { cName: "struct iommu_destroy" },
+);
 
-export const iommu_ioas_alloc = struct([["size", "u32"], ["flags", "u32"], ["out_ioas_id", "u32"]], {
-  cName: "struct iommu_ioas_alloc",
-});
+export const iommu_ioas_alloc = struct(
+  [
+    ["size", "u32"],
+    ["flags", "u32"],
+    ["out_ioas_id", "u32"],
+  ],
+  {
+    cName: "struct iommu_ioas_alloc",
+  },
+);
 
-export const iommu_iova_range = struct([["start", "u64"], ["last", "u64"]], { cName: "struct iommu_iova_range" });
+export const iommu_iova_range = struct(
+  [
+    ["start", "u64"],
+    ["last", "u64"],
+  ],
+  { cName: "struct iommu_iova_range" },
+);
 
 export const iommu_ioas_iova_ranges = struct(
   [
@@ -258,9 +277,15 @@ export const iommu_fault_alloc = struct(
   { cName: "struct iommu_fault_alloc" },
 );
 
-export const iommu_ioas_change_process = struct([["size", "u32"], ["__reserved", "u32"]], {
-  cName: "struct iommu_ioas_change_process",
-});
+export const iommu_ioas_change_process = struct(
+  [
+    ["size", "u32"],
+    ["__reserved", "u32"],
+  ],
+  {
+    cName: "struct iommu_ioas_change_process",
+  },
+);
 
 /** Every layout of this header, for the layout test. */
 export const IOMMUFD_LAYOUTS = [
