@@ -11,7 +11,8 @@ import type { Ioas } from "../ioas.ts";
 import { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError } from "../sys/error.ts";
-import { bindToVfioPci, VfioDevice, type RegionMapping } from "../vfio.ts";
+import { VfioDevice, type RegionMapping } from "../vfio/device.ts";
+import { bindToVfioPci, PCI_ADDRESS } from "../vfio/pci.ts";
 import {
   createIoCompletionQueue,
   createIoSubmissionQueue,
@@ -50,7 +51,6 @@ import {
   type Capabilities,
 } from "./registers.ts";
 
-const PCI_ADDRESS = /^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/i;
 /** How long the poller spins on the completion queues before letting the event loop run. */
 const SPIN_MS = 0.25;
 /** Continuations of a completed command run before the poller looks again (a few promise hops). */

@@ -10,7 +10,7 @@
 import type { DmaBuf } from "../dmabuf.ts";
 import type { Mapping } from "../ioas.ts";
 import { argumentError, closedError } from "../sys/error.ts";
-import type { RegionMapping } from "../vfio.ts";
+import type { RegionMapping } from "../vfio/device.ts";
 
 export class PeerBuffer {
   /** The controller whose commands may use this buffer. */

@@ -3,7 +3,7 @@
  * accessor over BAR0 that obeys the two rules QEMU's model and real controllers share: one aligned
  * 32-bit access per register, and 64-bit registers split into two 32-bit accesses (low first).
  */
-import type { RegionMapping } from "../vfio.ts";
+import type { RegionMapping } from "../vfio/device.ts";
 
 export const CAP = 0x00;
 export const VS = 0x08;

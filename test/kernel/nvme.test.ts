@@ -10,7 +10,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { DmaHeap, IommufdError } from "../../src/index.ts";
 import { AdminOpcode, NvmeController, PeerBuffer, type Namespace } from "../../src/nvme/index.ts";
-import { counters } from "../../src/sys/libc.ts";
+import { counters } from "../../src/sys/ioctl.ts";
 import { FailNth } from "../support/fail-nth.ts";
 import { openFdCount, requireIommufd } from "../support/kernel.ts";
 import { guestNvmeControllers, P2P_EXTENT, P2P_SOURCE_LBA, pattern, PATTERN_EXTENTS, type GuestNvme } from "../support/nvme.ts";
@@ -28,6 +28,19 @@ beforeAll(() => {
   }
   A = plain;
   B = withCmb;
+});
+
+// What the tests wrote to A's image, for the host-side check after the guest powers off.
+const manifest: { disk: string; blockSize: number; written: { lba: number; blocks: number }[]; p2p?: { lba: number; blocks: number; sourceLba: number } } = {
+  disk: "",
+  blockSize: 512,
+  written: [],
+};
+afterAll(() => {
+  const out = process.env.IOMMUFD_VM_OUT;
+  if (!out || manifest.written.length === 0) return;
+  mkdirSync(out, { recursive: true });
+  writeFileSync(join(out, "nvme-written.json"), JSON.stringify({ ...manifest, disk: A.disk }));
 });
 
 // One controller for most tests, opened lazily and closed at the end.
@@ -119,7 +132,6 @@ describe("I/O", () => {
   test("patterns at several LBAs (one block, two pages, a PRP list, past MDTS) read back equal", async () => {
     const c = controllerA();
     const ns = c.namespace(1);
-    const written: { lba: number; blocks: number }[] = [];
     for (const { lba, blocks } of PATTERN_EXTENTS) {
       const bytes = blocks * ns.blockSize;
       using out = c.allocBuffer(bytes);
@@ -134,13 +146,9 @@ describe("I/O", () => {
       // Write and read each split by MDTS, plus the flush.
       expect(commands).toBe(2 * Math.ceil(blocks / ns.maxBlocksPerCommand) + 1);
       expect(same(back.bytes, out.bytes)).toBe(true);
-      written.push({ lba, blocks });
+      manifest.written.push({ lba, blocks });
     }
-    // For the host-side check of the image file after the guest powers off.
-    if (process.env.IOMMUFD_VM_OUT) {
-      mkdirSync(process.env.IOMMUFD_VM_OUT, { recursive: true });
-      writeFileSync(join(process.env.IOMMUFD_VM_OUT, "nvme-written.json"), JSON.stringify({ disk: A.disk, blockSize: ns.blockSize, written }));
-    }
+    manifest.blockSize = ns.blockSize;
   });
 
   test("the I/O path makes no ioctl", async () => {
@@ -363,6 +371,7 @@ describe("peer to peer: controller A's DMA into controller B's memory buffer", (
     back.bytes.fill(0);
     await ns.read(P2P_EXTENT.lba, blocks, back);
     expect(same(back.bytes, expected)).toBe(true);
+    manifest.p2p = { lba: P2P_EXTENT.lba, blocks, sourceLba: P2P_SOURCE_LBA };
 
     // And at an offset inside B's memory, one block.
     await ns.read(P2P_SOURCE_LBA + 5, 1, cmb, { offset: 8192 });
