@@ -35,7 +35,9 @@ export interface Command {
   cdw15?: number;
 }
 
-const ADMIN_NAMES = new Map<number, string>(Object.entries(AdminOpcode).map(([name, opcode]) => [opcode, spaced(name)]));
+const ADMIN_NAMES = new Map<number, string>(
+  Object.entries(AdminOpcode).map(([name, opcode]) => [opcode, spaced(name)]),
+);
 const IO_NAMES = new Map<number, string>(Object.entries(IoOpcode).map(([name, opcode]) => [opcode, name]));
 
 function spaced(name: string): string {
@@ -54,15 +56,26 @@ export function describeCommand(admin: boolean, command: Command): string {
     const lba = (command.cdw10 ?? 0) + (command.cdw11 ?? 0) * 2 ** 32;
     return `${nsid}, LBA ${lba}, ${((command.cdw12 ?? 0) & 0xffff) + 1} block(s)`;
   }
-  if (admin && (command.opcode === AdminOpcode.CreateIoCompletionQueue || command.opcode === AdminOpcode.CreateIoSubmissionQueue)) {
+  if (
+    admin &&
+    (command.opcode === AdminOpcode.CreateIoCompletionQueue || command.opcode === AdminOpcode.CreateIoSubmissionQueue)
+  ) {
     return `queue ${(command.cdw10 ?? 0) & 0xffff}, ${((command.cdw10 ?? 0) >>> 16) + 1} entries`;
   }
-  if (admin && command.opcode === AdminOpcode.Identify) return `CNS ${(command.cdw10 ?? 0) & 0xff}${nsid ? `, ${nsid}` : ""}`;
+  if (admin && command.opcode === AdminOpcode.Identify)
+    return `CNS ${(command.cdw10 ?? 0) & 0xff}${nsid ? `, ${nsid}` : ""}`;
   return nsid || "no namespace";
 }
 
 /** Write one 64-byte entry (16 dwords) at `index` of a submission queue viewed as dwords. */
-export function encodeCommand(sq: Uint32Array, index: number, cid: number, command: Command, prp1: number, prp2: number): void {
+export function encodeCommand(
+  sq: Uint32Array,
+  index: number,
+  cid: number,
+  command: Command,
+  prp1: number,
+  prp2: number,
+): void {
   const at = index * 16;
   sq[at] = (command.opcode & 0xff) | (cid << 16); // FUSE 0, PSDT 0: PRPs
   sq[at + 1] = command.nsid ?? 0;

@@ -23,7 +23,12 @@ import {
   setNumberOfQueues,
   type Command,
 } from "./commands.ts";
-import { parseControllerIdentity, parseNamespaceIdentity, parseNamespaceList, type ControllerIdentity } from "./identify.ts";
+import {
+  parseControllerIdentity,
+  parseNamespaceIdentity,
+  parseNamespaceList,
+  type ControllerIdentity,
+} from "./identify.ts";
 import { Namespace, type DataBuffer, type NamespaceOwner } from "./namespace.ts";
 import { PeerBuffer } from "./peer.ts";
 import { MAX_PRP_TRANSFER } from "./prp.ts";
@@ -148,7 +153,8 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
    */
   static open(target: string, options: NvmeControllerOptions = {}): NvmeController {
     const op = "NvmeController.open";
-    if (typeof target !== "string" || target === "") throw argumentError(op, "target", "expected a PCI address like 0000:00:04.0 or a /dev/vfio/devices path");
+    if (typeof target !== "string" || target === "")
+      throw argumentError(op, "target", "expected a PCI address like 0000:00:04.0 or a /dev/vfio/devices path");
     if (options.ioas && options.iommufd && options.ioas.iommufd !== options.iommufd) {
       throw argumentError(op, "options.ioas", "the IOAS belongs to another iommufd than options.iommufd");
     }
@@ -165,9 +171,21 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       device.bind(iommufd);
       device.attach(ioas);
       const bar = device.mapRegion(0);
-      const heap = DmaHeap.create(ioas, { size: options.heapSize ?? 16 << 20, hugePages: options.hugePages ?? "auto", name: "nvme" });
+      const heap = DmaHeap.create(ioas, {
+        size: options.heapSize ?? 16 << 20,
+        hugePages: options.hugePages ?? "auto",
+        name: "nvme",
+      });
       undo.push(() => heap.close());
-      const controller = new NvmeController(device, iommufd, ioas, heap, bar, { iommufd: ownsIommufd, ioas: !options.ioas }, options);
+      const controller = new NvmeController(
+        device,
+        iommufd,
+        ioas,
+        heap,
+        bar,
+        { iommufd: ownsIommufd, ioas: !options.ioas },
+        options,
+      );
       undo.length = 0;
       try {
         controller.#bringUp(options.queueDepth ?? 64);
@@ -197,7 +215,8 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.#enable();
     this.#identity = parseControllerIdentity(this.#adminWithScratch(identify(IdentifyCns.Controller)));
     const mdts = this.#identity.mdts;
-    this.#maxTransferBytes = mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
+    this.#maxTransferBytes =
+      mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
     this.#requestQueues();
     this.createQueuePair(queueDepth);
   }
@@ -215,7 +234,11 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     regs.write32(CC, CC_IOSQES_64 | CC_IOCQES_16 | CC_EN);
     this.#waitStatus("enable", (csts) => (csts & CSTS_RDY) !== 0 || (csts & CSTS_CFS) !== 0);
     if (regs.read32(CSTS) & CSTS_CFS) {
-      throw new IommufdError({ operation: "NvmeController.enable", errno: ERRNO.EIO, message: "the controller reported fatal status (CSTS.CFS) while enabling" });
+      throw new IommufdError({
+        operation: "NvmeController.enable",
+        errno: ERRNO.EIO,
+        message: "the controller reported fatal status (CSTS.CFS) while enabling",
+      });
     }
   }
 
@@ -226,7 +249,11 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     for (;;) {
       const csts = this.registers.read32(CSTS);
       if (csts === 0xffffffff) {
-        throw new IommufdError({ operation: `NvmeController.${step}`, errno: ERRNO.ENODEV, message: "CSTS reads all ones: the controller is gone from the bus" });
+        throw new IommufdError({
+          operation: `NvmeController.${step}`,
+          errno: ERRNO.ENODEV,
+          message: "CSTS reads all ones: the controller is gone from the bus",
+        });
       }
       if (done(csts)) return;
       if (performance.now() > deadline) {
@@ -241,7 +268,13 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   }
 
   #requestQueues(): void {
-    const granted = this.#admin.submitAndWait(setNumberOfQueues(this.#maxQueuePairs), 0, 0, this.commandTimeoutMs, this.#pollAdmin);
+    const granted = this.#admin.submitAndWait(
+      setNumberOfQueues(this.#maxQueuePairs),
+      0,
+      0,
+      this.commandTimeoutMs,
+      this.#pollAdmin,
+    );
     this.#grantedQueuePairs = Math.min(granted & 0xffff, granted >>> 16) + 1;
   }
 
@@ -306,11 +339,17 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   namespace(nsid = 1): Namespace {
     const known = this.#namespaces.get(nsid);
     if (known) return known;
-    if (!Number.isInteger(nsid) || nsid < 1 || nsid >= 0xffffffff) throw argumentError("NvmeController.namespace", "nsid", `${nsid} is not a namespace id`);
+    if (!Number.isInteger(nsid) || nsid < 1 || nsid >= 0xffffffff)
+      throw argumentError("NvmeController.namespace", "nsid", `${nsid} is not a namespace id`);
     this.assertUsable("Identify");
     const identity = parseNamespaceIdentity(this.#adminWithScratch(identify(IdentifyCns.Namespace, nsid)));
     if (identity.size === 0) {
-      throw new IommufdError({ operation: "NvmeController.namespace", errno: ERRNO.ENODEV, argument: "nsid", message: `namespace ${nsid} is not active on this controller` });
+      throw new IommufdError({
+        operation: "NvmeController.namespace",
+        errno: ERRNO.ENODEV,
+        argument: "nsid",
+        message: `namespace ${nsid} is not active on this controller`,
+      });
     }
     const namespace = new Namespace(this, nsid, identity);
     this.#namespaces.set(nsid, namespace);
@@ -334,7 +373,11 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     let id = 1;
     while (used.has(id)) id++;
     if (id > this.#grantedQueuePairs) {
-      throw new IommufdError({ operation: op, errno: ERRNO.ENOSPC, message: `the controller granted ${this.#grantedQueuePairs} I/O queue pairs and all are in use` });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.ENOSPC,
+        message: `the controller granted ${this.#grantedQueuePairs} I/O queue pairs and all are in use`,
+      });
     }
     const queue = new QueuePair(this, this.heap, id, depth, false);
     try {
@@ -348,11 +391,24 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   }
 
   #createOnController(queue: QueuePair): void {
-    this.#admin.submitAndWait(createIoCompletionQueue(queue.id, queue.depth), queue.cqIova, 0, this.commandTimeoutMs, this.#pollAdmin);
+    this.#admin.submitAndWait(
+      createIoCompletionQueue(queue.id, queue.depth),
+      queue.cqIova,
+      0,
+      this.commandTimeoutMs,
+      this.#pollAdmin,
+    );
     try {
-      this.#admin.submitAndWait(createIoSubmissionQueue(queue.id, queue.depth, queue.id), queue.sqIova, 0, this.commandTimeoutMs, this.#pollAdmin);
+      this.#admin.submitAndWait(
+        createIoSubmissionQueue(queue.id, queue.depth, queue.id),
+        queue.sqIova,
+        0,
+        this.commandTimeoutMs,
+        this.#pollAdmin,
+      );
     } catch (error) {
-      if (this.#state === "ready") this.#admin.submitAndWait(deleteIoCompletionQueue(queue.id), 0, 0, this.commandTimeoutMs, this.#pollAdmin);
+      if (this.#state === "ready")
+        this.#admin.submitAndWait(deleteIoCompletionQueue(queue.id), 0, 0, this.commandTimeoutMs, this.#pollAdmin);
       throw error;
     }
   }
@@ -360,12 +416,16 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   /** Delete an I/O queue pair (its pending commands are aborted by the controller). */
   deleteQueuePair(queue: QueuePair): void {
     const index = this.#ioQueues.indexOf(queue);
-    if (index < 0) throw argumentError("NvmeController.deleteQueuePair", "queue", "not an I/O queue pair of this controller");
+    if (index < 0)
+      throw argumentError("NvmeController.deleteQueuePair", "queue", "not an I/O queue pair of this controller");
     this.assertUsable("Delete I/O Submission Queue");
     this.#admin.submitAndWait(deleteIoSubmissionQueue(queue.id), 0, 0, this.commandTimeoutMs, this.#pollAdmin);
     this.#admin.submitAndWait(deleteIoCompletionQueue(queue.id), 0, 0, this.commandTimeoutMs, this.#pollAdmin);
     queue.reap();
-    queue.failAll((name, detail) => new IommufdError({ operation: `NVMe ${name}`, errno: ERRNO.EIO, message: `${detail}: its queue was deleted` }));
+    queue.failAll(
+      (name, detail) =>
+        new IommufdError({ operation: `NVMe ${name}`, errno: ERRNO.EIO, message: `${detail}: its queue was deleted` }),
+    );
     this.#ioQueues.splice(index, 1);
     queue.release();
   }
@@ -394,16 +454,25 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
    * buffer) into this controller's IOAS, as a VFIO dma-buf. The result is used like a heap buffer.
    * The source must be another device: a controller cannot DMA into its own memory buffer.
    */
-  mapPeerMemory(source: NvmeController | VfioDevice, options: { region?: number; offset?: number; length?: number } = {}): PeerBuffer {
+  mapPeerMemory(
+    source: NvmeController | VfioDevice,
+    options: { region?: number; offset?: number; length?: number } = {},
+  ): PeerBuffer {
     const op = "NvmeController.mapPeerMemory";
     if (this.#state === "closed") throw closedError(op, "the NVMe controller");
     const device = source instanceof NvmeController ? source.device : source;
-    if (!(device instanceof VfioDevice)) throw argumentError(op, "source", "expected an NvmeController or a VfioDevice");
+    if (!(device instanceof VfioDevice))
+      throw argumentError(op, "source", "expected an NvmeController or a VfioDevice");
     if (device === this.device) {
-      throw argumentError(op, "source", "a controller cannot DMA into its own memory buffer (the device would access itself; QEMU drops it and still reports success)");
+      throw argumentError(
+        op,
+        "source",
+        "a controller cannot DMA into its own memory buffer (the device would access itself; QEMU drops it and still reports success)",
+      );
     }
     const region = options.region ?? (source instanceof NvmeController ? source.memoryBufferRegion() : undefined);
-    if (region === undefined) throw argumentError(op, "options.region", "give the region (BAR) index of the peer memory");
+    if (region === undefined)
+      throw argumentError(op, "options.region", "give the region (BAR) index of the peer memory");
     const info = device.region(region);
     const offset = options.offset ?? 0;
     const length = options.length ?? info.size - offset;
@@ -437,11 +506,18 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     if (this.#state === "closed") throw closedError(operation, "the NVMe controller");
     if (buffer instanceof DmaBuffer) {
       if (buffer.heap !== this.heap) {
-        throw argumentError(operation, "buffer", "the buffer comes from another DmaHeap, which this controller's IOMMU domain does not map", "EINVAL", "allocate data buffers with controller.allocBuffer()");
+        throw argumentError(
+          operation,
+          "buffer",
+          "the buffer comes from another DmaHeap, which this controller's IOMMU domain does not map",
+          "EINVAL",
+          "allocate data buffers with controller.allocBuffer()",
+        );
       }
       if (buffer.freed) throw argumentError(operation, "buffer", "the buffer was freed");
     } else if (buffer instanceof PeerBuffer) {
-      if (buffer.owner !== this) throw argumentError(operation, "buffer", "the peer buffer was mapped for another controller");
+      if (buffer.owner !== this)
+        throw argumentError(operation, "buffer", "the peer buffer was mapped for another controller");
       if (!buffer.mapped) throw closedError(operation, "the peer buffer");
     } else {
       throw argumentError(
@@ -450,9 +526,18 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
         "expected a buffer from controller.allocBuffer() or controller.mapPeerMemory(): other memory is not mapped for the device",
       );
     }
-    if (!Number.isInteger(offset) || offset < 0 || offset % 4) throw argumentError(operation, "options.offset", `${offset} is not a non-negative multiple of 4 (PRP entries are dword aligned)`);
+    if (!Number.isInteger(offset) || offset < 0 || offset % 4)
+      throw argumentError(
+        operation,
+        "options.offset",
+        `${offset} is not a non-negative multiple of 4 (PRP entries are dword aligned)`,
+      );
     if (offset + length > buffer.size) {
-      throw argumentError(operation, "buffer", `${length} bytes at offset ${offset} do not fit in the ${buffer.size}-byte buffer`);
+      throw argumentError(
+        operation,
+        "buffer",
+        `${length} bytes at offset ${offset} do not fit in the ${buffer.size}-byte buffer`,
+      );
     }
     return buffer.iova + offset;
   }
@@ -528,18 +613,40 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.#lastHealthCheck = now;
     if (this.#state !== "ready") return;
     const csts = this.registers.read32(CSTS);
-    if (csts === 0xffffffff) return this.#fail(ERRNO.ENODEV, "CSTS reads all ones: the controller is gone from the bus");
-    if (csts & CSTS_CFS) return this.#fail(ERRNO.EIO, "the controller reported fatal status (CSTS.CFS)");
+    if (csts === 0xffffffff) {
+      this.#fail(ERRNO.ENODEV, "CSTS reads all ones: the controller is gone from the bus");
+      return;
+    }
+    if (csts & CSTS_CFS) {
+      this.#fail(ERRNO.EIO, "the controller reported fatal status (CSTS.CFS)");
+      return;
+    }
     for (const queue of [this.#admin, ...this.#ioQueues]) {
       const late = queue.overdue(now);
-      if (late) return this.#fail(ERRNO.ETIMEDOUT, `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
+      if (late) {
+        this.#fail(ERRNO.ETIMEDOUT, `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
+        return;
+      }
     }
   }
 
   #fail(errno: number, reason: string): void {
     this.#state = "failed";
-    this.#failure = new IommufdError({ operation: "NvmeController", errno, message: reason, hint: "controller.reset() brings it back" });
-    this.#failAll((name, detail) => new IommufdError({ operation: `NVMe ${name}`, errno, message: `${detail}: not completed: ${reason}`, hint: "controller.reset() brings the controller back" }));
+    this.#failure = new IommufdError({
+      operation: "NvmeController",
+      errno,
+      message: reason,
+      hint: "controller.reset() brings it back",
+    });
+    this.#failAll(
+      (name, detail) =>
+        new IommufdError({
+          operation: `NVMe ${name}`,
+          errno,
+          message: `${detail}: not completed: ${reason}`,
+          hint: "controller.reset() brings the controller back",
+        }),
+    );
   }
 
   #failAll(why: (name: string, detail: string) => IommufdError): void {
@@ -559,7 +666,14 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     if (this.#state === "closed") throw closedError(op, "the NVMe controller");
     const regs = this.registers;
     regs.write32(CC, regs.read32(CC) & ~CC_EN);
-    this.#failAll((name, detail) => new IommufdError({ operation: `NVMe ${name}`, errno: ERRNO.EIO, message: `${detail}: the controller was reset before the command completed` }));
+    this.#failAll(
+      (name, detail) =>
+        new IommufdError({
+          operation: `NVMe ${name}`,
+          errno: ERRNO.EIO,
+          message: `${detail}: the controller was reset before the command completed`,
+        }),
+    );
     this.#waitStatus("disable", (csts) => (csts & CSTS_RDY) === 0);
     this.#admin.clear();
     for (const queue of this.#ioQueues) queue.clear();
@@ -571,7 +685,10 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       for (const queue of this.#ioQueues) this.#createOnController(queue);
     } catch (error) {
       this.#state = "failed";
-      this.#failure = error instanceof IommufdError ? error : new IommufdError({ operation: op, errno: ERRNO.EIO, message: String(error) });
+      this.#failure =
+        error instanceof IommufdError
+          ? error
+          : new IommufdError({ operation: op, errno: ERRNO.EIO, message: String(error) });
       throw error;
     }
   }

@@ -28,7 +28,8 @@ export interface NamespaceIdentity {
   metadataSize: number;
 }
 
-const text = (bytes: Uint8Array, from: number, to: number) => new TextDecoder("latin1").decode(bytes.subarray(from, to)).replace(/[\s\0]+$/, "");
+const text = (bytes: Uint8Array, from: number, to: number) =>
+  new TextDecoder("latin1").decode(bytes.subarray(from, to)).replace(/[\s\0]+$/, "");
 
 export function parseControllerIdentity(bytes: Uint8Array): ControllerIdentity {
   const view = new DataView(bytes.buffer, bytes.byteOffset, 4096);

@@ -65,12 +65,26 @@ export class Namespace {
   /** Make the controller commit written data to non-volatile media. */
   flush(options?: { queue?: QueuePair }): Promise<void> {
     const owner = this.#owner;
-    return (options?.queue ?? owner.ioQueue).submit(flush(this.nsid), 0, 0, owner.commandTimeoutMs) as Promise<unknown> as Promise<void>;
+    return (options?.queue ?? owner.ioQueue).submit(
+      flush(this.nsid),
+      0,
+      0,
+      owner.commandTimeoutMs,
+    ) as Promise<unknown> as Promise<void>;
   }
 
-  #transfer(opcode: number, op: string, lba: number, blocks: number, buffer: DataBuffer, options: IoOptions | undefined): Promise<void> {
-    if (!Number.isSafeInteger(lba) || lba < 0) return Promise.reject(argumentError(op, "lba", `${lba} is not a non-negative whole number`));
-    if (!Number.isSafeInteger(blocks) || blocks <= 0) return Promise.reject(argumentError(op, "blocks", `${blocks} is not a positive whole number`));
+  #transfer(
+    opcode: number,
+    op: string,
+    lba: number,
+    blocks: number,
+    buffer: DataBuffer,
+    options: IoOptions | undefined,
+  ): Promise<void> {
+    if (!Number.isSafeInteger(lba) || lba < 0)
+      return Promise.reject(argumentError(op, "lba", `${lba} is not a non-negative whole number`));
+    if (!Number.isSafeInteger(blocks) || blocks <= 0)
+      return Promise.reject(argumentError(op, "blocks", `${blocks} is not a positive whole number`));
     const owner = this.#owner;
     const offset = options?.offset ?? 0;
     const bytes = blocks * this.blockSize;
@@ -83,12 +97,24 @@ export class Namespace {
     const queue = options?.queue ?? owner.ioQueue;
     const max = this.maxBlocksPerCommand;
     if (blocks <= max) {
-      return queue.submit(readWrite(opcode, this.nsid, lba, blocks), iova, bytes, owner.commandTimeoutMs) as Promise<unknown> as Promise<void>;
+      return queue.submit(
+        readWrite(opcode, this.nsid, lba, blocks),
+        iova,
+        bytes,
+        owner.commandTimeoutMs,
+      ) as Promise<unknown> as Promise<void>;
     }
     const parts: Promise<number>[] = [];
     for (let done = 0; done < blocks; done += max) {
       const count = Math.min(max, blocks - done);
-      parts.push(queue.submit(readWrite(opcode, this.nsid, lba + done, count), iova + done * this.blockSize, count * this.blockSize, owner.commandTimeoutMs));
+      parts.push(
+        queue.submit(
+          readWrite(opcode, this.nsid, lba + done, count),
+          iova + done * this.blockSize,
+          count * this.blockSize,
+          owner.commandTimeoutMs,
+        ),
+      );
     }
     return Promise.all(parts).then(() => undefined);
   }

@@ -26,7 +26,14 @@ export class PeerBuffer {
   readonly #iova: number;
 
   /** @internal Made by NvmeController.mapPeerMemory. */
-  constructor(owner: object, dmabuf: DmaBuf, mapping: Mapping, region: RegionMapping, regionOffset: number, size: number) {
+  constructor(
+    owner: object,
+    dmabuf: DmaBuf,
+    mapping: Mapping,
+    region: RegionMapping,
+    regionOffset: number,
+    size: number,
+  ) {
     this.owner = owner;
     this.#dmabuf = dmabuf;
     this.#mapping = mapping;
@@ -50,9 +57,14 @@ export class PeerBuffer {
   #check(op: string, offset: number, length: number): RegionMapping {
     const region = this.#region;
     if (region === undefined || !region.mapped) throw closedError(op, "the peer buffer");
-    if (!Number.isInteger(offset) || offset < 0 || offset % 4) throw argumentError(op, "offset", `${offset} is not a non-negative multiple of 4`);
+    if (!Number.isInteger(offset) || offset < 0 || offset % 4)
+      throw argumentError(op, "offset", `${offset} is not a non-negative multiple of 4`);
     if (!Number.isInteger(length) || length < 0 || length % 4 || offset + length > this.size) {
-      throw argumentError(op, "length", `${length} bytes at offset ${offset} do not fit in the ${this.size}-byte peer buffer in whole 32-bit words`);
+      throw argumentError(
+        op,
+        "length",
+        `${length} bytes at offset ${offset} do not fit in the ${this.size}-byte peer buffer in whole 32-bit words`,
+      );
     }
     return region;
   }

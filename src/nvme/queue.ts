@@ -127,7 +127,13 @@ export class QueuePair {
   }
 
   stats(): QueueStats {
-    return { submitted: this.#submitted, completed: this.#completed, inFlight: this.inFlight, waiting: this.waiting, maxWaiting: this.#maxWaiting };
+    return {
+      submitted: this.#submitted,
+      completed: this.#completed,
+      inFlight: this.inFlight,
+      waiting: this.waiting,
+      maxWaiting: this.#maxWaiting,
+    };
   }
 
   /**
@@ -157,19 +163,48 @@ export class QueuePair {
     const name = commandName(this.admin, command.opcode);
     this.#owner.assertUsable(name);
     if (this.#freeIds.length === 0) {
-      throw new IommufdError({ operation: `NVMe ${name}`, errno: ERRNO.EBUSY, message: `queue ${this.id} has no free slot for a synchronous command` });
+      throw new IommufdError({
+        operation: `NVMe ${name}`,
+        errno: ERRNO.EBUSY,
+        message: `queue ${this.id} has no free slot for a synchronous command`,
+      });
     }
     let done = false;
     let result = 0;
     let failure: IommufdError | undefined;
-    this.#issue(this.#freeIds.pop()!, command, iova, length, (dw0) => ((done = true), (result = dw0)), (e) => ((done = true), (failure = e)), timeoutMs);
+    this.#issue(
+      this.#freeIds.pop()!,
+      command,
+      iova,
+      length,
+      (dw0) => {
+        done = true;
+        result = dw0;
+      },
+      (error) => {
+        done = true;
+        failure = error;
+      },
+      timeoutMs,
+    );
     while (!done) poll();
     if (failure) throw failure;
     return result;
   }
 
-  #issue(cid: number, command: Command, iova: number, length: number, resolve: Resolve, reject: Reject, timeoutMs: number): void {
-    const prp2 = length > 0 ? prp2For(iova, length, this.#prpLists, cid * (PAGE_SIZE / 4), this.#prpListsIova + cid * PAGE_SIZE) : 0;
+  #issue(
+    cid: number,
+    command: Command,
+    iova: number,
+    length: number,
+    resolve: Resolve,
+    reject: Reject,
+    timeoutMs: number,
+  ): void {
+    const prp2 =
+      length > 0
+        ? prp2For(iova, length, this.#prpLists, cid * (PAGE_SIZE / 4), this.#prpListsIova + cid * PAGE_SIZE)
+        : 0;
     encodeCommand(this.#sq, this.#sqTail, cid, command, length > 0 ? iova : 0, prp2);
     this.#resolve[cid] = resolve;
     this.#reject[cid] = reject;

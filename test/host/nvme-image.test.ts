@@ -20,7 +20,9 @@ interface Manifest {
 const results = process.env.IOMMUFD_VM_RESULTS;
 const manifestPath = results ? join(results, "nvme-written.json") : "";
 const haveManifest = manifestPath !== "" && existsSync(manifestPath);
-const why = results ? `${manifestPath} is missing: the guest's NVMe tests did not run or did not finish` : "IOMMUFD_VM_RESULTS is not set: this check runs after a guest run of the kernel tests";
+const why = results
+  ? `${manifestPath} is missing: the guest's NVMe tests did not run or did not finish`
+  : "IOMMUFD_VM_RESULTS is not set: this check runs after a guest run of the kernel tests";
 
 function readAt(path: string, offset: number, length: number): Uint8Array {
   const fd = openSync(path, "r");

@@ -13,7 +13,14 @@ import { AdminOpcode, NvmeController, PeerBuffer, type Namespace } from "../../s
 import { counters } from "../../src/sys/ioctl.ts";
 import { FailNth } from "../support/fail-nth.ts";
 import { openFdCount, requireIommufd } from "../support/kernel.ts";
-import { guestNvmeControllers, P2P_EXTENT, P2P_SOURCE_LBA, pattern, PATTERN_EXTENTS, type GuestNvme } from "../support/nvme.ts";
+import {
+  guestNvmeControllers,
+  P2P_EXTENT,
+  P2P_SOURCE_LBA,
+  pattern,
+  PATTERN_EXTENTS,
+  type GuestNvme,
+} from "../support/nvme.ts";
 
 let A: GuestNvme;
 let B: GuestNvme;
@@ -24,14 +31,21 @@ beforeAll(() => {
   const withCmb = found.find((d) => d.cmb > 0);
   const plain = found.find((d) => d.cmb === 0);
   if (!withCmb || !plain) {
-    throw new Error(`these tests need two NVMe controllers on vfio-pci, one with a CMB (IOMMUFD_VM_DEVICES lists ${found.length}); run them through bun run test`);
+    throw new Error(
+      `these tests need two NVMe controllers on vfio-pci, one with a CMB (IOMMUFD_VM_DEVICES lists ${found.length}); run them through bun run test`,
+    );
   }
   A = plain;
   B = withCmb;
 });
 
 // What the tests wrote to A's image, for the host-side check after the guest powers off.
-const manifest: { disk: string; blockSize: number; written: { lba: number; blocks: number }[]; p2p?: { lba: number; blocks: number; sourceLba: number } } = {
+const manifest: {
+  disk: string;
+  blockSize: number;
+  written: { lba: number; blocks: number }[];
+  p2p?: { lba: number; blocks: number; sourceLba: number };
+} = {
   disk: "",
   blockSize: 512,
   written: [],
@@ -178,7 +192,9 @@ describe("I/O", () => {
     using buffer = c.allocBuffer(32 * 4096);
     const lbas = Array.from({ length: 32 }, (_, i) => 20_000 + ((i * 977) % 2400));
     await Promise.all(lbas.map((lba, i) => ns.read(lba, 8, buffer, { offset: i * 4096 })));
-    lbas.forEach((lba, i) => expect(same(buffer.bytes.subarray(i * 4096, i * 4096 + 4096), pattern(lba, 8, 512))).toBe(true));
+    for (const [i, lba] of lbas.entries()) {
+      expect(same(buffer.bytes.subarray(i * 4096, i * 4096 + 4096), pattern(lba, 8, 512))).toBe(true);
+    }
   });
 
   test("a full submission queue makes callers wait, not fail: 200 reads through 3 slots", async () => {
@@ -188,7 +204,9 @@ describe("I/O", () => {
     try {
       using buffer = c.allocBuffer(200 * 512);
       buffer.bytes.fill(0);
-      await Promise.all(Array.from({ length: 200 }, (_, i) => ns.read(20_000 + i, 1, buffer, { offset: i * 512, queue: small })));
+      await Promise.all(
+        Array.from({ length: 200 }, (_, i) => ns.read(20_000 + i, 1, buffer, { offset: i * 512, queue: small })),
+      );
       const stats = small.stats();
       expect(stats.maxWaiting).toBeGreaterThanOrEqual(190);
       expect(stats.completed).toBe(200);
@@ -215,7 +233,11 @@ describe("errors", () => {
   test("an invalid field and an unknown opcode, decoded", async () => {
     const c = controllerA();
     using buffer = c.allocBuffer(4096);
-    const field = await rejected(c.adminCommand({ opcode: AdminOpcode.Identify, cdw10: 0xfe }, { buffer }), "EINVAL", "NVMe Identify");
+    const field = await rejected(
+      c.adminCommand({ opcode: AdminOpcode.Identify, cdw10: 0xfe }, { buffer }),
+      "EINVAL",
+      "NVMe Identify",
+    );
     expect(field.message).toContain("Invalid Field in Command");
     const opcode = await rejected(c.adminCommand({ opcode: 0xc3 }), "EOPNOTSUPP", "NVMe admin opcode 0xc3");
     expect(opcode.message).toContain("Invalid Command Opcode");
@@ -246,7 +268,11 @@ describe("errors", () => {
     const ns = c.namespace(1);
     using buffer = c.allocBuffer(4096);
     // QEMU holds an Asynchronous Event Request until an event happens: it never completes here.
-    const e = await rejected(c.adminCommand({ opcode: AdminOpcode.AsynchronousEventRequest }, { timeoutMs: 300 }), "ETIMEDOUT", "NVMe Asynchronous Event Request");
+    const e = await rejected(
+      c.adminCommand({ opcode: AdminOpcode.AsynchronousEventRequest }, { timeoutMs: 300 }),
+      "ETIMEDOUT",
+      "NVMe Asynchronous Event Request",
+    );
     expect(e.message).toContain("did not complete in time");
     expect(c.failure?.code).toBe("ETIMEDOUT");
     const refused = await rejected(ns.read(0, 1, buffer), "ETIMEDOUT", "NVMe Read");
@@ -298,7 +324,8 @@ describe("errors", () => {
 
 describe("fault injection", () => {
   test("open (bind, attach, BAR, heap, enable, Identify, queue creation): every injected fault is an IommufdError, nothing leaks", () => {
-    if (!FailNth.available()) throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
+    if (!FailNth.available())
+      throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
     const options = { heapSize: 1 << 20, hugePages: false as const };
     NvmeController.open(A.vfio, options).close(); // warm every path once
     const fdsBefore = openFdCount();
@@ -331,7 +358,11 @@ describe("fault injection", () => {
     } finally {
       failNth.close();
     }
-    console.log(`NvmeController.open: ${points} fault points; ${Object.entries(errnos).map(([k, v]) => `${k} x${v}`).join(", ")}`);
+    console.log(
+      `NvmeController.open: ${points} fault points; ${Object.entries(errnos)
+        .map(([k, v]) => `${k} x${v}`)
+        .join(", ")}`,
+    );
     expect(points).toBeGreaterThan(0);
     expect(Object.values(errnos).reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
     // And the controller still works after the sweep.

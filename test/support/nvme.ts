@@ -23,11 +23,23 @@ export function guestNvmeControllers(): GuestNvme[] {
   const devices = JSON.parse(json) as Partial<GuestNvme & { kind: string; driver: string }>[];
   return devices
     .filter((d) => d.kind === "nvme" && d.driver === "vfio-pci" && d.vfio)
-    .map((d) => ({ name: d.name ?? "", addr: d.addr ?? "", vfio: d.vfio ?? "", size: d.size ?? 0, cmb: d.cmb ?? 0, disk: d.disk ?? "" }));
+    .map((d) => ({
+      name: d.name ?? "",
+      addr: d.addr ?? "",
+      vfio: d.vfio ?? "",
+      size: d.size ?? 0,
+      cmb: d.cmb ?? 0,
+      disk: d.disk ?? "",
+    }));
 }
 
 /** The bytes the tests write at one logical block: "LBA <n>" then a stream seeded by n. */
-export function patternBlock(lba: number, blockSize: number, out: Uint8Array = new Uint8Array(blockSize), at = 0): Uint8Array {
+export function patternBlock(
+  lba: number,
+  blockSize: number,
+  out: Uint8Array = new Uint8Array(blockSize),
+  at = 0,
+): Uint8Array {
   const label = `LBA ${lba} `;
   let x = (lba * 2654435761 + 0x9e3779b9) >>> 0 || 1;
   for (let i = 0; i < blockSize; i++) {

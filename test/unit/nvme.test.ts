@@ -1,6 +1,13 @@
 /** The NVMe driver's pure parts: status decoding, PRPs, command encoding, Identify parsing, CAP. */
 import { describe, expect, test } from "bun:test";
-import { AdminOpcode, commandName, describeCommand, encodeCommand, IoOpcode, readWrite } from "../../src/nvme/commands.ts";
+import {
+  AdminOpcode,
+  commandName,
+  describeCommand,
+  encodeCommand,
+  IoOpcode,
+  readWrite,
+} from "../../src/nvme/commands.ts";
 import { parseControllerIdentity, parseNamespaceIdentity, parseNamespaceList } from "../../src/nvme/identify.ts";
 import { MAX_PRP_TRANSFER, prp2For } from "../../src/nvme/prp.ts";
 import { decodeCapabilities } from "../../src/nvme/registers.ts";
@@ -9,8 +16,20 @@ import { IommufdError } from "../../src/sys/error.ts";
 
 describe("status", () => {
   test("generic and NVM command set codes by name and errno", () => {
-    expect(decodeStatus(0x80)).toMatchObject({ type: 0, code: 0x80, name: "LBA Out of Range", doNotRetry: false, errno: 34 });
-    expect(decodeStatus(0x4002)).toMatchObject({ type: 0, code: 2, name: "Invalid Field in Command", doNotRetry: true, errno: 22 });
+    expect(decodeStatus(0x80)).toMatchObject({
+      type: 0,
+      code: 0x80,
+      name: "LBA Out of Range",
+      doNotRetry: false,
+      errno: 34,
+    });
+    expect(decodeStatus(0x4002)).toMatchObject({
+      type: 0,
+      code: 2,
+      name: "Invalid Field in Command",
+      doNotRetry: true,
+      errno: 22,
+    });
     expect(decodeStatus(0x101)).toMatchObject({ type: 1, code: 1, name: "Invalid Queue Identifier" });
     expect(decodeStatus(0x281).name).toBe("Unrecovered Read Error");
     expect(decodeStatus(0x7ff)).toMatchObject({ type: 7, code: 0xff, errno: 5 });
@@ -56,7 +75,24 @@ describe("commands", () => {
   test("a Read entry has opcode, cid, nsid, PRPs, SLBA and a zero-based NLB in their dwords", () => {
     const sq = new Uint32Array(32);
     encodeCommand(sq, 1, 7, readWrite(IoOpcode.Read, 1, 2 ** 33 + 5, 8), 0x1_2345_6000, 0x7000);
-    expect(Array.from(sq.subarray(16, 32))).toEqual([0x02 | (7 << 16), 1, 0, 0, 0, 0, 0x2345_6000, 1, 0x7000, 0, 5, 2, 7, 0, 0, 0]);
+    expect(Array.from(sq.subarray(16, 32))).toEqual([
+      0x02 | (7 << 16),
+      1,
+      0,
+      0,
+      0,
+      0,
+      0x2345_6000,
+      1,
+      0x7000,
+      0,
+      5,
+      2,
+      7,
+      0,
+      0,
+      0,
+    ]);
   });
 
   test("names and descriptions follow the spec", () => {
@@ -76,7 +112,13 @@ describe("Identify and CAP", () => {
     bytes.set(new TextEncoder().encode("QEMU NVMe Ctrl"), 24);
     bytes[77] = 7;
     view.setUint32(516, 256, true);
-    expect(parseControllerIdentity(bytes)).toMatchObject({ vendorId: 0x1b36, serial: "deadbeef", model: "QEMU NVMe Ctrl", mdts: 7, namespaceCount: 256 });
+    expect(parseControllerIdentity(bytes)).toMatchObject({
+      vendorId: 0x1b36,
+      serial: "deadbeef",
+      model: "QEMU NVMe Ctrl",
+      mdts: 7,
+      namespaceCount: 256,
+    });
   });
 
   test("namespace size and the block size of the format in use", () => {
@@ -94,6 +136,13 @@ describe("Identify and CAP", () => {
 
   test("CAP: MQES, CQR, TO, DSTRD, MPSMIN, CMBS", () => {
     const caps = decodeCapabilities(0x0f0107ff, (1 << 25) | 0x0000_0002);
-    expect(caps).toEqual({ maxQueueEntries: 2048, contiguousQueuesRequired: true, timeoutMs: 7500, doorbellStride: 16, minPageSize: 4096, controllerMemoryBuffer: true });
+    expect(caps).toEqual({
+      maxQueueEntries: 2048,
+      contiguousQueuesRequired: true,
+      timeoutMs: 7500,
+      doorbellStride: 16,
+      minPageSize: 4096,
+      controllerMemoryBuffer: true,
+    });
   });
 });
