@@ -173,7 +173,8 @@ got=$(cat /proc/sys/vm/nr_hugepages)
 # Hand every edu device to vfio-pci, so the tests get /dev/vfio/devices/vfio*.
 edus=0
 for dev in /sys/bus/pci/devices/*; do
-  [ "$(cat $dev/vendor)" = 0x1234 ] && [ "$(cat $dev/device)" = 0x11e8 ] || continue
+  id="$(cat $dev/vendor):$(cat $dev/device)"
+  [ "$id" = 0x1234:0x11e8 ] || [ "$id" = 0x1b36:0x0010 ] || continue
   addr=\${dev##*/}
   echo vfio-pci > $dev/driver_override
   [ -e $dev/driver ] && echo $addr > $dev/driver/unbind
@@ -404,7 +405,15 @@ function qemuArgs(c: AttemptConfig, share: string, consoleLog: string): string[]
     "-device",
     "intel-iommu,intremap=on,caching-mode=on",
     "-device",
-    "edu",
+    "edu,addr=03.0",
+    ...(process.env.NVME_EXP
+      ? [
+          "-drive", "file=/tmp/nvme-exp/a.img,if=none,format=raw,id=nvma",
+          "-device", "nvme,serial=nvmeA0001,drive=nvma,addr=04.0",
+          "-drive", "file=/tmp/nvme-exp/b.img,if=none,format=raw,id=nvmb",
+          "-device", "nvme,serial=nvmeB0002,drive=nvmb,cmb_size_mb=16,addr=05.0",
+        ]
+      : []),
     "-virtfs",
     "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     "-virtfs",

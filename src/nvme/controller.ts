@@ -192,7 +192,11 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       } catch (error) {
         // A controller that never came up gets no shutdown sequence, only its resources back.
         controller.#state = "failed";
-        controller.close();
+        try {
+          controller.close();
+        } catch {
+          // The bring-up error is the one worth reporting.
+        }
         throw error;
       }
       return controller;

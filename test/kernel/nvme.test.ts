@@ -65,12 +65,19 @@ function controllerA(): NvmeController {
   return shared;
 }
 afterAll(() => shared?.close());
+/** A VFIO device is bound to one iommufd at a time: tests that open A themselves close the shared one. */
+function releaseShared(): void {
+  shared?.close();
+  shared = undefined;
+}
 
 const opened: NvmeController[] = [];
 afterEach(() => {
-  for (const c of opened.splice(0)) c.close();
+  // Reverse order: a controller sharing another's IOAS goes first.
+  for (const c of opened.splice(0).reverse()) c.close();
 });
 function open(...args: Parameters<typeof NvmeController.open>): NvmeController {
+  if (args[0] === A.vfio) releaseShared();
   const c = NvmeController.open(...args);
   opened.push(c);
   return c;
@@ -121,6 +128,7 @@ describe("bring-up and Identify", () => {
   });
 
   test("close shuts the controller down (CC.SHN, CSTS.SHST complete) and leaks no fd", () => {
+    releaseShared();
     const before = openFdCount();
     const c = NvmeController.open(A.vfio);
     expect(c.shutdown).toBe("not closed");
@@ -306,6 +314,7 @@ describe("errors", () => {
   });
 
   test("a closed controller refuses everything with EBADF; commands pending at close are rejected", async () => {
+    releaseShared();
     const c = NvmeController.open(A.vfio);
     const ns = c.namespace(1);
     const buffer = c.allocBuffer(8 * 4096);
@@ -327,6 +336,7 @@ describe("fault injection", () => {
     if (!FailNth.available())
       throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
     const options = { heapSize: 1 << 20, hugePages: false as const };
+    releaseShared();
     NvmeController.open(A.vfio, options).close(); // warm every path once
     const fdsBefore = openFdCount();
     const failNth = new FailNth();
