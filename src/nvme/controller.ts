@@ -143,6 +143,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     if (!Number.isInteger(adminDepth) || adminDepth < 2 || adminDepth > 4096) {
       throw argumentError("NvmeController.open", "options.adminQueueDepth", `${adminDepth} is outside 2..4096`);
     }
+    // The kernel may place the heap at IOVA 0, and a controller reads a zero queue or PRP address
+    // as "not set": keep the first page out of use.
+    if (heap.iova === 0) heap.alloc(PAGE_SIZE, { align: PAGE_SIZE });
     this.#admin = new QueuePair(this, heap, 0, adminDepth, true);
     this.#scratch = heap.alloc(PAGE_SIZE, { align: PAGE_SIZE });
   }
@@ -552,6 +555,11 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   }
 
   // ---- completion -----------------------------------------------------------------------------
+
+  /** @internal */
+  get usable(): boolean {
+    return this.#state === "ready";
+  }
 
   /** @internal */
   assertUsable(command: string): void {

@@ -32,6 +32,8 @@ interface Waiter {
 export interface QueueOwner {
   readonly registers: ControllerRegisters;
   readonly doorbellStride: number;
+  /** Whether the controller takes commands now (not closed, not failed). */
+  readonly usable: boolean;
   /** Throws when the controller cannot take commands (closed, failed, being reset). */
   assertUsable(command: string): void;
   /** Start polling for completions if nobody is. */
@@ -141,10 +143,12 @@ export class QueuePair {
    * DW0; rejects with the decoded status. A full queue makes the promise wait for a free slot.
    */
   submit(command: Command, iova: number, length: number, timeoutMs: number): Promise<number> {
-    try {
-      this.#owner.assertUsable(commandName(this.admin, command.opcode));
-    } catch (error) {
-      return Promise.reject(error);
+    if (!this.#owner.usable) {
+      try {
+        this.#owner.assertUsable(commandName(this.admin, command.opcode));
+      } catch (error) {
+        return Promise.reject(error);
+      }
     }
     return new Promise<number>((resolve, reject) => {
       if (this.#freeIds.length === 0) {
