@@ -209,7 +209,7 @@ export class QueuePair {
       length > 0
         ? prp2For(iova, length, this.#prpLists, cid * (PAGE_SIZE / 4), this.#prpListsIova + cid * PAGE_SIZE)
         : 0;
-    encodeCommand(this.#sq, this.#sqTail, cid, command, length > 0 ? iova : 0, prp2);
+    encodeCommand(this.#sq, this.#sqTail, cid, command, iova, prp2);
     this.#resolve[cid] = resolve;
     this.#reject[cid] = reject;
     this.#commands[cid] = command;
