@@ -106,6 +106,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   #maxTransferBytes = MAX_PRP_TRANSFER;
   readonly #ownsIommufd: boolean;
   readonly #ownsIoas: boolean;
+  readonly #ownsDevice: boolean;
   readonly #admin: QueuePair;
   readonly #ioQueues: QueuePair[] = [];
   readonly #namespaces = new Map<number, Namespace>();
@@ -125,7 +126,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     ioas: Ioas,
     heap: DmaHeap,
     bar: RegionMapping,
-    owns: { iommufd: boolean; ioas: boolean },
+    owns: { iommufd: boolean; ioas: boolean; device: boolean },
     options: NvmeControllerOptions,
   ) {
     this.device = device;
@@ -134,6 +135,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.heap = heap;
     this.#ownsIommufd = owns.iommufd;
     this.#ownsIoas = owns.ioas;
+    this.#ownsDevice = owns.device;
     this.registers = new ControllerRegisters(bar);
     this.capabilities = this.registers.capabilities();
     this.doorbellStride = this.capabilities.doorbellStride;
@@ -152,28 +154,47 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
 
   /**
    * Open the controller at a PCI address (bound to vfio-pci on the way if needed) or a VFIO cdev
-   * path, bring it up, identify it and create one I/O queue pair.
+   * path, bring it up, identify it and create one I/O queue pair. A VfioDevice already bound and
+   * attached to `options.ioas` may be given instead: the controller then leaves it open on close.
    */
-  static open(target: string, options: NvmeControllerOptions = {}): NvmeController {
+  static open(target: string | VfioDevice, options: NvmeControllerOptions = {}): NvmeController {
     const op = "NvmeController.open";
-    if (typeof target !== "string" || target === "")
-      throw argumentError(op, "target", "expected a PCI address like 0000:00:04.0 or a /dev/vfio/devices path");
+    const given = target instanceof VfioDevice ? target : undefined;
+    if (given === undefined && (typeof target !== "string" || target === "")) {
+      throw argumentError(
+        op,
+        "target",
+        "expected a PCI address like 0000:00:04.0, a /dev/vfio/devices path or a VfioDevice",
+      );
+    }
     if (options.ioas && options.iommufd && options.ioas.iommufd !== options.iommufd) {
       throw argumentError(op, "options.ioas", "the IOAS belongs to another iommufd than options.iommufd");
     }
+    if (given && (!options.ioas || given.attachedTo === undefined)) {
+      throw argumentError(
+        op,
+        "target",
+        "a VfioDevice must be bound and attached already, with its IOAS given as options.ioas",
+      );
+    }
     const undo: (() => void)[] = [];
     try {
-      const path = PCI_ADDRESS.test(target) ? bindToVfioPci(target) : target;
       const iommufd = options.ioas?.iommufd ?? options.iommufd ?? Iommufd.open();
       const ownsIommufd = options.ioas === undefined && options.iommufd === undefined;
       if (ownsIommufd) undo.push(() => iommufd.close());
       const ioas = options.ioas ?? iommufd.createIoas();
       if (!options.ioas && !ownsIommufd) undo.push(() => ioas.destroy());
-      const device = VfioDevice.open(path);
-      undo.push(() => device.close());
-      device.bind(iommufd);
-      device.attach(ioas);
+      let device = given;
+      if (device === undefined) {
+        const name = target as string;
+        const opened = VfioDevice.open(PCI_ADDRESS.test(name) ? bindToVfioPci(name) : name);
+        undo.push(() => opened.close());
+        opened.bind(iommufd);
+        opened.attach(ioas);
+        device = opened;
+      }
       const bar = device.mapRegion(0);
+      undo.push(() => bar.unmap());
       const heap = DmaHeap.create(ioas, {
         size: options.heapSize ?? 16 << 20,
         hugePages: options.hugePages ?? "auto",
@@ -186,7 +207,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
         ioas,
         heap,
         bar,
-        { iommufd: ownsIommufd, ioas: !options.ioas },
+        { iommufd: ownsIommufd, ioas: !options.ioas, device: given === undefined },
         options,
       );
       undo.length = 0;
@@ -727,7 +748,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     const steps: (() => void)[] = [
       () => this.device.setBusMaster(false),
       () => this.heap.close(),
-      () => this.device.close(),
+      () => (this.#ownsDevice ? this.device.close() : this.registers.bar.unmap()),
       () => (this.#ownsIommufd ? this.iommufd.close() : this.#ownsIoas ? this.ioas.destroy() : undefined),
     ];
     let first: unknown;

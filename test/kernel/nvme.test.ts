@@ -5,10 +5,10 @@
  * Controller A (no memory buffer) does the I/O; controller B has a controller memory buffer and
  * lends it to A for the peer-to-peer tests.
  */
-import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { DmaHeap, IommufdError } from "../../src/index.ts";
+import { DmaHeap, Iommufd, IommufdError, VfioDevice } from "../../src/index.ts";
 import { AdminOpcode, NvmeController, PeerBuffer, type Namespace } from "../../src/nvme/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
 import { FailNth } from "../support/fail-nth.ts";
@@ -21,6 +21,9 @@ import {
   PATTERN_EXTENTS,
   type GuestNvme,
 } from "../support/nvme.ts";
+
+// Emulated (TCG) time: a 1.25 MB transfer or a bring-up takes seconds, not milliseconds.
+setDefaultTimeout(60_000);
 
 let A: GuestNvme;
 let B: GuestNvme;
@@ -332,52 +335,63 @@ describe("errors", () => {
 });
 
 describe("fault injection", () => {
-  test("open (bind, attach, BAR, heap, enable, Identify, queue creation): every injected fault is an IommufdError, nothing leaks", () => {
-    if (!FailNth.available())
+  test("open (BAR, heap, enable, Identify, Set Features, queue creation): each injected fault is an IommufdError, nothing leaks", () => {
+    if (!FailNth.available()) {
       throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
-    const options = { heapSize: 1 << 20, hugePages: false as const };
+    }
+    // The device's first open and bind stay outside the sweep: failing allocations inside
+    // pci_enable_device's ACPI IRQ routing corrupts ACPI state in this kernel, and the next
+    // device close then oopses (seen in the guest: acpi_ut_update_object_reference from
+    // vfio_pci_core_disable). The device layer has its own sweep in fault-injection.test.ts.
     releaseShared();
-    NvmeController.open(A.vfio, options).close(); // warm every path once
-    const fdsBefore = openFdCount();
+    const iommufd = Iommufd.open();
+    const ioas = iommufd.createIoas();
+    const device = VfioDevice.open(A.vfio);
+    device.bind(iommufd);
+    device.attach(ioas);
+    const options = { ioas, heapSize: 1 << 20, hugePages: false as const };
     const failNth = new FailNth();
     const errnos: Record<string, number> = {};
     let points = 0;
     try {
-      for (let n = 1; n <= 400; n++) {
+      NvmeController.open(device, options).close(); // warm every path once
+      const fdsBefore = openFdCount();
+      const mappingsBefore = ioas.mappings.length;
+      for (let n = 1; n <= 200; n++) {
         let controller: NvmeController | undefined;
         let failure: unknown;
         failNth.arm(n);
         try {
-          controller = NvmeController.open(A.vfio, options);
+          controller = NvmeController.open(device, options);
         } catch (error) {
           failure = error;
         }
         const injected = failNth.hit();
         if (failure !== undefined) {
           if (!(failure instanceof IommufdError)) throw failure;
-          errnos[failure.code] = (errnos[failure.code] ?? 0) + 1;
+          errnos[`${failure.operation} ${failure.code}`] = (errnos[`${failure.operation} ${failure.code}`] ?? 0) + 1;
         }
         controller?.close();
         expect(openFdCount()).toBe(fdsBefore);
+        expect(ioas.mappings.length).toBe(mappingsBefore);
         if (!injected) {
           expect(failure).toBeUndefined();
           points = n - 1;
           break;
         }
       }
+      const summary = Object.entries(errnos).map(([k, v]) => `${k} x${v}`);
+      console.log(`NvmeController.open on a bound device: ${points} fault points; ${summary.join(", ")}`);
+      expect(points).toBeGreaterThan(0);
+      expect(Object.keys(errnos).length).toBeGreaterThan(0);
+      // And the controller still works after the sweep.
+      using c = NvmeController.open(device, options);
+      expect(c.identity.model).toBe("QEMU NVMe Ctrl");
     } finally {
       failNth.close();
+      device.close();
+      iommufd.close();
     }
-    console.log(
-      `NvmeController.open: ${points} fault points; ${Object.entries(errnos)
-        .map(([k, v]) => `${k} x${v}`)
-        .join(", ")}`,
-    );
-    expect(points).toBeGreaterThan(0);
-    expect(Object.values(errnos).reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
-    // And the controller still works after the sweep.
-    const c = open(A.vfio, options);
-    expect(c.identity.model).toBe("QEMU NVMe Ctrl");
   });
 });
 
