@@ -349,7 +349,8 @@ describe("fault injection", () => {
     const device = VfioDevice.open(A.vfio);
     device.bind(iommufd);
     device.attach(ioas);
-    const options = { ioas, heapSize: 1 << 20, hugePages: false as const };
+    // Small queues in a 64 KiB heap: every 4 KiB page MAP_FILE pins is a fault point of its own.
+    const options = { ioas, heapSize: 64 << 10, hugePages: false as const, adminQueueDepth: 2, queueDepth: 2 };
     const failNth = new FailNth();
     const errnos: Record<string, number> = {};
     let points = 0;
@@ -357,7 +358,7 @@ describe("fault injection", () => {
       NvmeController.open(device, options).close(); // warm every path once
       const fdsBefore = openFdCount();
       const mappingsBefore = ioas.mappings.length;
-      for (let n = 1; n <= 200; n++) {
+      for (let n = 1; n <= 400; n++) {
         let controller: NvmeController | undefined;
         let failure: unknown;
         failNth.arm(n);
