@@ -96,8 +96,12 @@ export function checkConfig(facts: DoctorFacts): CheckResult {
     return {
       ...base,
       status: "warn",
-      summary: `cannot tell whether the kernel has CONFIG_IOMMUFD: no /proc/config.gz or /boot/config-${facts.kernelRelease}`,
-      fix: "look for CONFIG_IOMMUFD in the config your kernel was built with (`modprobe configs` provides /proc/config.gz where CONFIG_IKCONFIG=m)",
+      summary:
+        `cannot tell whether the kernel has CONFIG_IOMMUFD: no /proc/config.gz or ` +
+        `/boot/config-${facts.kernelRelease}`,
+      fix:
+        "look for CONFIG_IOMMUFD in the config your kernel was built with (`modprobe configs` provides " +
+        "/proc/config.gz where CONFIG_IKCONFIG=m)",
     };
   }
   const value = (name: keyof DoctorFacts["config"]) => facts.config[name] ?? "absent";
@@ -112,7 +116,9 @@ export function checkConfig(facts: DoctorFacts): CheckResult {
       return {
         ...base,
         status: "warn",
-        summary: `CONFIG_IOMMUFD=${iommufd}, but CONFIG_VFIO_DEVICE_CDEV=${cdev ?? "absent"} ${from}: no /dev/vfio/devices nodes for VfioDevice`,
+        summary:
+          `CONFIG_IOMMUFD=${iommufd}, but CONFIG_VFIO_DEVICE_CDEV=${cdev ?? "absent"} ${from}: no ` +
+          `/dev/vfio/devices nodes for VfioDevice`,
         fix: "rebuild the kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+) to drive devices through iommufd",
         details,
       };
@@ -133,11 +139,14 @@ export function checkConfig(facts: DoctorFacts): CheckResult {
       details,
     };
   }
+  const setting = iommufd === "n" ? "not set" : "absent";
   return {
     ...base,
     status: usable ? "warn" : "fail",
-    summary: `CONFIG_IOMMUFD is ${iommufd === "n" ? "not set" : "absent"} ${from}: this kernel was built without iommufd`,
-    fix: `build and boot a kernel with CONFIG_IOMMUFD=y (and CONFIG_VFIO_DEVICE_CDEV=y, CONFIG_VFIO_PCI=y), ${GUEST_HINT}`,
+    summary: `CONFIG_IOMMUFD is ${setting} ${from}: this kernel was built without iommufd`,
+    fix:
+      `build and boot a kernel with CONFIG_IOMMUFD=y (and CONFIG_VFIO_DEVICE_CDEV=y, CONFIG_VFIO_PCI=y), ` +
+      `${GUEST_HINT}`,
     details,
   };
 }
@@ -180,7 +189,8 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
   if (probe.failedAt === "open") {
     const fix =
       probe.code === "EACCES" || probe.code === "EPERM"
-        ? `run as root, or give this user read-write access to ${path} (e.g. a udev rule: KERNEL=="iommu", GROUP="<group>", MODE="0660")`
+        ? `run as root, or give this user read-write access to ${path} (e.g. a udev rule: KERNEL=="iommu", ` +
+          `GROUP="<group>", MODE="0660")`
         : probe.code === "ENODEV" || probe.code === "ENXIO"
           ? "the iommufd driver behind the node is gone: reboot into a kernel with CONFIG_IOMMUFD=y"
           : `check ${path} and the kernel log (dmesg)`;
@@ -211,7 +221,9 @@ export function checkMemlock(facts: DoctorFacts): CheckResult {
     return {
       ...base,
       status: "pass",
-      summary: `${limit}this process has CAP_IPC_LOCK${facts.uid === 0 ? " (root)" : ""}: iommufd does not charge its pinned pages`,
+      summary:
+        `${limit}this process has CAP_IPC_LOCK${facts.uid === 0 ? " (root)" : ""}: iommufd does not charge ` +
+        `its pinned pages`,
     };
   }
   if (!facts.memlock) {
@@ -234,7 +246,8 @@ export function checkMemlock(facts: DoctorFacts): CheckResult {
   const raise =
     hard === undefined || hard >= facts.mapBytes
       ? `raise the soft limit: ulimit -l ${hard === undefined ? "unlimited" : Math.floor(hard / 1024)}`
-      : `raise the hard limit (${formatBytes(hard)}) as root: memlock in /etc/security/limits.conf, LimitMEMLOCK= in a systemd unit, or grant CAP_IPC_LOCK`;
+      : `raise the hard limit (${formatBytes(hard)}) as root: memlock in /etc/security/limits.conf, LimitMEMLOCK= ` +
+        `in a systemd unit, or grant CAP_IPC_LOCK`;
   return {
     ...base,
     status: "warn",
@@ -267,7 +280,9 @@ export function checkIommu(facts: DoctorFacts): CheckResult {
     ...base,
     status: "warn",
     summary: `${found}: without one, iommufd can map memory but no device can be attached`,
-    fix: "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on (QEMU: -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on)",
+    fix:
+      "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on (QEMU: -machine " +
+      "q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on)",
   };
 }
 
@@ -318,7 +333,9 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
       ...base,
       status: "warn",
       summary: `${bound.map((d) => d.address).join(", ")} bound to vfio-pci but without a VFIO cdev`,
-      fix: "boot a kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+): iommufd reaches devices only through /dev/vfio/devices",
+      fix:
+        "boot a kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+): iommufd reaches devices only through " +
+        "/dev/vfio/devices",
       details,
     };
   }
@@ -327,7 +344,9 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
     return {
       ...base,
       status: "warn",
-      summary: `this kernel has no vfio-pci (CONFIG_VFIO_PCI is ${vfioPci === "n" ? "not set" : "absent"}): no device can be handed to VfioDevice`,
+      summary:
+        `this kernel has no vfio-pci (CONFIG_VFIO_PCI is ${vfioPci === "n" ? "not set" : "absent"}): no ` +
+        `device can be handed to VfioDevice`,
       fix: `build a kernel with CONFIG_VFIO_PCI=y and CONFIG_VFIO_DEVICE_CDEV=y, ${GUEST_HINT}`,
       details,
     };
@@ -338,7 +357,10 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
     ...base,
     status: "warn",
     summary: `none of the ${devices.length} PCI devices is bound to vfio-pci`,
-    fix: `bind one as root: echo vfio-pci > /sys/bus/pci/devices/${addr}/driver_override; echo ${addr} > /sys/bus/pci/devices/${addr}/driver/unbind; echo ${addr} > /sys/bus/pci/drivers_probe (or bindToVfioPci("${addr}"))`,
+    fix:
+      `bind one as root: echo vfio-pci > /sys/bus/pci/devices/${addr}/driver_override; ` +
+      `echo ${addr} > /sys/bus/pci/devices/${addr}/driver/unbind; ` +
+      `echo ${addr} > /sys/bus/pci/drivers_probe (or bindToVfioPci("${addr}"))`,
     details,
   };
 }
@@ -370,7 +392,9 @@ export function checkHugePages(facts: DoctorFacts): CheckResult {
     summary: reserved
       ? "huge pages are reserved but none is free: huge-page MemfdBuffers will fail with ENOMEM"
       : `no huge pages reserved (nr_hugepages ${facts.nrHugepages ?? 0}): huge-page MemfdBuffers will fail`,
-    fix: "reserve some as root: echo 64 > /proc/sys/vm/nr_hugepages (64 x 2 MiB), or hugepages=64 on the kernel command line",
+    fix:
+      "reserve some as root: echo 64 > /proc/sys/vm/nr_hugepages (64 x 2 MiB), or hugepages=64 on the kernel " +
+      "command line",
     details,
   };
 }

@@ -194,13 +194,13 @@ export class DmaHeap {
 
   /** The region's address in this process (offset 0). */
   get address(): number {
-    if (this.#region === undefined) throw closedError("DmaHeap.address", "the DmaHeap");
-    return this.#region.address;
+    return this.assertOpen("DmaHeap.address").address;
   }
 
-  /** @internal */
-  assertOpen(operation: string): void {
+  /** @internal Throws EBADF once closed; the region otherwise. */
+  assertOpen(operation: string): MemfdBuffer {
     if (this.#region === undefined) throw closedError(operation, "the DmaHeap");
+    return this.#region;
   }
 
   /** @internal A view of the region for a buffer. */
@@ -210,8 +210,7 @@ export class DmaHeap {
 
   /** Reserve a buffer. `align` is a power of two up to the region's page size. No kernel call. */
   alloc(size: number, options: { align?: number } = {}): DmaBuffer {
-    const region = this.#region;
-    if (region === undefined) throw closedError("DmaHeap.alloc", "the DmaHeap");
+    this.assertOpen("DmaHeap.alloc");
     const offset =
       options.align === undefined ? this.#allocator.alloc(size) : this.#allocator.alloc(size, options.align);
     return new DmaBuffer(this, offset, size, this.rule.iovaBase + offset);
@@ -220,7 +219,7 @@ export class DmaHeap {
   /** Return a buffer to the heap. Double frees and buffers of other heaps get EINVAL. No kernel call. */
   free(buffer: DmaBuffer): void {
     const op = "DmaHeap.free";
-    if (this.#region === undefined) throw closedError(op, "the DmaHeap");
+    this.assertOpen(op);
     if (!(buffer instanceof DmaBuffer)) throw argumentError(op, "buffer", "expected a DmaBuffer from this heap");
     if (buffer.heap !== this) throw argumentError(op, "buffer", "the buffer belongs to another DmaHeap");
     if (buffer._freed) {
@@ -233,8 +232,7 @@ export class DmaHeap {
   /** The IOVA of a view into the heap (or of a region offset). */
   iovaOf(target: ArrayBufferView | number): number {
     const op = "DmaHeap.iovaOf";
-    const region = this.#region;
-    if (region === undefined) throw closedError(op, "the DmaHeap");
+    const region = this.assertOpen(op);
     let offset: number;
     if (typeof target === "number") {
       offset = target;
@@ -252,8 +250,7 @@ export class DmaHeap {
   /** A zero-copy view of `length` bytes at `iova` inside the heap. */
   viewAt(iova: number | bigint, length: number): Uint8Array {
     const op = "DmaHeap.viewAt";
-    const region = this.#region;
-    if (region === undefined) throw closedError(op, "the DmaHeap");
+    const region = this.assertOpen(op);
     const offset = this.rule.offsetOf(iova);
     if (offset < 0)
       throw argumentError(op, "iova", `${hex(iova)} is outside the heap (${hex(this.iova)}..+${hex(this.size)})`);
