@@ -658,7 +658,7 @@ describe("fault-injection sweep", () => {
   );
 
   test(
-    "VFIO interrupts: enableIrq (MSI, INTx) and IrqSet.close on edu",
+    "VFIO interrupts: enableIrq (INTx) and IrqSet.close (MSI) on edu",
     () => {
       requireEdu();
       // After a failed enable nothing may stay behind in the kernel or the library: the index
@@ -669,24 +669,39 @@ describe("fault-injection sweep", () => {
         expect(set.vectors[0]!.poll()).toBe(1);
         set.close();
       };
-      for (const kind of ["msi", "intx"] as const) {
-        sweepEnv<IrqSet>({
-          name: `VfioDevice.enableIrq (${kind}, edu)`,
-          setup: () => environment("edu"),
-          run: (env) => env.device!.enableIrq(kind),
+      // enableIrq("msi") is not swept: each MSI enable makes new IRQ descriptors, and a fault
+      // injected into one of register_irq_proc()'s proc_create_data() calls is ignored there (it
+      // returns void), so unregister_irq_proc() later removes an entry that was never made and
+      // remove_proc_entry() WARNs ("name 'affinity_hint'"): a 7.2.13 kernel limitation outside
+      // VFIO and iommufd, and a kernel WARNING fails the run. INTx has the same trap whenever its
+      // descriptor is new, and closing the device frees it (pci_disable_device() ->
+      // acpi_pci_irq_disable() -> mp_unmap_irq()): so one device stays open for the whole INTx
+      // sweep, and the warm-up call creates the /proc/irq entries before anything is armed.
+      const shared = environment("edu");
+      try {
+        sweep<Env, IrqSet>(failNth, {
+          name: "VfioDevice.enableIrq (intx, edu)",
+          setup: () => shared,
+          run: (env) => env.device!.enableIrq("intx"),
           verify(env, { result, error }) {
             if (error) {
-              expectWorking(env, kind);
+              expectWorking(env, "intx");
             } else {
               result!.vectors[0]!.trigger();
               expect(result!.vectors[0]!.poll()).toBe(1);
             }
           },
           release: (_env, set) => set.close(),
+          dispose: () => {},
         });
+      } finally {
+        dispose(shared);
       }
       sweepEnv<void>({
-        name: "IrqSet.close (msi, edu)",
+        name: "IrqSet.close (msi, edu; cannot fail)",
+        cannotFail:
+          "VFIO_DEVICE_SET_IRQS with count 0 and DATA_NONE is vfio_pci_set_msi_trigger() calling " +
+          "vfio_msi_disable(), which returns void, then returning 0",
         setup() {
           const env = environment("edu");
           env.extra.set = env.device!.enableIrq("msi");
