@@ -5,8 +5,8 @@
  *   bun bench [--quick | --full] [--json] [--filter REGEX] [--save] [--no-c]
  *   bun bench history [--out FILE]
  *
- *   (default)  the cases a user tracks, 6 paired rounds each (a few minutes in the TCG guest)
- *   --full     every case, 10 rounds
+ *   (default)  the cases a user tracks, 10 paired rounds each (a few minutes in the TCG guest)
+ *   --full     every case, 16 rounds
  *   --quick    CI's smoke test: small cases, 2 rounds; fails when a planned case did not report,
  *              lacks its C side or ratio (or, under CI=true, was skipped). Results go to a scratch
  *              dir unless --save.
@@ -218,7 +218,7 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
       statistic: "median over the rounds of each round's median time per operation (mitata's p50; the same rule in C)",
       order: "per case, sides alternate round by round: C, lib (, ref) then (ref,) lib, C, ...; a ratio per round",
       interval:
-        "order-statistic interval of the median over rounds, confidence >= 95% where the round count allows (min..max for 6-8 rounds)",
+        "order-statistic interval of the median over rounds, confidence >= 95% where the round count allows (10 rounds: 2nd lowest..2nd highest, 97.9%)",
     },
     env: {
       mock: env.mock,
