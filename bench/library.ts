@@ -5,7 +5,7 @@
 import { barplot, bench, do_not_optimize, group, summary } from "mitata";
 import { Iommufd, MemfdBuffer, type Ioas, type MappableFile } from "../src/index.ts";
 import { MockDomain } from "../src/selftest.ts";
-import { VfioDevice } from "../src/vfio.ts";
+import { VfioDevice } from "../src/vfio/device.ts";
 import { BENCH_IOVA, DOMAIN_LABEL, KiB, sizeLabel, VFIO_DEVICE, type CaseSpec, type Mode } from "./cases.ts";
 import { rawMapFilePair } from "./rawffi.ts";
 

@@ -3,7 +3,7 @@
  * the device and a DMA engine that copies between it and IOVAs. Register map per QEMU's
  * docs/specs/edu.rst.
  */
-import type { RegionMapping } from "../src/vfio.ts";
+import type { RegionMapping } from "../src/vfio/region.ts";
 
 export const EDU_VENDOR = 0x1234;
 export const EDU_DEVICE = 0x11e8;

@@ -3,20 +3,29 @@
  * device BAR exported with VFIO_DEVICE_FEATURE_DMA_BUF, for peer-to-peer DMA); other dma-bufs
  * still exist here so that the refusal comes back as a clear error.
  */
-import { ERRNO } from "./sys/errno.ts";
-import { closedError, syscallError } from "./sys/error.ts";
-import { closeFd, fstat, openPath } from "./sys/fd.ts";
-import { ioctl, lastErrno, libc, O_RDWR } from "./sys/libc.ts";
-import { UDMABUF_CREATE, UDMABUF_FLAGS_CLOEXEC, udmabuf_create } from "./uapi/udmabuf.ts";
 import type { MappableFile } from "./ioas.ts";
 import type { MemfdBuffer } from "./memfd.ts";
+import { ERRNO } from "./sys/errno.ts";
+import { closedError } from "./sys/error.ts";
+import { closeFd, fdFinalizer, fstat, openPath } from "./sys/fd.ts";
+import { type ErrnoTable, ioctl } from "./sys/ioctl.ts";
+import { O_RDWR } from "./sys/libc.ts";
+import { UDMABUF_CREATE, UDMABUF_FLAGS_CLOEXEC, udmabuf_create } from "./uapi/udmabuf.ts";
 
 /** Where a dma-buf came from; decides what a refusal from iommufd means. */
 export type DmaBufOrigin = "vfio" | "udmabuf" | "selftest" | "external";
 
-const registry = new FinalizationRegistry<number>((fd) => {
-  libc().close(fd);
-});
+/** Why iommufd refuses (EOPNOTSUPP) a dma-buf of each origin. */
+const NOT_MAPPABLE_BECAUSE: Record<DmaBufOrigin, string> = {
+  vfio: "this VFIO dma-buf has more than one range",
+  udmabuf: "this is a udmabuf (memfd pages), not a VFIO dma-buf; map the memfd itself instead",
+  selftest: "this dma-buf was not exported by VFIO",
+  external: "this dma-buf was not exported by VFIO",
+};
+
+const UDMABUF_CREATE_ERRORS: ErrnoTable = {
+  EINVAL: "the memfd range must be page aligned and sealed against shrinking",
+};
 
 export class DmaBuf implements MappableFile {
   readonly size: number;
@@ -31,7 +40,7 @@ export class DmaBuf implements MappableFile {
     this.origin = options.origin ?? "external";
     this.size = options.size ?? fstat(fd, "DmaBuf").size;
     this.description = options.description ?? `dma-buf fd ${fd}`;
-    registry.register(this, fd, this);
+    fdFinalizer.register(this, fd, this);
   }
 
   get fd(): number {
@@ -46,13 +55,8 @@ export class DmaBuf implements MappableFile {
   /** @internal Used by Ioas.mapFile to explain a refusal in the dma-buf's terms. */
   describeMapError(errno: number): string | undefined {
     if (errno === ERRNO.EOPNOTSUPP) {
-      const what =
-        this.origin === "vfio"
-          ? "this VFIO dma-buf has more than one range"
-          : this.origin === "udmabuf"
-            ? "this is a udmabuf (memfd pages), not a VFIO dma-buf; map the memfd itself instead"
-            : "this dma-buf was not exported by VFIO";
-      return `iommufd maps only single-range VFIO PCI dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF): ${what}`;
+      const because = NOT_MAPPABLE_BECAUSE[this.origin];
+      return `iommufd maps only single-range VFIO PCI dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF): ${because}`;
     }
     if (errno === ERRNO.ENODEV) {
       return `${this.description} was revoked: its device was closed, reset or disabled, so its memory can no longer be mapped`;
@@ -64,7 +68,7 @@ export class DmaBuf implements MappableFile {
     if (this.#fd < 0) return;
     const fd = this.#fd;
     this.#fd = -1;
-    registry.unregister(this);
+    fdFinalizer.unregister(this);
     closeFd(fd, "DmaBuf.close");
   }
 
@@ -86,11 +90,7 @@ export function createUdmabuf(memfd: MemfdBuffer, options: { offset?: number; si
   });
   try {
     const cmd = udmabuf_create.create().fill({ memfd: memfd.fd, flags: UDMABUF_FLAGS_CLOEXEC, offset, size });
-    const fd = ioctl(dev, UDMABUF_CREATE, cmd.address);
-    if (fd < 0) {
-      const errno = lastErrno();
-      throw syscallError(op, errno, errno === ERRNO.EINVAL ? "the memfd range must be page aligned and sealed against shrinking" : undefined);
-    }
+    const fd = ioctl(dev, UDMABUF_CREATE, cmd, op, UDMABUF_CREATE_ERRORS);
     return new DmaBuf(fd, { origin: "udmabuf", size, description: `udmabuf of memfd "${memfd.name}"` });
   } finally {
     closeFd(dev, op);

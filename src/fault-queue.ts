@@ -10,7 +10,8 @@
 import type { Iommufd } from "./iommufd.ts";
 import { ERRNO } from "./sys/errno.ts";
 import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
-import { closeFd } from "./sys/fd.ts";
+import { closeFd, fdFinalizer } from "./sys/fd.ts";
+import type { ErrnoTable } from "./sys/ioctl.ts";
 import { lastErrno, libc, O_CLOEXEC } from "./sys/libc.ts";
 import { getU64 } from "./uapi/codec.ts";
 import {
@@ -57,14 +58,11 @@ export interface PageFault {
 export type PageResponseCode = "success" | "invalid";
 
 const allocCmd = iommu_fault_alloc.create();
+const FAULT_ALLOC_ERRORS: ErrnoTable = { ENOTTY: "this kernel's iommufd has no fault queues (it predates Linux 6.11)" };
 const RECORD = iommu_hwpt_pgfault.size;
 const F = iommu_hwpt_pgfault.fields;
 const EFD_CLOEXEC = O_CLOEXEC;
 const EFD_NONBLOCK = 0o4000;
-
-const registry = new FinalizationRegistry<number>((fd) => {
-  libc().close(fd);
-});
 
 export class FaultQueue {
   readonly iommufd: Iommufd;
@@ -84,17 +82,14 @@ export class FaultQueue {
     this.iommufd = iommufd;
     this.id = id;
     this.#fd = fd;
-    registry.register(this, fd, this);
+    fdFinalizer.register(this, fd, this);
   }
 
   /** IOMMU_FAULT_QUEUE_ALLOC: a new fault object and its (close-on-exec) fd. */
   static allocate(iommufd: Iommufd): FaultQueue {
     const op = "IOMMU_FAULT_QUEUE_ALLOC";
     allocCmd.fill({ size: iommu_fault_alloc.size });
-    const errno = iommufd.call(IOMMU_FAULT_QUEUE_ALLOC, allocCmd, op);
-    if (errno) {
-      throw syscallError(op, errno, errno === ERRNO.ENOTTY ? "this kernel's iommufd has no fault queues (it predates Linux 6.11)" : undefined);
-    }
+    iommufd.ioctl(IOMMU_FAULT_QUEUE_ALLOC, allocCmd, op, FAULT_ALLOC_ERRORS);
     const queue = new FaultQueue(iommufd, allocCmd.get("out_fault_id"), allocCmd.get("out_fault_fd"));
     iommufd.track(queue);
     return queue;
@@ -279,7 +274,7 @@ export class FaultQueue {
     if (this.#fd < 0) return;
     const fd = this.#fd;
     this.#fd = -1;
-    registry.unregister(this);
+    fdFinalizer.unregister(this);
     this.#shutdownPoller();
     this.iommufd.untrack(this);
     closeFd(fd, "FaultQueue.close");
@@ -319,7 +314,7 @@ export class FaultQueue {
     if (this.#fd < 0) return;
     const fd = this.#fd;
     this.#fd = -1;
-    registry.unregister(this);
+    fdFinalizer.unregister(this);
     this.#shutdownPoller();
     libc().close(fd);
   }

@@ -6,8 +6,7 @@
 import { ptr } from "bun:ffi";
 import { deviceIdOf, type BoundDevice } from "./device-ref.ts";
 import type { Iommufd } from "./iommufd.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { syscallError } from "./sys/error.ts";
+import type { ErrnoTable } from "./sys/ioctl.ts";
 import {
   IOMMU_GET_HW_INFO,
   IOMMU_HW_CAP_DIRTY_TRACKING,
@@ -139,6 +138,12 @@ export interface HwInfo {
 const cmd = iommu_hw_info.create();
 const INITIAL_DATA_BYTES = 64;
 
+const HW_INFO_ERRORS: ErrnoTable<number> = {
+  ENOENT: ({ context }) => ({ message: `no device with id ${context} is bound to this iommufd`, argument: "device" }),
+  EOPNOTSUPP: { message: "the IOMMU driver cannot report hardware information for this device", argument: "device" },
+  otherwise: { argument: "device" },
+};
+
 /** IOMMU_GET_HW_INFO for a device bound to `iommufd`. */
 export function readHwInfo(iommufd: Iommufd, device: BoundDevice): HwInfo {
   const op = "IOMMU_GET_HW_INFO";
@@ -146,16 +151,7 @@ export function readHwInfo(iommufd: Iommufd, device: BoundDevice): HwInfo {
   let data = new Uint8Array(INITIAL_DATA_BYTES);
   for (;;) {
     cmd.fill({ size: iommu_hw_info.size, dev_id: devId, data_len: data.byteLength, data_uptr: ptr(data) });
-    const errno = iommufd.call(IOMMU_GET_HW_INFO, cmd, op);
-    if (errno) {
-      const message =
-        errno === ERRNO.ENOENT
-          ? `no device with id ${devId} is bound to this iommufd`
-          : errno === ERRNO.EOPNOTSUPP
-            ? "the IOMMU driver cannot report hardware information for this device"
-            : undefined;
-      throw syscallError(op, errno, message, { argument: "device" });
-    }
+    iommufd.ioctl(IOMMU_GET_HW_INFO, cmd, op, HW_INFO_ERRORS, devId);
     const kernelLength = cmd.get("data_len");
     // The kernel reports how much it has; ask again when that did not fit.
     if (kernelLength > data.byteLength) {

@@ -13,10 +13,10 @@ import type { FaultQueue } from "./fault-queue.ts";
 import type { Ioas } from "./ioas.ts";
 import type { Iommufd } from "./iommufd.ts";
 import { ERRNO } from "./sys/errno.ts";
-import { argumentError, IommufdError, syscallError } from "./sys/error.ts";
-import { ioctl, lastErrno } from "./sys/libc.ts";
+import { argumentError, IommufdError } from "./sys/error.ts";
+import { type ErrnoTable, ioctl, type IoctlFailure } from "./sys/ioctl.ts";
 import { hex, type Iova, normaliseIova, u64 } from "./sys/validate.ts";
-import { putU64, type StructBuffer, wordIndex } from "./uapi/codec.ts";
+import { putU64, type StructBuffer } from "./uapi/codec.ts";
 import {
   IOMMU_HWPT_ALLOC,
   IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
@@ -95,8 +95,7 @@ export class HwPageTable {
       data_type: IOMMU_HWPT_DATA_NONE,
       fault_id: faultId,
     });
-    const errno = ioas.iommufd.call(IOMMU_HWPT_ALLOC, allocCmd, op);
-    if (errno) throw allocError(op, errno, devId, ioas.id, options);
+    ioas.iommufd.ioctl(IOMMU_HWPT_ALLOC, allocCmd, op, HWPT_ALLOC_ERRORS, options);
     const hwpt = new HwPageTable(ioas, allocCmd.get("out_hwpt_id"), devId, options);
     ioas.iommufd.track(hwpt);
     return hwpt;
@@ -112,11 +111,11 @@ export class HwPageTable {
   }
 
   /** @internal */
-  requireAlive(operation: string): number {
+  assertOpen(operation: string): number {
     if (!this.#alive) {
       throw new IommufdError({ operation, errno: ERRNO.EBADF, message: `hw page table ${this.id} ${this.#goneBecause}; it cannot be used any more` });
     }
-    return this.iommufd.requireFd(operation);
+    return this.iommufd.assertOpen(operation);
   }
 
   /**
@@ -125,11 +124,10 @@ export class HwPageTable {
    */
   setDirtyTracking(enabled: boolean): void {
     const op = "IOMMU_HWPT_SET_DIRTY_TRACKING";
-    this.requireAlive(op);
+    this.assertOpen(op);
     if (typeof enabled !== "boolean") throw argumentError(op, "enabled", `expected true or false, got ${typeof enabled}`);
     dirtyTrackingCmd.fill({ size: iommu_hwpt_set_dirty_tracking.size, flags: enabled ? IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0, hwpt_id: this.id });
-    const errno = this.iommufd.call(IOMMU_HWPT_SET_DIRTY_TRACKING, dirtyTrackingCmd, op);
-    if (errno) throw this.#dirtyError(op, errno);
+    this.iommufd.ioctl(IOMMU_HWPT_SET_DIRTY_TRACKING, dirtyTrackingCmd, op, DIRTY_ERRORS, { hwpt: this, bitmap: undefined });
     this.#dirtyTracking = enabled;
   }
 
@@ -140,33 +138,14 @@ export class HwPageTable {
    */
   readDirty(bitmap: DirtyBitmap, options: { clear?: boolean } = {}): DirtyBitmap {
     const op = "IOMMU_HWPT_GET_DIRTY_BITMAP";
-    const fd = this.requireAlive(op);
+    const fd = this.assertOpen(op);
     if (!(bitmap instanceof DirtyBitmap)) throw argumentError(op, "bitmap", "expected a DirtyBitmap (new DirtyBitmap({ iova, length, pageSize }))");
     const w = bitmap.command.u32;
     w[DIRTY.hwpt] = this.id;
     w[DIRTY.flags] = options.clear === false ? IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR : 0;
     bitmap.bytes.fill(0);
-    if (ioctl(fd, IOMMU_HWPT_GET_DIRTY_BITMAP, bitmap.command.address) < 0) throw this.#dirtyError(op, lastErrno(), bitmap);
+    ioctl(fd, IOMMU_HWPT_GET_DIRTY_BITMAP, bitmap.command, op, DIRTY_ERRORS, { hwpt: this, bitmap });
     return bitmap;
-  }
-
-  #dirtyError(op: string, errno: number, bitmap?: DirtyBitmap): IommufdError {
-    let message: string | undefined;
-    let hint: string | undefined;
-    if (errno === ERRNO.EOPNOTSUPP || (errno === ERRNO.EINVAL && !this.dirtyTrackingCapable && op === "IOMMU_HWPT_SET_DIRTY_TRACKING")) {
-      message = `hw page table ${this.id} cannot track dirty pages`;
-      hint = this.dirtyTrackingCapable
-        ? "its IOMMU driver has no dirty-tracking operations"
-        : "allocate it with HwPageTable.allocate(ioas, device, { dirtyTracking: true }) on an IOMMU whose hw info reports dirtyTracking";
-    } else if (errno === ERRNO.ENOENT) {
-      message = `no hw page table with id ${this.id} exists any more`;
-    } else if (errno === ERRNO.EINVAL && bitmap) {
-      message = `the range ${hex(bitmap.iova)}..+${hex(bitmap.length)} at page size ${bitmap.pageSize} is not aligned to the IOAS's IOVA alignment`;
-      hint = "use a page size and range that are multiples of ioas.iovaRanges().alignment";
-    } else if (errno === ERRNO.EOVERFLOW && bitmap) {
-      message = `the range ${hex(bitmap.iova)}..+${hex(bitmap.length)} runs past the end of the address space`;
-    }
-    return syscallError(op, errno, message, { hint });
   }
 
   /** IOMMU_DESTROY. EBUSY while a device is still attached to it. Idempotent. */
@@ -189,34 +168,53 @@ export class HwPageTable {
   }
 }
 
-function allocError(op: string, errno: number, devId: number, ioasId: number, options: HwPageTableOptions): IommufdError {
-  let message: string | undefined;
-  let hint: string | undefined;
-  if (errno === ERRNO.EOPNOTSUPP) {
-    const wanted = [options.dirtyTracking && "dirty tracking", options.nestParent && "nesting", options.faultQueue && "I/O page faults"].filter(Boolean);
-    message = wanted.length
-      ? `the IOMMU of device ${devId} cannot give a page table with ${wanted.join(" and ")}`
-      : `the IOMMU of device ${devId} cannot allocate a page table this way`;
-    hint = "readHwInfo(iommufd, device) tells what this IOMMU offers";
-  } else if (errno === ERRNO.ENOENT) {
-    message = `no device with id ${devId} is bound to this iommufd`;
-  } else if (errno === ERRNO.EINVAL) {
-    message = `IOAS ${ioasId} cannot back a page table for device ${devId} (no such IOAS, or an unsupported combination)`;
-  } else if (errno === ERRNO.EADDRINUSE) {
-    message = `IOAS ${ioasId} has mappings outside the IOVA ranges the IOMMU of device ${devId} can reach`;
-  }
-  return syscallError(op, errno, message, { hint });
+function allocUnsupported({ context: options, cmd }: IoctlFailure<HwPageTableOptions>) {
+  const wanted = [options.dirtyTracking && "dirty tracking", options.nestParent && "nesting", options.faultQueue && "I/O page faults"].filter(Boolean);
+  const device = `the IOMMU of device ${cmd!.get("dev_id")}`;
+  return {
+    message: wanted.length ? `${device} cannot give a page table with ${wanted.join(" and ")}` : `${device} cannot allocate a page table this way`,
+    hint: "readHwInfo(iommufd, device) tells what this IOMMU offers",
+  };
 }
 
-const DIRTY = {
-  size: wordIndex(iommu_hwpt_get_dirty_bitmap, "size"),
-  hwpt: wordIndex(iommu_hwpt_get_dirty_bitmap, "hwpt_id"),
-  flags: wordIndex(iommu_hwpt_get_dirty_bitmap, "flags"),
-  iova: wordIndex(iommu_hwpt_get_dirty_bitmap, "iova"),
-  length: wordIndex(iommu_hwpt_get_dirty_bitmap, "length"),
-  pageSize: wordIndex(iommu_hwpt_get_dirty_bitmap, "page_size"),
-  data: wordIndex(iommu_hwpt_get_dirty_bitmap, "data"),
+const HWPT_ALLOC_ERRORS: ErrnoTable<HwPageTableOptions> = {
+  EOPNOTSUPP: allocUnsupported,
+  ENOENT: ({ cmd }) => ({ message: `no device with id ${cmd!.get("dev_id")} is bound to this iommufd (or no fault queue ${cmd!.get("fault_id")})`, argument: "device" }),
+  EINVAL: ({ cmd }) => `IOAS ${cmd!.get("pt_id")} cannot back a page table for device ${cmd!.get("dev_id")} (no such IOAS, or an unsupported combination)`,
+  EADDRINUSE: ({ cmd }) => `IOAS ${cmd!.get("pt_id")} has mappings outside the IOVA ranges the IOMMU of device ${cmd!.get("dev_id")} can reach`,
 };
+
+interface DirtyContext {
+  hwpt: HwPageTable;
+  bitmap: DirtyBitmap | undefined;
+}
+
+function cannotTrack({ context: { hwpt } }: IoctlFailure<DirtyContext>) {
+  return {
+    message: `hw page table ${hwpt.id} cannot track dirty pages`,
+    hint: hwpt.dirtyTrackingCapable
+      ? "its IOMMU driver has no dirty-tracking operations"
+      : "allocate it with HwPageTable.allocate(ioas, device, { dirtyTracking: true }) on an IOMMU whose hw info reports dirtyTracking",
+  };
+}
+
+const DIRTY_ERRORS: ErrnoTable<DirtyContext> = {
+  EOPNOTSUPP: cannotTrack,
+  ENOENT: ({ context: { hwpt } }) => `no hw page table with id ${hwpt.id} exists any more`,
+  EINVAL: (failure) => {
+    const { bitmap, hwpt } = failure.context;
+    // The mock driver refuses to enable tracking on a table without dirty support with EINVAL.
+    if (!bitmap) return hwpt.dirtyTrackingCapable ? undefined : cannotTrack(failure);
+    return {
+      message: `the range ${hex(bitmap.iova)}..+${hex(bitmap.length)} at page size ${bitmap.pageSize} is not aligned to the IOAS's IOVA alignment`,
+      hint: "use a page size and range that are multiples of ioas.iovaRanges().alignment",
+    };
+  },
+  EOVERFLOW: ({ context: { bitmap } }) => (bitmap ? `the range ${hex(bitmap.iova)}..+${hex(bitmap.length)} runs past the end of the address space` : undefined),
+};
+
+const W = iommu_hwpt_get_dirty_bitmap.words;
+const DIRTY = { size: W.size, hwpt: W.hwpt_id, flags: W.flags, iova: W.iova, length: W.length, pageSize: W.page_size, data: W.data };
 
 export interface DirtyBitmapOptions {
   /** First IOVA covered; a multiple of `pageSize`. */

@@ -30,15 +30,14 @@ export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
 export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";
 export {
   VfioDevice,
-  RegionMapping,
-  bindToVfioPci,
-  findPciDevices,
   type DeviceInfo,
   type DmaBufRange,
   type ExportDmaBufOptions,
   type RegionCapability,
   type RegionInfo,
-} from "./vfio.ts";
+} from "./vfio/device.ts";
+export { RegionMapping } from "./vfio/region.ts";
+export { bindToVfioPci, findPciDevices } from "./vfio/pci.ts";
 export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./dmabuf.ts";
 export { DmaHeap, DmaBuffer, AddressRule, type DmaHeapOptions, type DmaHeapStats } from "./heap/dma-heap.ts";
 export { OffsetAllocator, type OffsetAllocatorOptions, type OffsetAllocatorStats } from "./heap/allocator.ts";

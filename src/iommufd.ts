@@ -2,10 +2,10 @@
  * Iommufd: an open /dev/iommu. It owns the fd; every object created through it (IOAS, hw page
  * tables) dies with it, which the kernel guarantees and the library mirrors by marking them closed.
  */
-import { ERRNO } from "./sys/errno.ts";
-import { closedError, IommufdError, syscallError } from "./sys/error.ts";
-import { closeFd, openPath, requireOpenFd } from "./sys/fd.ts";
-import { ioctl, lastErrno, libc, O_RDWR } from "./sys/libc.ts";
+import { argumentError, closedError } from "./sys/error.ts";
+import { closeFd, fdFinalizer, openPath, requireOpenFd } from "./sys/fd.ts";
+import { type ErrnoTable, ioctl } from "./sys/ioctl.ts";
+import { O_RDWR } from "./sys/libc.ts";
 import type { StructBuffer } from "./uapi/codec.ts";
 import {
   IOMMU_DESTROY,
@@ -25,13 +25,26 @@ export const DEFAULT_IOMMU_PATH = "/dev/iommu";
 /** How pinned pages are charged against RLIMIT_MEMLOCK (IOMMU_OPTION_RLIMIT_MODE). */
 export type RlimitMode = "user" | "process";
 
-const registry = new FinalizationRegistry<number>((fd) => {
-  libc().close(fd);
-});
-
 const destroyCmd = iommu_destroy.create();
 const ioasAllocCmd = iommu_ioas_alloc.create();
 const optionCmd = iommu_option.create();
+
+const IOAS_ALLOC_ERRORS: ErrnoTable = { ENOMEM: "the kernel is out of memory for a new IOAS" };
+
+const DESTROY_ERRORS: ErrnoTable = {
+  EBUSY: ({ cmd }) => ({
+    message: `object ${cmd!.get("id")} is still in use (a device or hw page table is attached to it; detach first)`,
+    argument: "id",
+  }),
+  ENOENT: ({ cmd }) => ({ message: `no object with id ${cmd!.get("id")} exists in this iommufd`, argument: "id" }),
+  otherwise: { argument: "id" },
+};
+
+const OPTION_ERRORS: ErrnoTable = {
+  EPERM: "changing this option needs CAP_SYS_RESOURCE",
+  EBUSY: "the option cannot change while pages are pinned",
+  ENOENT: ({ cmd }) => `object ${cmd!.get("object_id")} does not exist`,
+};
 
 /** Something the Iommufd must mark dead when it closes. */
 interface Owned {
@@ -46,7 +59,7 @@ export class Iommufd {
   private constructor(fd: number, owned: boolean) {
     this.#fd = fd;
     this.#closeOnDispose = owned;
-    if (owned) registry.register(this, fd, this);
+    if (owned) fdFinalizer.register(this, fd, this);
   }
 
   /** Open the iommufd character device (close-on-exec). */
@@ -69,8 +82,7 @@ export class Iommufd {
   }
 
   get fd(): number {
-    if (this.#fd < 0) throw closedError("Iommufd.fd", "this Iommufd");
-    return this.#fd;
+    return this.assertOpen("Iommufd.fd");
   }
 
   get closed(): boolean {
@@ -78,7 +90,7 @@ export class Iommufd {
   }
 
   /** @internal Throws EBADF once closed; the fd otherwise. */
-  requireFd(operation: string): number {
+  assertOpen(operation: string): number {
     if (this.#fd < 0) throw closedError(operation, "the Iommufd");
     return this.#fd;
   }
@@ -93,20 +105,24 @@ export class Iommufd {
     this.#owned.delete(object);
   }
 
-  /** @internal One ioctl with a struct; returns the errno (0 on success). */
-  call(request: number, cmd: StructBuffer, operation: string): number {
-    const rc = ioctl(this.requireFd(operation), request, cmd.address);
-    return rc < 0 ? lastErrno() : 0;
+  /**
+   * @internal One ioctl on this iommufd through the library's one path (src/sys/ioctl.ts):
+   * returns the kernel's result or throws, worded by `errors`.
+   */
+  ioctl<Context = undefined>(
+    request: number,
+    cmd: StructBuffer,
+    operation: string,
+    errors?: ErrnoTable<Context>,
+    context?: Context,
+  ): number {
+    return ioctl(this.assertOpen(operation), request, cmd, operation, errors, context);
   }
 
   /** Allocate an I/O address space (IOMMU_IOAS_ALLOC). */
   createIoas(): Ioas {
-    const op = "IOMMU_IOAS_ALLOC";
     ioasAllocCmd.fill({ size: iommu_ioas_alloc.size });
-    const errno = this.call(IOMMU_IOAS_ALLOC, ioasAllocCmd, op);
-    if (errno) {
-      throw syscallError(op, errno, errno === ERRNO.ENOMEM ? "the kernel is out of memory for a new IOAS" : undefined);
-    }
+    this.ioctl(IOMMU_IOAS_ALLOC, ioasAllocCmd, "IOMMU_IOAS_ALLOC", IOAS_ALLOC_ERRORS);
     const ioas = new Ioas(this, ioasAllocCmd.get("out_ioas_id"));
     this.track(ioas);
     return ioas;
@@ -115,15 +131,7 @@ export class Iommufd {
   /** IOMMU_DESTROY of any object id (IOAS, hw page table, ...). */
   destroyObject(id: number, operation = "IOMMU_DESTROY"): void {
     destroyCmd.fill({ size: iommu_destroy.size, id });
-    const errno = this.call(IOMMU_DESTROY, destroyCmd, operation);
-    if (!errno) return;
-    const message =
-      errno === ERRNO.EBUSY
-        ? `object ${id} is still in use (a device or hw page table is attached to it; detach first)`
-        : errno === ERRNO.ENOENT
-          ? `no object with id ${id} exists in this iommufd`
-          : undefined;
-    throw syscallError(operation, errno, message, { argument: "id" });
+    this.ioctl(IOMMU_DESTROY, destroyCmd, operation, DESTROY_ERRORS);
   }
 
   /** IOMMU_OPTION RLIMIT_MODE: how this process's pinned pages are charged to RLIMIT_MEMLOCK. */
@@ -134,32 +142,15 @@ export class Iommufd {
   /** Setting it needs CAP_SYS_RESOURCE and is refused (EBUSY) once anything is pinned. */
   set rlimitMode(mode: RlimitMode) {
     if (mode !== "user" && mode !== "process") {
-      throw new IommufdError({
-        operation: "IOMMU_OPTION",
-        errno: ERRNO.EINVAL,
-        argument: "rlimitMode",
-        message: `"${String(mode)}" is not "user" or "process"`,
-      });
+      throw argumentError("IOMMU_OPTION", "rlimitMode", `"${String(mode)}" is not "user" or "process"`);
     }
     this.option(IOMMU_OPTION_RLIMIT_MODE, 0, IOMMU_OPTION_OP_SET, mode === "user" ? 0n : 1n);
   }
 
   /** @internal IOMMU_OPTION get/set; returns val64. */
   option(optionId: number, objectId: number, op: number, value: bigint): bigint {
-    const operation = "IOMMU_OPTION";
     optionCmd.fill({ size: iommu_option.size, option_id: optionId, op, object_id: objectId, val64: value });
-    const errno = this.call(IOMMU_OPTION, optionCmd, operation);
-    if (errno) {
-      const message =
-        errno === ERRNO.EPERM
-          ? "changing this option needs CAP_SYS_RESOURCE"
-          : errno === ERRNO.EBUSY
-            ? "the option cannot change while pages are pinned"
-            : errno === ERRNO.ENOENT
-              ? `object ${objectId} does not exist`
-              : undefined;
-      throw syscallError(operation, errno, message);
-    }
+    this.ioctl(IOMMU_OPTION, optionCmd, "IOMMU_OPTION", OPTION_ERRORS);
     return optionCmd.getBig("val64");
   }
 
@@ -168,7 +159,7 @@ export class Iommufd {
     if (this.#fd < 0) return;
     const fd = this.#fd;
     this.#fd = -1;
-    registry.unregister(this);
+    fdFinalizer.unregister(this);
     for (const object of this.#owned) object.markGone();
     this.#owned.clear();
     if (this.#closeOnDispose) closeFd(fd, "Iommufd.close");

@@ -6,7 +6,8 @@
 import { toArrayBuffer, type Pointer } from "bun:ffi";
 import { ERRNO } from "./sys/errno.ts";
 import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
-import { closeFd, cString } from "./sys/fd.ts";
+import { closeFd, cString, fdFinalizer } from "./sys/fd.ts";
+import { hex } from "./sys/validate.ts";
 import {
   F_ADD_SEALS,
   F_GET_SEALS,
@@ -56,11 +57,6 @@ const HUGE_PAGE_SHIFT: Record<HugePageSize, number> = { "2MB": 21, "1GB": 30 };
 /** x86-64 user address space: nothing larger can be mapped. */
 const MAX_SIZE = 2 ** 47;
 
-const registry = new FinalizationRegistry<number>((fd) => {
-  // Safety net only: close() is the contract. The ArrayBuffer unmaps itself when collected.
-  libc().close(fd);
-});
-
 export class MemfdBuffer {
   readonly size: number;
   /** The page size backing the buffer: 4096, or the huge page size. */
@@ -87,7 +83,8 @@ export class MemfdBuffer {
       (libc().munmap as unknown as { ptr: Pointer }).ptr,
     );
     this.#bytes = new Uint8Array(this.#buffer);
-    registry.register(this, fd, this);
+    // Safety net only: close() is the contract. The ArrayBuffer unmaps itself when collected.
+    fdFinalizer.register(this, fd, this);
   }
 
   /** Create, size, seal against shrinking, and map a memfd of `size` bytes. */
@@ -126,7 +123,7 @@ export class MemfdBuffer {
       // A shrunk file turns every touch of the ArrayBuffer into SIGBUS: forbid shrinking for good.
       const seals = F_SEAL_SHRINK | (options.seal?.grow ? F_SEAL_GROW : 0) | (options.seal?.final ? F_SEAL_SEAL : 0);
       if (lib.fcntl(fd, F_ADD_SEALS, seals) < 0) {
-        throw syscallError("fcntl", lastErrno(), `cannot seal the memfd (F_ADD_SEALS 0x${seals.toString(16)})`);
+        throw syscallError("fcntl", lastErrno(), `cannot seal the memfd (F_ADD_SEALS ${hex(seals)})`);
       }
       const address = Number(lib.mmap(null, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) ?? -1);
       if (address === -1 || address === 0 || address === 2 ** 64 - 1) {
@@ -149,13 +146,12 @@ export class MemfdBuffer {
 
   /** The memfd. Valid until close(). */
   get fd(): number {
-    if (this.#fd < 0) throw closedError("MemfdBuffer.fd", `MemfdBuffer "${this.name}"`);
-    return this.#fd;
+    return this.assertOpen("MemfdBuffer.fd");
   }
 
   /** The buffer's address in this process (for IOMMU_IOAS_MAP by VA). */
   get address(): number {
-    if (this.#fd < 0) throw closedError("MemfdBuffer.address", `MemfdBuffer "${this.name}"`);
+    this.assertOpen("MemfdBuffer.address");
     return this.#address;
   }
 
@@ -185,9 +181,10 @@ export class MemfdBuffer {
     };
   }
 
-  /** Throws EBADF when closed; used by the objects that accept a MemfdBuffer. */
-  assertOpen(operation: string): void {
+  /** Throws EBADF when closed; the fd otherwise. Used by the objects that accept a MemfdBuffer. */
+  assertOpen(operation: string): number {
     if (this.#fd < 0) throw closedError(operation, `MemfdBuffer "${this.name}"`);
+    return this.#fd;
   }
 
   /**
@@ -199,7 +196,7 @@ export class MemfdBuffer {
     if (this.#fd < 0) return;
     const fd = this.#fd;
     this.#fd = -1;
-    registry.unregister(this);
+    fdFinalizer.unregister(this);
     // Detaching runs the deallocator (munmap) now rather than at some later collection.
     this.#buffer.transfer(0);
     closeFd(fd, "MemfdBuffer.close");

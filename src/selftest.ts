@@ -4,10 +4,9 @@
  * benchmarks on kernels built with the option; real systems do not have it.
  */
 import { DmaBuf } from "./dmabuf.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { closedError, syscallError } from "./sys/error.ts";
-import { ioctl, lastErrno, O_CLOEXEC } from "./sys/libc.ts";
-import { argumentError } from "./sys/error.ts";
+import { argumentError, closedError } from "./sys/error.ts";
+import { type ErrnoTable, isErrno } from "./sys/ioctl.ts";
+import { O_CLOEXEC } from "./sys/libc.ts";
 import { IOMMU_TEST_CMD, IOMMU_TEST_OP, iommu_test_cmd, MOCK_FLAGS_DEVICE_NO_DIRTY } from "./uapi/iommufd-test.ts";
 import type { DirtyBitmap, HwPageTable } from "./hwpt.ts";
 import type { Iommufd } from "./iommufd.ts";
@@ -17,14 +16,11 @@ export { MOCK_APERTURE_LAST, MOCK_APERTURE_START, MOCK_HUGE_PAGE_SIZE, MOCK_PAGE
 
 const cmd = iommu_test_cmd.create();
 
+const TEST_CMD_ERRORS: ErrnoTable = { ENOTTY: "this kernel was built without CONFIG_IOMMUFD_TEST" };
+
 function testCmd(iommufd: Iommufd, operation: string, values: Parameters<typeof cmd.fill>[0]): number {
   cmd.fill({ size: iommu_test_cmd.size, ...values });
-  const rc = ioctl(iommufd.requireFd(operation), IOMMU_TEST_CMD, cmd.address);
-  if (rc < 0) {
-    const errno = lastErrno();
-    throw syscallError(operation, errno, errno === ERRNO.ENOTTY ? "this kernel was built without CONFIG_IOMMUFD_TEST" : undefined);
-  }
-  return rc;
+  return iommufd.ioctl(IOMMU_TEST_CMD, cmd, operation, TEST_CMD_ERRORS);
 }
 
 /** A mock device attached to an IOAS through a mock IOMMU domain (hw page table). */
@@ -111,7 +107,7 @@ export class MockDomain {
       });
       return true;
     } catch (error) {
-      if ((error as { errno?: number }).errno === ERRNO.EINVAL) return false;
+      if (isErrno(error, "EINVAL")) return false;
       throw error;
     }
   }

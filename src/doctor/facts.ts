@@ -10,9 +10,7 @@ import { gunzipSync } from "node:zlib";
 import { Iommufd } from "../iommufd.ts";
 import { IommufdError } from "../sys/error.ts";
 import { errnoCode } from "../sys/errno.ts";
-import { ioctl, lastErrno } from "../sys/libc.ts";
-import { VFIO_DEVICE_FEATURE, VFIO_DEVICE_FEATURE_DMA_BUF, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_PROBE, vfio_device_feature } from "../uapi/vfio.ts";
-import { VfioDevice } from "../vfio.ts";
+import { VfioDevice } from "../vfio/device.ts";
 import { CAP_IPC_LOCK, hasCapability, memlockLimit, parseCapEff, parseHugePageDir, parseKernelConfig, parseSysfsInt, type ProcLimit } from "./parse.ts";
 
 /** The kernel options the doctor reports on. */
@@ -171,14 +169,13 @@ export function probeDmaBuf(node: string, iommuPath: string): DmaBufProbe {
     } catch (error) {
       return { ...base, failedAt: "bind", ...errorFields(error) };
     }
-    const cmd = vfio_device_feature.create().fill({
-      argsz: vfio_device_feature.size,
-      flags: VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
-    });
-    const rc = ioctl(device.fd, VFIO_DEVICE_FEATURE, cmd.address);
-    if (rc >= 0) return { ...base, supported: true };
-    const errno = lastErrno();
-    return { ...base, supported: false, failedAt: "probe", errno, code: errnoCode(errno) };
+    try {
+      device.probeDmaBuf();
+    } catch (error) {
+      if (!(error instanceof IommufdError)) throw error;
+      return { ...base, supported: false, failedAt: "probe", errno: error.errno, code: errnoCode(error.errno) };
+    }
+    return { ...base, supported: true };
   } catch (error) {
     return { ...base, failedAt: "open", ...errorFields(error) };
   } finally {

@@ -50,6 +50,7 @@
  */
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, IommufdError } from "../sys/error.ts";
+import { hex } from "../sys/validate.ts";
 
 export interface OffsetAllocatorOptions {
   /** Granule in bytes, a power of two: sizes are rounded up to it and offsets are multiples of it. Default 4096. */
@@ -148,10 +149,6 @@ function bigCeilClassOf(n: number): number {
   const width = POW2[t - SL_BITS]!;
   const c = ((t - 4) << SL_BITS) + (Math.floor(n / width) & (SL_COUNT - 1));
   return n % width === 0 ? c : c + 1;
-}
-
-function hex(x: number): string {
-  return Number.isInteger(x) && x >= 0 ? `0x${x.toString(16)}` : String(x);
 }
 
 export class OffsetAllocator {

@@ -34,6 +34,14 @@ export interface OpenHints {
   EBUSY?: string;
 }
 
+/**
+ * The safety net for every fd an object owns: register the owner with its fd (and itself as the
+ * unregister token); close() unregisters it. Closing is the contract, collection only a fallback.
+ */
+export const fdFinalizer = new FinalizationRegistry<number>((fd) => {
+  libc().close(fd);
+});
+
 /** open(2) with O_CLOEXEC always added. */
 export function openPath(path: string, flags: number, operation: string, hints: OpenHints = {}): number {
   const fd = libc().open(cString(path), flags | O_CLOEXEC, 0);

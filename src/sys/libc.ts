@@ -3,7 +3,7 @@
  *
  * Every wrapper here returns the raw result; callers turn a failure into an IommufdError with
  * {@link lastErrno} read immediately after the call (errno is thread-local and the next libc
- * call may overwrite it).
+ * call may overwrite it). ioctl goes through src/sys/ioctl.ts, the library's one ioctl path.
  */
 import { dlopen, FFIType, read, type Pointer } from "bun:ffi";
 
@@ -69,15 +69,6 @@ export function libc(): Libc {
 export function lastErrno(): number {
   if (!errnoAddress) libc();
   return read.i32(errnoAddress!, 0);
-}
-
-/** How many ioctls the library has issued: lets tests prove a path makes no kernel call. */
-export const counters = { ioctls: 0 };
-
-/** ioctl(2) that counts itself. `arg` is an address (number) or 0. */
-export function ioctl(fd: number, request: number, arg: number): number {
-  counters.ioctls++;
-  return libc().ioctl(fd, request, arg as unknown as Pointer);
 }
 
 export const O_RDONLY = 0;

@@ -6,8 +6,10 @@ export const U64_MAX = (1n << 64n) - 1n;
 
 export type Iova = number | bigint;
 
+/** `0x1000` for messages; a value that is no address or size (negative, fractional) prints as is. */
 export function hex(value: number | bigint): string {
-  return `0x${value.toString(16)}`;
+  const plain = typeof value === "number" ? !Number.isInteger(value) || value < 0 : value < 0n;
+  return plain ? String(value) : `0x${value.toString(16)}`;
 }
 
 /** A non-negative integer (number or bigint) below 2^64, returned unchanged. */
@@ -38,6 +40,47 @@ export function positiveLength(value: unknown, operation: string, argument = "le
   const n = u64(value, operation, argument) as number;
   if (n === 0) throw argumentError(operation, argument, "length is 0; there is nothing to map");
   return n;
+}
+
+/** Where a map starts in its source: `options.offset` (default 0), inside a source of `size` bytes when known. */
+export function rangeOffset(
+  options: { offset?: number },
+  size: number | undefined,
+  operation: string,
+  noun: string,
+): number {
+  if (options.offset === undefined) return 0;
+  const offset = u64(options.offset, operation, "options.offset") as number;
+  if (size !== undefined && offset >= size) {
+    throw argumentError(operation, "options.offset", `offset ${offset} is at or past the end of the ${size}-byte ${noun}`);
+  }
+  return offset;
+}
+
+/**
+ * How many bytes a map covers: `options.length`, or the rest of the source from `offset`. A range
+ * running past the end of a source of known size is refused here, whatever path asked.
+ */
+export function rangeLength(
+  options: { length?: number },
+  offset: number,
+  size: number | undefined,
+  operation: string,
+  noun: string,
+): number {
+  if (options.length === undefined) {
+    if (size === undefined) throw argumentError(operation, "options.length", `the ${noun}'s size is unknown: give a length`);
+    return size - offset;
+  }
+  const length = positiveLength(options.length, operation, "options.length");
+  if (size !== undefined && offset + length > size) {
+    throw argumentError(
+      operation,
+      "options.length",
+      `${length} bytes from offset ${offset} run past the end of the ${size}-byte ${noun}`,
+    );
+  }
+  return length;
 }
 
 /** Converts to a number when exact, else keeps the bigint: IOVAs above 2^53 stay precise. */

@@ -46,6 +46,11 @@ export class StructLayout<F extends string = string> {
   readonly align: number;
   readonly fields: Readonly<Record<F, Field>>;
   readonly fieldList: readonly Field[];
+  /**
+   * Index of each field in {@link StructBuffer.u32} (offset / 4), for hot paths that write
+   * command words directly. Fields not on a 4-byte boundary have none.
+   */
+  readonly words: Readonly<Record<F, number>>;
   readonly cPath: Readonly<Record<string, string>>;
 
   constructor(specs: readonly FieldSpec[], options: LayoutOptions) {
@@ -69,6 +74,9 @@ export class StructLayout<F extends string = string> {
     this.align = align;
     this.fieldList = list;
     this.fields = Object.fromEntries(list.map((f) => [f.name, f])) as Record<F, Field>;
+    this.words = Object.fromEntries(
+      list.filter((f) => f.offset % 4 === 0 && f.size >= 4).map((f) => [f.name, f.offset / 4]),
+    ) as Record<F, number>;
   }
 
   /** A fresh zeroed buffer for this layout, with its address cached. */
@@ -181,13 +189,6 @@ export function readField(view: DataView, type: FieldType, at: number): number {
     case "u64":
       return view.getUint32(at + 4, true) * TWO_32 + view.getUint32(at, true);
   }
-}
-
-/** Word index of a 4- or 8-byte aligned field, for {@link StructBuffer.u32}. */
-export function wordIndex(layout: StructLayout, name: string): number {
-  const field = layout.fieldList.find((f) => f.name === name);
-  if (!field || field.offset % 4) throw new Error(`${layout.cName}.${name} is not a word-aligned field`);
-  return field.offset / 4;
 }
 
 /** Write a u64 as two words (little-endian) without a BigInt for exact numbers. */

@@ -1,7 +1,7 @@
 /** DmaHeap on the real kernel: one mapping, many buffers, no ioctl on alloc/free, real DMA. */
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { DmaHeap, findPciDevices, Iommufd, VfioDevice } from "../../src/index.ts";
-import { counters } from "../../src/sys/libc.ts";
+import { counters } from "../../src/sys/ioctl.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";

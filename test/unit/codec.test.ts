@@ -52,6 +52,24 @@ describe("struct codec", () => {
     expect(buf.bytes.length).toBe(64);
   });
 
+  test("word indices come from the layout: every 4-byte aligned field of 4 or 8 bytes, none other", () => {
+    const layout = struct(
+      [
+        ["a", "u32"],
+        ["b", "u16"],
+        ["c", "u16"],
+        ["d", "u64"],
+        ["e", "u8"],
+        ["f", "u32"],
+      ],
+      { cName: "struct t" },
+    );
+    expect(layout.words as Record<string, number>).toEqual({ a: 0, d: 2, f: 5 });
+    const buffer = layout.create();
+    buffer.u32[layout.words.f] = 7;
+    expect(buffer.get("f")).toBe(7);
+  });
+
   test("ioctl request encodings", () => {
     expect(IO(";", 0x80)).toBe(0x3b80);
     expect(IOW("u", 0x42, 24)).toBe(0x40187542);

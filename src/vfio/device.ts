@@ -3,17 +3,16 @@
  * iommufd and attached to an IOAS, with region info, BAR mmap for registers, config space,
  * bus mastering, reset and dma-buf export of BAR slices.
  */
-import { toArrayBuffer, type Pointer } from "bun:ffi";
-import { existsSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
-import { basename, join } from "node:path";
-import { DmaBuf } from "./dmabuf.ts";
-import { Ioas } from "./ioas.ts";
-import type { Iommufd } from "./iommufd.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
-import { closeFd, openPath, preadInto, pwriteFrom } from "./sys/fd.ts";
-import { ioctl, lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "./sys/libc.ts";
-import { hex, u64 } from "./sys/validate.ts";
+import { DmaBuf } from "../dmabuf.ts";
+import { Ioas } from "../ioas.ts";
+import type { Iommufd } from "../iommufd.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
+import { closeFd, fdFinalizer, openPath, preadInto, pwriteFrom } from "../sys/fd.ts";
+import { type ErrnoTable, ioctl, isErrno } from "../sys/ioctl.ts";
+import { lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "../sys/libc.ts";
+import { hex, u64 } from "../sys/validate.ts";
+import type { StructBuffer } from "../uapi/codec.ts";
 import {
   VFIO_DEVICE_ATTACH_IOMMUFD_PT,
   VFIO_DEVICE_BIND_IOMMUFD,
@@ -46,10 +45,12 @@ import {
   vfio_info_cap_header,
   vfio_region_dma_range,
   vfio_region_info,
-} from "./uapi/vfio.ts";
+} from "../uapi/vfio.ts";
+import { PCI_ADDRESS, pciAddressOfCdev, vfioCdevOf } from "./pci.ts";
+import { RegionMapping } from "./region.ts";
 
-const PCI_ADDRESS = /^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/i;
-const SYSFS_PCI = "/sys/bus/pci/devices";
+export { RegionMapping } from "./region.ts";
+
 const PAGE_SIZE = 4096;
 const PCI_COMMAND = 0x04;
 const PCI_COMMAND_MASTER = 0x4;
@@ -93,9 +94,38 @@ export interface ExportDmaBufOptions {
   ranges: readonly DmaBufRange[];
 }
 
-const registry = new FinalizationRegistry<number>((fd) => {
-  libc().close(fd);
-});
+const BIND_ERRORS: ErrnoTable = {
+  EBUSY: "the device is already bound to an iommufd",
+  EPERM: "binding needs the device's IOMMU group to be viable",
+};
+
+const ATTACH_ERRORS: ErrnoTable = {
+  EADDRINUSE: ({ cmd }) => ({
+    message: `IOAS ${cmd!.get("pt_id")} already has mappings outside the IOVA ranges this device's IOMMU can reach`,
+    argument: "target",
+  }),
+  ENOENT: ({ cmd }) => ({ message: `no IOAS or hw page table with id ${cmd!.get("pt_id")}`, argument: "target" }),
+  otherwise: { argument: "target" },
+};
+
+const REGION_INFO_ERRORS: ErrnoTable = {
+  EINVAL: ({ cmd }) => ({ message: `the device has no region ${cmd!.get("index")}`, argument: "index" }),
+  otherwise: { argument: "index" },
+};
+
+/** The region index of a VFIO_DEVICE_FEATURE_DMA_BUF command (its payload follows the header). */
+function dmaBufRegion(cmd: StructBuffer): number {
+  return cmd.view.getUint32(vfio_device_feature.size + vfio_device_feature_dma_buf.fields.region_index.offset, true);
+}
+
+const DMA_BUF_UNSUPPORTED = "this kernel or device cannot export dma-bufs (needs CONFIG_VFIO_PCI_DMABUF and an mmappable BAR)";
+
+const EXPORT_DMA_BUF_ERRORS: ErrnoTable = {
+  ENOTTY: { message: DMA_BUF_UNSUPPORTED, argument: "options" },
+  EOPNOTSUPP: { message: DMA_BUF_UNSUPPORTED, argument: "options" },
+  EINVAL: ({ cmd }) => ({ message: `the kernel refused the ranges of region ${dmaBufRegion(cmd!)}`, argument: "options" }),
+  otherwise: { argument: "options" },
+};
 
 export class VfioDevice {
   readonly path: string;
@@ -110,7 +140,7 @@ export class VfioDevice {
     this.#fd = fd;
     this.path = path;
     this.pciAddress = pciAddress;
-    registry.register(this, fd, this);
+    fdFinalizer.register(this, fd, this);
   }
 
   /** Open a VFIO cdev by path (`/dev/vfio/devices/vfio0`) or PCI address (`0000:00:03.0`). */
@@ -136,8 +166,7 @@ export class VfioDevice {
   }
 
   get fd(): number {
-    if (this.#fd < 0) throw closedError("VfioDevice.fd", `VFIO device ${this.path}`);
-    return this.#fd;
+    return this.assertOpen("VfioDevice.fd");
   }
 
   get closed(): boolean {
@@ -154,36 +183,47 @@ export class VfioDevice {
     return this.#attachedTo;
   }
 
-  #requireFd(operation: string): number {
+  /** @internal Throws EBADF once closed; the fd otherwise. */
+  assertOpen(operation: string): number {
     if (this.#fd < 0) throw closedError(operation, `VFIO device ${this.path}`);
     return this.#fd;
   }
 
-  #ioctl(request: number, address: number, operation: string): number {
-    const fd = this.#requireFd(operation);
-    // A cdev grants no ioctl but BIND before it is bound; say so instead of the kernel's bare EINVAL.
-    if (this.#deviceId === undefined && request !== VFIO_DEVICE_BIND_IOMMUFD) {
+  /**
+   * @internal One ioctl on the device through the library's one path (src/sys/ioctl.ts). A cdev
+   * grants no ioctl but BIND before it is bound; say so instead of the kernel's bare EINVAL.
+   */
+  ioctl(request: number, cmd: StructBuffer | null, operation: string, errors?: ErrnoTable): number {
+    const fd = this.assertOpen(operation);
+    if (request !== VFIO_DEVICE_BIND_IOMMUFD) this.#assertBound(operation);
+    return ioctl(fd, request, cmd, operation, errors);
+  }
+
+  #assertBound(operation: string): void {
+    if (this.#deviceId === undefined) {
       throw new IommufdError({
         operation,
         errno: ERRNO.EINVAL,
         message: `${this.path} is not bound to an iommufd yet: call device.bind(iommufd) first`,
       });
     }
-    const rc = ioctl(fd, request, address);
-    return rc < 0 ? -lastErrno() : rc;
   }
 
   /** VFIO_DEVICE_BIND_IOMMUFD: bind to an iommufd; returns the device id inside it. */
   bind(iommufd: Iommufd): number {
     const op = "VFIO_DEVICE_BIND_IOMMUFD";
     if (this.#deviceId !== undefined) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EBUSY, message: `${this.path} is already bound (device id ${this.#deviceId})` });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EBUSY,
+        message: `${this.path} is already bound (device id ${this.#deviceId})`,
+      });
     }
-    const cmd = vfio_device_bind_iommufd.create().fill({ argsz: vfio_device_bind_iommufd.size, iommufd: iommufd.requireFd(op) });
-    const rc = this.#ioctl(VFIO_DEVICE_BIND_IOMMUFD, cmd.address, op);
-    if (rc < 0) {
-      throw syscallError(op, -rc, rc === -ERRNO.EBUSY ? "the device is already bound to an iommufd" : rc === -ERRNO.EPERM ? "binding needs the device's IOMMU group to be viable" : undefined);
-    }
+    const cmd = vfio_device_bind_iommufd.create().fill({
+      argsz: vfio_device_bind_iommufd.size,
+      iommufd: iommufd.assertOpen(op),
+    });
+    this.ioctl(VFIO_DEVICE_BIND_IOMMUFD, cmd, op, BIND_ERRORS);
     this.#iommufd = iommufd;
     this.#deviceId = cmd.get("out_devid");
     return this.#deviceId;
@@ -202,20 +242,10 @@ export class VfioDevice {
     if (target instanceof Ioas && target.iommufd !== this.#iommufd) {
       throw argumentError(op, "target", "the IOAS belongs to another iommufd than the one the device is bound to");
     }
-    if (target instanceof Ioas && target.destroyed) throw closedError(op, `IOAS ${target.id} (destroyed)`);
+    if (target instanceof Ioas) target.assertOpen(op);
     if (!Number.isInteger(ptId) || ptId <= 0) throw argumentError(op, "target", `${ptId} is not an object id`);
     const cmd = vfio_device_attach_iommufd_pt.create().fill({ argsz: vfio_device_attach_iommufd_pt.size, pt_id: ptId });
-    const rc = this.#ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, cmd.address, op);
-    if (rc < 0) {
-      const errno = -rc;
-      const message =
-        errno === ERRNO.EADDRINUSE
-          ? `IOAS ${ptId} already has mappings outside the IOVA ranges this device's IOMMU can reach`
-          : errno === ERRNO.ENOENT
-            ? `no IOAS or hw page table with id ${ptId}`
-            : undefined;
-      throw syscallError(op, errno, message, { argument: "target" });
-    }
+    this.ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, cmd, op, ATTACH_ERRORS);
     this.#attachedTo = cmd.get("pt_id");
     return this.#attachedTo;
   }
@@ -224,8 +254,7 @@ export class VfioDevice {
   detach(): void {
     const op = "VFIO_DEVICE_DETACH_IOMMUFD_PT";
     const cmd = vfio_device_detach_iommufd_pt.create().fill({ argsz: vfio_device_detach_iommufd_pt.size });
-    const rc = this.#ioctl(VFIO_DEVICE_DETACH_IOMMUFD_PT, cmd.address, op);
-    if (rc < 0) throw syscallError(op, -rc);
+    this.ioctl(VFIO_DEVICE_DETACH_IOMMUFD_PT, cmd, op);
     this.#attachedTo = undefined;
   }
 
@@ -233,8 +262,7 @@ export class VfioDevice {
   info(): DeviceInfo {
     const op = "VFIO_DEVICE_GET_INFO";
     const cmd = vfio_device_info.create().fill({ argsz: vfio_device_info.size });
-    const rc = this.#ioctl(VFIO_DEVICE_GET_INFO, cmd.address, op);
-    if (rc < 0) throw syscallError(op, -rc);
+    this.ioctl(VFIO_DEVICE_GET_INFO, cmd, op);
     const flags = cmd.get("flags");
     return {
       flags,
@@ -252,10 +280,7 @@ export class VfioDevice {
     let extra = 0;
     for (;;) {
       const cmd = vfio_region_info.create(extra).fill({ argsz: vfio_region_info.size + extra, index });
-      const rc = this.#ioctl(VFIO_DEVICE_GET_REGION_INFO, cmd.address, op);
-      if (rc < 0) {
-        throw syscallError(op, -rc, rc === -ERRNO.EINVAL ? `the device has no region ${index}` : undefined, { argument: "index" });
-      }
+      this.ioctl(VFIO_DEVICE_GET_REGION_INFO, cmd, op, REGION_INFO_ERRORS);
       const flags = cmd.get("flags");
       const wanted = cmd.get("argsz");
       // The kernel asks for a larger buffer (argsz) when the capability chain does not fit.
@@ -288,10 +313,10 @@ export class VfioDevice {
   mapRegion(index: number): RegionMapping {
     const op = "VfioDevice.mapRegion";
     const info = this.region(index);
-    if (!info.mmappable) throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, argument: "index", message: `region ${index} cannot be mmapped` });
-    if (info.size === 0) throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, argument: "index", message: `region ${index} is empty` });
+    if (!info.mmappable) throw argumentError(op, "index", `region ${index} cannot be mmapped`);
+    if (info.size === 0) throw argumentError(op, "index", `region ${index} is empty`);
     const prot = (info.readable ? PROT_READ : 0) | (info.writable ? PROT_WRITE : 0);
-    const address = Number(libc().mmap(null, info.size, prot, MAP_SHARED, this.#requireFd(op), info.offset) ?? -1);
+    const address = Number(libc().mmap(null, info.size, prot, MAP_SHARED, this.assertOpen(op), info.offset) ?? -1);
     if (address === -1 || address === 0 || address >= 2 ** 64 - 1) {
       throw syscallError("mmap", lastErrno(), `cannot map region ${index} (${info.size} bytes) of ${this.path}`);
     }
@@ -309,7 +334,7 @@ export class VfioDevice {
 
   #config(operation: string): number {
     this.#configOffset ??= this.region(VFIO_PCI_CONFIG_REGION_INDEX).offset;
-    this.#requireFd(operation);
+    this.assertOpen(operation);
     return this.#configOffset;
   }
 
@@ -361,9 +386,13 @@ export class VfioDevice {
     const cmd = vfio_device_feature.create(payload);
     cmd.fill({ argsz: vfio_device_feature.size + payload, flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_BUS_MASTER });
     cmd.view.setUint32(vfio_device_feature.size, enabled ? VFIO_DEVICE_FEATURE_SET_MASTER : VFIO_DEVICE_FEATURE_CLEAR_MASTER, true);
-    const rc = this.#ioctl(VFIO_DEVICE_FEATURE, cmd.address, op);
-    if (rc >= 0) return;
-    if (rc !== -ERRNO.ENOTTY && rc !== -ERRNO.EINVAL && rc !== -ERRNO.EOPNOTSUPP) throw syscallError(op, -rc);
+    try {
+      this.ioctl(VFIO_DEVICE_FEATURE, cmd, op);
+      return;
+    } catch (error) {
+      // Kernels without the feature: fall back to the command register below.
+      if (!isErrno(error, "ENOTTY") && !isErrno(error, "EINVAL") && !isErrno(error, "EOPNOTSUPP")) throw error;
+    }
     const command = this.readConfig16(PCI_COMMAND);
     this.writeConfig16(PCI_COMMAND, enabled ? command | PCI_COMMAND_MASTER : command & ~PCI_COMMAND_MASTER);
   }
@@ -379,17 +408,33 @@ export class VfioDevice {
     if (!this.info().canReset) {
       throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: `${this.path} does not support reset (no FLR, PM or bus reset)` });
     }
-    const rc = this.#ioctl(VFIO_DEVICE_RESET, 0, op);
-    if (rc < 0) throw syscallError(op, -rc);
+    this.ioctl(VFIO_DEVICE_RESET, null, op);
   }
 
   /** Whether the kernel can export this device's memory as dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF). */
   supportsDmaBuf(): boolean {
+    const op = "VFIO_DEVICE_FEATURE_DMA_BUF";
+    this.assertOpen(op);
+    this.#assertBound(op);
+    try {
+      this.probeDmaBuf();
+      return true;
+    } catch (error) {
+      if (error instanceof IommufdError) return false;
+      throw error;
+    }
+  }
+
+  /**
+   * @internal The VFIO_DEVICE_FEATURE_DMA_BUF probe itself: returns when the kernel can export
+   * dma-bufs of this device, throws the kernel's answer otherwise (the doctor reports its errno).
+   */
+  probeDmaBuf(): void {
     const cmd = vfio_device_feature.create().fill({
       argsz: vfio_device_feature.size,
       flags: VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
     });
-    return this.#ioctl(VFIO_DEVICE_FEATURE, cmd.address, "VFIO_DEVICE_FEATURE_DMA_BUF") >= 0;
+    this.ioctl(VFIO_DEVICE_FEATURE, cmd, "VFIO_DEVICE_FEATURE_DMA_BUF");
   }
 
   /**
@@ -424,17 +469,7 @@ export class VfioDevice {
       cmd.view.setBigUint64(at + vfio_region_dma_range.fields.offset.offset, BigInt(range.offset), true);
       cmd.view.setBigUint64(at + vfio_region_dma_range.fields.length.offset, BigInt(range.length), true);
     });
-    const fd = this.#ioctl(VFIO_DEVICE_FEATURE, cmd.address, op);
-    if (fd < 0) {
-      const errno = -fd;
-      const message =
-        errno === ERRNO.ENOTTY || errno === ERRNO.EOPNOTSUPP
-          ? "this kernel or device cannot export dma-bufs (needs CONFIG_VFIO_PCI_DMABUF and an mmappable BAR)"
-          : errno === ERRNO.EINVAL
-            ? `the kernel refused the ranges of region ${region}`
-            : undefined;
-      throw syscallError(op, errno, message, { argument: "options" });
-    }
+    const fd = this.ioctl(VFIO_DEVICE_FEATURE, cmd, op, EXPORT_DMA_BUF_ERRORS);
     const size = ranges.reduce((sum, r) => sum + r.length, 0);
     const where = ranges.map((r) => `[${hex(r.offset)}, +${hex(r.length)})`).join(" ");
     return new DmaBuf(fd, { origin: "vfio", size, description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}` });
@@ -451,7 +486,7 @@ export class VfioDevice {
     this.#fd = -1;
     this.#deviceId = undefined;
     this.#attachedTo = undefined;
-    registry.unregister(this);
+    fdFinalizer.unregister(this);
     closeFd(fd, "VfioDevice.close");
   }
 
@@ -460,171 +495,10 @@ export class VfioDevice {
   }
 }
 
-/**
- * A mmapped device region. MMIO needs exactly one aligned access per register, so reads and
- * writes go through 32/64-bit typed-array elements (a DataView may split them into bytes).
- */
-export class RegionMapping {
-  readonly device: VfioDevice;
-  readonly index: number;
-  readonly size: number;
-  #address: number;
-  #u32: Uint32Array;
-  #u64: BigUint64Array;
-
-  /** @internal */
-  constructor(device: VfioDevice, index: number, address: number, size: number) {
-    this.device = device;
-    this.index = index;
-    this.size = size;
-    this.#address = address;
-    const buffer = toArrayBuffer(address as unknown as Pointer, 0, size);
-    this.#u32 = new Uint32Array(buffer);
-    this.#u64 = new BigUint64Array(buffer);
-  }
-
-  get mapped(): boolean {
-    return this.#address !== 0;
-  }
-
-  #index(offset: number, width: 4 | 8, operation: string): number {
-    if (this.#address === 0) throw closedError(operation, `region ${this.index} mapping`);
-    if (!Number.isInteger(offset) || offset < 0 || offset + width > this.size) {
-      throw argumentError(operation, "offset", `${offset} is outside region ${this.index} (${hex(this.size)} bytes)`);
-    }
-    if (offset % width) throw argumentError(operation, "offset", `${hex(offset)} is not ${width}-byte aligned`);
-    return offset / width;
-  }
-
-  read32(offset: number): number {
-    return this.#u32[this.#index(offset, 4, "RegionMapping.read32")]!;
-  }
-
-  write32(offset: number, value: number): void {
-    this.#u32[this.#index(offset, 4, "RegionMapping.write32")] = value >>> 0;
-  }
-
-  read64(offset: number): bigint {
-    return this.#u64[this.#index(offset, 8, "RegionMapping.read64")]!;
-  }
-
-  write64(offset: number, value: bigint | number): void {
-    this.#u64[this.#index(offset, 8, "RegionMapping.write64")] = BigInt.asUintN(64, BigInt(value));
-  }
-
-  /** Unmap. Later accesses throw EBADF instead of faulting. Idempotent. */
-  unmap(): void {
-    if (this.#address === 0) return;
-    const address = this.#address;
-    this.#address = 0;
-    // Drop the views first so nothing can reach the pages once they are gone.
-    this.#u32 = new Uint32Array(0);
-    this.#u64 = new BigUint64Array(0);
-    libc().munmap(address as unknown as Pointer, this.size);
-    this.device.forgetRegion(this);
-  }
-
-  [Symbol.dispose](): void {
-    this.unmap();
-  }
-}
-
 function checkConfigRange(op: string, offset: number, length: number): void {
   if (!Number.isInteger(offset) || offset < 0 || offset > 4095) throw argumentError(op, "offset", `${offset} is outside PCI config space`);
   if (!Number.isInteger(length) || length <= 0 || offset + length > 4096) {
     throw argumentError(op, "length", `${length} bytes at ${hex(offset)} do not fit in PCI config space`);
   }
-}
-
-/** /dev/vfio/devices/vfioN of a PCI device bound to vfio-pci. */
-function vfioCdevOf(pciAddress: string, op: string): string {
-  const dir = join(SYSFS_PCI, pciAddress);
-  if (!existsSync(dir)) {
-    throw new IommufdError({ operation: op, errno: ERRNO.ENODEV, argument: "pathOrPciAddress", message: `no PCI device ${pciAddress}` });
-  }
-  const vfioDev = join(dir, "vfio-dev");
-  const nodes = existsSync(vfioDev) ? readdirSync(vfioDev).filter((n) => n.startsWith("vfio")) : [];
-  if (nodes.length === 0) {
-    throw new IommufdError({
-      operation: op,
-      errno: ERRNO.ENODEV,
-      argument: "pathOrPciAddress",
-      message: `${pciAddress} has no VFIO cdev (driver: ${driverOf(pciAddress) ?? "none"})`,
-      hint: `bind it to vfio-pci first: bindToVfioPci("${pciAddress}")`,
-    });
-  }
-  return join("/dev/vfio/devices", nodes[0]!);
-}
-
-function pciAddressOfCdev(path: string): string | undefined {
-  const name = basename(path);
-  try {
-    const link = readlinkSync(join("/sys/class/vfio-dev", name, "device"));
-    const address = basename(link);
-    return PCI_ADDRESS.test(address) ? address : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-function driverOf(pciAddress: string): string | undefined {
-  try {
-    return basename(readlinkSync(join(SYSFS_PCI, pciAddress, "driver")));
-  } catch {
-    return undefined;
-  }
-}
-
-/**
- * Bind a PCI device to vfio-pci (driver_override, unbind, probe) and return its VFIO cdev path.
- * Needs root. Idempotent when the device is already bound to vfio-pci.
- */
-export function bindToVfioPci(pciAddress: string, options: { timeoutMs?: number } = {}): string {
-  const op = "bindToVfioPci";
-  if (!PCI_ADDRESS.test(pciAddress)) throw argumentError(op, "pciAddress", `"${pciAddress}" is not a PCI address like 0000:00:03.0`);
-  const address = pciAddress.toLowerCase();
-  const dir = join(SYSFS_PCI, address);
-  if (!existsSync(dir)) throw new IommufdError({ operation: op, errno: ERRNO.ENODEV, argument: "pciAddress", message: `no PCI device ${address}` });
-  const write = (path: string, value: string) => {
-    try {
-      writeFileSync(path, value);
-    } catch (error) {
-      const errno = (error as { errno?: number }).errno;
-      throw new IommufdError({
-        operation: op,
-        errno: errno !== undefined ? Math.abs(errno) : ERRNO.EIO,
-        message: `writing "${value}" to ${path} failed: ${(error as Error).message}`,
-        hint: "binding drivers needs root, and vfio-pci must be built in or loaded",
-      });
-    }
-  };
-  if (driverOf(address) !== "vfio-pci") {
-    write(join(dir, "driver_override"), "vfio-pci");
-    if (driverOf(address)) write(join(dir, "driver", "unbind"), address);
-    write("/sys/bus/pci/drivers_probe", address);
-  }
-  const deadline = Date.now() + (options.timeoutMs ?? 5000);
-  for (;;) {
-    try {
-      return vfioCdevOf(address, op);
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
-      Bun.sleepSync(20);
-    }
-  }
-}
-
-/** PCI addresses of devices with this vendor and device id (e.g. 0x1234, 0x11e8 for QEMU's edu). */
-export function findPciDevices(vendor: number, device: number): string[] {
-  if (!existsSync(SYSFS_PCI)) return [];
-  return readdirSync(SYSFS_PCI).filter((address) => {
-    try {
-      const v = Number(readFileSync(join(SYSFS_PCI, address, "vendor"), "utf8").trim());
-      const d = Number(readFileSync(join(SYSFS_PCI, address, "device"), "utf8").trim());
-      return v === vendor && d === device;
-    } catch {
-      return false;
-    }
-  });
 }
 
