@@ -55,3 +55,4 @@ export {
   type VtdExtendedCapabilities,
 } from "./hw-info.ts";
 export type { BoundDevice } from "./device-ref.ts";
+export { changeProcess, adoptIoas, hasIpcLock, PRIVILEGED_HANDOVER_WARNING, type ChangeProcessOptions } from "./handover.ts";
