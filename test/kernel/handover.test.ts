@@ -6,7 +6,7 @@
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { adoptIoas, changeProcess, findPciDevices, hasIpcLock, Iommufd, MemfdBuffer, PRIVILEGED_HANDOVER_WARNING } from "../../src/index.ts";
+import { adoptIoas, bindToVfioPci, changeProcess, findPciDevices, hasIpcLock, Iommufd, MemfdBuffer, PRIVILEGED_HANDOVER_WARNING } from "../../src/index.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
@@ -98,7 +98,7 @@ describe("IOMMU_IOAS_CHANGE_PROCESS in-process", () => {
 
 describe.skipIf(!isRoot)("hand-over between processes", () => {
   test("examples/handover.ts as nobody: DMA works across the switch and pinned memory moves to the new process", async () => {
-    const { code, stdout } = await withOpenNodes(["/dev/iommu", "/dev/vfio/devices/vfio0"], () => example("handover.ts", { asNobody: true }));
+    const { code, stdout } = await withOpenNodes(["/dev/iommu", bindToVfioPci(eduAddress)], () => example("handover.ts", { asNobody: true }));
     expect(code).toBe(0);
     expect(stdout).toMatch(/^old process \d+: DMA round trip OK, VmPin 64 kB$/m);
     expect(stdout).toMatch(/^with a by-address mapping: EINVAL: IOMMU_IOAS_CHANGE_PROCESS: an IOAS in this iommufd holds a mapping made by address/m);

@@ -313,7 +313,7 @@ describe("dirty tracking", () => {
     const buffer = keep(MemfdBuffer.create(64 * KiB));
     ioas.mapFile(buffer, { iova: MOCK_APERTURE_START });
     const plain = keep(HwPageTable.allocate(ioas, mock));
-    const e = expectIommufdError(() => plain.setDirtyTracking(true), "EINVAL", "IOMMU_HWPT_SET_DIRTY_TRACKING");
+    const e = expectIommufdError(() => plain.setDirtyTracking(true), "EOPNOTSUPP", "IOMMU_HWPT_SET_DIRTY_TRACKING");
     expect(e.message).toContain("cannot track dirty pages");
     const bitmap = new DirtyBitmap({ iova: MOCK_APERTURE_START, length: 64 * KiB });
     expectIommufdError(() => plain.readDirty(bitmap), "EOPNOTSUPP", "IOMMU_HWPT_GET_DIRTY_BITMAP");
