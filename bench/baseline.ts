@@ -40,9 +40,12 @@ function selftestHeader(buildDir: string): string | undefined {
   const tmp = join(dir, `iommufd_test.h.${process.pid}`);
   const sh = Bun.spawnSync(
     [
-      "sh", "-c",
+      "sh",
+      "-c",
       `dpkg-deb --fsys-tarfile "$1" | tar -xO --wildcards '*.tar.xz' | tar -xJO --wildcards '*/drivers/iommu/iommufd/iommufd_test.h' > "$2"`,
-      "sh", deb, tmp,
+      "sh",
+      deb,
+      tmp,
     ],
     { stderr: "pipe" },
   );
@@ -68,16 +71,25 @@ export function buildBaseline(outDir = join(here, "baseline", "build")): Build {
   const selftest = selftestHeader(outDir);
   const binary = join(outDir, "map_bench");
   const command = [
-    "cc", "-O2", "-Wall", "-Wextra", "-Werror",
+    "cc",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
     ...(selftest ? ["-DHAVE_IOMMUFD_TEST_H", `-I${selftest}`] : []),
-    `-I${include}`, "-o", binary, source,
+    `-I${include}`,
+    "-o",
+    binary,
+    source,
   ];
   const cc = Bun.spawnSync(command, { stdout: "pipe", stderr: "pipe" });
   if (cc.exitCode !== 0) return { note: `cc failed:\n${cc.stderr.toString()}`, command };
   return {
     binary,
     command,
-    note: selftest ? undefined : "built without iommufd_test.h (no test kernel built yet): the C side has no mock domain",
+    note: selftest
+      ? undefined
+      : "built without iommufd_test.h (no test kernel built yet): the C side has no mock domain",
   };
 }
 
@@ -105,16 +117,25 @@ export interface CStats {
 }
 
 /** Runs the given cases in one process, in order; one result per case (missing ones as errors). */
-export async function runBaseline(binary: string, cases: CaseSpec[], m: Mode, log: (line: string) => void): Promise<Map<string, CStats>> {
+export async function runBaseline(
+  binary: string,
+  cases: CaseSpec[],
+  m: Mode,
+  log: (line: string) => void,
+): Promise<Map<string, CStats>> {
   const out = new Map<string, CStats>();
   if (cases.length === 0) return out;
   const proc = Bun.spawn(
     [
       binary,
-      "--warmup-pairs", String(m.warmupPairs),
-      "--warmup-ms", String(m.warmupMs),
-      "--warmup-max-ms", String(m.warmupMaxMs),
-      "--min-ms", String(m.minMs),
+      "--warmup-pairs",
+      String(m.warmupPairs),
+      "--warmup-ms",
+      String(m.warmupMs),
+      "--warmup-max-ms",
+      String(m.warmupMaxMs),
+      "--min-ms",
+      String(m.minMs),
       ...cases.map((c) => `${c.id}:${c.k}`),
     ],
     { stdout: "pipe", stderr: "pipe" },
@@ -124,15 +145,18 @@ export async function runBaseline(binary: string, cases: CaseSpec[], m: Mode, lo
   let pending = "";
   for await (const chunk of proc.stdout as ReadableStream<Uint8Array>) {
     pending += decoder.decode(chunk, { stream: true });
-    let nl: number;
-    while ((nl = pending.indexOf("\n")) >= 0) {
+    for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
       const line = pending.slice(0, nl);
       pending = pending.slice(nl + 1);
       if (!line.trim()) continue;
       try {
         const stats = JSON.parse(line) as CStats;
         out.set(stats.id, stats);
-        log(stats.ok ? `  C ${stats.id.padEnd(28)} ${formatNs(stats.p50!)}/pair (p50)` : `  C ${stats.id.padEnd(28)} error: ${stats.error}`);
+        log(
+          stats.ok
+            ? `  C ${stats.id.padEnd(28)} ${formatNs(stats.p50!)}/pair (p50)`
+            : `  C ${stats.id.padEnd(28)} error: ${stats.error}`,
+        );
       } catch {
         log(`  C: unexpected output: ${line}`);
       }
@@ -142,7 +166,11 @@ export async function runBaseline(binary: string, cases: CaseSpec[], m: Mode, lo
   const stderr = (await new Response(proc.stderr as ReadableStream).text()).trim();
   for (const spec of cases) {
     if (!out.has(spec.id)) {
-      out.set(spec.id, { id: spec.id, ok: false, error: `map_bench exited with status ${code} before this case${stderr ? `: ${stderr}` : ""}` });
+      out.set(spec.id, {
+        id: spec.id,
+        ok: false,
+        error: `map_bench exited with status ${code} before this case${stderr ? `: ${stderr}` : ""}`,
+      });
     }
   }
   return out;

@@ -126,7 +126,11 @@ export interface Probe {
  * Which cases this machine can run, and why not the others. The domains themselves (mock needs
  * CONFIG_IOMMUFD_TEST) are probed by the caller, which can open /dev/iommu.
  */
-export function planCases(m: Mode, probe: Probe, filter: RegExp | undefined): { cases: CaseSpec[]; skipped: SkippedCase[] } {
+export function planCases(
+  m: Mode,
+  probe: Probe,
+  filter: RegExp | undefined,
+): { cases: CaseSpec[]; skipped: SkippedCase[] } {
   const sizes = m.quick ? [4 * KiB, 64 * KiB] : [4 * KiB, 64 * KiB, 2 * MiB, 64 * MiB, 1 * GiB];
   const domains: Domain[] = ["none", "mock", "edu"];
   const ops: Op[] = ["rawFfi", "mapFile", "prepared", "map", "copy", "mapFileHuge", "vfioDmabuf"];

@@ -27,29 +27,32 @@ export function registerHeapBenchmarks(): () => void {
   const buffer = MemfdBuffer.create(64 * KiB);
   buffer.bytes.fill(1);
 
-  group(`DmaHeap alloc+free vs mapFile+unmap (mock domain, ${heap.pageSize === 2 * MiB ? "2 MiB" : "4 KiB"} heap pages)`, () => {
-    summary(() => {
-      for (const size of SIZES) {
-        bench(`heap alloc+free ${size / KiB} KiB (live ${LIVE}) (x${K})`, function* () {
-          // A live set, so the allocator works on a realistic free list rather than an empty heap.
-          const live = Array.from({ length: LIVE }, () => heap.alloc(size));
-          const pair = () => heap.alloc(size).free();
-          for (let i = 0; i < WARMUP; i++) pair();
-          yield () => {
-            for (let i = 0; i < K; i++) pair();
-          };
-          for (const b of live) b.free();
-        });
-        bench(`mapFile+unmap ${size / KiB} KiB (x${K})`, function* () {
-          const pair = () => ioas.mapFile(buffer, { length: size }).unmap();
-          for (let i = 0; i < WARMUP; i++) pair();
-          yield () => {
-            for (let i = 0; i < K; i++) pair();
-          };
-        });
-      }
-    });
-  });
+  group(
+    `DmaHeap alloc+free vs mapFile+unmap (mock domain, ${heap.pageSize === 2 * MiB ? "2 MiB" : "4 KiB"} heap pages)`,
+    () => {
+      summary(() => {
+        for (const size of SIZES) {
+          bench(`heap alloc+free ${size / KiB} KiB (live ${LIVE}) (x${K})`, function* () {
+            // A live set, so the allocator works on a realistic free list rather than an empty heap.
+            const live = Array.from({ length: LIVE }, () => heap.alloc(size));
+            const pair = () => heap.alloc(size).free();
+            for (let i = 0; i < WARMUP; i++) pair();
+            yield () => {
+              for (let i = 0; i < K; i++) pair();
+            };
+            for (const b of live) b.free();
+          });
+          bench(`mapFile+unmap ${size / KiB} KiB (x${K})`, function* () {
+            const pair = () => ioas.mapFile(buffer, { length: size }).unmap();
+            for (let i = 0; i < WARMUP; i++) pair();
+            yield () => {
+              for (let i = 0; i < K; i++) pair();
+            };
+          });
+        }
+      });
+    },
+  );
 
   return () => {
     heap.close();

@@ -25,7 +25,10 @@ function withFakeKernel<T>(body: () => T): { value: T; restore: () => void } {
   const real = symbols.ioctl;
   symbols.ioctl = () => 0;
   try {
-    return { value: body(), restore: () => void (symbols.ioctl = real) };
+    const restore = () => {
+      symbols.ioctl = real;
+    };
+    return { value: body(), restore };
   } catch (error) {
     symbols.ioctl = real;
     throw error;
@@ -120,7 +123,14 @@ export function registerHotPathBenchmarks(): void {
       // copy() still encodes through the generic fill(); map, mapFile and unmap write words.
       const copy = iommu_ioas_copy.create();
       bench("StructBuffer.fill, copy (as copy() does)", () => {
-        copy.fill({ size: iommu_ioas_copy.size, flags: 7, dst_ioas_id: 1, src_ioas_id: 2, length: SIZE, src_iova: BENCH_IOVA });
+        copy.fill({
+          size: iommu_ioas_copy.size,
+          flags: 7,
+          dst_ioas_id: 1,
+          src_ioas_id: 2,
+          length: SIZE,
+          src_iova: BENCH_IOVA,
+        });
         copy.set("dst_iova", BENCH_IOVA);
       });
       const words = copy.u32;
@@ -169,7 +179,9 @@ export function registerHotPathBenchmarks(): void {
       // would time the error, not the call.
       bench("library libc binding", () => do_not_optimize(libc().ioctl(-1, IOMMU_IOAS_UNMAP, null)));
       bench("dlopen of its own", function* () {
-        const own = dlopen("libc.so.6", { ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 } });
+        const own = dlopen("libc.so.6", {
+          ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
+        });
         const call = own.symbols.ioctl;
         try {
           yield () => do_not_optimize(call(-1, IOMMU_IOAS_UNMAP, null));

@@ -61,7 +61,10 @@ export function prepare(spec: CaseSpec): Prepared {
       file = scope.keep(device().exportDmaBuf({ region: 0, ranges: [{ offset: 0, length: spec.size }] }));
     } else {
       buffer = scope.keep(
-        MemfdBuffer.create(spec.size, { name: "bun-iommufd-bench", hugePages: spec.op === "mapFileHuge" ? "2MB" : false }),
+        MemfdBuffer.create(spec.size, {
+          name: "bun-iommufd-bench",
+          hugePages: spec.op === "mapFileHuge" ? "2MB" : false,
+        }),
       );
       // Touch every page, as the C side's memset does: the first pin must not also fault them in.
       buffer.bytes.fill(1);

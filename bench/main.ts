@@ -58,7 +58,10 @@ interface Args {
 }
 
 function usage(): string {
-  return readFileSync(import.meta.path, "utf8").split("*/")[0]!.replace(/^\/\*\*\n/, "").replace(/^ \* ?/gm, "");
+  return readFileSync(import.meta.path, "utf8")
+    .split("*/")[0]!
+    .replace(/^\/\*\*\n/, "")
+    .replace(/^ \* ?/gm, "");
 }
 
 function parseArgs(argv: string[]): Args {
@@ -66,10 +69,18 @@ function parseArgs(argv: string[]): Args {
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     switch (a) {
-      case "--quick": args.quick = true; break;
-      case "--json": args.json = true; break;
-      case "--save": args.save = true; break;
-      case "--child": args.child = true; break;
+      case "--quick":
+        args.quick = true;
+        break;
+      case "--json":
+        args.json = true;
+        break;
+      case "--save":
+        args.save = true;
+        break;
+      case "--child":
+        args.child = true;
+        break;
       case "--filter": {
         const source = argv[++i];
         if (source === undefined) throw new Error("--filter needs a regular expression");
@@ -77,7 +88,8 @@ function parseArgs(argv: string[]): Args {
         args.filterSource = source;
         break;
       }
-      case "-h": case "--help":
+      case "-h":
+      case "--help":
         console.log(usage());
         process.exit(0);
         break;
@@ -154,7 +166,10 @@ async function measure(args: Args, build: Build, vm: boolean): Promise<Measureme
   for (const s of skipped) say(`skipped ${s.id}: ${s.reason}`);
   if (!build.binary) say(`no C baseline: ${build.note ?? "not built"}`);
 
-  const lib = new Map<string, { p50: number; avg: number; min: number; p99: number; samples: number; ticks: number }[]>();
+  const lib = new Map<
+    string,
+    { p50: number; avg: number; min: number; p99: number; samples: number; ticks: number }[]
+  >();
   const c = new Map<string, CStats[]>();
   const errors = new Map<string, Set<string>>();
   const warmups = new Map<string, number>();
@@ -186,7 +201,12 @@ async function measure(args: Args, build: Build, vm: boolean): Promise<Measureme
           const { p50, avg, min, p99, samples, ticks } = r.stats;
           const k = spec.k;
           (lib.get(spec.id) ?? lib.set(spec.id, []).get(spec.id)!).push({
-            p50: p50 / k, avg: avg / k, min: min / k, p99: p99 / k, samples: samples.length, ticks: ticks * k,
+            p50: p50 / k,
+            avg: avg / k,
+            min: min / k,
+            p99: p99 / k,
+            samples: samples.length,
+            ticks: ticks * k,
           });
         } else {
           addError(spec.id, `library: ${(r.error as Error)?.message ?? String(r.error)}`);
@@ -231,7 +251,11 @@ function git(args: string[]): string {
 }
 
 /** Dates, names and files the measuring side cannot know or write (the guest's tree is read-only). */
-function finish(args: Args, measurement: Measurement, extra: { host?: Results["host"]; build: Build; allocator: AllocatorResult[] }): number {
+function finish(
+  args: Args,
+  measurement: Measurement,
+  extra: { host?: Results["host"]; build: Build; allocator: AllocatorResult[] },
+): number {
   const results: Results = {
     schema: 1,
     date: new Date().toISOString(),
@@ -252,13 +276,18 @@ function finish(args: Args, measurement: Measurement, extra: { host?: Results["h
   }
   const path = save(results, args.save);
 
-  say(`== map/unmap pairs: library vs C (${results.vm ? "QEMU/TCG guest: emulated time, compare ratios" : "this host"}) ==`);
+  say(
+    `== map/unmap pairs: library vs C (${results.vm ? "QEMU/TCG guest: emulated time, compare ratios" : "this host"}) ==`,
+  );
   say(table(results));
   say();
-  if (results.mode === "quick") say("quick mode: a smoke test of the suite, not a measurement (short warm-up, one round)");
+  if (results.mode === "quick")
+    say("quick mode: a smoke test of the suite, not a measurement (short warm-up, one round)");
   else for (const line of verdicts(results)) say(line);
   if (previous) {
-    say(`compared with ${previous.path}: ${results.regressions.length ? `${results.regressions.length} case(s) more than 10% slower` : "no case more than 10% slower"}`);
+    say(
+      `compared with ${previous.path}: ${results.regressions.length ? `${results.regressions.length} case(s) more than 10% slower` : "no case more than 10% slower"}`,
+    );
     for (const line of results.regressions) say(line);
   } else {
     say(`no earlier ${results.mode} results to compare with`);
@@ -322,7 +351,9 @@ async function viaGuest(args: Args, allocator: AllocatorResult[]): Promise<numbe
     });
     const file = join(outDir, MEASUREMENT_FILE);
     if (guest.exitCode !== 0 || !existsSync(file)) {
-      say(`map/unmap benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`);
+      say(
+        `map/unmap benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`,
+      );
       return guest.exitCode || 1;
     }
     const measurement = JSON.parse(readFileSync(file, "utf8")) as Measurement;

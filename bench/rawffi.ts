@@ -33,7 +33,18 @@ export function rawMapFilePair(iommufd: number, ioasId: number, fd: number, leng
   // Dedicated ArrayBuffers, kept referenced for good: the kernel reads them by address only, so
   // a collected one would hand it whatever reused the memory (EINVAL, at best).
   const mapFile = new Uint32Array(new ArrayBuffer(40));
-  mapFile.set([40, MAP_FIXED_RW, ioasId, fd, 0, 0, length % 2 ** 32, Math.floor(length / 2 ** 32), iova % 2 ** 32, Math.floor(iova / 2 ** 32)]);
+  mapFile.set([
+    40,
+    MAP_FIXED_RW,
+    ioasId,
+    fd,
+    0,
+    0,
+    length % 2 ** 32,
+    Math.floor(length / 2 ** 32),
+    iova % 2 ** 32,
+    Math.floor(iova / 2 ** 32),
+  ]);
   // struct iommu_ioas_unmap: size ioas_id | iova | length
   const unmap = new Uint32Array(new ArrayBuffer(24));
   unmap.set([24, ioasId, iova % 2 ** 32, Math.floor(iova / 2 ** 32), length % 2 ** 32, Math.floor(length / 2 ** 32)]);
@@ -41,7 +52,8 @@ export function rawMapFilePair(iommufd: number, ioasId: number, fd: number, leng
   const unmapAddress = ptr(unmap);
   pinned.push(mapFile, unmap);
   return () => {
-    if (ioctl(iommufd, IOMMU_IOAS_MAP_FILE, mapFileAddress) < 0) throw new Error(`raw IOMMU_IOAS_MAP_FILE: errno ${errno()}`);
+    if (ioctl(iommufd, IOMMU_IOAS_MAP_FILE, mapFileAddress) < 0)
+      throw new Error(`raw IOMMU_IOAS_MAP_FILE: errno ${errno()}`);
     // The kernel writes back the iova and the unmapped length, equal to what was asked: both
     // structs stay valid for the next pair, as in the C baseline.
     if (ioctl(iommufd, IOMMU_IOAS_UNMAP, unmapAddress) < 0) throw new Error(`raw IOMMU_IOAS_UNMAP: errno ${errno()}`);

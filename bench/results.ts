@@ -244,7 +244,9 @@ export function table(results: Results): string {
   lines.push(
     "",
     `time per pair = ${results.settings.statistic}; GiB/s = bytes mapped (and unmapped) per second.`,
-    `ops: ${Object.entries(OP_LABEL).map(([k, v]) => `${k} = ${v}`).join("; ")}`,
+    `ops: ${Object.entries(OP_LABEL)
+      .map(([k, v]) => `${k} = ${v}`)
+      .join("; ")}`,
   );
   return lines.join("\n");
 }
@@ -257,7 +259,9 @@ export function verdicts(results: Results): string[] {
     if (c.op === "mapFile" && c.size === 4096) {
       const slower = (c.ratio - 1) * 100;
       const ok = c.ratio <= 1.1;
-      out.push(`${ok ? "ok  " : "MISS"} ${c.id}: library ${slower >= 0 ? `${slower.toFixed(1)}% slower` : `${(-slower).toFixed(1)}% faster`} than C (target: at most 10%, aim 5%)`);
+      out.push(
+        `${ok ? "ok  " : "MISS"} ${c.id}: library ${slower >= 0 ? `${slower.toFixed(1)}% slower` : `${(-slower).toFixed(1)}% faster`} than C (target: at most 10%, aim 5%)`,
+      );
     }
   }
   return out;

@@ -53,7 +53,8 @@ function main(argv: string[]): number {
         case "--map-size": {
           const text = value();
           mapBytes = parseSize(text);
-          if (mapBytes === undefined || mapBytes <= 0) throw new Error(`--map-size wants a size like 64M or 1G, not "${text}"`);
+          if (mapBytes === undefined || mapBytes <= 0)
+            throw new Error(`--map-size wants a size like 64M or 1G, not "${text}"`);
           break;
         }
         case "--iommu":

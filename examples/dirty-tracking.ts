@@ -7,7 +7,16 @@
  *
  *   bun run vm -- bun examples/dirty-tracking.ts
  */
-import { DirtyBitmap, findPciDevices, HwPageTable, Iommufd, IommufdError, MemfdBuffer, VfioDevice, bindToVfioPci } from "../src/index.ts";
+import {
+  DirtyBitmap,
+  findPciDevices,
+  HwPageTable,
+  Iommufd,
+  IommufdError,
+  MemfdBuffer,
+  VfioDevice,
+  bindToVfioPci,
+} from "../src/index.ts";
 import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../src/selftest.ts";
 import { EDU_DEVICE, EDU_VENDOR } from "./edu.ts";
 
@@ -22,7 +31,9 @@ using mapping = ioas.mapFile(guestMemory, { iova: MOCK_APERTURE_START });
 using hwpt = HwPageTable.allocate(ioas, device, { dirtyTracking: true });
 device.replace(hwpt);
 hwpt.setDirtyTracking(true);
-console.log(`hw page table ${hwpt.id} tracks dirty pages of IOVA ${"0x" + mapping.iova.toString(16)}..+${guestMemory.size}`);
+console.log(
+  `hw page table ${hwpt.id} tracks dirty pages of IOVA ${"0x" + mapping.iova.toString(16)}..+${guestMemory.size}`,
+);
 
 // The "device" writes pages 3, 4 and 200 (the mock IOMMU sets their dirty bits).
 const writes = new DirtyBitmap({ iova: MOCK_APERTURE_START, length: guestMemory.size, pageSize: PAGE });

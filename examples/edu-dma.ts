@@ -61,7 +61,11 @@ function main(): number {
   }
 
   const same = target.every((byte, i) => byte === source[i]);
-  console.log(same ? `round trip OK: ${LENGTH} bytes came back through the IOMMU unchanged` : "round trip FAILED: the bytes differ");
+  console.log(
+    same
+      ? `round trip OK: ${LENGTH} bytes came back through the IOMMU unchanged`
+      : "round trip FAILED: the bytes differ",
+  );
   mapping.unmap();
   console.log(`unmapped IOVA ${hex(IOVA)}`);
   return same ? 0 : 1;

@@ -50,7 +50,9 @@ export class Edu {
     // QEMU 7.2's edu aborts the VM on a transfer that ends exactly at the buffer's end.
     const deviceOffset = (direction ? src : dst) - EDU_BUFFER;
     if (deviceOffset < 0 || deviceOffset + count >= EDU_BUFFER_SIZE) {
-      throw new Error(`edu DMA must stay strictly inside the 4 KiB device buffer (offset ${deviceOffset}, count ${count})`);
+      throw new Error(
+        `edu DMA must stay strictly inside the 4 KiB device buffer (offset ${deviceOffset}, count ${count})`,
+      );
     }
     const iova = direction ? dst : src;
     if (iova + count > EDU_DMA_LIMIT) throw new Error(`edu cannot reach IOVA 0x${iova.toString(16)} (28-bit DMA)`);

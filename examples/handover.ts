@@ -51,7 +51,10 @@ async function oldProcess(): Promise<number> {
     console.error("no edu device (1234:11e8) here: run it in the test guest: bun run vm -- bun examples/handover.ts");
     return 1;
   }
-  if (hasIpcLock()) console.log("note: this process has CAP_IPC_LOCK; Linux 7.2.13 mis-accounts pinned memory across a hand-over from it");
+  if (hasIpcLock())
+    console.log(
+      "note: this process has CAP_IPC_LOCK; Linux 7.2.13 mis-accounts pinned memory across a hand-over from it",
+    );
   const iommufd = Iommufd.open();
   const ioas = iommufd.createIoas();
   const device = VfioDevice.open(bindToVfioPci(address));
@@ -61,7 +64,9 @@ async function oldProcess(): Promise<number> {
   ioas.mapFile(buffer, { iova: IOVA });
   const bar = device.mapRegion(0);
   device.setBusMaster(true);
-  console.log(`old process ${process.pid}: DMA round trip ${dmaRoundTrip(new Edu(bar), buffer, 3) ? "OK" : "FAILED"}, VmPin ${vmPinKiB()} kB`);
+  console.log(
+    `old process ${process.pid}: DMA round trip ${dmaRoundTrip(new Edu(bar), buffer, 3) ? "OK" : "FAILED"}, VmPin ${vmPinKiB()} kB`,
+  );
 
   // A mapping by address ties the IOAS to this process's memory: the kernel refuses to move it.
   const byAddress = MemfdBuffer.create(4096, { name: "by-address" });
@@ -84,8 +89,7 @@ async function oldProcess(): Promise<number> {
     let pending = "";
     for await (const chunk of child.stdout) {
       pending += new TextDecoder().decode(chunk);
-      let cut: number;
-      while ((cut = pending.indexOf("\n")) >= 0) {
+      for (let cut = pending.indexOf("\n"); cut >= 0; cut = pending.indexOf("\n")) {
         yield pending.slice(0, cut);
         pending = pending.slice(cut + 1);
       }
@@ -115,12 +119,16 @@ async function newProcess(handed: Handed): Promise<number> {
   const ioas = adoptIoas(iommufd, handed.ioasId);
   const before = vmPinKiB();
   changeProcess(iommufd);
-  console.log(`new process ${process.pid}: adopted iommufd, ${device.path} (device ${device.deviceId}), IOAS ${ioas.id}; VmPin ${before} -> ${vmPinKiB()} kB: took over`);
+  console.log(
+    `new process ${process.pid}: adopted iommufd, ${device.path} (device ${device.deviceId}), IOAS ${ioas.id}; VmPin ${before} -> ${vmPinKiB()} kB: took over`,
+  );
   // Wait until the old process has closed everything it had.
   for await (const chunk of Bun.stdin.stream()) if (new TextDecoder().decode(chunk).includes("closed")) break;
   const bar = device.mapRegion(0);
   const ok = dmaRoundTrip(new Edu(bar), buffer, 5);
-  console.log(`new process after the old one closed its fds: DMA round trip ${ok ? "OK" : "FAILED"}, VmPin ${vmPinKiB()} kB`);
+  console.log(
+    `new process after the old one closed its fds: DMA round trip ${ok ? "OK" : "FAILED"}, VmPin ${vmPinKiB()} kB`,
+  );
   device.setBusMaster(false);
   ioas.unmap(IOVA, SIZE);
   console.log(`new process unmapped the guest memory: VmPin ${vmPinKiB()} kB`);

@@ -5,17 +5,29 @@
  *
  *   bun run vm -- bun examples/hw-info.ts     (edu behind QEMU's emulated VT-d, plus a mock device)
  */
-import { bindToVfioPci, explainNoDirtyTracking, findPciDevices, Iommufd, readHwInfo, VfioDevice, type HwInfo } from "../src/index.ts";
+import {
+  bindToVfioPci,
+  explainNoDirtyTracking,
+  findPciDevices,
+  Iommufd,
+  readHwInfo,
+  VfioDevice,
+  type HwInfo,
+} from "../src/index.ts";
 import { MockDomain } from "../src/selftest.ts";
 import { EDU_DEVICE, EDU_VENDOR } from "./edu.ts";
 
 function show(label: string, info: HwInfo): void {
-  console.log(`${label}: type ${info.type} (0x${info.typeId.toString(16)}), ${info.data.byteLength} bytes of driver data`);
+  console.log(
+    `${label}: type ${info.type} (0x${info.typeId.toString(16)}), ${info.data.byteLength} bytes of driver data`,
+  );
   console.log(`  capabilities: ${JSON.stringify(info.capabilities)}, max PASID bits ${info.maxPasidLog2}`);
   console.log(`  dirty tracking: ${info.capabilities.dirtyTracking ? "yes" : `no (${explainNoDirtyTracking(info)})`}`);
   if (info.vtd) {
     console.log(`  VT-d cap 0x${info.vtd.capReg.toString(16)} ecap 0x${info.vtd.ecapReg.toString(16)}`);
-    console.log(`  address widths ${info.vtd.cap.adjustedGuestAddressWidths.join("/")} bits, MGAW ${info.vtd.cap.maxGuestAddressWidth}, ${info.vtd.cap.domains} domains`);
+    console.log(
+      `  address widths ${info.vtd.cap.adjustedGuestAddressWidths.join("/")} bits, MGAW ${info.vtd.cap.maxGuestAddressWidth}, ${info.vtd.cap.domains} domains`,
+    );
     console.log(`  set: ${info.vtd.names.join(" ")}`);
   }
   if (info.selftest) console.log(`  selftest register 0x${info.selftest.testReg.toString(16)}`);

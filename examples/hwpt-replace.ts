@@ -42,11 +42,15 @@ function copyThroughDevice(): void {
 bufferA.bytes.set(new TextEncoder().encode("written via IOAS A"), 0);
 bufferB.bytes.set(new TextEncoder().encode("written via IOAS B"), 0);
 copyThroughDevice();
-console.log(`attached to table ${tableA.id}: edu copied "${new TextDecoder().decode(bufferA.bytes.subarray(0x1000, 0x1010))}" inside buffer A`);
+console.log(
+  `attached to table ${tableA.id}: edu copied "${new TextDecoder().decode(bufferA.bytes.subarray(0x1000, 0x1010))}" inside buffer A`,
+);
 
 const now = device.attach(tableB.id);
 copyThroughDevice();
-console.log(`replaced with table ${now} while attached: edu copied "${new TextDecoder().decode(bufferB.bytes.subarray(0x1000, 0x1010))}" inside buffer B`);
+console.log(
+  `replaced with table ${now} while attached: edu copied "${new TextDecoder().decode(bufferB.bytes.subarray(0x1000, 0x1010))}" inside buffer B`,
+);
 device.setBusMaster(false);
 device.detach();
 console.log("done");

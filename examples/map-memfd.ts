@@ -18,7 +18,9 @@ function main(): void {
 
   using ioas = iommufd.createIoas();
   const { ranges, alignment } = ioas.iovaRanges();
-  console.log(`created IOAS ${ioas.id}: usable IOVAs ${ranges.map((r) => `${hex(r.start)}..${hex(r.last)}`).join(", ")}, alignment ${hex(alignment)}`);
+  console.log(
+    `created IOAS ${ioas.id}: usable IOVAs ${ranges.map((r) => `${hex(r.start)}..${hex(r.last)}`).join(", ")}, alignment ${hex(alignment)}`,
+  );
 
   using buffer = MemfdBuffer.create(1 << 20, { name: "map-memfd example" });
   buffer.bytes.set(new TextEncoder().encode("hello, device"));
@@ -32,7 +34,9 @@ function main(): void {
   console.log(`unmapped; the IOAS holds ${ioas.mappings.length} mappings`);
 
   const fixed = ioas.mapFile(buffer, { iova: 0x100000, offset: 0x1000, length: 0x4000, writable: false });
-  console.log(`mapped ${hex(fixed.length)} bytes from offset 0x1000 read-only at fixed IOVA ${hex(fixed.iova)}..${hex(fixed.end)}`);
+  console.log(
+    `mapped ${hex(fixed.length)} bytes from offset 0x1000 read-only at fixed IOVA ${hex(fixed.iova)}..${hex(fixed.end)}`,
+  );
   fixed.unmap();
   console.log(`unmapped IOVA ${hex(fixed.iova)}: mapped=${fixed.mapped}`);
   console.log("done");
@@ -42,7 +46,9 @@ try {
   main();
 } catch (error) {
   if (error instanceof IommufdError && error.operation === "Iommufd.open") {
-    console.error(`${error.message}\nThis needs /dev/iommu: run \`bun run doctor\`, or try it in the test guest: bun run vm -- bun examples/map-memfd.ts`);
+    console.error(
+      `${error.message}\nThis needs /dev/iommu: run \`bun run doctor\`, or try it in the test guest: bun run vm -- bun examples/map-memfd.ts`,
+    );
     process.exit(1);
   }
   throw error;

@@ -25,7 +25,9 @@ const hex = (n: number | bigint) => `0x${n.toString(16)}`;
 function main(): number {
   const address = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0];
   if (!address) {
-    console.error("no edu device (1234:11e8) here: run this in the test guest: bun run vm -- bun examples/vfio-dmabuf.ts");
+    console.error(
+      "no edu device (1234:11e8) here: run this in the test guest: bun run vm -- bun examples/vfio-dmabuf.ts",
+    );
     return 1;
   }
   const node = bindToVfioPci(address);
@@ -37,7 +39,9 @@ function main(): number {
   // VFIO answers feature requests (dma-buf export included) only once the device is bound.
   device.bind(iommufd);
   device.attach(ioas);
-  console.log(`bound ${node} to iommufd, attached to IOAS ${ioas.id}; dma-buf export supported: ${device.supportsDmaBuf()}`);
+  console.log(
+    `bound ${node} to iommufd, attached to IOAS ${ioas.id}; dma-buf export supported: ${device.supportsDmaBuf()}`,
+  );
 
   const bar0 = device.region(0);
   console.log(`BAR0: ${hex(bar0.size)} bytes, mmappable=${bar0.mmappable}`);
@@ -47,7 +51,9 @@ function main(): number {
 
   {
     using anywhere = ioas.mapFile(dmabuf);
-    console.log(`mapped the dma-buf into IOAS ${ioas.id} at IOVA ${hex(anywhere.iova)}..${hex(anywhere.end)} (kernel-chosen)`);
+    console.log(
+      `mapped the dma-buf into IOAS ${ioas.id} at IOVA ${hex(anywhere.iova)}..${hex(anywhere.end)} (kernel-chosen)`,
+    );
   }
   console.log("unmapped the dma-buf");
 
@@ -69,10 +75,18 @@ function main(): number {
   }
   const seen = new Uint32Array(ram.buffer, 0, 1)[0]!;
   const ok = seen === expected;
-  console.log(`edu DMA read its id register through the IOMMU at IOVA ${hex(BAR_IOVA)}: ${hex(seen)} (${ok ? "matches" : "differs from"} ${hex(expected)} read through the mmapped BAR)`);
+  console.log(
+    `edu DMA read its id register through the IOMMU at IOVA ${hex(BAR_IOVA)}: ${hex(seen)} (${ok ? "matches" : "differs from"} ${hex(expected)} read through the mmapped BAR)`,
+  );
 
   // iommufd maps single-range VFIO dma-bufs only; a two-range export is refused at map time.
-  using twoRanges = device.exportDmaBuf({ region: 0, ranges: [{ offset: 0, length: 0x1000 }, { offset: 0x2000, length: 0x1000 }] });
+  using twoRanges = device.exportDmaBuf({
+    region: 0,
+    ranges: [
+      { offset: 0, length: 0x1000 },
+      { offset: 0x2000, length: 0x1000 },
+    ],
+  });
   try {
     ioas.mapFile(twoRanges).unmap();
     console.log("a two-range dma-buf mapped (this kernel lifted the one-range limit)");
@@ -88,7 +102,9 @@ try {
   process.exitCode = main();
 } catch (error) {
   if (error instanceof IommufdError && error.operation === "Iommufd.open") {
-    console.error(`${error.message}\nThis needs /dev/iommu and an edu device: bun run vm -- bun examples/vfio-dmabuf.ts`);
+    console.error(
+      `${error.message}\nThis needs /dev/iommu and an edu device: bun run vm -- bun examples/vfio-dmabuf.ts`,
+    );
     process.exit(1);
   }
   throw error;

@@ -122,6 +122,30 @@ async function typecheck(): Promise<void> {
   }
 }
 
+/** `bun run lint` (Biome: formatting and lint rules): counts as one test, like the typecheck. */
+async function lint(): Promise<void> {
+  header("lint: biome check (format and lint)");
+  const biome = join(root, "node_modules/.bin/biome");
+  if (!existsSync(biome)) {
+    tally.failed += 1;
+    problems.push("lint: node_modules/.bin/biome is missing (run bun install)");
+    return;
+  }
+  const proc = Bun.spawn([biome, "check", "--error-on-warnings", "."], {
+    cwd: root,
+    stdin: "ignore",
+    stdout: "inherit",
+    stderr: "inherit",
+  });
+  if ((await proc.exited) === 0) {
+    tally.passed += 1;
+    console.log("lint passed");
+  } else {
+    tally.failed += 1;
+    problems.push("lint: biome reported formatting or lint errors (bun run format fixes the formatting)");
+  }
+}
+
 async function unitTests(extra: string[]): Promise<void> {
   header("unit tests (host)");
   await bunTestOnHost("unit tests", ["./test/unit", ...extra]);
@@ -198,7 +222,7 @@ async function benchSmoke(): Promise<void> {
 function usage(): string {
   return `usage: bun run test [-- [--unit-only | --kernel-only] [-- <bun test args>]]
 
-  --unit-only     typecheck and unit tests only
+  --unit-only     typecheck, lint and unit tests only
   --kernel-only   kernel tests only (in a QEMU guest unless the host has /dev/iommu)
   --no-bench      leave out the benchmark smoke run (bun bench --quick)
   -- ARGS         passed on to each bun test run (e.g. -t <pattern>)`;
@@ -249,6 +273,7 @@ async function main(argv: string[]): Promise<number> {
   }
   if (unit) {
     await timed("typecheck", typecheck);
+    await timed("lint", lint);
     await timed("unit tests", () => unitTests(extra));
   }
   if (kernel) await timed("kernel tests", () => kernelTests(extra));

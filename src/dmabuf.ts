@@ -44,7 +44,12 @@ export class DmaBuf implements MappableFile {
   }
 
   get fd(): number {
-    if (this.#fd < 0) throw closedError("DmaBuf.fd", this.description);
+    return this.assertOpen("DmaBuf.fd");
+  }
+
+  /** Throws EBADF when closed; the fd otherwise. */
+  assertOpen(operation: string): number {
+    if (this.#fd < 0) throw closedError(operation, this.description);
     return this.#fd;
   }
 
@@ -59,7 +64,10 @@ export class DmaBuf implements MappableFile {
       return `iommufd maps only single-range VFIO PCI dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF): ${because}`;
     }
     if (errno === ERRNO.ENODEV) {
-      return `${this.description} was revoked: its device was closed, reset or disabled, so its memory can no longer be mapped`;
+      return (
+        `${this.description} was revoked: its device was closed, reset or disabled, so its memory can no ` +
+        `longer be mapped`
+      );
     }
     return undefined;
   }
@@ -81,7 +89,10 @@ export class DmaBuf implements MappableFile {
  * Wrap memfd pages as a dma-buf through /dev/udmabuf. iommufd refuses these (EOPNOTSUPP); the
  * function exists to show and test that refusal, and for users who pass dma-bufs elsewhere.
  */
-export function createUdmabuf(memfd: MemfdBuffer, options: { offset?: number; size?: number; device?: string } = {}): DmaBuf {
+export function createUdmabuf(
+  memfd: MemfdBuffer,
+  options: { offset?: number; size?: number; device?: string } = {},
+): DmaBuf {
   const op = "UDMABUF_CREATE";
   const offset = options.offset ?? 0;
   const size = options.size ?? memfd.size - offset;

@@ -152,7 +152,13 @@ export class FaultQueue {
 
   #waitReadable(op: string, deadline: number): Promise<WaitAnswer> {
     if (this.#waiting) {
-      return Promise.reject(new IommufdError({ operation: op, errno: ERRNO.EBUSY, message: `another read() of fault queue ${this.id} is already waiting` }));
+      return Promise.reject(
+        new IommufdError({
+          operation: op,
+          errno: ERRNO.EBUSY,
+          message: `another read() of fault queue ${this.id} is already waiting`,
+        }),
+      );
     }
     const poller = this.#startPoller(op);
     return new Promise<WaitAnswer>((resolve, reject) => {
@@ -174,12 +180,21 @@ export class FaultQueue {
         },
       };
       if (deadline !== Infinity) {
-        timer = setTimeout(() => {
-          // Wake the poller so it is free for the next read; this wait ends now.
-          this.#wake();
-          const waiting = this.#waiting;
-          waiting?.reject(new IommufdError({ operation: op, errno: ERRNO.ETIMEDOUT, message: `no fault arrived on queue ${this.id} in time` }));
-        }, Math.max(0, deadline - Date.now()));
+        timer = setTimeout(
+          () => {
+            // Wake the poller so it is free for the next read; this wait ends now.
+            this.#wake();
+            const waiting = this.#waiting;
+            waiting?.reject(
+              new IommufdError({
+                operation: op,
+                errno: ERRNO.ETIMEDOUT,
+                message: `no fault arrived on queue ${this.id} in time`,
+              }),
+            );
+          },
+          Math.max(0, deadline - Date.now()),
+        );
       }
       poller.ref();
       poller.postMessage({ fd: this.#fd, wakeFd: this.#wakeFd });
@@ -197,7 +212,13 @@ export class FaultQueue {
       this.#waiting?.resolve(event.data);
     };
     poller.onerror = (event) => {
-      this.#waiting?.reject(new IommufdError({ operation: op, errno: ERRNO.EIO, message: `the fault-queue poller failed: ${event.message}` }));
+      this.#waiting?.reject(
+        new IommufdError({
+          operation: op,
+          errno: ERRNO.EIO,
+          message: `the fault-queue poller failed: ${event.message}`,
+        }),
+      );
     };
     poller.unref();
     this.#poller = poller;
@@ -224,15 +245,27 @@ export class FaultQueue {
     const op = "FaultQueue.respond";
     const fd = this.#requireFd(op);
     const cookie = typeof fault === "number" ? fault : fault?.cookie;
-    if (!Number.isInteger(cookie) || cookie! < 0 || cookie! > 0xffffffff) throw argumentError(op, "fault", "expected a PageFault or its cookie");
-    if (code !== "success" && code !== "invalid") throw argumentError(op, "code", `"${String(code)}" is not "success" or "invalid"`);
-    this.#response.fill({ cookie: cookie!, code: code === "success" ? IOMMUFD_PAGE_RESP_SUCCESS : IOMMUFD_PAGE_RESP_INVALID });
+    if (!Number.isInteger(cookie) || cookie! < 0 || cookie! > 0xffffffff)
+      throw argumentError(op, "fault", "expected a PageFault or its cookie");
+    if (code !== "success" && code !== "invalid")
+      throw argumentError(op, "code", `"${String(code)}" is not "success" or "invalid"`);
+    this.#response.fill({
+      cookie: cookie!,
+      code: code === "success" ? IOMMUFD_PAGE_RESP_SUCCESS : IOMMUFD_PAGE_RESP_INVALID,
+    });
     const n = Number(libc().write(fd, this.#response.bytes, iommu_hwpt_page_response.size));
     if (n !== iommu_hwpt_page_response.size) {
       const errno = n < 0 ? lastErrno() : ERRNO.EIO;
-      throw syscallError(op, errno, errno === ERRNO.EINVAL ? `no fault group with cookie ${cookie} is waiting for an answer (already answered, or never read)` : undefined, {
-        argument: "fault",
-      });
+      throw syscallError(
+        op,
+        errno,
+        errno === ERRNO.EINVAL
+          ? `no fault group with cookie ${cookie} is waiting for an answer (already answered, or never read)`
+          : undefined,
+        {
+          argument: "fault",
+        },
+      );
     }
   }
 

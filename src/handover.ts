@@ -25,7 +25,8 @@ const cmd = iommu_ioas_change_process.create();
 
 const CHANGE_PROCESS_ERRORS: ErrnoTable = {
   EINVAL: {
-    message: "an IOAS in this iommufd holds a mapping made by address (IOMMU_IOAS_MAP, ioas.map()): only file mappings (IOMMU_IOAS_MAP_FILE, ioas.mapFile()) can move to another process",
+    message:
+      "an IOAS in this iommufd holds a mapping made by address (IOMMU_IOAS_MAP, ioas.map()): only file mappings (IOMMU_IOAS_MAP_FILE, ioas.mapFile()) can move to another process",
     hint: "unmap the by-address mappings first, and map memfds or dma-bufs with mapFile() instead",
   },
   EBUSY: "a mapping in this iommufd is being created or torn down right now; try again",

@@ -158,7 +158,12 @@ export function readHwInfo(iommufd: Iommufd, device: BoundDevice): HwInfo {
       data = new Uint8Array(kernelLength);
       continue;
     }
-    return decode(cmd.get("out_data_type"), data.slice(0, kernelLength), cmd.getBig("out_capabilities"), cmd.get("out_max_pasid_log2"));
+    return decode(
+      cmd.get("out_data_type"),
+      data.slice(0, kernelLength),
+      cmd.getBig("out_capabilities"),
+      cmd.get("out_max_pasid_log2"),
+    );
   }
 }
 
@@ -260,8 +265,12 @@ export function decodeVtd(flags: number, capReg: bigint, ecapReg: bigint): VtdHw
     performanceMonitoring: e(51),
   };
   const names = [
-    ...Object.entries(cap).filter(([, v]) => v === true).map(([k]) => `cap.${k}`),
-    ...Object.entries(ecap).filter(([, v]) => v === true).map(([k]) => `ecap.${k}`),
+    ...Object.entries(cap)
+      .filter(([, v]) => v === true)
+      .map(([k]) => `cap.${k}`),
+    ...Object.entries(ecap)
+      .filter(([, v]) => v === true)
+      .map(([k]) => `ecap.${k}`),
   ];
   return { errata772415: (flags & IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17) !== 0, capReg, ecapReg, cap, ecap, names };
 }

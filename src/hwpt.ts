@@ -73,17 +73,29 @@ export class HwPageTable {
    */
   static allocate(ioas: Ioas, device: BoundDevice, options: HwPageTableOptions = {}): HwPageTable {
     const op = "IOMMU_HWPT_ALLOC";
-    if (ioas.destroyed) throw new IommufdError({ operation: op, errno: ERRNO.EBADF, argument: "ioas", message: `IOAS ${ioas.id} is destroyed` });
+    if (ioas.destroyed)
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EBADF,
+        argument: "ioas",
+        message: `IOAS ${ioas.id} is destroyed`,
+      });
     const devId = deviceIdOf(device, op);
     if (options.faultQueue && options.nestParent) {
-      throw argumentError(op, "options.faultQueue", "a nesting parent cannot take a fault queue (the kernel refuses the combination)", "EOPNOTSUPP");
+      throw argumentError(
+        op,
+        "options.faultQueue",
+        "a nesting parent cannot take a fault queue (the kernel refuses the combination)",
+        "EOPNOTSUPP",
+      );
     }
     let flags = 0;
     if (options.dirtyTracking) flags |= IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
     if (options.nestParent) flags |= IOMMU_HWPT_ALLOC_NEST_PARENT;
     let faultId = 0;
     if (options.faultQueue) {
-      if (options.faultQueue.iommufd !== ioas.iommufd) throw argumentError(op, "options.faultQueue", "the fault queue belongs to another Iommufd");
+      if (options.faultQueue.iommufd !== ioas.iommufd)
+        throw argumentError(op, "options.faultQueue", "the fault queue belongs to another Iommufd");
       faultId = options.faultQueue.requireId(op);
       flags |= IOMMU_HWPT_FAULT_ID_VALID;
     }
@@ -113,7 +125,11 @@ export class HwPageTable {
   /** @internal */
   assertOpen(operation: string): number {
     if (!this.#alive) {
-      throw new IommufdError({ operation, errno: ERRNO.EBADF, message: `hw page table ${this.id} ${this.#goneBecause}; it cannot be used any more` });
+      throw new IommufdError({
+        operation,
+        errno: ERRNO.EBADF,
+        message: `hw page table ${this.id} ${this.#goneBecause}; it cannot be used any more`,
+      });
     }
     return this.iommufd.assertOpen(operation);
   }
@@ -125,9 +141,17 @@ export class HwPageTable {
   setDirtyTracking(enabled: boolean): void {
     const op = "IOMMU_HWPT_SET_DIRTY_TRACKING";
     this.assertOpen(op);
-    if (typeof enabled !== "boolean") throw argumentError(op, "enabled", `expected true or false, got ${typeof enabled}`);
-    dirtyTrackingCmd.fill({ size: iommu_hwpt_set_dirty_tracking.size, flags: enabled ? IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0, hwpt_id: this.id });
-    this.iommufd.ioctl(IOMMU_HWPT_SET_DIRTY_TRACKING, dirtyTrackingCmd, op, DIRTY_ERRORS, { hwpt: this, bitmap: undefined });
+    if (typeof enabled !== "boolean")
+      throw argumentError(op, "enabled", `expected true or false, got ${typeof enabled}`);
+    dirtyTrackingCmd.fill({
+      size: iommu_hwpt_set_dirty_tracking.size,
+      flags: enabled ? IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0,
+      hwpt_id: this.id,
+    });
+    this.iommufd.ioctl(IOMMU_HWPT_SET_DIRTY_TRACKING, dirtyTrackingCmd, op, DIRTY_ERRORS, {
+      hwpt: this,
+      bitmap: undefined,
+    });
     this.#dirtyTracking = enabled;
   }
 
@@ -139,7 +163,8 @@ export class HwPageTable {
   readDirty(bitmap: DirtyBitmap, options: { clear?: boolean } = {}): DirtyBitmap {
     const op = "IOMMU_HWPT_GET_DIRTY_BITMAP";
     const fd = this.assertOpen(op);
-    if (!(bitmap instanceof DirtyBitmap)) throw argumentError(op, "bitmap", "expected a DirtyBitmap (new DirtyBitmap({ iova, length, pageSize }))");
+    if (!(bitmap instanceof DirtyBitmap))
+      throw argumentError(op, "bitmap", "expected a DirtyBitmap (new DirtyBitmap({ iova, length, pageSize }))");
     const w = bitmap.command.u32;
     w[DIRTY.hwpt] = this.id;
     w[DIRTY.flags] = options.clear === false ? IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR : 0;
@@ -169,19 +194,30 @@ export class HwPageTable {
 }
 
 function allocUnsupported({ context: options, cmd }: IoctlFailure<HwPageTableOptions>) {
-  const wanted = [options.dirtyTracking && "dirty tracking", options.nestParent && "nesting", options.faultQueue && "I/O page faults"].filter(Boolean);
+  const wanted = [
+    options.dirtyTracking && "dirty tracking",
+    options.nestParent && "nesting",
+    options.faultQueue && "I/O page faults",
+  ].filter(Boolean);
   const device = `the IOMMU of device ${cmd!.get("dev_id")}`;
   return {
-    message: wanted.length ? `${device} cannot give a page table with ${wanted.join(" and ")}` : `${device} cannot allocate a page table this way`,
+    message: wanted.length
+      ? `${device} cannot give a page table with ${wanted.join(" and ")}`
+      : `${device} cannot allocate a page table this way`,
     hint: "readHwInfo(iommufd, device) tells what this IOMMU offers",
   };
 }
 
 const HWPT_ALLOC_ERRORS: ErrnoTable<HwPageTableOptions> = {
   EOPNOTSUPP: allocUnsupported,
-  ENOENT: ({ cmd }) => ({ message: `no device with id ${cmd!.get("dev_id")} is bound to this iommufd (or no fault queue ${cmd!.get("fault_id")})`, argument: "device" }),
-  EINVAL: ({ cmd }) => `IOAS ${cmd!.get("pt_id")} cannot back a page table for device ${cmd!.get("dev_id")} (no such IOAS, or an unsupported combination)`,
-  EADDRINUSE: ({ cmd }) => `IOAS ${cmd!.get("pt_id")} has mappings outside the IOVA ranges the IOMMU of device ${cmd!.get("dev_id")} can reach`,
+  ENOENT: ({ cmd }) => ({
+    message: `no device with id ${cmd!.get("dev_id")} is bound to this iommufd (or no fault queue ${cmd!.get("fault_id")})`,
+    argument: "device",
+  }),
+  EINVAL: ({ cmd }) =>
+    `IOAS ${cmd!.get("pt_id")} cannot back a page table for device ${cmd!.get("dev_id")} (no such IOAS, or an unsupported combination)`,
+  EADDRINUSE: ({ cmd }) =>
+    `IOAS ${cmd!.get("pt_id")} has mappings outside the IOVA ranges the IOMMU of device ${cmd!.get("dev_id")} can reach`,
 };
 
 interface DirtyContext {
@@ -210,11 +246,20 @@ const DIRTY_ERRORS: ErrnoTable<DirtyContext> = {
       hint: "use a page size and range that are multiples of ioas.iovaRanges().alignment",
     };
   },
-  EOVERFLOW: ({ context: { bitmap } }) => (bitmap ? `the range ${hex(bitmap.iova)}..+${hex(bitmap.length)} runs past the end of the address space` : undefined),
+  EOVERFLOW: ({ context: { bitmap } }) =>
+    bitmap ? `the range ${hex(bitmap.iova)}..+${hex(bitmap.length)} runs past the end of the address space` : undefined,
 };
 
 const W = iommu_hwpt_get_dirty_bitmap.words;
-const DIRTY = { size: W.size, hwpt: W.hwpt_id, flags: W.flags, iova: W.iova, length: W.length, pageSize: W.page_size, data: W.data };
+const DIRTY = {
+  size: W.size,
+  hwpt: W.hwpt_id,
+  flags: W.flags,
+  iova: W.iova,
+  length: W.length,
+  pageSize: W.page_size,
+  data: W.data,
+};
 
 export interface DirtyBitmapOptions {
   /** First IOVA covered; a multiple of `pageSize`. */
@@ -253,20 +298,36 @@ export class DirtyBitmap {
 
   constructor(options: DirtyBitmapOptions) {
     const op = "DirtyBitmap";
-    if (!options || typeof options !== "object") throw argumentError(op, "options", "expected { iova, length, pageSize }");
+    if (!options || typeof options !== "object")
+      throw argumentError(op, "options", "expected { iova, length, pageSize }");
     const pageSize = options.pageSize ?? 4096;
     if (!Number.isSafeInteger(pageSize) || pageSize <= 0 || (pageSize & (pageSize - 1)) !== 0 || pageSize > 2 ** 30) {
       throw argumentError(op, "options.pageSize", `${pageSize} is not a power of two between 1 and 1 GiB`);
     }
     const iova = normaliseIova(u64(options.iova, op, "options.iova"));
     const length = options.length;
-    if (!Number.isSafeInteger(length) || length <= 0) throw argumentError(op, "options.length", `${length} is not a positive byte count`);
-    if (BigInt(iova) % BigInt(pageSize) !== 0n) throw argumentError(op, "options.iova", `${hex(iova)} is not a multiple of the page size ${pageSize}`);
-    if (length % pageSize !== 0) throw argumentError(op, "options.length", `${length} is not a multiple of the page size ${pageSize}`);
-    if (BigInt(iova) + BigInt(length) > 1n << 64n) throw argumentError(op, "options.length", `${hex(iova)}..+${hex(length)} runs past the end of the 64-bit IOVA space`, "EOVERFLOW");
+    if (!Number.isSafeInteger(length) || length <= 0)
+      throw argumentError(op, "options.length", `${length} is not a positive byte count`);
+    if (BigInt(iova) % BigInt(pageSize) !== 0n)
+      throw argumentError(op, "options.iova", `${hex(iova)} is not a multiple of the page size ${pageSize}`);
+    if (length % pageSize !== 0)
+      throw argumentError(op, "options.length", `${length} is not a multiple of the page size ${pageSize}`);
+    if (BigInt(iova) + BigInt(length) > 1n << 64n)
+      throw argumentError(
+        op,
+        "options.length",
+        `${hex(iova)}..+${hex(length)} runs past the end of the 64-bit IOVA space`,
+        "EOVERFLOW",
+      );
     const pages = length / pageSize;
     const needed = Math.ceil(pages / 64) * 8;
-    if (needed > MAX_BITMAP_BYTES) throw argumentError(op, "options.length", `${pages} pages need a ${needed}-byte bitmap; read the range in parts or with a larger page size`, "E2BIG");
+    if (needed > MAX_BITMAP_BYTES)
+      throw argumentError(
+        op,
+        "options.length",
+        `${pages} pages need a ${needed}-byte bitmap; read the range in parts or with a larger page size`,
+        "E2BIG",
+      );
     let bytes: Uint8Array;
     if (options.storage === undefined) {
       bytes = new Uint8Array(needed);
@@ -305,7 +366,12 @@ export class DirtyBitmap {
   isDirty(iova: number | bigint): boolean {
     const offset = BigInt(iova) - BigInt(this.iova);
     if (offset < 0n || offset >= BigInt(this.length)) {
-      throw argumentError("DirtyBitmap.isDirty", "iova", `${hex(iova)} is outside ${hex(this.iova)}..+${hex(this.length)}`, "ERANGE");
+      throw argumentError(
+        "DirtyBitmap.isDirty",
+        "iova",
+        `${hex(iova)} is outside ${hex(this.iova)}..+${hex(this.length)}`,
+        "ERANGE",
+      );
     }
     return this.isPageDirty(Number(offset / BigInt(this.pageSize)));
   }
@@ -337,7 +403,10 @@ export class DirtyBitmap {
       const dirty = page < this.pages && this.isPageDirty(page);
       if (dirty && start < 0) start = page;
       if (!dirty && start >= 0) {
-        ranges.push({ iova: normaliseIova(BigInt(this.iova) + BigInt(start * this.pageSize)), length: (page - start) * this.pageSize });
+        ranges.push({
+          iova: normaliseIova(BigInt(this.iova) + BigInt(start * this.pageSize)),
+          length: (page - start) * this.pageSize,
+        });
         start = -1;
       }
     }

@@ -55,4 +55,10 @@ export {
   type VtdExtendedCapabilities,
 } from "./hw-info.ts";
 export type { BoundDevice } from "./device-ref.ts";
-export { changeProcess, adoptIoas, hasIpcLock, PRIVILEGED_HANDOVER_WARNING, type ChangeProcessOptions } from "./handover.ts";
+export {
+  changeProcess,
+  adoptIoas,
+  hasIpcLock,
+  PRIVILEGED_HANDOVER_WARNING,
+  type ChangeProcessOptions,
+} from "./handover.ts";

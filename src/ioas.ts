@@ -22,7 +22,16 @@ import { ERRNO } from "./sys/errno.ts";
 import { argumentError, IommufdError } from "./sys/error.ts";
 import { fstat, requireOpenFd } from "./sys/fd.ts";
 import { ioctl, isErrno } from "./sys/ioctl.ts";
-import { hex, type Iova, normaliseIova, positiveLength, rangeLength, rangeOffset, U64_MAX, u64 } from "./sys/validate.ts";
+import {
+  hex,
+  type Iova,
+  normaliseIova,
+  positiveLength,
+  rangeLength,
+  rangeOffset,
+  U64_MAX,
+  u64,
+} from "./sys/validate.ts";
 import { getU64, putU64 } from "./uapi/codec.ts";
 import {
   IOMMU_IOAS_ALLOW_IOVAS,
@@ -88,9 +97,31 @@ const allowCmd = iommu_ioas_allow_iovas.create();
 
 // Hot paths write the command words directly: no object, no field lookup, no BigInt per call.
 const MAP = iommu_ioas_map.words;
-const MAP_FILE = iommu_ioas_map_file.words;
 const COPY = iommu_ioas_copy.words;
 const UNMAP = iommu_ioas_unmap.words;
+
+/**
+ * struct iommu_ioas_map and iommu_ioas_map_file have one layout (the layout test proves both
+ * against the header): the fourth word is MAP_FILE's fd (MAP's reserved zero) and the first u64
+ * MAP_FILE's file offset (MAP's user address). One encoder writes either.
+ */
+function encodeMap(
+  w: Uint32Array,
+  flags: number,
+  ioasId: number,
+  fd: number,
+  start: number,
+  length: number,
+  iova: Iova | undefined,
+): void {
+  w[MAP.size] = iommu_ioas_map.size;
+  w[MAP.flags] = flags;
+  w[MAP.ioas_id] = ioasId;
+  w[MAP.__reserved] = fd;
+  putU64(w, MAP.user_va, start);
+  putU64(w, MAP.length, length);
+  putU64(w, MAP.iova, iova ?? 0);
+}
 
 export class Ioas {
   readonly iommufd: Iommufd;
@@ -137,16 +168,9 @@ export class Ioas {
     const offset = rangeOffset(options, size, op, "source");
     const length = rangeLength(options, offset, size, op, "source");
     const iova = fixedIova(options, op);
-    const w = mapCmd.u32;
-    w[MAP.size] = iommu_ioas_map.size;
-    w[MAP.flags] = mapFlags(options, op, iova);
-    w[MAP.ioas_id] = this.id;
-    w[MAP.__reserved] = 0;
-    putU64(w, MAP.user_va, address + offset);
-    putU64(w, MAP.length, length);
-    putU64(w, MAP.iova, iova ?? 0);
+    encodeMap(mapCmd.u32, mapFlags(options, op, iova), this.id, 0, address + offset, length, iova);
     ioctl(fd, IOMMU_IOAS_MAP, mapCmd, op, MAP_ERRORS);
-    return this.#record(getU64(w, MAP.iova), length, source);
+    return this.#record(getU64(mapCmd.u32, MAP.iova), length, source);
   }
 
   /** Map a file range by fd (IOMMU_IOAS_MAP_FILE): a MemfdBuffer, a VFIO dma-buf, or a raw fd. */
@@ -168,16 +192,9 @@ export class Ioas {
     const offset = rangeOffset(options, size, op, "file");
     const length = rangeLength(options, offset, size, op, "file");
     const iova = fixedIova(options, op);
-    const w = mapFileCmd.u32;
-    w[MAP_FILE.size] = iommu_ioas_map_file.size;
-    w[MAP_FILE.flags] = mapFlags(options, op, iova);
-    w[MAP_FILE.ioas_id] = this.id;
-    w[MAP_FILE.fd] = fd;
-    putU64(w, MAP_FILE.start, offset);
-    putU64(w, MAP_FILE.length, length);
-    putU64(w, MAP_FILE.iova, iova ?? 0);
+    encodeMap(mapFileCmd.u32, mapFlags(options, op, iova), this.id, fd, offset, length, iova);
     ioctl(iommufdFd, IOMMU_IOAS_MAP_FILE, mapFileCmd, op, MAP_FILE_ERRORS, file);
-    return this.#record(getU64(w, MAP_FILE.iova), length, file);
+    return this.#record(getU64(mapFileCmd.u32, MAP.iova), length, file);
   }
 
   /**
@@ -190,7 +207,11 @@ export class Ioas {
     this.assertOpen(op);
     const { fd, size } = resolveFile(file, op);
     if (typeof file !== "object" || !("closed" in file)) {
-      throw argumentError(op, "file", "a prepared mapping needs a MemfdBuffer or DmaBuf (an object that knows when it is closed)");
+      throw argumentError(
+        op,
+        "file",
+        "a prepared mapping needs a MemfdBuffer or DmaBuf (an object that knows when it is closed)",
+      );
     }
     const offset = rangeOffset(options, size, op, "file");
     const length = rangeLength(options, offset, size, op, "file");
@@ -252,7 +273,8 @@ export class Ioas {
     }
     for (const prepared of this.#prepared) {
       const at = prepared.iova;
-      if (at !== undefined && BigInt(at) >= BigInt(start) && BigInt(at) + BigInt(prepared.length) <= end) prepared.markUnmapped();
+      if (at !== undefined && BigInt(at) >= BigInt(start) && BigInt(at) + BigInt(prepared.length) <= end)
+        prepared.markUnmapped();
     }
     return unmapped;
   }

@@ -139,7 +139,15 @@ export class PreparedMapping {
     this.#fixed = iova !== undefined;
     this.#iova = iova;
     this.#isClosed = () => file.closed;
-    this.#map.fill({ size: iommu_ioas_map_file.size, flags, ioas_id: ioas.id, fd, start: offset, length, iova: iova ?? 0 });
+    this.#map.fill({
+      size: iommu_ioas_map_file.size,
+      flags,
+      ioas_id: ioas.id,
+      fd,
+      start: offset,
+      length,
+      iova: iova ?? 0,
+    });
     this.#unmap.fill({ size: iommu_ioas_unmap.size, ioas_id: ioas.id, iova: iova ?? 0, length });
   }
 
@@ -199,6 +207,10 @@ export class PreparedMapping {
 }
 
 function closedFileError(operation: string): IommufdError {
-  return new IommufdError({ operation, errno: ERRNO.EBADF, argument: "file", message: "the prepared file was closed; prepare again with an open one" });
+  return new IommufdError({
+    operation,
+    errno: ERRNO.EBADF,
+    argument: "file",
+    message: "the prepared file was closed; prepare again with an open one",
+  });
 }
-

@@ -115,7 +115,10 @@ export class MemfdBuffer {
     if (fd < 0) {
       const errno = lastErrno();
       throw syscallError("memfd_create", errno, `cannot create a memfd "${name}"`, {
-        hint: huge && errno === ERRNO.EINVAL ? `the kernel has no ${huge} hugetlbfs pool (CONFIG_HUGETLBFS, or this page size is unsupported)` : undefined,
+        hint:
+          huge && errno === ERRNO.EINVAL
+            ? `the kernel has no ${huge} hugetlbfs pool (CONFIG_HUGETLBFS, or this page size is unsupported)`
+            : undefined,
       });
     }
     try {
@@ -130,13 +133,12 @@ export class MemfdBuffer {
       const address = Number(lib.mmap(null, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) ?? -1);
       if (address === -1 || address === 0 || address === 2 ** 64 - 1) {
         const errno = lastErrno();
+        const outOfMemory = huge
+          ? `not enough ${huge} huge pages are reserved: ` +
+            `raise /proc/sys/vm/nr_hugepages (needs ${size / pageSize} free pages)`
+          : "the process is out of address space or memory";
         throw syscallError("mmap", errno, `cannot map ${size} bytes of the memfd`, {
-          hint:
-            huge && errno === ERRNO.ENOMEM
-              ? `not enough ${huge} huge pages are reserved: raise /proc/sys/vm/nr_hugepages (needs ${size / pageSize} free pages)`
-              : errno === ERRNO.ENOMEM
-                ? "the process is out of address space or memory"
-                : undefined,
+          hint: errno === ERRNO.ENOMEM ? outOfMemory : undefined,
         });
       }
       return new MemfdBuffer(fd, address, size, pageSize, name);

@@ -63,7 +63,11 @@ export class MockDomain {
     const ioas = "ioas" in target ? target.ioas : target;
     const flags = options.noDirtyTracking ? MOCK_FLAGS_DEVICE_NO_DIRTY : 0;
     const name = flags ? "IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS" : "IOMMU_TEST_OP_MOCK_DOMAIN";
-    testCmd(ioas.iommufd, name, { op: flags ? IOMMU_TEST_OP.MOCK_DOMAIN_FLAGS : IOMMU_TEST_OP.MOCK_DOMAIN, id: target.id, mock_dev_flags: flags });
+    testCmd(ioas.iommufd, name, {
+      op: flags ? IOMMU_TEST_OP.MOCK_DOMAIN_FLAGS : IOMMU_TEST_OP.MOCK_DOMAIN,
+      id: target.id,
+      mock_dev_flags: flags,
+    });
     return new MockDomain(ioas, cmd.get("mock_out_stdev_id"), cmd.get("mock_out_hwpt_id"), cmd.get("mock_out_idev_id"));
   }
 
@@ -73,13 +77,23 @@ export class MockDomain {
    */
   replace(target: Ioas | HwPageTable): number {
     if (!this.#alive) throw closedError("MockDomain.replace", "the mock domain");
-    testCmd(this.iommufd, "IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE", { op: IOMMU_TEST_OP.MOCK_DOMAIN_REPLACE, id: this.stdevId, replace_pt_id: target.id });
+    testCmd(this.iommufd, "IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE", {
+      op: IOMMU_TEST_OP.MOCK_DOMAIN_REPLACE,
+      id: this.stdevId,
+      replace_pt_id: target.id,
+    });
     this.#hwptId = cmd.get("replace_pt_id");
     return this.#hwptId;
   }
 
   /** IOMMU_TEST_OP_TRIGGER_IOPF: the mock device reports an I/O page fault at `address`. */
-  triggerPageFault(fault: { address: number | bigint; pasid?: number; groupId?: number; read?: boolean; write?: boolean }): void {
+  triggerPageFault(fault: {
+    address: number | bigint;
+    pasid?: number;
+    groupId?: number;
+    read?: boolean;
+    write?: boolean;
+  }): void {
     if (!this.#alive) throw closedError("MockDomain.triggerPageFault", "the mock domain");
     testCmd(this.iommufd, "IOMMU_TEST_OP_TRIGGER_IOPF", {
       op: IOMMU_TEST_OP.TRIGGER_IOPF,

@@ -113,12 +113,17 @@ function isStaticElf(path: string): boolean {
 /** Cheap check that the host can run a guest at all (not whether the kernel is built). */
 export function vmAvailability(): { ok: boolean; reason?: string } {
   if (process.platform !== "linux" || process.arch !== "x64") {
-    return { ok: false, reason: `the test guest needs an x86-64 Linux host (this is ${process.platform}/${process.arch})` };
+    return {
+      ok: false,
+      reason: `the test guest needs an x86-64 Linux host (this is ${process.platform}/${process.arch})`,
+    };
   }
-  if (!Bun.which(qemuBinary)) return { ok: false, reason: `${qemuBinary} not found (Debian: apt-get install qemu-system-x86)` };
+  if (!Bun.which(qemuBinary))
+    return { ok: false, reason: `${qemuBinary} not found (Debian: apt-get install qemu-system-x86)` };
   const busybox = findBusybox();
   if (!busybox) return { ok: false, reason: "busybox not found (Debian: apt-get install busybox-static)" };
-  if (!isStaticElf(busybox)) return { ok: false, reason: `${busybox} is not statically linked (Debian: apt-get install busybox-static)` };
+  if (!isStaticElf(busybox))
+    return { ok: false, reason: `${busybox} is not statically linked (Debian: apt-get install busybox-static)` };
   if (!Bun.which("cpio")) return { ok: false, reason: "cpio not found (Debian: apt-get install cpio)" };
   if (!Bun.which("bash")) return { ok: false, reason: "bash not found (needed by vm/kernel.sh)" };
   return { ok: true };
@@ -246,7 +251,9 @@ export async function initramfs(): Promise<string> {
     writeFileSync(join(stage, "init"), initScript, { mode: 0o755 });
     const tmp = `${image}.${process.pid}.tmp`;
     const { code } = await run([
-      "sh", "-c", `cd ${shellQuote(stage)} && find . | cpio -o -H newc -R 0:0 --quiet > ${shellQuote(tmp)}`,
+      "sh",
+      "-c",
+      `cd ${shellQuote(stage)} && find . | cpio -o -H newc -R 0:0 --quiet > ${shellQuote(tmp)}`,
     ]);
     if (code !== 0) throw new Error(`cpio failed with status ${code}`);
     renameSync(tmp, image); // atomic, so parallel runs never boot a half-written image
@@ -272,7 +279,10 @@ function guestEnvironment(extra: Record<string, string>): Record<string, string>
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) {
     if (v === undefined) continue;
-    if (/^(IOMMUFD_|BUN_)/.test(k) || ["CI", "TERM", "NO_COLOR", "FORCE_COLOR", "LANG", "LC_ALL", "TZ", "GITHUB_ACTIONS"].includes(k)) {
+    if (
+      /^(IOMMUFD_|BUN_)/.test(k) ||
+      ["CI", "TERM", "NO_COLOR", "FORCE_COLOR", "LANG", "LC_ALL", "TZ", "GITHUB_ACTIONS"].includes(k)
+    ) {
       env[k] = v;
     }
   }
@@ -293,7 +303,7 @@ function commandScript(command: string[], cwd: string, env: Record<string, strin
   for (const [k, v] of Object.entries(env)) lines.push(`export ${k}=${shellQuote(v)}`);
   lines.push(`cd ${shellQuote(cwd)} || exit 125`);
   lines.push(`exec ${command.map(shellQuote).join(" ")}`);
-  return lines.join("\n") + "\n";
+  return `${lines.join("\n")}\n`;
 }
 
 // Copies whatever a file gains to a sink. The guest writes through 9p without caching, so bytes
@@ -302,7 +312,10 @@ class Tail {
   private fd: number | undefined;
   private pos = 0;
   private readonly buf = Buffer.alloc(1 << 16);
-  constructor(private readonly path: string, private readonly sink?: (chunk: Uint8Array) => void) {}
+  constructor(
+    private readonly path: string,
+    private readonly sink?: (chunk: Uint8Array) => void,
+  ) {}
   pump(): void {
     if (this.fd === undefined) {
       if (!existsSync(this.path)) return;
@@ -324,7 +337,9 @@ class Tail {
 function lastLines(path: string, n: number): string {
   if (!existsSync(path)) return "(no console output)";
   // SeaBIOS clears the screen with escape sequences; they only garble a log.
-  const text = readFileSync(path, "latin1").replace(/\x1b(\[[0-9;?]*[A-Za-z]|.)/g, "").replaceAll("\r", "");
+  const text = readFileSync(path, "latin1")
+    .replace(/\x1b(\[[0-9;?]*[A-Za-z]|.)/g, "")
+    .replaceAll("\r", "");
   const lines = text.split("\n");
   if (lines.at(-1) === "") lines.pop();
   return lines.length ? lines.slice(-n).join("\n") : "(no console output)";
@@ -372,20 +387,34 @@ function qemuArgs(c: AttemptConfig, share: string, consoleLog: string): string[]
   return [
     qemuBinary,
     // split irqchip is what intremap=on needs under KVM; TCG accepts and ignores it.
-    "-machine", "q35,kernel-irqchip=split",
+    "-machine",
+    "q35,kernel-irqchip=split",
     // Multi-threaded TCG sometimes panics the guest at boot (code patching races): one thread.
     ...(c.kvm ? ["-accel", "kvm", "-cpu", "host"] : ["-accel", "tcg,thread=single", "-cpu", "max"]),
-    "-smp", "2",
-    "-m", c.memory,
-    "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-    "-serial", `file:${consoleLog}`,
-    "-device", "intel-iommu,intremap=on,caching-mode=on",
-    "-device", "edu",
-    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-    "-virtfs", `local,path=${share},mount_tag=results,security_model=none,multidevs=remap`,
-    "-kernel", c.kernel,
-    "-initrd", c.initrd,
-    "-append", append.join(" "),
+    "-smp",
+    "2",
+    "-m",
+    c.memory,
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-no-reboot",
+    "-serial",
+    `file:${consoleLog}`,
+    "-device",
+    "intel-iommu,intremap=on,caching-mode=on",
+    "-device",
+    "edu",
+    "-virtfs",
+    "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    "-virtfs",
+    `local,path=${share},mount_tag=results,security_model=none,multidevs=remap`,
+    "-kernel",
+    c.kernel,
+    "-initrd",
+    c.initrd,
+    "-append",
+    append.join(" "),
   ];
 }
 
@@ -446,7 +475,8 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
     const uptime = Number.parseFloat(readFileSync(join(share, "started"), "utf8"));
     if (!Number.isNaN(code)) return { ...base, outcome: "done", exitCode: code, bootSeconds, guestUptime: uptime };
   }
-  if (killedFor === "timeout") return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
+  if (killedFor === "timeout")
+    return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
   const fatalFile = join(share, "fatal");
   const consoleText = existsSync(consoleLog) ? readFileSync(consoleLog, "latin1") : "";
   const fatal = existsSync(fatalFile)
@@ -454,9 +484,10 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
     : /iommufd-vm: FATAL: (.*)/.exec(consoleText)?.[1]?.trim();
   if (fatal) return { ...base, outcome: "setup", bootSeconds, reason: `guest setup failed: ${fatal}` };
   if (Number.isNaN(bootSeconds)) {
-    const why = killedFor === "boot"
-      ? `the command had not started after ${c.bootTimeoutMs / 1000} s`
-      : `QEMU exited with status ${qemuExit} before the command started`;
+    const why =
+      killedFor === "boot"
+        ? `the command had not started after ${c.bootTimeoutMs / 1000} s`
+        : `QEMU exited with status ${qemuExit} before the command started`;
     return { ...base, outcome: "early-death", bootSeconds, reason: why };
   }
   const plain = consoleText.replaceAll("\r", "");
@@ -506,9 +537,11 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
   if (!existsSync(cwd)) return fail("setup", `no such directory: ${cwd}`);
   // The guest mounts its own tmpfs on /tmp; a directory below it is bound back in (KEEP), but /tmp
   // itself cannot be both.
-  if (cwd === "/tmp") return fail("setup", "/tmp itself is the guest's own tmpfs; run from a directory below it or elsewhere");
+  if (cwd === "/tmp")
+    return fail("setup", "/tmp itself is the guest's own tmpfs; run from a directory below it or elsewhere");
   for (const k of Object.keys(opts.env ?? {})) {
-    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k)) return fail("setup", `invalid environment variable name ${JSON.stringify(k)}`);
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k))
+      return fail("setup", `invalid environment variable name ${JSON.stringify(k)}`);
   }
   const hugepages = opts.hugepages ?? Number(process.env.IOMMUFD_VM_HUGEPAGES ?? 256);
   if (!Number.isInteger(hugepages) || hugepages < 0) return fail("setup", `invalid huge page count ${hugepages}`);
@@ -586,10 +619,21 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
         log(`[vm]       full console: ${consoleLog}`);
       }
       const total = seconds();
-      const uptime = a.guestUptime === undefined || Number.isNaN(a.guestUptime) ? "" : ` (guest kernel+init ${a.guestUptime.toFixed(1)} s)`;
-      log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}, total ${total.toFixed(1)} s, exit status ${a.exitCode}${retried ? " (after one retry)" : ""}`);
+      const uptime =
+        a.guestUptime === undefined || Number.isNaN(a.guestUptime)
+          ? ""
+          : ` (guest kernel+init ${a.guestUptime.toFixed(1)} s)`;
+      log(
+        `[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}, total ${total.toFixed(1)} s, exit status ${a.exitCode}${retried ? " (after one retry)" : ""}`,
+      );
       rmSync(dir, { recursive: true, force: true });
-      return { exitCode: a.exitCode ?? EXIT_VM_FAILURE, bootSeconds: a.bootSeconds, totalSeconds: total, retried, consoleLog };
+      return {
+        exitCode: a.exitCode ?? EXIT_VM_FAILURE,
+        bootSeconds: a.bootSeconds,
+        totalSeconds: total,
+        retried,
+        consoleLog,
+      };
     }
 
     const failure: GuestFailure = a.outcome === "timeout" ? "timeout" : a.outcome === "setup" ? "setup" : "vm";
@@ -603,7 +647,9 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
       retried,
       consoleLog,
     });
-    log(`[vm] boot-to-command ${Number.isNaN(a.bootSeconds) ? "n/a" : `${a.bootSeconds.toFixed(1)} s`}, total ${result.totalSeconds.toFixed(1)} s, exit status ${result.exitCode}`);
+    log(
+      `[vm] boot-to-command ${Number.isNaN(a.bootSeconds) ? "n/a" : `${a.bootSeconds.toFixed(1)} s`}, total ${result.totalSeconds.toFixed(1)} s, exit status ${result.exitCode}`,
+    );
     return result;
   } finally {
     process.off("SIGINT", onSignal);
@@ -654,23 +700,43 @@ async function main(argv: string[]): Promise<number> {
     let i = 0;
     for (; i < argv.length; i++) {
       const a = argv[i]!;
-      if (a === "--") { i++; break; }
+      if (a === "--") {
+        i++;
+        break;
+      }
       if (!a.startsWith("-")) break; // `bun run vm -- cmd` drops the "--"
       switch (a) {
-        case "-h": case "--help": console.log(usage()); return 0;
-        case "--timeout": opts.timeoutSeconds = positive(value(++i, a), a); break;
-        case "--boot-timeout": opts.bootTimeoutSeconds = positive(value(++i, a), a); break;
-        case "--memory": opts.memory = value(++i, a); break;
+        case "-h":
+        case "--help":
+          console.log(usage());
+          return 0;
+        case "--timeout":
+          opts.timeoutSeconds = positive(value(++i, a), a);
+          break;
+        case "--boot-timeout":
+          opts.bootTimeoutSeconds = positive(value(++i, a), a);
+          break;
+        case "--memory":
+          opts.memory = value(++i, a);
+          break;
         case "--hugepages": {
           const n = Number(value(++i, a));
           if (!Number.isInteger(n) || n < 0) throw new Error(`--hugepages wants a count, not ${argv[i]}`);
           opts.hugepages = n;
           break;
         }
-        case "--kvm": opts.kvm = true; break;
-        case "--kernel": opts.kernel = resolve(value(++i, a)); break;
-        case "--cwd": opts.cwd = resolve(value(++i, a)); break;
-        case "--out": opts.outDir = resolve(value(++i, a)); break;
+        case "--kvm":
+          opts.kvm = true;
+          break;
+        case "--kernel":
+          opts.kernel = resolve(value(++i, a));
+          break;
+        case "--cwd":
+          opts.cwd = resolve(value(++i, a));
+          break;
+        case "--out":
+          opts.outDir = resolve(value(++i, a));
+          break;
         case "--env": {
           const kv = value(++i, a);
           const eq = kv.indexOf("=");
@@ -678,7 +744,8 @@ async function main(argv: string[]): Promise<number> {
           opts.env![kv.slice(0, eq)] = kv.slice(eq + 1);
           break;
         }
-        default: throw new Error(`unknown option ${a}`);
+        default:
+          throw new Error(`unknown option ${a}`);
       }
     }
     opts.command = argv.slice(i);

@@ -71,9 +71,16 @@ if (process.argv[2] === "--new") {
   const report = JSON.parse(output.trim().split("\n").pop()!);
   await child.exited;
   const expected = { oldBefore: SIZE / 1024, oldAfter: 0, newAfterChange: SIZE / 1024, newAfterUnmap: 0 };
-  const seen = { oldBefore, oldAfter, newAfterChange: report.afterChange - report.before, newAfterUnmap: report.afterUnmap };
+  const seen = {
+    oldBefore,
+    oldAfter,
+    newAfterChange: report.afterChange - report.before,
+    newAfterUnmap: report.afterUnmap,
+  };
   const ok = JSON.stringify(seen) === JSON.stringify(expected);
-  console.log(`caller ${privileged ? "has" : "lacks"} CAP_IPC_LOCK; kernel ${readFileSync("/proc/sys/kernel/osrelease", "utf8").trim()}`);
+  console.log(
+    `caller ${privileged ? "has" : "lacks"} CAP_IPC_LOCK; kernel ${readFileSync("/proc/sys/kernel/osrelease", "utf8").trim()}`,
+  );
   console.log(`expected VmPin (kB): ${JSON.stringify(expected)}`);
   console.log(`seen     VmPin (kB): ${JSON.stringify(seen)}`);
   console.log(ok ? "accounting correct" : "ACCOUNTING WRONG: the kernel bug described at the top of this file");

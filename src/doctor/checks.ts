@@ -33,7 +33,8 @@ export const KERNEL_FEATURES = {
 } as const;
 
 /** How to try the library without rebuilding the machine's kernel; vm/ ships only in the repository. */
-export const GUEST_HINT = "or, in a checkout of bun-iommufd, try it in the QEMU test guest: bun run vm -- bun bin/bun-iommufd.ts doctor";
+export const GUEST_HINT =
+  "or, in a checkout of bun-iommufd, try it in the QEMU test guest: bun run vm -- bun bin/bun-iommufd.ts doctor";
 
 const EDU = { vendor: 0x1234, device: 0x11e8 };
 
@@ -46,17 +47,31 @@ export function checkKernel(facts: DoctorFacts): CheckResult {
   const base = { id: "kernel" as const, title: "kernel" };
   const version = parseKernelRelease(facts.kernelRelease);
   if (!version) {
-    return { ...base, status: "warn", summary: `cannot read a version from "${facts.kernelRelease}"`, fix: "check `uname -r`; iommufd needs Linux 6.2 or newer" };
+    return {
+      ...base,
+      status: "warn",
+      summary: `cannot read a version from "${facts.kernelRelease}"`,
+      fix: "check `uname -r`; iommufd needs Linux 6.2 or newer",
+    };
   }
   const label = `Linux ${version.major}.${version.minor} (${version.release})`;
   const features = Object.values(KERNEL_FEATURES);
   const missing = features.filter((f) => !kernelAtLeast(version, f.major, f.minor));
   if (missing.length === 0) {
-    return { ...base, status: "pass", summary: `${label}: new enough for iommufd, IOMMU_IOAS_MAP_FILE and VFIO dma-bufs` };
+    return {
+      ...base,
+      status: "pass",
+      summary: `${label}: new enough for iommufd, IOMMU_IOAS_MAP_FILE and VFIO dma-bufs`,
+    };
   }
   const lacking = missing.map((f) => `${f.what} needs ${f.major}.${f.minor}`).join("; ");
   if (missing.includes(KERNEL_FEATURES.iommufd)) {
-    return { ...base, status: "fail", summary: `${label} predates iommufd: ${lacking}`, fix: `boot Linux 6.19 or newer built with CONFIG_IOMMUFD=y, ${GUEST_HINT}` };
+    return {
+      ...base,
+      status: "fail",
+      summary: `${label} predates iommufd: ${lacking}`,
+      fix: `boot Linux 6.19 or newer built with CONFIG_IOMMUFD=y, ${GUEST_HINT}`,
+    };
   }
   const newest = missing[missing.length - 1]!;
   return {
@@ -72,16 +87,27 @@ export function checkConfig(facts: DoctorFacts): CheckResult {
   const base = { id: "config" as const, title: "kernel config" };
   const usable = facts.iommufd?.ok === true;
   if (!facts.configSource) {
-    if (usable) return { ...base, status: "pass", summary: "no kernel config readable (/proc/config.gz, /boot/config-*), but /dev/iommu works" };
+    if (usable)
+      return {
+        ...base,
+        status: "pass",
+        summary: "no kernel config readable (/proc/config.gz, /boot/config-*), but /dev/iommu works",
+      };
     return {
       ...base,
       status: "warn",
-      summary: `cannot tell whether the kernel has CONFIG_IOMMUFD: no /proc/config.gz or /boot/config-${facts.kernelRelease}`,
-      fix: "look for CONFIG_IOMMUFD in the config your kernel was built with (`modprobe configs` provides /proc/config.gz where CONFIG_IKCONFIG=m)",
+      summary:
+        `cannot tell whether the kernel has CONFIG_IOMMUFD: no /proc/config.gz or ` +
+        `/boot/config-${facts.kernelRelease}`,
+      fix:
+        "look for CONFIG_IOMMUFD in the config your kernel was built with (`modprobe configs` provides " +
+        "/proc/config.gz where CONFIG_IKCONFIG=m)",
     };
   }
   const value = (name: keyof DoctorFacts["config"]) => facts.config[name] ?? "absent";
-  const details = (Object.keys(facts.config) as (keyof DoctorFacts["config"])[]).map((name) => `${name}=${value(name)}`);
+  const details = (Object.keys(facts.config) as (keyof DoctorFacts["config"])[]).map(
+    (name) => `${name}=${value(name)}`,
+  );
   const iommufd = facts.config.CONFIG_IOMMUFD;
   const from = `(from ${facts.configSource})`;
   if (iommufd === "y" || iommufd === "m") {
@@ -90,21 +116,37 @@ export function checkConfig(facts: DoctorFacts): CheckResult {
       return {
         ...base,
         status: "warn",
-        summary: `CONFIG_IOMMUFD=${iommufd}, but CONFIG_VFIO_DEVICE_CDEV=${cdev ?? "absent"} ${from}: no /dev/vfio/devices nodes for VfioDevice`,
+        summary:
+          `CONFIG_IOMMUFD=${iommufd}, but CONFIG_VFIO_DEVICE_CDEV=${cdev ?? "absent"} ${from}: no ` +
+          `/dev/vfio/devices nodes for VfioDevice`,
         fix: "rebuild the kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+) to drive devices through iommufd",
         details,
       };
     }
     if (iommufd === "m" && facts.iommuNode === "missing") {
-      return { ...base, status: "warn", summary: `CONFIG_IOMMUFD=m ${from}, but the module is not loaded`, fix: "modprobe iommufd", details };
+      return {
+        ...base,
+        status: "warn",
+        summary: `CONFIG_IOMMUFD=m ${from}, but the module is not loaded`,
+        fix: "modprobe iommufd",
+        details,
+      };
     }
-    return { ...base, status: "pass", summary: `CONFIG_IOMMUFD=${iommufd}, CONFIG_VFIO_DEVICE_CDEV=${cdev} ${from}`, details };
+    return {
+      ...base,
+      status: "pass",
+      summary: `CONFIG_IOMMUFD=${iommufd}, CONFIG_VFIO_DEVICE_CDEV=${cdev} ${from}`,
+      details,
+    };
   }
+  const setting = iommufd === "n" ? "not set" : "absent";
   return {
     ...base,
     status: usable ? "warn" : "fail",
-    summary: `CONFIG_IOMMUFD is ${iommufd === "n" ? "not set" : "absent"} ${from}: this kernel was built without iommufd`,
-    fix: `build and boot a kernel with CONFIG_IOMMUFD=y (and CONFIG_VFIO_DEVICE_CDEV=y, CONFIG_VFIO_PCI=y), ${GUEST_HINT}`,
+    summary: `CONFIG_IOMMUFD is ${setting} ${from}: this kernel was built without iommufd`,
+    fix:
+      `build and boot a kernel with CONFIG_IOMMUFD=y (and CONFIG_VFIO_DEVICE_CDEV=y, CONFIG_VFIO_PCI=y), ` +
+      `${GUEST_HINT}`,
     details,
   };
 }
@@ -130,7 +172,12 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
     return { ...base, status: "fail", summary: `${path} does not exist: ${why}`, fix };
   }
   if (facts.iommuNode === "other") {
-    return { ...base, status: "fail", summary: `${path} exists but is not a character device`, fix: `remove ${path} and let devtmpfs/udev create the real node (misc device "iommu")` };
+    return {
+      ...base,
+      status: "fail",
+      summary: `${path} exists but is not a character device`,
+      fix: `remove ${path} and let devtmpfs/udev create the real node (misc device "iommu")`,
+    };
   }
   const probe = facts.iommufd;
   if (!probe) return { ...base, status: "fail", summary: `${path} was not tried`, fix: "run the doctor again" };
@@ -142,7 +189,8 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
   if (probe.failedAt === "open") {
     const fix =
       probe.code === "EACCES" || probe.code === "EPERM"
-        ? `run as root, or give this user read-write access to ${path} (e.g. a udev rule: KERNEL=="iommu", GROUP="<group>", MODE="0660")`
+        ? `run as root, or give this user read-write access to ${path} (e.g. a udev rule: KERNEL=="iommu", ` +
+          `GROUP="<group>", MODE="0660")`
         : probe.code === "ENODEV" || probe.code === "ENXIO"
           ? "the iommufd driver behind the node is gone: reboot into a kernel with CONFIG_IOMMUFD=y"
           : `check ${path} and the kernel log (dmesg)`;
@@ -152,7 +200,10 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
     ...base,
     status: "fail",
     summary: `opened ${path}, but IOMMU_IOAS_ALLOC failed${code}: ${probe.message ?? "unknown error"}`,
-    fix: probe.code === "ENOMEM" ? "free memory, or raise the memory cgroup limit" : "check the kernel log (dmesg) for iommufd errors",
+    fix:
+      probe.code === "ENOMEM"
+        ? "free memory, or raise the memory cgroup limit"
+        : "check the kernel log (dmesg) for iommufd errors",
   };
 }
 
@@ -163,23 +214,40 @@ export function checkMemlock(facts: DoctorFacts): CheckResult {
   // Pinned pages count only while a domain (a device, or the selftest mock) is attached; a map
   // with nothing attached pins nothing. Say so, or a low limit looks worse than it is.
   const when = "pinned pages are charged to RLIMIT_MEMLOCK once a device is attached";
-  if (facts.memlock && facts.memlock.soft === undefined) return { ...base, status: "pass", summary: "RLIMIT_MEMLOCK is unlimited" };
+  if (facts.memlock && facts.memlock.soft === undefined)
+    return { ...base, status: "pass", summary: "RLIMIT_MEMLOCK is unlimited" };
   if (facts.capIpcLock) {
     const limit = facts.memlock ? `RLIMIT_MEMLOCK ${describeLimit(facts.memlock.soft)}, but ` : "";
-    return { ...base, status: "pass", summary: `${limit}this process has CAP_IPC_LOCK${facts.uid === 0 ? " (root)" : ""}: iommufd does not charge its pinned pages` };
+    return {
+      ...base,
+      status: "pass",
+      summary:
+        `${limit}this process has CAP_IPC_LOCK${facts.uid === 0 ? " (root)" : ""}: iommufd does not charge ` +
+        `its pinned pages`,
+    };
   }
   if (!facts.memlock) {
-    return { ...base, status: "warn", summary: "cannot read RLIMIT_MEMLOCK from /proc/self/limits", fix: `check \`ulimit -l\`: ${when}, and a ${need} mapping needs at least that much` };
+    return {
+      ...base,
+      status: "warn",
+      summary: "cannot read RLIMIT_MEMLOCK from /proc/self/limits",
+      fix: `check \`ulimit -l\`: ${when}, and a ${need} mapping needs at least that much`,
+    };
   }
   const { soft, hard } = facts.memlock;
   if (soft === undefined) return { ...base, status: "pass", summary: "RLIMIT_MEMLOCK is unlimited" };
   if (soft >= facts.mapBytes) {
-    return { ...base, status: "pass", summary: `RLIMIT_MEMLOCK ${formatBytes(soft)} covers a ${need} mapping (${when})` };
+    return {
+      ...base,
+      status: "pass",
+      summary: `RLIMIT_MEMLOCK ${formatBytes(soft)} covers a ${need} mapping (${when})`,
+    };
   }
   const raise =
     hard === undefined || hard >= facts.mapBytes
       ? `raise the soft limit: ulimit -l ${hard === undefined ? "unlimited" : Math.floor(hard / 1024)}`
-      : `raise the hard limit (${formatBytes(hard)}) as root: memlock in /etc/security/limits.conf, LimitMEMLOCK= in a systemd unit, or grant CAP_IPC_LOCK`;
+      : `raise the hard limit (${formatBytes(hard)}) as root: memlock in /etc/security/limits.conf, LimitMEMLOCK= ` +
+        `in a systemd unit, or grant CAP_IPC_LOCK`;
   return {
     ...base,
     status: "warn",
@@ -198,7 +266,11 @@ export function checkIommu(facts: DoctorFacts): CheckResult {
   const units = facts.iommuUnits ?? [];
   const groups = facts.iommuGroups ?? 0;
   if (units.length > 0 && groups > 0) {
-    return { ...base, status: "pass", summary: `active: ${units.join(", ")}; ${groups} IOMMU group${groups === 1 ? "" : "s"}` };
+    return {
+      ...base,
+      status: "pass",
+      summary: `active: ${units.join(", ")}; ${groups} IOMMU group${groups === 1 ? "" : "s"}`,
+    };
   }
   const found =
     units.length > 0
@@ -208,7 +280,9 @@ export function checkIommu(facts: DoctorFacts): CheckResult {
     ...base,
     status: "warn",
     summary: `${found}: without one, iommufd can map memory but no device can be attached`,
-    fix: "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on (QEMU: -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on)",
+    fix:
+      "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on (QEMU: -machine " +
+      "q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on)",
   };
 }
 
@@ -226,24 +300,42 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
   const base = { id: "vfio" as const, title: "VFIO devices" };
   const devices = facts.pciDevices;
   if (!devices) {
-    return { ...base, status: "warn", summary: "no PCI bus (/sys/bus/pci/devices is missing)", fix: "VfioDevice needs PCI devices; run where the devices are (a VM with passthrough, or the host)" };
+    return {
+      ...base,
+      status: "warn",
+      summary: "no PCI bus (/sys/bus/pci/devices is missing)",
+      fix: "VfioDevice needs PCI devices; run where the devices are (a VM with passthrough, or the host)",
+    };
   }
   const details = devices.map(describeDevice);
   const ready = devices.filter((d) => d.vfioNode && d.vfioNodeExists);
   if (ready.length > 0) {
     const list = ready.map((d) => `${d.address} -> ${d.vfioNode}`).join(", ");
-    return { ...base, status: "pass", summary: `${ready.length} of ${devices.length} PCI devices ready for VfioDevice: ${list}`, details };
+    return {
+      ...base,
+      status: "pass",
+      summary: `${ready.length} of ${devices.length} PCI devices ready for VfioDevice: ${list}`,
+      details,
+    };
   }
   const bound = devices.filter((d) => d.driver === "vfio-pci");
   if (bound.some((d) => d.vfioNode)) {
-    return { ...base, status: "warn", summary: "a device has a VFIO cdev in sysfs but no node in /dev/vfio/devices", fix: "mount devtmpfs on /dev (or let udev create the node)", details };
+    return {
+      ...base,
+      status: "warn",
+      summary: "a device has a VFIO cdev in sysfs but no node in /dev/vfio/devices",
+      fix: "mount devtmpfs on /dev (or let udev create the node)",
+      details,
+    };
   }
   if (bound.length > 0) {
     return {
       ...base,
       status: "warn",
       summary: `${bound.map((d) => d.address).join(", ")} bound to vfio-pci but without a VFIO cdev`,
-      fix: "boot a kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+): iommufd reaches devices only through /dev/vfio/devices",
+      fix:
+        "boot a kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+): iommufd reaches devices only through " +
+        "/dev/vfio/devices",
       details,
     };
   }
@@ -252,7 +344,9 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
     return {
       ...base,
       status: "warn",
-      summary: `this kernel has no vfio-pci (CONFIG_VFIO_PCI is ${vfioPci === "n" ? "not set" : "absent"}): no device can be handed to VfioDevice`,
+      summary:
+        `this kernel has no vfio-pci (CONFIG_VFIO_PCI is ${vfioPci === "n" ? "not set" : "absent"}): no ` +
+        `device can be handed to VfioDevice`,
       fix: `build a kernel with CONFIG_VFIO_PCI=y and CONFIG_VFIO_DEVICE_CDEV=y, ${GUEST_HINT}`,
       details,
     };
@@ -263,7 +357,10 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
     ...base,
     status: "warn",
     summary: `none of the ${devices.length} PCI devices is bound to vfio-pci`,
-    fix: `bind one as root: echo vfio-pci > /sys/bus/pci/devices/${addr}/driver_override; echo ${addr} > /sys/bus/pci/devices/${addr}/driver/unbind; echo ${addr} > /sys/bus/pci/drivers_probe (or bindToVfioPci("${addr}"))`,
+    fix:
+      `bind one as root: echo vfio-pci > /sys/bus/pci/devices/${addr}/driver_override; ` +
+      `echo ${addr} > /sys/bus/pci/devices/${addr}/driver/unbind; ` +
+      `echo ${addr} > /sys/bus/pci/drivers_probe (or bindToVfioPci("${addr}"))`,
     details,
   };
 }
@@ -273,9 +370,16 @@ export function checkHugePages(facts: DoctorFacts): CheckResult {
   const base = { id: "hugepages" as const, title: "huge pages" };
   const pools = facts.hugePagePools;
   if (!pools || pools.length === 0) {
-    return { ...base, status: "warn", summary: "no huge page pools (/sys/kernel/mm/hugepages is missing)", fix: "boot a kernel with CONFIG_HUGETLBFS=y to use MemfdBuffer's hugePages option" };
+    return {
+      ...base,
+      status: "warn",
+      summary: "no huge page pools (/sys/kernel/mm/hugepages is missing)",
+      fix: "boot a kernel with CONFIG_HUGETLBFS=y to use MemfdBuffer's hugePages option",
+    };
   }
-  const details = pools.map((p) => `${formatBytes(p.pageBytes)} pages: ${p.total ?? "?"} reserved, ${p.free ?? "?"} free`);
+  const details = pools.map(
+    (p) => `${formatBytes(p.pageBytes)} pages: ${p.total ?? "?"} reserved, ${p.free ?? "?"} free`,
+  );
   const free = pools.filter((p) => (p.free ?? 0) > 0);
   if (free.length > 0) {
     const text = free.map((p) => `${p.free} free of ${formatBytes(p.pageBytes)}`).join(", ");
@@ -288,7 +392,9 @@ export function checkHugePages(facts: DoctorFacts): CheckResult {
     summary: reserved
       ? "huge pages are reserved but none is free: huge-page MemfdBuffers will fail with ENOMEM"
       : `no huge pages reserved (nr_hugepages ${facts.nrHugepages ?? 0}): huge-page MemfdBuffers will fail`,
-    fix: "reserve some as root: echo 64 > /proc/sys/vm/nr_hugepages (64 x 2 MiB), or hugepages=64 on the kernel command line",
+    fix:
+      "reserve some as root: echo 64 > /proc/sys/vm/nr_hugepages (64 x 2 MiB), or hugepages=64 on the kernel " +
+      "command line",
     details,
   };
 }
@@ -300,7 +406,11 @@ export function checkDmaBuf(facts: DoctorFacts): CheckResult {
   const where = probe ? `${probe.node}${probe.pciAddress ? ` (${probe.pciAddress})` : ""}` : "";
   const rebuild = "boot Linux 6.19+ built with CONFIG_PCI_P2PDMA=y and CONFIG_VFIO_PCI_DMABUF=y";
   if (probe?.supported === true) {
-    return { ...base, status: "pass", summary: `${where} can export BAR slices as dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF probe)` };
+    return {
+      ...base,
+      status: "pass",
+      summary: `${where} can export BAR slices as dma-bufs (VFIO_DEVICE_FEATURE_DMA_BUF probe)`,
+    };
   }
   if (probe?.supported === false) {
     const notty = probe.code === "ENOTTY";
@@ -314,18 +424,28 @@ export function checkDmaBuf(facts: DoctorFacts): CheckResult {
     };
   }
   const version = parseKernelRelease(facts.kernelRelease);
-  const newEnough = version ? kernelAtLeast(version, KERNEL_FEATURES.dmabuf.major, KERNEL_FEATURES.dmabuf.minor) : undefined;
+  const newEnough = version
+    ? kernelAtLeast(version, KERNEL_FEATURES.dmabuf.major, KERNEL_FEATURES.dmabuf.minor)
+    : undefined;
   const config = facts.config.CONFIG_VFIO_PCI_DMABUF;
-  const notProbed = probe ? `could not probe ${where}: ${probe.message ?? probe.code ?? "unknown error"}` : "not probed (no VFIO device could be bound)";
+  const notProbed = probe
+    ? `could not probe ${where}: ${probe.message ?? probe.code ?? "unknown error"}`
+    : "not probed (no VFIO device could be bound)";
   if (newEnough === false || config === "n" || (facts.configSource && config === undefined)) {
     const reasons = [
-      newEnough === false ? `Linux ${version!.major}.${version!.minor} < ${KERNEL_FEATURES.dmabuf.major}.${KERNEL_FEATURES.dmabuf.minor}` : undefined,
+      newEnough === false
+        ? `Linux ${version!.major}.${version!.minor} < ${KERNEL_FEATURES.dmabuf.major}.${KERNEL_FEATURES.dmabuf.minor}`
+        : undefined,
       config === "n" || (facts.configSource && config === undefined) ? "CONFIG_VFIO_PCI_DMABUF is not set" : undefined,
     ].filter(Boolean);
     return { ...base, status: "warn", summary: `not available: ${reasons.join(" and ")}`, fix: rebuild };
   }
   if (config === "y" && newEnough) {
-    return { ...base, status: "pass", summary: `CONFIG_VFIO_PCI_DMABUF=y on Linux ${version!.major}.${version!.minor}; ${notProbed}` };
+    return {
+      ...base,
+      status: "pass",
+      summary: `CONFIG_VFIO_PCI_DMABUF=y on Linux ${version!.major}.${version!.minor}; ${notProbed}`,
+    };
   }
   return {
     ...base,

@@ -11,7 +11,16 @@ import { Iommufd } from "../iommufd.ts";
 import { IommufdError } from "../sys/error.ts";
 import { errnoCode } from "../sys/errno.ts";
 import { VfioDevice } from "../vfio/device.ts";
-import { CAP_IPC_LOCK, hasCapability, memlockLimit, parseCapEff, parseHugePageDir, parseKernelConfig, parseSysfsInt, type ProcLimit } from "./parse.ts";
+import {
+  CAP_IPC_LOCK,
+  hasCapability,
+  memlockLimit,
+  parseCapEff,
+  parseHugePageDir,
+  parseKernelConfig,
+  parseSysfsInt,
+  type ProcLimit,
+} from "./parse.ts";
 
 /** The kernel options the doctor reports on. */
 export const CONFIG_OPTIONS = [

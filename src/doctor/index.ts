@@ -45,8 +45,9 @@ export function reportFrom(facts: DoctorFacts): DoctorReport {
   const counts: Record<CheckStatus, number> = { pass: 0, warn: 0, fail: 0 };
   for (const check of checks) counts[check.status]++;
   const iommufd = checks.find((c) => c.id === "iommufd");
+  const warnings = counts.warn === 1 ? "1 warning" : `${counts.warn} warnings`;
   const verdict = usable
-    ? `iommufd is usable here${counts.warn ? ` (${counts.warn} warning${counts.warn === 1 ? "" : "s"} about optional features)` : ""}`
+    ? `iommufd is usable here${counts.warn ? ` (${warnings} about optional features)` : ""}`
     : `iommufd is NOT usable here: ${iommufd?.summary ?? "see above"}.${iommufd?.fix ? ` Fix: ${iommufd.fix}` : ""}`;
   return {
     usable,

@@ -501,21 +501,31 @@ export class OffsetAllocator {
     const lead = start - this.f[s * F_STRIDE]!;
     if (lead > 0) {
       // The leading gap keeps slot s and stays free; the allocation moves to a new slot t.
-      const t = this.newSlot();
-      const f = this.f;
-      const ints = this.i;
-      f[t * F_STRIDE] = start;
-      f[t * F_STRIDE + 1] = f[s * F_STRIDE + 1]! - lead;
-      ints[t * I_STRIDE + I_PREV_PHYS] = s;
-      const after = ints[s * I_STRIDE + I_NEXT_PHYS]!;
-      ints[t * I_STRIDE + I_NEXT_PHYS] = after;
-      if (after >= 0) ints[after * I_STRIDE + I_PREV_PHYS] = t;
-      ints[s * I_STRIDE + I_NEXT_PHYS] = t;
-      f[s * F_STRIDE + 1] = lead;
+      const t = this.split(s, lead);
       this.insertFree(s);
       return this.carve(t, n);
     }
     return this.carve(s, n);
+  }
+
+  /**
+   * Split block s (off the free lists) after its first `head` granules: s keeps the head, a new
+   * slot, linked after s in address order and returned, takes the rest.
+   */
+  private split(s: number, head: number): number {
+    const t = this.newSlot();
+    // newSlot may have grown the arrays: read the fields only now.
+    const f = this.f;
+    const ints = this.i;
+    f[t * F_STRIDE] = f[s * F_STRIDE]! + head;
+    f[t * F_STRIDE + 1] = f[s * F_STRIDE + 1]! - head;
+    ints[t * I_STRIDE + I_PREV_PHYS] = s;
+    const after = ints[s * I_STRIDE + I_NEXT_PHYS]!;
+    ints[t * I_STRIDE + I_NEXT_PHYS] = after;
+    if (after >= 0) ints[after * I_STRIDE + I_PREV_PHYS] = t;
+    ints[s * I_STRIDE + I_NEXT_PHYS] = t;
+    f[s * F_STRIDE + 1] = head;
+    return t;
   }
 
   /**
@@ -524,21 +534,7 @@ export class OffsetAllocator {
    */
   private carve(s: number, n: number): number {
     const trail = this.f[s * F_STRIDE + 1]! - n;
-    if (trail > 0) {
-      const r = this.newSlot();
-      // newSlot may have grown the arrays: read the fields only now.
-      const f = this.f;
-      const ints = this.i;
-      f[r * F_STRIDE] = f[s * F_STRIDE]! + n;
-      f[r * F_STRIDE + 1] = trail;
-      ints[r * I_STRIDE + I_PREV_PHYS] = s;
-      const after = ints[s * I_STRIDE + I_NEXT_PHYS]!;
-      ints[r * I_STRIDE + I_NEXT_PHYS] = after;
-      if (after >= 0) ints[after * I_STRIDE + I_PREV_PHYS] = r;
-      ints[s * I_STRIDE + I_NEXT_PHYS] = r;
-      f[s * F_STRIDE + 1] = n;
-      this.insertFree(r);
-    }
+    if (trail > 0) this.insertFree(this.split(s, n));
     this.i[s * I_STRIDE + I_PREV_FREE] = USED;
     this.usedUnits += n;
     this.live++;

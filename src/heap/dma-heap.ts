@@ -87,7 +87,8 @@ export class DmaBuffer {
   /** Zero-copy view of the buffer's bytes (made on first use: many buffers are only handed to devices). */
   get bytes(): Uint8Array {
     this.heap.assertOpen("DmaBuffer.bytes");
-    return (this.#bytes ??= this.heap.viewOf(this.offset, this.size));
+    this.#bytes ??= this.heap.viewOf(this.offset, this.size);
+    return this.#bytes;
   }
 
   get freed(): boolean {
@@ -120,10 +121,18 @@ export class DmaHeap {
     this.pageSize = region.pageSize;
     this.note = note;
     if (typeof mapping.iova !== "number") {
-      throw new IommufdError({ operation: "DmaHeap.create", errno: ERRNO.ERANGE, message: "the heap's IOVA must lie below 2^53" });
+      throw new IommufdError({
+        operation: "DmaHeap.create",
+        errno: ERRNO.ERANGE,
+        message: "the heap's IOVA must lie below 2^53",
+      });
     }
     this.rule = new AddressRule(mapping.iova, region.size);
-    this.#allocator = new OffsetAllocator(region.size, { minBlock: granule, maxAlign: region.pageSize, operationPrefix: "DmaHeap" });
+    this.#allocator = new OffsetAllocator(region.size, {
+      minBlock: granule,
+      maxAlign: region.pageSize,
+      operationPrefix: "DmaHeap",
+    });
   }
 
   /** Create the region, map it once into `ioas`, and set up the allocator. */
@@ -144,7 +153,10 @@ export class DmaHeap {
       const huge: HugePageSize = want === "auto" ? "2MB" : want;
       const hugeBytes = huge === "2MB" ? 2 << 20 : 1 << 30;
       try {
-        region = MemfdBuffer.create(Math.ceil(size / hugeBytes) * hugeBytes, { hugePages: huge, name: options.name ?? "dma-heap" });
+        region = MemfdBuffer.create(Math.ceil(size / hugeBytes) * hugeBytes, {
+          hugePages: huge,
+          name: options.name ?? "dma-heap",
+        });
       } catch (error) {
         if (want !== "auto") throw error;
         note = `huge pages unavailable (${(error as Error).message}); using 4 KiB pages`;
@@ -182,13 +194,13 @@ export class DmaHeap {
 
   /** The region's address in this process (offset 0). */
   get address(): number {
-    if (this.#region === undefined) throw closedError("DmaHeap.address", "the DmaHeap");
-    return this.#region.address;
+    return this.assertOpen("DmaHeap.address").address;
   }
 
-  /** @internal */
-  assertOpen(operation: string): void {
+  /** @internal Throws EBADF once closed; the region otherwise. */
+  assertOpen(operation: string): MemfdBuffer {
     if (this.#region === undefined) throw closedError(operation, "the DmaHeap");
+    return this.#region;
   }
 
   /** @internal A view of the region for a buffer. */
@@ -198,16 +210,16 @@ export class DmaHeap {
 
   /** Reserve a buffer. `align` is a power of two up to the region's page size. No kernel call. */
   alloc(size: number, options: { align?: number } = {}): DmaBuffer {
-    const region = this.#region;
-    if (region === undefined) throw closedError("DmaHeap.alloc", "the DmaHeap");
-    const offset = options.align === undefined ? this.#allocator.alloc(size) : this.#allocator.alloc(size, options.align);
+    this.assertOpen("DmaHeap.alloc");
+    const offset =
+      options.align === undefined ? this.#allocator.alloc(size) : this.#allocator.alloc(size, options.align);
     return new DmaBuffer(this, offset, size, this.rule.iovaBase + offset);
   }
 
   /** Return a buffer to the heap. Double frees and buffers of other heaps get EINVAL. No kernel call. */
   free(buffer: DmaBuffer): void {
     const op = "DmaHeap.free";
-    if (this.#region === undefined) throw closedError(op, "the DmaHeap");
+    this.assertOpen(op);
     if (!(buffer instanceof DmaBuffer)) throw argumentError(op, "buffer", "expected a DmaBuffer from this heap");
     if (buffer.heap !== this) throw argumentError(op, "buffer", "the buffer belongs to another DmaHeap");
     if (buffer._freed) {
@@ -220,8 +232,7 @@ export class DmaHeap {
   /** The IOVA of a view into the heap (or of a region offset). */
   iovaOf(target: ArrayBufferView | number): number {
     const op = "DmaHeap.iovaOf";
-    const region = this.#region;
-    if (region === undefined) throw closedError(op, "the DmaHeap");
+    const region = this.assertOpen(op);
     let offset: number;
     if (typeof target === "number") {
       offset = target;
@@ -239,10 +250,10 @@ export class DmaHeap {
   /** A zero-copy view of `length` bytes at `iova` inside the heap. */
   viewAt(iova: number | bigint, length: number): Uint8Array {
     const op = "DmaHeap.viewAt";
-    const region = this.#region;
-    if (region === undefined) throw closedError(op, "the DmaHeap");
+    const region = this.assertOpen(op);
     const offset = this.rule.offsetOf(iova);
-    if (offset < 0) throw argumentError(op, "iova", `${hex(iova)} is outside the heap (${hex(this.iova)}..+${hex(this.size)})`);
+    if (offset < 0)
+      throw argumentError(op, "iova", `${hex(iova)} is outside the heap (${hex(this.iova)}..+${hex(this.size)})`);
     if (!Number.isInteger(length) || length <= 0 || offset + length > this.rule.length) {
       throw argumentError(op, "length", `${length} bytes at ${hex(iova)} run past the end of the heap`);
     }

@@ -70,7 +70,9 @@ function describeOpenErrno(errno: number): string {
     case ERRNO.EBUSY:
       return "the device is busy (already opened or bound elsewhere)";
     default:
-      return syscallError("open", errno).message.replace(/^open: /, "").replace(/ \[E\w+\]$/, "");
+      return syscallError("open", errno)
+        .message.replace(/^open: /, "")
+        .replace(/ \[E\w+\]$/, "");
   }
 }
 
@@ -108,20 +110,23 @@ export function fstat(fd: number, operation: string): FdStat {
 /** pread(2) into `target`; returns the bytes read. */
 export function preadInto(fd: number, target: Uint8Array, offset: number, operation: string): number {
   const n = Number(libc().pread(fd, target, target.byteLength, offset));
-  if (n < 0) throw syscallError(operation, lastErrno(), `pread of ${target.byteLength} bytes at offset ${offset} failed`);
+  if (n < 0)
+    throw syscallError(operation, lastErrno(), `pread of ${target.byteLength} bytes at offset ${offset} failed`);
   return n;
 }
 
 /** pwrite(2) of `source`; returns the bytes written. */
 export function pwriteFrom(fd: number, source: Uint8Array, offset: number, operation: string): number {
   const n = Number(libc().pwrite(fd, source, source.byteLength, offset));
-  if (n < 0) throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
+  if (n < 0)
+    throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
   return n;
 }
 
 /** Set FD_CLOEXEC on an fd the library adopts (fds inherited from a parent arrive without it). */
 export function setCloseOnExec(fd: number, operation: string): void {
-  if (libc().fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) throw syscallError(operation, lastErrno(), `fcntl(${fd}, F_SETFD, FD_CLOEXEC) failed`, { argument: "fd" });
+  if (libc().fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+    throw syscallError(operation, lastErrno(), `fcntl(${fd}, F_SETFD, FD_CLOEXEC) failed`, { argument: "fd" });
 }
 
 /** Throws EBADF when the fd is not open: checked up front for fds handed in by the caller. */

@@ -73,7 +73,10 @@ export function ioctlError<Context>(failure: IoctlFailure<Context>, errors: Errn
   return syscallError(failure.operation, failure.errno, text.message, { argument: text.argument, hint: text.hint });
 }
 
-function explain<Context>(entry: Explanation<Context> | undefined, failure: IoctlFailure<Context>): ErrnoText | undefined {
+function explain<Context>(
+  entry: Explanation<Context> | undefined,
+  failure: IoctlFailure<Context>,
+): ErrnoText | undefined {
   const text = typeof entry === "function" ? entry(failure) : entry;
   return typeof text === "string" ? { message: text } : text;
 }

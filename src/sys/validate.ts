@@ -52,7 +52,11 @@ export function rangeOffset(
   if (options.offset === undefined) return 0;
   const offset = u64(options.offset, operation, "options.offset") as number;
   if (size !== undefined && offset >= size) {
-    throw argumentError(operation, "options.offset", `offset ${offset} is at or past the end of the ${size}-byte ${noun}`);
+    throw argumentError(
+      operation,
+      "options.offset",
+      `offset ${offset} is at or past the end of the ${size}-byte ${noun}`,
+    );
   }
   return offset;
 }
@@ -69,7 +73,8 @@ export function rangeLength(
   noun: string,
 ): number {
   if (options.length === undefined) {
-    if (size === undefined) throw argumentError(operation, "options.length", `the ${noun}'s size is unknown: give a length`);
+    if (size === undefined)
+      throw argumentError(operation, "options.length", `the ${noun}'s size is unknown: give a length`);
     return size - offset;
   }
   const length = positiveLength(options.length, operation, "options.length");

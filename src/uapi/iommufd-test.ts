@@ -132,7 +132,13 @@ export const iommu_test_cmd = struct(
   },
 );
 
-export const iommu_test_hw_info = struct([["flags", "u32"], ["test_reg", "u32"]], { cName: "struct iommu_test_hw_info" });
+export const iommu_test_hw_info = struct(
+  [
+    ["flags", "u32"],
+    ["test_reg", "u32"],
+  ],
+  { cName: "struct iommu_test_hw_info" },
+);
 
 export const IOMMUFD_TEST_LAYOUTS = [iommu_test_cmd, iommu_test_hw_info];
 export const IOMMUFD_TEST_REQUESTS: Record<string, number> = { IOMMU_TEST_CMD };

@@ -113,13 +113,32 @@ export const IOMMU_PGFAULT_PERM_PRIV = 1 << 3;
 export const IOMMUFD_PAGE_RESP_SUCCESS = 0;
 export const IOMMUFD_PAGE_RESP_INVALID = 1;
 
-export const iommu_destroy = struct([["size", "u32"], ["id", "u32"]], { cName: "struct iommu_destroy" });
+export const iommu_destroy = struct(
+  [
+    ["size", "u32"],
+    ["id", "u32"],
+  ],
+  { cName: "struct iommu_destroy" },
+);
 
-export const iommu_ioas_alloc = struct([["size", "u32"], ["flags", "u32"], ["out_ioas_id", "u32"]], {
-  cName: "struct iommu_ioas_alloc",
-});
+export const iommu_ioas_alloc = struct(
+  [
+    ["size", "u32"],
+    ["flags", "u32"],
+    ["out_ioas_id", "u32"],
+  ],
+  {
+    cName: "struct iommu_ioas_alloc",
+  },
+);
 
-export const iommu_iova_range = struct([["start", "u64"], ["last", "u64"]], { cName: "struct iommu_iova_range" });
+export const iommu_iova_range = struct(
+  [
+    ["start", "u64"],
+    ["last", "u64"],
+  ],
+  { cName: "struct iommu_iova_range" },
+);
 
 export const iommu_ioas_iova_ranges = struct(
   [
@@ -294,9 +313,15 @@ export const iommu_fault_alloc = struct(
   { cName: "struct iommu_fault_alloc" },
 );
 
-export const iommu_ioas_change_process = struct([["size", "u32"], ["__reserved", "u32"]], {
-  cName: "struct iommu_ioas_change_process",
-});
+export const iommu_ioas_change_process = struct(
+  [
+    ["size", "u32"],
+    ["__reserved", "u32"],
+  ],
+  {
+    cName: "struct iommu_ioas_change_process",
+  },
+);
 
 export const iommu_hw_info_vtd = struct(
   [
@@ -325,9 +350,15 @@ export const iommu_hwpt_pgfault = struct(
 );
 
 /** One response written to a fault queue fd. */
-export const iommu_hwpt_page_response = struct([["cookie", "u32"], ["code", "u32"]], {
-  cName: "struct iommu_hwpt_page_response",
-});
+export const iommu_hwpt_page_response = struct(
+  [
+    ["cookie", "u32"],
+    ["code", "u32"],
+  ],
+  {
+    cName: "struct iommu_hwpt_page_response",
+  },
+);
 
 /** Every layout of this header, for the layout test. */
 export const IOMMUFD_LAYOUTS = [

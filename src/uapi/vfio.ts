@@ -80,17 +80,29 @@ export const vfio_info_cap_header = struct(
 );
 
 /** The feature header; its payload (`data[]`) follows at `size`. */
-export const vfio_device_feature = struct([["argsz", "u32"], ["flags", "u32"]], {
-  cName: "struct vfio_device_feature",
-});
+export const vfio_device_feature = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+  ],
+  {
+    cName: "struct vfio_device_feature",
+  },
+);
 
 export const vfio_device_feature_bus_master = struct([["op", "u32"]], {
   cName: "struct vfio_device_feature_bus_master",
 });
 
-export const vfio_region_dma_range = struct([["offset", "u64"], ["length", "u64"]], {
-  cName: "struct vfio_region_dma_range",
-});
+export const vfio_region_dma_range = struct(
+  [
+    ["offset", "u64"],
+    ["length", "u64"],
+  ],
+  {
+    cName: "struct vfio_region_dma_range",
+  },
+);
 
 /** Followed by `nr_ranges` vfio_region_dma_range entries. */
 export const vfio_device_feature_dma_buf = struct(

@@ -119,12 +119,16 @@ function dmaBufRegion(cmd: StructBuffer): number {
   return cmd.view.getUint32(vfio_device_feature.size + vfio_device_feature_dma_buf.fields.region_index.offset, true);
 }
 
-const DMA_BUF_UNSUPPORTED = "this kernel or device cannot export dma-bufs (needs CONFIG_VFIO_PCI_DMABUF and an mmappable BAR)";
+const DMA_BUF_UNSUPPORTED =
+  "this kernel or device cannot export dma-bufs (needs CONFIG_VFIO_PCI_DMABUF and an mmappable BAR)";
 
 const EXPORT_DMA_BUF_ERRORS: ErrnoTable = {
   ENOTTY: { message: DMA_BUF_UNSUPPORTED, argument: "options" },
   EOPNOTSUPP: { message: DMA_BUF_UNSUPPORTED, argument: "options" },
-  EINVAL: ({ cmd }) => ({ message: `the kernel refused the ranges of region ${dmaBufRegion(cmd!)}`, argument: "options" }),
+  EINVAL: ({ cmd }) => ({
+    message: `the kernel refused the ranges of region ${dmaBufRegion(cmd!)}`,
+    argument: "options",
+  }),
   otherwise: { argument: "options" },
 };
 
@@ -148,7 +152,11 @@ export class VfioDevice {
   static open(pathOrPciAddress: string): VfioDevice {
     const op = "VfioDevice.open";
     if (typeof pathOrPciAddress !== "string" || pathOrPciAddress === "") {
-      throw argumentError(op, "pathOrPciAddress", "expected a /dev/vfio/devices path or a PCI address like 0000:00:03.0");
+      throw argumentError(
+        op,
+        "pathOrPciAddress",
+        "expected a /dev/vfio/devices path or a PCI address like 0000:00:03.0",
+      );
     }
     let path = pathOrPciAddress;
     let pciAddress: string | undefined;
@@ -159,7 +167,8 @@ export class VfioDevice {
       pciAddress = pciAddressOfCdev(path);
     }
     const fd = openPath(path, O_RDWR, op, {
-      ENOENT: "no such VFIO device node: is the device bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?",
+      ENOENT:
+        "no such VFIO device node: is the device bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?",
       EACCES: "no permission on the VFIO device node",
       EBUSY: "the device is already open through its VFIO group or another cdev user",
     });
@@ -174,7 +183,8 @@ export class VfioDevice {
   static fromFd(fd: number, options: { iommufd: Iommufd; deviceId: number; attachedTo?: number }): VfioDevice {
     const op = "VfioDevice.fromFd";
     requireOpenFd(fd, op, "fd");
-    if (!Number.isInteger(options?.deviceId) || options.deviceId <= 0) throw argumentError(op, "options.deviceId", "the device id from the sender's bind() is required");
+    if (!Number.isInteger(options?.deviceId) || options.deviceId <= 0)
+      throw argumentError(op, "options.deviceId", "the device id from the sender's bind() is required");
     let path: string;
     try {
       path = readlinkSync(`/proc/self/fd/${fd}`);
@@ -261,7 +271,11 @@ export class VfioDevice {
   attach(target: Ioas | number): number {
     const op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
     if (this.#deviceId === undefined) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: "bind the device to an iommufd first (device.bind(iommufd))" });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EINVAL,
+        message: "bind the device to an iommufd first (device.bind(iommufd))",
+      });
     }
     const ptId = target instanceof Ioas ? target.id : target;
     if (target instanceof Ioas && target.iommufd !== this.#iommufd) {
@@ -369,7 +383,12 @@ export class VfioDevice {
     checkConfigRange(op, offset, length);
     const out = new Uint8Array(length);
     const n = preadInto(this.fd, out, this.#config(op) + offset, op);
-    if (n !== length) throw new IommufdError({ operation: op, errno: ERRNO.EIO, message: `read ${n} of ${length} config bytes at ${hex(offset)}` });
+    if (n !== length)
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EIO,
+        message: `read ${n} of ${length} config bytes at ${hex(offset)}`,
+      });
     return out;
   }
 
@@ -378,7 +397,12 @@ export class VfioDevice {
     const op = "VfioDevice.writeConfig";
     checkConfigRange(op, offset, bytes.length);
     const n = pwriteFrom(this.fd, bytes, this.#config(op) + offset, op);
-    if (n !== bytes.length) throw new IommufdError({ operation: op, errno: ERRNO.EIO, message: `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}` });
+    if (n !== bytes.length)
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EIO,
+        message: `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}`,
+      });
   }
 
   readConfig16(offset: number): number {
@@ -409,8 +433,15 @@ export class VfioDevice {
     const op = "VFIO_DEVICE_FEATURE_BUS_MASTER";
     const payload = vfio_device_feature_bus_master.size;
     const cmd = vfio_device_feature.create(payload);
-    cmd.fill({ argsz: vfio_device_feature.size + payload, flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_BUS_MASTER });
-    cmd.view.setUint32(vfio_device_feature.size, enabled ? VFIO_DEVICE_FEATURE_SET_MASTER : VFIO_DEVICE_FEATURE_CLEAR_MASTER, true);
+    cmd.fill({
+      argsz: vfio_device_feature.size + payload,
+      flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_BUS_MASTER,
+    });
+    cmd.view.setUint32(
+      vfio_device_feature.size,
+      enabled ? VFIO_DEVICE_FEATURE_SET_MASTER : VFIO_DEVICE_FEATURE_CLEAR_MASTER,
+      true,
+    );
     try {
       this.ioctl(VFIO_DEVICE_FEATURE, cmd, op);
       return;
@@ -431,7 +462,11 @@ export class VfioDevice {
   reset(): void {
     const op = "VFIO_DEVICE_RESET";
     if (!this.info().canReset) {
-      throw new IommufdError({ operation: op, errno: ERRNO.EINVAL, message: `${this.path} does not support reset (no FLR, PM or bus reset)` });
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.EINVAL,
+        message: `${this.path} does not support reset (no FLR, PM or bus reset)`,
+      });
     }
     this.ioctl(VFIO_DEVICE_RESET, null, op);
   }
@@ -469,22 +504,34 @@ export class VfioDevice {
   exportDmaBuf(options: ExportDmaBufOptions): DmaBuf {
     const op = "VFIO_DEVICE_FEATURE_DMA_BUF";
     const { region, ranges } = options ?? ({} as ExportDmaBufOptions);
-    if (!Array.isArray(ranges) || ranges.length === 0) throw argumentError(op, "options.ranges", "give at least one { offset, length } range");
+    if (!Array.isArray(ranges) || ranges.length === 0)
+      throw argumentError(op, "options.ranges", "give at least one { offset, length } range");
     const info = this.region(region);
     ranges.forEach((range, i) => {
       const offset = u64(range?.offset, op, `options.ranges[${i}].offset`) as number;
       const length = u64(range?.length, op, `options.ranges[${i}].length`) as number;
       if (length === 0) throw argumentError(op, `options.ranges[${i}].length`, "length is 0");
       if (offset % PAGE_SIZE || length % PAGE_SIZE) {
-        throw argumentError(op, `options.ranges[${i}]`, `offset ${hex(offset)} and length ${hex(length)} must be multiples of the page size`);
+        throw argumentError(
+          op,
+          `options.ranges[${i}]`,
+          `offset ${hex(offset)} and length ${hex(length)} must be multiples of the page size`,
+        );
       }
       if (offset + length > info.size) {
-        throw argumentError(op, `options.ranges[${i}]`, `${hex(offset)}..+${hex(length)} runs past the end of region ${region} (${hex(info.size)} bytes)`);
+        throw argumentError(
+          op,
+          `options.ranges[${i}]`,
+          `${hex(offset)}..+${hex(length)} runs past the end of region ${region} (${hex(info.size)} bytes)`,
+        );
       }
     });
     const payload = vfio_device_feature_dma_buf.size + ranges.length * vfio_region_dma_range.size;
     const cmd = vfio_device_feature.create(payload);
-    cmd.fill({ argsz: vfio_device_feature.size + payload, flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF });
+    cmd.fill({
+      argsz: vfio_device_feature.size + payload,
+      flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
+    });
     const base = vfio_device_feature.size;
     cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.region_index.offset, region, true);
     cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.open_flags.offset, O_RDWR | O_CLOEXEC, true);
@@ -497,7 +544,11 @@ export class VfioDevice {
     const fd = this.ioctl(VFIO_DEVICE_FEATURE, cmd, op, EXPORT_DMA_BUF_ERRORS);
     const size = ranges.reduce((sum, r) => sum + r.length, 0);
     const where = ranges.map((r) => `[${hex(r.offset)}, +${hex(r.length)})`).join(" ");
-    return new DmaBuf(fd, { origin: "vfio", size, description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}` });
+    return new DmaBuf(fd, {
+      origin: "vfio",
+      size,
+      description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}`,
+    });
   }
 
   /**
@@ -521,9 +572,9 @@ export class VfioDevice {
 }
 
 function checkConfigRange(op: string, offset: number, length: number): void {
-  if (!Number.isInteger(offset) || offset < 0 || offset > 4095) throw argumentError(op, "offset", `${offset} is outside PCI config space`);
+  if (!Number.isInteger(offset) || offset < 0 || offset > 4095)
+    throw argumentError(op, "offset", `${offset} is outside PCI config space`);
   if (!Number.isInteger(length) || length <= 0 || offset + length > 4096) {
     throw argumentError(op, "length", `${length} bytes at ${hex(offset)} do not fit in PCI config space`);
   }
 }
-

@@ -63,7 +63,8 @@ function driverOf(pciAddress: string): string | undefined {
  */
 export function bindToVfioPci(pciAddress: string, options: { timeoutMs?: number } = {}): string {
   const op = "bindToVfioPci";
-  if (!PCI_ADDRESS.test(pciAddress)) throw argumentError(op, "pciAddress", `"${pciAddress}" is not a PCI address like 0000:00:03.0`);
+  if (!PCI_ADDRESS.test(pciAddress))
+    throw argumentError(op, "pciAddress", `"${pciAddress}" is not a PCI address like 0000:00:03.0`);
   const address = pciAddress.toLowerCase();
   const dir = pciDeviceDir(address, op, "pciAddress");
   const write = (path: string, value: string) => {
@@ -108,4 +109,3 @@ export function findPciDevices(vendor: number, device: number): string[] {
     }
   });
 }
-

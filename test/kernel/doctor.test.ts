@@ -52,7 +52,12 @@ describe("doctor where /dev/iommu exists", () => {
     expect(device!.vfioNodeExists).toBe(true);
     const vfio = report.checks.find((c) => c.id === "vfio")!;
     expect(vfio.status).toBe("pass");
-    expect(vfio.details?.some((line) => line.includes("1234:11e8 (QEMU edu)") && line.includes("driver vfio-pci") && line.includes(device!.vfioNode!))).toBe(true);
+    expect(
+      vfio.details?.some(
+        (line) =>
+          line.includes("1234:11e8 (QEMU edu)") && line.includes("driver vfio-pci") && line.includes(device!.vfioNode!),
+      ),
+    ).toBe(true);
   });
 
   test.skipIf(!inVm)("in the test guest every check is green", () => {

@@ -12,7 +12,11 @@ const haveEdu = process.env.IOMMUFD_IN_VM === "1" || findPciDevices(0x1234, 0x11
 beforeAll(requireIommufd);
 
 async function example(name: string): Promise<{ code: number; stdout: string; stderr: string }> {
-  const proc = Bun.spawn([process.execPath, join(root, "examples", name)], { cwd: root, stdout: "pipe", stderr: "pipe" });
+  const proc = Bun.spawn([process.execPath, join(root, "examples", name)], {
+    cwd: root,
+    stdout: "pipe",
+    stderr: "pipe",
+  });
   const [stdout, stderr] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
   const code = await proc.exited;
   if (code !== 0) console.error(`examples/${name} exited ${code}\n--- stdout\n${stdout}\n--- stderr\n${stderr}`);
@@ -31,28 +35,38 @@ test("map-memfd.ts maps a MemfdBuffer, prints its IOVA and unmaps", async () => 
   expect(stdout.trimEnd().endsWith("done")).toBe(true);
 });
 
-test.skipIf(!haveEdu)("edu-dma.ts: edu copies RAM -> device -> RAM through the IOMMU and the bytes match", async () => {
-  const { code, stdout } = await example("edu-dma.ts");
-  expect(code).toBe(0);
-  expect(stdout).toContain("BAR0 mapped (0x100000 bytes): id register 0x10000ed");
-  expect(stdout).toContain("liveness: wrote 0x12345678, read 0xedcba987");
-  expect(stdout).toMatch(/^bound to iommufd \(device id \d+\) and attached to IOAS \d+/m);
-  expect(stdout).toContain("DMA RAM -> device: 2048 bytes from IOVA 0x100000");
-  expect(stdout).toContain("DMA device -> RAM: 2048 bytes to IOVA 0x108000");
-  expect(stdout).toContain("round trip OK: 2048 bytes came back through the IOMMU unchanged");
-  expect(stdout).toContain("unmapped IOVA 0x100000");
-}, 120_000);
+test.skipIf(!haveEdu)(
+  "edu-dma.ts: edu copies RAM -> device -> RAM through the IOMMU and the bytes match",
+  async () => {
+    const { code, stdout } = await example("edu-dma.ts");
+    expect(code).toBe(0);
+    expect(stdout).toContain("BAR0 mapped (0x100000 bytes): id register 0x10000ed");
+    expect(stdout).toContain("liveness: wrote 0x12345678, read 0xedcba987");
+    expect(stdout).toMatch(/^bound to iommufd \(device id \d+\) and attached to IOAS \d+/m);
+    expect(stdout).toContain("DMA RAM -> device: 2048 bytes from IOVA 0x100000");
+    expect(stdout).toContain("DMA device -> RAM: 2048 bytes to IOVA 0x108000");
+    expect(stdout).toContain("round trip OK: 2048 bytes came back through the IOMMU unchanged");
+    expect(stdout).toContain("unmapped IOVA 0x100000");
+  },
+  120_000,
+);
 
-test.skipIf(!haveEdu)("vfio-dmabuf.ts exports a BAR0 slice as a dma-buf, maps it into an IOAS and edu reads it by IOVA", async () => {
-  const { code, stdout } = await example("vfio-dmabuf.ts");
-  expect(code).toBe(0);
-  expect(stdout).toMatch(/^bound \S+ to iommufd, attached to IOAS \d+; dma-buf export supported: true$/m);
-  expect(stdout).toMatch(/^exported dma-buf of \S+ region 0 \[0x0, \+0x1000\) as dma-buf fd \d+ \(4096 bytes\)$/m);
-  expect(stdout).toMatch(/^mapped the dma-buf into IOAS \d+ at IOVA 0x[0-9a-f]+\.\.0x[0-9a-f]+ \(kernel-chosen\)$/m);
-  expect(stdout).toContain("unmapped the dma-buf");
-  expect(stdout).toContain("mapped the dma-buf at IOVA 0x200000 and a MemfdBuffer at IOVA 0x100000");
-  // Peer to peer through the IOMMU: the device's DMA reached its own BAR by the dma-buf's IOVA.
-  expect(stdout).toContain("through the IOMMU at IOVA 0x200000: 0x10000ed (matches 0x10000ed read through the mmapped BAR)");
-  expect(stdout).toMatch(/^a two-range dma-buf is refused as expected: EOPNOTSUPP$/m);
-  expect(stdout.trimEnd().endsWith("done")).toBe(true);
-}, 120_000);
+test.skipIf(!haveEdu)(
+  "vfio-dmabuf.ts exports a BAR0 slice as a dma-buf, maps it into an IOAS and edu reads it by IOVA",
+  async () => {
+    const { code, stdout } = await example("vfio-dmabuf.ts");
+    expect(code).toBe(0);
+    expect(stdout).toMatch(/^bound \S+ to iommufd, attached to IOAS \d+; dma-buf export supported: true$/m);
+    expect(stdout).toMatch(/^exported dma-buf of \S+ region 0 \[0x0, \+0x1000\) as dma-buf fd \d+ \(4096 bytes\)$/m);
+    expect(stdout).toMatch(/^mapped the dma-buf into IOAS \d+ at IOVA 0x[0-9a-f]+\.\.0x[0-9a-f]+ \(kernel-chosen\)$/m);
+    expect(stdout).toContain("unmapped the dma-buf");
+    expect(stdout).toContain("mapped the dma-buf at IOVA 0x200000 and a MemfdBuffer at IOVA 0x100000");
+    // Peer to peer through the IOMMU: the device's DMA reached its own BAR by the dma-buf's IOVA.
+    expect(stdout).toContain(
+      "through the IOMMU at IOVA 0x200000: 0x10000ed (matches 0x10000ed read through the mmapped BAR)",
+    );
+    expect(stdout).toMatch(/^a two-range dma-buf is refused as expected: EOPNOTSUPP$/m);
+    expect(stdout.trimEnd().endsWith("done")).toBe(true);
+  },
+  120_000,
+);

@@ -42,7 +42,8 @@ const report: { name: string; points: number; errnos: Record<string, number>; to
 
 beforeAll(() => {
   requireIommufd();
-  if (!FailNth.available()) throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
+  if (!FailNth.available())
+    throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
   failNth = new FailNth();
   eduAddress = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0];
 });
@@ -52,7 +53,11 @@ afterAll(() => {
   const lines = report.map(
     (r) =>
       `  ${r.name.padEnd(34)} ${String(r.points).padStart(3)} points  ` +
-      `${Object.entries(r.errnos).map(([code, n]) => `${code} x${n}`).join(", ") || "-"}` +
+      `${
+        Object.entries(r.errnos)
+          .map(([code, n]) => `${code} x${n}`)
+          .join(", ") || "-"
+      }` +
       (r.tolerated ? `  (tolerated by the kernel: ${r.tolerated})` : ""),
   );
   console.log(`fault-injection sweep:\n${lines.join("\n")}`);
@@ -164,7 +169,8 @@ function mapCase(name: string, domain: Domain, how: "map" | "mapFile", huge = fa
   return {
     name,
     setup: () => environment(domain, { huge }),
-    run: (env) => (how === "map" ? env.ioas.map(env.buffer, { iova: env.base }) : env.ioas.mapFile(env.buffer, { iova: env.base })),
+    run: (env) =>
+      how === "map" ? env.ioas.map(env.buffer, { iova: env.base }) : env.ioas.mapFile(env.buffer, { iova: env.base }),
     verify(env, { result, error }) {
       if (error) {
         expect(env.ioas.mappings).toHaveLength(0);
@@ -416,7 +422,7 @@ describe("fault-injection sweep", () => {
 
   test("the sweep injected faults at all (it is not a no-op)", () => {
     const byName = Object.fromEntries(report.map((r) => [r.name, r]));
-    expect(byName["createIoas"]!.points).toBeGreaterThanOrEqual(1);
+    expect(byName.createIoas!.points).toBeGreaterThanOrEqual(1);
     expect(byName["mapFile (mock domain)"]!.points).toBeGreaterThanOrEqual(3);
     expect(Object.keys(byName["mapFile (mock domain)"]!.errnos).length).toBeGreaterThanOrEqual(1);
   });

@@ -6,7 +6,16 @@
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { chmodSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { adoptIoas, bindToVfioPci, changeProcess, findPciDevices, hasIpcLock, Iommufd, MemfdBuffer, PRIVILEGED_HANDOVER_WARNING } from "../../src/index.ts";
+import {
+  adoptIoas,
+  bindToVfioPci,
+  changeProcess,
+  findPciDevices,
+  hasIpcLock,
+  Iommufd,
+  MemfdBuffer,
+  PRIVILEGED_HANDOVER_WARNING,
+} from "../../src/index.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
@@ -24,9 +33,18 @@ beforeAll(() => {
 const scope = testScope();
 afterEach(scope.releaseAll);
 
-async function run(argv: string[], options: { asNobody?: boolean; memlockKiB?: number } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+async function run(
+  argv: string[],
+  options: { asNobody?: boolean; memlockKiB?: number } = {},
+): Promise<{ code: number; stdout: string; stderr: string }> {
   const command = options.asNobody
-    ? ["sh", "-c", `ulimit -l ${options.memlockKiB ?? 65536} && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@"`, "sh", ...argv]
+    ? [
+        "sh",
+        "-c",
+        `ulimit -l ${options.memlockKiB ?? 65536} && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@"`,
+        "sh",
+        ...argv,
+      ]
     : argv;
   const proc = Bun.spawn(command, { cwd: root, stdout: "pipe", stderr: "pipe", env: { ...process.env, HOME: "/tmp" } });
   const [stdout, stderr] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
@@ -35,16 +53,17 @@ async function run(argv: string[], options: { asNobody?: boolean; memlockKiB?: n
   return { code, stdout, stderr };
 }
 
-const example = (name: string, options?: { asNobody?: boolean }) => run([process.execPath, join(root, "examples", name)], options);
+const example = (name: string, options?: { asNobody?: boolean }) =>
+  run([process.execPath, join(root, "examples", name)], options);
 
 /** Open the device nodes to `nobody` for the duration of `fn`. */
 async function withOpenNodes<T>(paths: string[], fn: () => Promise<T>): Promise<T> {
   const modes = paths.map((p) => statSync(p).mode & 0o777);
-  paths.forEach((p) => chmodSync(p, 0o666));
+  for (const p of paths) chmodSync(p, 0o666);
   try {
     return await fn();
   } finally {
-    paths.forEach((p, i) => chmodSync(p, modes[i]!));
+    for (const [i, p] of paths.entries()) chmodSync(p, modes[i]!);
   }
 }
 
@@ -57,7 +76,11 @@ describe("IOMMU_IOAS_CHANGE_PROCESS in-process", () => {
     ioas.mapFile(file, { iova: MOCK_APERTURE_START });
     const memory = scope.keep(MemfdBuffer.create(4096));
     const byAddress = ioas.map(memory, { iova: MOCK_APERTURE_START + 0x100000 });
-    const e = expectIommufdError(() => changeProcess(iommufd, { warnIfPrivileged: false }), "EINVAL", "IOMMU_IOAS_CHANGE_PROCESS");
+    const e = expectIommufdError(
+      () => changeProcess(iommufd, { warnIfPrivileged: false }),
+      "EINVAL",
+      "IOMMU_IOAS_CHANGE_PROCESS",
+    );
     expect(e.message).toContain("by address");
     expect(e.hint).toContain("mapFile");
     byAddress.unmap();
@@ -98,11 +121,17 @@ describe("IOMMU_IOAS_CHANGE_PROCESS in-process", () => {
 
 describe.skipIf(!isRoot)("hand-over between processes", () => {
   test("examples/handover.ts as nobody: DMA works across the switch and pinned memory moves to the new process", async () => {
-    const { code, stdout } = await withOpenNodes(["/dev/iommu", bindToVfioPci(eduAddress)], () => example("handover.ts", { asNobody: true }));
+    const { code, stdout } = await withOpenNodes(["/dev/iommu", bindToVfioPci(eduAddress)], () =>
+      example("handover.ts", { asNobody: true }),
+    );
     expect(code).toBe(0);
     expect(stdout).toMatch(/^old process \d+: DMA round trip OK, VmPin 64 kB$/m);
-    expect(stdout).toMatch(/^with a by-address mapping: EINVAL: IOMMU_IOAS_CHANGE_PROCESS: an IOAS in this iommufd holds a mapping made by address/m);
-    expect(stdout).toMatch(/^new process \d+: adopted iommufd, \/dev\/vfio\/devices\/vfio\d+ \(device \d+\), IOAS \d+; VmPin 0 -> 64 kB: took over$/m);
+    expect(stdout).toMatch(
+      /^with a by-address mapping: EINVAL: IOMMU_IOAS_CHANGE_PROCESS: an IOAS in this iommufd holds a mapping made by address/m,
+    );
+    expect(stdout).toMatch(
+      /^new process \d+: adopted iommufd, \/dev\/vfio\/devices\/vfio\d+ \(device \d+\), IOAS \d+; VmPin 0 -> 64 kB: took over$/m,
+    );
     expect(stdout).toContain("old process after the hand-over: VmPin 0 kB; closing its fds");
     expect(stdout).toContain("new process after the old one closed its fds: DMA round trip OK, VmPin 64 kB");
     expect(stdout).toContain("new process unmapped the guest memory: VmPin 0 kB");
@@ -138,7 +167,9 @@ describe("VMM examples", () => {
     const { code, stdout } = await example("hwpt-replace.ts");
     expect(code).toBe(0);
     expect(stdout).toMatch(/edu copied "written via IOAS A" inside buffer A/);
-    expect(stdout).toMatch(/^replaced with table \d+ while attached: edu copied "written via IOAS B" inside buffer B$/m);
+    expect(stdout).toMatch(
+      /^replaced with table \d+ while attached: edu copied "written via IOAS B" inside buffer B$/m,
+    );
     expect(stdout.trimEnd().endsWith("done")).toBe(true);
   }, 60_000);
 
@@ -147,7 +178,9 @@ describe("VMM examples", () => {
     expect(code).toBe(0);
     expect(stdout).toMatch(/^dirty: 3 pages: 0x1003000\+8192, 0x10c8000\+4096$/m);
     expect(stdout).toContain("read again after clearing: 0 dirty pages");
-    expect(stdout).toMatch(/^edu behind QEMU's VT-d: EOPNOTSUPP: IOMMU_HWPT_ALLOC: the IOMMU of device \d+ cannot give a page table with dirty tracking/m);
+    expect(stdout).toMatch(
+      /^edu behind QEMU's VT-d: EOPNOTSUPP: IOMMU_HWPT_ALLOC: the IOMMU of device \d+ cannot give a page table with dirty tracking/m,
+    );
     expect(stdout.trimEnd().endsWith("done")).toBe(true);
   }, 60_000);
 

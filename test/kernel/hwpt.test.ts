@@ -171,7 +171,9 @@ describe("IOMMU_HWPT_ALLOC, attach and replace", () => {
     const otherTable = keep(HwPageTable.allocate(other, device));
     device.attach(otherTable.id);
     buffer.bytes.fill(0xee);
-    expect(roundTrip(0x100000, otherBuffer.bytes.subarray(0, 1024), otherBuffer.bytes.subarray(0x8000, 0x8400), 7)).toBe(true);
+    expect(
+      roundTrip(0x100000, otherBuffer.bytes.subarray(0, 1024), otherBuffer.bytes.subarray(0x8000, 0x8400), 7),
+    ).toBe(true);
     expect(buffer.bytes.every((b) => b === 0xee)).toBe(true);
     device.setBusMaster(false);
   });
@@ -182,7 +184,11 @@ describe("IOMMU_HWPT_ALLOC, attach and replace", () => {
     const parent = keep(HwPageTable.allocate(ioas, mock, { nestParent: true }));
     expect(parent.nestParent).toBe(true);
     const plain = mockSetup({ noDirtyTracking: true });
-    const e = expectIommufdError(() => HwPageTable.allocate(plain.ioas, plain.mock, { dirtyTracking: true }), "EOPNOTSUPP", "IOMMU_HWPT_ALLOC");
+    const e = expectIommufdError(
+      () => HwPageTable.allocate(plain.ioas, plain.mock, { dirtyTracking: true }),
+      "EOPNOTSUPP",
+      "IOMMU_HWPT_ALLOC",
+    );
     expect(e.message).toContain("dirty tracking");
   });
 
@@ -191,9 +197,17 @@ describe("IOMMU_HWPT_ALLOC, attach and replace", () => {
     const ioas = iommufd.createIoas();
     const device = boundEdu(iommufd);
     keep(HwPageTable.allocate(ioas, device));
-    const dirty = expectIommufdError(() => HwPageTable.allocate(ioas, device, { dirtyTracking: true }), "EOPNOTSUPP", "IOMMU_HWPT_ALLOC");
+    const dirty = expectIommufdError(
+      () => HwPageTable.allocate(ioas, device, { dirtyTracking: true }),
+      "EOPNOTSUPP",
+      "IOMMU_HWPT_ALLOC",
+    );
     expect(dirty.hint).toContain("readHwInfo");
-    expectIommufdError(() => HwPageTable.allocate(ioas, device, { nestParent: true }), "EOPNOTSUPP", "IOMMU_HWPT_ALLOC");
+    expectIommufdError(
+      () => HwPageTable.allocate(ioas, device, { nestParent: true }),
+      "EOPNOTSUPP",
+      "IOMMU_HWPT_ALLOC",
+    );
   });
 
   test("errors: unknown device ENOENT, destroyed IOAS EBADF, destroy while attached EBUSY", () => {
@@ -238,7 +252,13 @@ describe("dirty tracking", () => {
   }
 
   /** Mark the given mock pages (MOCK_PAGE_SIZE each, counted from `iova`) dirty. */
-  function mark(iommufd: Iommufd, hwpt: HwPageTable, pages: number[], iova = MOCK_APERTURE_START, length = LENGTH): number {
+  function mark(
+    iommufd: Iommufd,
+    hwpt: HwPageTable,
+    pages: number[],
+    iova = MOCK_APERTURE_START,
+    length = LENGTH,
+  ): number {
     const marks = new DirtyBitmap({ iova, length, pageSize: MOCK_PAGE_SIZE });
     for (const page of pages) marks.bytes[page >> 3]! |= 1 << (page & 7);
     return markMockDirty(hwpt, iommufd, marks);
@@ -286,7 +306,12 @@ describe("dirty tracking", () => {
     const storage = new Uint8Array(64);
     const iova = MOCK_APERTURE_START + 10 * MOCK_PAGE_SIZE;
     // 21 mock pages starting at page 10, written at byte offset 3 of the caller's buffer.
-    const bitmap = new DirtyBitmap({ iova, length: 21 * MOCK_PAGE_SIZE, pageSize: MOCK_PAGE_SIZE, storage: storage.subarray(3) });
+    const bitmap = new DirtyBitmap({
+      iova,
+      length: 21 * MOCK_PAGE_SIZE,
+      pageSize: MOCK_PAGE_SIZE,
+      storage: storage.subarray(3),
+    });
     storage.fill(0xff);
     hwpt.readDirty(bitmap, { clear: false });
     expect([...Array(bitmap.pages).keys()].filter((p) => bitmap.isPageDirty(p))).toEqual([0, 1, 20]);
@@ -302,7 +327,12 @@ describe("dirty tracking", () => {
       "DirtyBitmap",
       "options.storage",
     );
-    expectIommufdError(() => new DirtyBitmap({ iova: 0, length: 3 * 4096, pageSize: 3000 }), "EINVAL", "DirtyBitmap", "options.pageSize");
+    expectIommufdError(
+      () => new DirtyBitmap({ iova: 0, length: 3 * 4096, pageSize: 3000 }),
+      "EINVAL",
+      "DirtyBitmap",
+      "options.pageSize",
+    );
     expectIommufdError(() => new DirtyBitmap({ iova: 100, length: 4096 }), "EINVAL", "DirtyBitmap", "options.iova");
     expectIommufdError(() => new DirtyBitmap({ iova: 0, length: 5000 }), "EINVAL", "DirtyBitmap", "options.length");
     expectIommufdError(() => new DirtyBitmap({ iova: 0, length: 0 }), "EINVAL", "DirtyBitmap", "options.length");
@@ -379,7 +409,18 @@ describe("I/O page faults", () => {
     const faults = await pending;
     expect(faults).toHaveLength(1);
     const fault = faults[0]!;
-    expect(fault).toMatchObject({ deviceId: mock.deviceId, pasid: undefined, groupId: 2, lastPage: true, read: true, write: true, exec: false, privileged: false, address: 0xdeadb000, length: 0 });
+    expect(fault).toMatchObject({
+      deviceId: mock.deviceId,
+      pasid: undefined,
+      groupId: 2,
+      lastPage: true,
+      read: true,
+      write: true,
+      exec: false,
+      privileged: false,
+      address: 0xdeadb000,
+      length: 0,
+    });
     queue.respond(fault, "success");
     const again = expectIommufdError(() => queue.respond(fault), "EINVAL", "FaultQueue.respond", "fault");
     expect(again.message).toContain(`cookie ${fault.cookie}`);
@@ -419,7 +460,12 @@ describe("I/O page faults", () => {
     {
       const { ioas, mock, iommufd } = mockSetup();
       using queue = FaultQueue.allocate(iommufd);
-      expectIommufdError(() => HwPageTable.allocate(ioas, mock, { nestParent: true, faultQueue: queue }), "EOPNOTSUPP", "IOMMU_HWPT_ALLOC", "options.faultQueue");
+      expectIommufdError(
+        () => HwPageTable.allocate(ioas, mock, { nestParent: true, faultQueue: queue }),
+        "EOPNOTSUPP",
+        "IOMMU_HWPT_ALLOC",
+        "options.faultQueue",
+      );
       iommufd.close();
     }
     expect(openFdCount()).toBe(fds);

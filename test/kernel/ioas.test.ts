@@ -231,7 +231,12 @@ describe("IOVA ranges and allowed IOVAs", () => {
 
   test("allowIovas rejects an inverted range before the kernel sees it", () => {
     const { ioas } = setup();
-    expectIommufdError(() => ioas.allowIovas([{ start: 0x2000, last: 0x1000 }]), "EINVAL", "IOMMU_IOAS_ALLOW_IOVAS", "ranges[0]");
+    expectIommufdError(
+      () => ioas.allowIovas([{ start: 0x2000, last: 0x1000 }]),
+      "EINVAL",
+      "IOMMU_IOAS_ALLOW_IOVAS",
+      "ranges[0]",
+    );
   });
 });
 
@@ -265,7 +270,11 @@ describe("page tables (kernel mock domain)", () => {
     using buffer = MemfdBuffer.create(64 * KiB);
     buffer.bytes.fill(2);
     using source = ioas.mapFile(buffer);
-    using copy = other.copy(ioas, { srcIova: source.iova, length: source.length, iova: MOCK_APERTURE_START + 0x100000 });
+    using copy = other.copy(ioas, {
+      srcIova: source.iova,
+      length: source.length,
+      iova: MOCK_APERTURE_START + 0x100000,
+    });
     expect(copy.iova).toBe(MOCK_APERTURE_START + 0x100000);
     expect(domain.checkMap(copy.iova, buffer.size, buffer.address)).toBe(true);
   });
@@ -273,7 +282,11 @@ describe("page tables (kernel mock domain)", () => {
   test("copy of an unmapped source range: ENOENT naming the source", () => {
     const { iommufd, ioas } = setup();
     const other = iommufd.createIoas();
-    const e = expectIommufdError(() => other.copy(ioas, { srcIova: 0x1000, length: 4096 }), "ENOENT", "IOMMU_IOAS_COPY");
+    const e = expectIommufdError(
+      () => other.copy(ioas, { srcIova: 0x1000, length: 4096 }),
+      "ENOENT",
+      "IOMMU_IOAS_COPY",
+    );
     expect(e.message).toContain(`IOAS ${ioas.id}`);
   });
 
@@ -316,8 +329,20 @@ describe("bad input gets a typed error before the kernel is asked", () => {
     ["negative IOVA", (i, b) => i.mapFile(b, { iova: -4096 }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.iova"],
     ["fractional IOVA", (i, b) => i.mapFile(b, { iova: 4096.5 }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.iova"],
     ["unsafe number IOVA", (i, b) => i.mapFile(b, { iova: 2 ** 60 }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.iova"],
-    ["range past the end of the memfd", (i, b) => i.mapFile(b, { offset: 4096, length: 64 * KiB }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.length"],
-    ["offset past the end", (i, b) => i.mapFile(b, { offset: 64 * KiB }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.offset"],
+    [
+      "range past the end of the memfd",
+      (i, b) => i.mapFile(b, { offset: 4096, length: 64 * KiB }),
+      "EINVAL",
+      "IOMMU_IOAS_MAP_FILE",
+      "options.length",
+    ],
+    [
+      "offset past the end",
+      (i, b) => i.mapFile(b, { offset: 64 * KiB }),
+      "EINVAL",
+      "IOMMU_IOAS_MAP_FILE",
+      "options.offset",
+    ],
     ["empty ArrayBuffer", (i) => i.map(new ArrayBuffer(0)), "EINVAL", "IOMMU_IOAS_MAP", "source"],
     ["not a source", (i) => i.map("buffer" as unknown as ArrayBuffer), "EINVAL", "IOMMU_IOAS_MAP", "source"],
     ["fd that is not open", (i) => i.mapFile(999_999), "EBADF", "IOMMU_IOAS_MAP_FILE", "file"],
@@ -390,7 +415,10 @@ describe("no leaks", () => {
     const pinned = pinnedKiB();
     let peak = 0;
     for (let i = 0; i < 10_000; i++) {
-      const mapping = i % 2 ? ioas.mapFile(buffer, { length: 64 * KiB, offset: (i % 16) * 64 * KiB }) : ioas.map(buffer, { length: 64 * KiB });
+      const mapping =
+        i % 2
+          ? ioas.mapFile(buffer, { length: 64 * KiB, offset: (i % 16) * 64 * KiB })
+          : ioas.map(buffer, { length: 64 * KiB });
       if (i === 5000) peak = pinnedKiB().pin;
       mapping.unmap();
     }
@@ -470,6 +498,11 @@ describe("prepared mappings (the hot path)", () => {
   test("a range past the end of the file is refused when preparing", () => {
     const { ioas } = setup();
     using buffer = MemfdBuffer.create(8 * KiB);
-    expectIommufdError(() => ioas.prepareMapFile(buffer, { offset: 4096, length: 8192 }), "EINVAL", "Ioas.prepareMapFile", "options.length");
+    expectIommufdError(
+      () => ioas.prepareMapFile(buffer, { offset: 4096, length: 8192 }),
+      "EINVAL",
+      "Ioas.prepareMapFile",
+      "options.length",
+    );
   });
 });

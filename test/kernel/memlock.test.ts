@@ -20,7 +20,13 @@ test.skipIf(!root)(
     try {
       const child = join(import.meta.dir, "fixtures", "memlock-child.ts");
       const run = Bun.spawnSync(
-        ["sh", "-c", `ulimit -l 256 && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$1"`, process.execPath, child],
+        [
+          "sh",
+          "-c",
+          `ulimit -l 256 && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$1"`,
+          process.execPath,
+          child,
+        ],
         { env: { ...process.env, HOME: "/tmp" }, stdout: "pipe", stderr: "pipe" },
       );
       const stderr = run.stderr.toString();

@@ -3,15 +3,7 @@
  * emulated Intel IOMMU. Every DMA here is real: edu reads and writes guest RAM through the IOMMU.
  */
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
-import {
-  createUdmabuf,
-  DmaBuf,
-  findPciDevices,
-  Iommufd,
-  MemfdBuffer,
-  VfioDevice,
-  type Ioas,
-} from "../../src/index.ts";
+import { createUdmabuf, DmaBuf, findPciDevices, Iommufd, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { revokeSelftestDmaBuf, selftestDmaBuf } from "../../src/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
@@ -251,7 +243,12 @@ describe("dma-bufs", () => {
       "VFIO_DEVICE_FEATURE_DMA_BUF",
       "options.ranges[0]",
     );
-    expectIommufdError(() => device.exportDmaBuf({ region: 0, ranges: [] }), "EINVAL", "VFIO_DEVICE_FEATURE_DMA_BUF", "options.ranges");
+    expectIommufdError(
+      () => device.exportDmaBuf({ region: 0, ranges: [] }),
+      "EINVAL",
+      "VFIO_DEVICE_FEATURE_DMA_BUF",
+      "options.ranges",
+    );
   });
 
   test("selftest dma-buf: maps; length past its end is refused; after revoke mapping is ENODEV", () => {
@@ -262,7 +259,12 @@ describe("dma-bufs", () => {
     expect(dmabuf.size).toBe(64 * KiB);
     const mapping = ioas.mapFile(dmabuf);
     mapping.unmap();
-    expectIommufdError(() => ioas.mapFile(dmabuf, { length: 128 * KiB }), "EINVAL", "IOMMU_IOAS_MAP_FILE", "options.length");
+    expectIommufdError(
+      () => ioas.mapFile(dmabuf, { length: 128 * KiB }),
+      "EINVAL",
+      "IOMMU_IOAS_MAP_FILE",
+      "options.length",
+    );
     revokeSelftestDmaBuf(iommufd, dmabuf);
     const e = expectIommufdError(() => ioas.mapFile(dmabuf), "ENODEV", "IOMMU_IOAS_MAP_FILE", "file");
     expect(e.message).toContain("revoked");

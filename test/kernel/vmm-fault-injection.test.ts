@@ -5,7 +5,17 @@
  * pinned pages), and the objects still work.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { changeProcess, DirtyBitmap, FaultQueue, HwPageTable, Iommufd, IommufdError, MemfdBuffer, readHwInfo, type Ioas } from "../../src/index.ts";
+import {
+  changeProcess,
+  DirtyBitmap,
+  FaultQueue,
+  HwPageTable,
+  Iommufd,
+  IommufdError,
+  MemfdBuffer,
+  readHwInfo,
+  type Ioas,
+} from "../../src/index.ts";
 import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { FailNth } from "../support/fail-nth.ts";
 import { openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
@@ -27,7 +37,8 @@ const report: string[] = [];
 
 beforeAll(() => {
   requireIommufd();
-  if (!FailNth.available()) throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
+  if (!FailNth.available())
+    throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
   failNth = new FailNth();
 });
 
@@ -94,8 +105,11 @@ function sweep(c: Case): void {
     if (!hit) {
       expect(error).toBeUndefined();
       report.push(
-        `  ${c.name.padEnd(34)} ${String(n - 1).padStart(3)} points  ${Object.entries(errnos).map(([k, v]) => `${k} x${v}`).join(", ") || "-"}` +
-          (tolerated ? `  (tolerated by the kernel: ${tolerated})` : ""),
+        `  ${c.name.padEnd(34)} ${String(n - 1).padStart(3)} points  ${
+          Object.entries(errnos)
+            .map(([k, v]) => `${k} x${v}`)
+            .join(", ") || "-"
+        }` + (tolerated ? `  (tolerated by the kernel: ${tolerated})` : ""),
       );
       return;
     }
@@ -179,7 +193,8 @@ test("IOMMU_FAULT_QUEUE_ALLOC and a fault table", () => {
       env.hwpt = HwPageTable.allocate(env.ioas, env.mock, { faultQueue: env.queue });
     },
     verify(env) {
-      const queue = env.queue ?? (env.queue = FaultQueue.allocate(env.iommufd));
+      env.queue ??= FaultQueue.allocate(env.iommufd);
+      const queue = env.queue;
       const table = env.hwpt ?? HwPageTable.allocate(env.ioas, env.mock, { faultQueue: queue });
       env.mock.replace(table);
       env.mock.triggerPageFault({ address: 0x4000, groupId: 1 });

@@ -8,7 +8,9 @@ export const HAVE_IOMMUFD = existsSync("/dev/iommu");
 /** Kernel tests must run where iommufd exists; `bun run test` arranges that (a VM here). */
 export function requireIommufd(): void {
   if (!HAVE_IOMMUFD) {
-    throw new Error("/dev/iommu is missing: run the kernel tests through `bun run test` (it boots a VM) or on a host with CONFIG_IOMMUFD");
+    throw new Error(
+      "/dev/iommu is missing: run the kernel tests through `bun run test` (it boots a VM) or on a host with CONFIG_IOMMUFD",
+    );
   }
 }
 
@@ -24,7 +26,12 @@ export function pinnedKiB(): { pin: number; lck: number } {
 }
 
 /** Runs fn, expects an IommufdError with this code and operation; returns it for more checks. */
-export function expectIommufdError(fn: () => unknown, code: string, operation: string, argument?: string): IommufdError {
+export function expectIommufdError(
+  fn: () => unknown,
+  code: string,
+  operation: string,
+  argument?: string,
+): IommufdError {
   let thrown: unknown;
   try {
     fn();

@@ -106,13 +106,23 @@ describe("parsers", () => {
   });
 
   test("kernel releases", () => {
-    expect(parseKernelRelease("6.18.44-fc-v657")).toEqual({ major: 6, minor: 18, patch: 44, release: "6.18.44-fc-v657" });
+    expect(parseKernelRelease("6.18.44-fc-v657")).toEqual({
+      major: 6,
+      minor: 18,
+      patch: 44,
+      release: "6.18.44-fc-v657",
+    });
     expect(parseKernelRelease("6.1.0-28-amd64")).toMatchObject({ major: 6, minor: 1, patch: 0 });
     expect(parseKernelRelease("7.2.13\n")).toMatchObject({ major: 7, minor: 2, patch: 13, release: "7.2.13" });
     expect(parseKernelRelease("6.19-rc1")).toMatchObject({ major: 6, minor: 19, patch: 0 });
     expect(parseKernelRelease("unknown")).toBeUndefined();
     const v = parseKernelRelease("6.13.0")!;
-    expect([kernelAtLeast(v, 6, 2), kernelAtLeast(v, 6, 13), kernelAtLeast(v, 6, 19), kernelAtLeast(v, 7, 0)]).toEqual([true, true, false, false]);
+    expect([kernelAtLeast(v, 6, 2), kernelAtLeast(v, 6, 13), kernelAtLeast(v, 6, 19), kernelAtLeast(v, 7, 0)]).toEqual([
+      true,
+      true,
+      false,
+      false,
+    ]);
     expect(kernelAtLeast(parseKernelRelease("7.0.1")!, 6, 19)).toBe(true);
   });
 
@@ -128,8 +138,19 @@ describe("parsers", () => {
     expect(parseHugePageDir("hugepages-2048kB")).toBe(2 << 20);
     expect(parseHugePageDir("hugepages-1048576kB")).toBe(1 << 30);
     expect(parseHugePageDir("README")).toBeUndefined();
-    expect([parseSize("64M"), parseSize("1G"), parseSize("4096"), parseSize("2MiB"), parseSize("lots")]).toEqual([64 << 20, 1 << 30, 4096, 2 << 20, undefined]);
-    expect([formatBytes(8388608), formatBytes(1 << 30), formatBytes(4096), formatBytes(100)]).toEqual(["8 MiB", "1 GiB", "4 KiB", "100 bytes"]);
+    expect([parseSize("64M"), parseSize("1G"), parseSize("4096"), parseSize("2MiB"), parseSize("lots")]).toEqual([
+      64 << 20,
+      1 << 30,
+      4096,
+      2 << 20,
+      undefined,
+    ]);
+    expect([formatBytes(8388608), formatBytes(1 << 30), formatBytes(4096), formatBytes(100)]).toEqual([
+      "8 MiB",
+      "1 GiB",
+      "4 KiB",
+      "100 bytes",
+    ]);
   });
 });
 
@@ -151,7 +172,15 @@ function goodFacts(): DoctorFacts {
     iommuGroups: 7,
     pciDevices: [
       { address: "0000:00:00.0", vendor: 0x8086, device: 0x29c0, driver: undefined, iommuGroup: "0" },
-      { address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "vfio-pci", iommuGroup: "3", vfioNode: "/dev/vfio/devices/vfio0", vfioNodeExists: true },
+      {
+        address: "0000:00:03.0",
+        vendor: 0x1234,
+        device: 0x11e8,
+        driver: "vfio-pci",
+        iommuGroup: "3",
+        vfioNode: "/dev/vfio/devices/vfio0",
+        vfioNodeExists: true,
+      },
     ],
     nrHugepages: 256,
     hugePagePools: [{ pageBytes: 2 << 20, total: 256, free: 256 }],
@@ -176,31 +205,53 @@ describe("checks on hand-made facts", () => {
     expect(report.usable).toBe(true);
     expect(report.checks.every((c) => c.fix === undefined)).toBe(true);
     const text = formatReport(report);
-    expect(text).toContain("0000:00:03.0  1234:11e8 (QEMU edu)  driver vfio-pci, IOMMU group 3, /dev/vfio/devices/vfio0");
+    expect(text).toContain(
+      "0000:00:03.0  1234:11e8 (QEMU edu)  driver vfio-pci, IOMMU group 3, /dev/vfio/devices/vfio0",
+    );
     expect(text).toMatch(/^PASS {2}\/dev\/iommu +opened \/dev\/iommu and created IOAS 1/m);
   });
 
   test("iommufd that opens but cannot allocate an IOAS is not usable", () => {
-    const facts = { ...goodFacts(), iommufd: { ok: false, failedAt: "ioas" as const, errno: 12, code: "ENOMEM", message: "out of memory" } };
+    const facts = {
+      ...goodFacts(),
+      iommufd: { ok: false, failedAt: "ioas" as const, errno: 12, code: "ENOMEM", message: "out of memory" },
+    };
     const report = reportFrom(facts);
     expect(report.exitCode).toBe(1);
-    expect(checkIommufd(facts)).toMatchObject({ status: "fail", summary: expect.stringContaining("IOMMU_IOAS_ALLOC failed [ENOMEM]") });
+    expect(checkIommufd(facts)).toMatchObject({
+      status: "fail",
+      summary: expect.stringContaining("IOMMU_IOAS_ALLOC failed [ENOMEM]"),
+    });
   });
 
   test("EACCES on /dev/iommu: fail with a permission fix", () => {
-    const facts = { ...goodFacts(), iommufd: { ok: false, failedAt: "open" as const, errno: 13, code: "EACCES", message: "permission denied" } };
+    const facts = {
+      ...goodFacts(),
+      iommufd: { ok: false, failedAt: "open" as const, errno: 13, code: "EACCES", message: "permission denied" },
+    };
     const check = checkIommufd(facts);
     expect(check.status).toBe("fail");
     expect(check.fix).toContain("udev rule");
   });
 
   test("CONFIG_IOMMUFD=m with no node: load the module", () => {
-    const facts: DoctorFacts = { ...goodFacts(), iommuNode: "missing", iommufd: undefined, configSource: "/boot/config-6.8.0", config: { CONFIG_IOMMUFD: "m" } };
+    const facts: DoctorFacts = {
+      ...goodFacts(),
+      iommuNode: "missing",
+      iommufd: undefined,
+      configSource: "/boot/config-6.8.0",
+      config: { CONFIG_IOMMUFD: "m" },
+    };
     expect(checkIommufd(facts).fix).toContain("modprobe iommufd");
   });
 
   test("memlock: a non-root user with a small limit is warned, with ulimit in the fix", () => {
-    const facts: DoctorFacts = { ...goodFacts(), uid: 1000, capIpcLock: false, memlock: { soft: 8 << 20, hard: undefined, units: "bytes" } };
+    const facts: DoctorFacts = {
+      ...goodFacts(),
+      uid: 1000,
+      capIpcLock: false,
+      memlock: { soft: 8 << 20, hard: undefined, units: "bytes" },
+    };
     const check = checkMemlock(facts);
     expect(check.status).toBe("warn");
     expect(check.summary).toContain("8 MiB");
@@ -208,7 +259,9 @@ describe("checks on hand-made facts", () => {
     const hardCapped = checkMemlock({ ...facts, memlock: { soft: 8 << 20, hard: 8 << 20, units: "bytes" } });
     expect(hardCapped.fix).toContain("hard limit");
     expect(checkMemlock({ ...facts, mapBytes: 1 << 20 }).status).toBe("pass");
-    expect(checkMemlock({ ...facts, memlock: { soft: undefined, hard: undefined, units: "bytes" } }).status).toBe("pass");
+    expect(checkMemlock({ ...facts, memlock: { soft: undefined, hard: undefined, units: "bytes" } }).status).toBe(
+      "pass",
+    );
   });
 
   test("kernel versions: too old fails, pre-6.19 warns about dma-bufs", () => {
@@ -220,16 +273,33 @@ describe("checks on hand-made facts", () => {
   });
 
   test("vfio: a device on vfio-pci without a cdev asks for CONFIG_VFIO_DEVICE_CDEV", () => {
-    const facts: DoctorFacts = { ...goodFacts(), pciDevices: [{ address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "vfio-pci" }] };
+    const facts: DoctorFacts = {
+      ...goodFacts(),
+      pciDevices: [{ address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "vfio-pci" }],
+    };
     expect(checkVfio(facts)).toMatchObject({ status: "warn", fix: expect.stringContaining("CONFIG_VFIO_DEVICE_CDEV") });
-    const unbound: DoctorFacts = { ...goodFacts(), pciDevices: [{ address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "edu" }] };
+    const unbound: DoctorFacts = {
+      ...goodFacts(),
+      pciDevices: [{ address: "0000:00:03.0", vendor: 0x1234, device: 0x11e8, driver: "edu" }],
+    };
     expect(checkVfio(unbound).fix).toContain('bindToVfioPci("0000:00:03.0")');
   });
 
   test("dma-buf: ENOTTY from the probe means an older kernel; no probe falls back to the config", () => {
-    const notty: DoctorFacts = { ...goodFacts(), dmabuf: { node: "/dev/vfio/devices/vfio0", supported: false, failedAt: "probe", errno: 25, code: "ENOTTY" } };
-    expect(checkDmaBuf(notty)).toMatchObject({ status: "warn", fix: expect.stringContaining("CONFIG_VFIO_PCI_DMABUF") });
-    const byConfig: DoctorFacts = { ...goodFacts(), dmabuf: undefined, configSource: "/proc/config.gz", config: { CONFIG_IOMMUFD: "y", CONFIG_VFIO_PCI_DMABUF: "y" } };
+    const notty: DoctorFacts = {
+      ...goodFacts(),
+      dmabuf: { node: "/dev/vfio/devices/vfio0", supported: false, failedAt: "probe", errno: 25, code: "ENOTTY" },
+    };
+    expect(checkDmaBuf(notty)).toMatchObject({
+      status: "warn",
+      fix: expect.stringContaining("CONFIG_VFIO_PCI_DMABUF"),
+    });
+    const byConfig: DoctorFacts = {
+      ...goodFacts(),
+      dmabuf: undefined,
+      configSource: "/proc/config.gz",
+      config: { CONFIG_IOMMUFD: "y", CONFIG_VFIO_PCI_DMABUF: "y" },
+    };
     expect(checkDmaBuf(byConfig).status).toBe("pass");
     const old: DoctorFacts = { ...byConfig, kernelRelease: "6.18.3" };
     expect(checkDmaBuf(old)).toMatchObject({ status: "warn", summary: expect.stringContaining("6.18 < 6.19") });
@@ -290,20 +360,32 @@ describe("this machine", () => {
   test("the report describes this kernel and process", () => {
     expect(report.kernel).toBe(release());
     expect(report.uid).toBe(process.getuid!());
-    expect(report.checks.map((c) => c.id)).toEqual(["kernel", "config", "iommufd", "memlock", "iommu", "vfio", "hugepages", "dmabuf"]);
+    expect(report.checks.map((c) => c.id)).toEqual([
+      "kernel",
+      "config",
+      "iommufd",
+      "memlock",
+      "iommu",
+      "vfio",
+      "hugepages",
+      "dmabuf",
+    ]);
     for (const check of report.checks) if (check.status !== "pass") expect(check.fix).toBeTruthy();
   });
 
-  test.skipIf(hasIommu)("no /dev/iommu: the /dev/iommu check fails with a CONFIG_IOMMUFD fix and the exit code is 1", () => {
-    const check = report.checks.find((c) => c.id === "iommufd")!;
-    expect(check.status).toBe("fail");
-    expect(check.summary).toContain("/dev/iommu does not exist");
-    expect(check.fix).toContain("CONFIG_IOMMUFD=y");
-    expect(check.fix).toContain("bun run vm --");
-    expect(report.usable).toBe(false);
-    expect(report.exitCode).toBe(1);
-    expect(report.verdict).toContain("NOT usable");
-  });
+  test.skipIf(hasIommu)(
+    "no /dev/iommu: the /dev/iommu check fails with a CONFIG_IOMMUFD fix and the exit code is 1",
+    () => {
+      const check = report.checks.find((c) => c.id === "iommufd")!;
+      expect(check.status).toBe("fail");
+      expect(check.summary).toContain("/dev/iommu does not exist");
+      expect(check.fix).toContain("CONFIG_IOMMUFD=y");
+      expect(check.fix).toContain("bun run vm --");
+      expect(report.usable).toBe(false);
+      expect(report.exitCode).toBe(1);
+      expect(report.verdict).toContain("NOT usable");
+    },
+  );
 
   test("the kernel config check agrees with /proc/config.gz or /boot/config-*", () => {
     const check = report.checks.find((c) => c.id === "config")!;
@@ -324,7 +406,8 @@ describe("this machine", () => {
     expect(report.facts.memlock).toEqual(limits);
     const capEff = parseCapEff(readFileSync("/proc/self/status", "utf8"));
     expect(report.facts.capIpcLock).toBe(capEff !== undefined && hasCapability(capEff, CAP_IPC_LOCK));
-    if (report.facts.capIpcLock) expect(report.checks.find((c) => c.id === "memlock")!.summary).toContain("CAP_IPC_LOCK");
+    if (report.facts.capIpcLock)
+      expect(report.checks.find((c) => c.id === "memlock")!.summary).toContain("CAP_IPC_LOCK");
 
     const groups = existsSync("/sys/kernel/iommu_groups") ? readdirSync("/sys/kernel/iommu_groups").length : undefined;
     expect(report.facts.iommuGroups).toBe(groups);
@@ -343,7 +426,12 @@ describe("this machine", () => {
 
 describe("the CLI", () => {
   async function run(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    const proc = Bun.spawn([process.execPath, cli, ...args], { cwd: root, stdout: "pipe", stderr: "pipe", env: { ...process.env, NO_COLOR: "1" } });
+    const proc = Bun.spawn([process.execPath, cli, ...args], {
+      cwd: root,
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, NO_COLOR: "1" },
+    });
     const [stdout, stderr] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
     return { code: await proc.exited, stdout, stderr };
   }

@@ -9,8 +9,12 @@ import { Iommufd } from "../../src/index.ts";
 
 describe("errno table", () => {
   test("numbers are Linux's", () => {
-    expect([ERRNO.EPERM, ERRNO.ENOENT, ERRNO.EBADF, ERRNO.ENOMEM, ERRNO.EEXIST, ERRNO.EINVAL]).toEqual([1, 2, 9, 12, 17, 22]);
-    expect([ERRNO.EMSGSIZE, ERRNO.EOPNOTSUPP, ERRNO.EADDRINUSE, ERRNO.ENODEV, ERRNO.ENOTTY]).toEqual([90, 95, 98, 19, 25]);
+    expect([ERRNO.EPERM, ERRNO.ENOENT, ERRNO.EBADF, ERRNO.ENOMEM, ERRNO.EEXIST, ERRNO.EINVAL]).toEqual([
+      1, 2, 9, 12, 17, 22,
+    ]);
+    expect([ERRNO.EMSGSIZE, ERRNO.EOPNOTSUPP, ERRNO.EADDRINUSE, ERRNO.ENODEV, ERRNO.ENOTTY]).toEqual([
+      90, 95, 98, 19, 25,
+    ]);
   });
 
   test("code and meaning lookups, with a fallback for unknown numbers", () => {
@@ -28,11 +32,25 @@ describe("errno table", () => {
 
 describe("IommufdError", () => {
   test("carries errno, code, operation, argument and hint, all in the message", () => {
-    const e = new IommufdError({ operation: "IOMMU_IOAS_MAP", errno: 17, message: "IOVA range 0x1000..0x1fff overlaps", argument: "options.iova", hint: "pick another IOVA" });
+    const e = new IommufdError({
+      operation: "IOMMU_IOAS_MAP",
+      errno: 17,
+      message: "IOVA range 0x1000..0x1fff overlaps",
+      argument: "options.iova",
+      hint: "pick another IOVA",
+    });
     expect(e).toBeInstanceOf(Error);
     expect(e.name).toBe("IommufdError");
-    expect([e.errno, e.code, e.operation, e.argument, e.hint]).toEqual([17, "EEXIST", "IOMMU_IOAS_MAP", "options.iova", "pick another IOVA"]);
-    expect(e.message).toBe("IOMMU_IOAS_MAP (options.iova): IOVA range 0x1000..0x1fff overlaps [EEXIST] Hint: pick another IOVA");
+    expect([e.errno, e.code, e.operation, e.argument, e.hint]).toEqual([
+      17,
+      "EEXIST",
+      "IOMMU_IOAS_MAP",
+      "options.iova",
+      "pick another IOVA",
+    ]);
+    expect(e.message).toBe(
+      "IOMMU_IOAS_MAP (options.iova): IOVA range 0x1000..0x1fff overlaps [EEXIST] Hint: pick another IOVA",
+    );
   });
 
   test("helpers build the three kinds of failure", () => {
@@ -59,13 +77,13 @@ describe("IommufdError", () => {
     "Iommufd.open on this machine without /dev/iommu explains the kernel option" +
       (hasIommu ? " [skipped: this host has /dev/iommu; the kernel tests cover a real open]" : ""),
     () => {
-    try {
-      Iommufd.open();
-      throw new Error("not thrown");
-    } catch (error) {
-      expect((error as IommufdError).code).toBe("ENOENT");
-      expect((error as IommufdError).hint).toContain("CONFIG_IOMMUFD");
-    }
+      try {
+        Iommufd.open();
+        throw new Error("not thrown");
+      } catch (error) {
+        expect((error as IommufdError).code).toBe("ENOENT");
+        expect((error as IommufdError).hint).toContain("CONFIG_IOMMUFD");
+      }
     },
   );
 });

@@ -4,7 +4,7 @@ import { Iommufd, MemfdBuffer } from "../../src/index.ts";
 import { ERRNO } from "../../src/sys/errno.ts";
 import { IommufdError } from "../../src/sys/error.ts";
 import { counters, type ErrnoTable, ioctl, isErrno } from "../../src/sys/ioctl.ts";
-import { IOMMU_DESTROY, iommu_destroy } from "../../src/uapi/iommufd.ts";
+import { IOMMU_DESTROY, iommu_destroy, iommu_ioas_map, iommu_ioas_map_file } from "../../src/uapi/iommufd.ts";
 
 // A memfd is no iommufd: any iommufd ioctl on it fails with ENOTTY, a real kernel answer that
 // needs no /dev/iommu.
@@ -88,5 +88,27 @@ describe("Ioas on a closed MemfdBuffer", () => {
       expect({ code: f.code, operation: f.operation }).toEqual({ code: "EBADF", operation: "IOMMU_IOAS_MAP_FILE" });
       expect(counters.ioctls).toBe(before);
     });
+  });
+});
+
+describe("one encoder for MAP and MAP_FILE", () => {
+  test("the two commands have one layout, field for field", () => {
+    const pairs = [
+      ["size", "size"],
+      ["flags", "flags"],
+      ["ioas_id", "ioas_id"],
+      ["__reserved", "fd"],
+      ["user_va", "start"],
+      ["length", "length"],
+      ["iova", "iova"],
+    ] as const;
+    expect(iommu_ioas_map.size).toBe(iommu_ioas_map_file.size);
+    for (const [map, mapFile] of pairs) {
+      expect([map, iommu_ioas_map.fields[map].offset, iommu_ioas_map.fields[map].size]).toEqual([
+        map,
+        iommu_ioas_map_file.fields[mapFile].offset,
+        iommu_ioas_map_file.fields[mapFile].size,
+      ]);
+    }
   });
 });

@@ -94,6 +94,9 @@ test("DirtyBitmap checks its arguments with typed errors", () => {
       error = e;
     }
     expect(error).toBeInstanceOf(IommufdError);
-    expect({ code: (error as IommufdError).code, argument: (error as IommufdError).argument }).toEqual({ code, argument });
+    expect({ code: (error as IommufdError).code, argument: (error as IommufdError).argument }).toEqual({
+      code,
+      argument,
+    });
   }
 });
