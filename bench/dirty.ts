@@ -14,34 +14,41 @@ export const DIRTY_CASE_ID = "dirtyBitmap/mock/1GiB@4KiB";
 export const DIRTY_LABEL = "GET_DIRTY_BITMAP of 1 GiB IOVA at 4 KiB (mock domain, 32 KiB bitmap zeroed first)";
 
 const CHUNK = 64 << 20;
-const CHUNKS = 16;
-const RANGE = CHUNK * CHUNKS;
 const PAGE = 4096;
 
 export interface DirtyBench {
   /** The timed operation. */
   read(): void;
-  /** Dirty pages the first read found (every 7th page: 37450). */
+  /** For the C side: the table and the range it reads. */
+  iommufdFd: number;
+  hwptId: number;
+  iova: number;
+  /** Dirty pages the first read found (every 7th page: 37450 for 1 GiB). */
   firstReadDirtyPages: number;
   dispose(): void;
 }
 
-export function setupDirtyBench(): DirtyBench {
+/** `range` bytes of IOVA (a multiple of 64 MiB, at most 1 GiB: the mock aperture ends at 2 GiB). */
+export function setupDirtyBench(range = 1 << 30): DirtyBench {
+  const chunk = Math.min(CHUNK, range);
   const iommufd = Iommufd.open();
   const ioas = iommufd.createIoas();
   ioas.hugePages = false;
   const mock = MockDomain.attach(ioas);
-  const memory = MemfdBuffer.create(CHUNK);
-  for (let i = 0; i < CHUNKS; i++) ioas.mapFile(memory, { iova: MOCK_APERTURE_START + i * CHUNK });
+  const memory = MemfdBuffer.create(chunk);
+  for (let at = 0; at < range; at += chunk) ioas.mapFile(memory, { iova: MOCK_APERTURE_START + at });
   const hwpt = HwPageTable.allocate(ioas, mock, { dirtyTracking: true });
   hwpt.setDirtyTracking(true);
-  const bitmap = new DirtyBitmap({ iova: MOCK_APERTURE_START, length: RANGE, pageSize: PAGE });
+  const bitmap = new DirtyBitmap({ iova: MOCK_APERTURE_START, length: range, pageSize: PAGE });
   for (let page = 0; page < bitmap.pages; page += 7) bitmap.bytes[page >> 3]! |= 1 << (page & 7);
   markMockDirty(hwpt, iommufd, bitmap);
   hwpt.readDirty(bitmap);
   const firstReadDirtyPages = bitmap.countDirty();
   return {
     read: () => void hwpt.readDirty(bitmap),
+    iommufdFd: iommufd.fd,
+    hwptId: hwpt.id,
+    iova: MOCK_APERTURE_START,
     firstReadDirtyPages,
     dispose() {
       hwpt.destroy();
