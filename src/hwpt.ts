@@ -53,15 +53,21 @@ export class HwPageTable {
   readonly dirtyTrackingCapable: boolean;
   readonly nestParent: boolean;
   readonly faultQueue: FaultQueue | undefined;
+  /**
+   * The IOAS's IOVA alignment when the table was made: the smallest page the IOMMU tracks. A
+   * dirty bitmap at a finer page size would get only the first bit of each dirty IOMMU page.
+   */
+  readonly granule: number;
   #alive = true;
   #goneBecause = "";
   #dirtyTracking = false;
 
-  private constructor(ioas: Ioas, id: number, deviceId: number, options: HwPageTableOptions) {
+  private constructor(ioas: Ioas, id: number, deviceId: number, granule: number, options: HwPageTableOptions) {
     this.iommufd = ioas.iommufd;
     this.ioas = ioas;
     this.id = id;
     this.deviceId = deviceId;
+    this.granule = granule;
     this.dirtyTrackingCapable = options.dirtyTracking === true;
     this.nestParent = options.nestParent === true;
     this.faultQueue = options.faultQueue;
@@ -108,7 +114,16 @@ export class HwPageTable {
       fault_id: faultId,
     });
     ioas.iommufd.ioctl(IOMMU_HWPT_ALLOC, allocCmd, op, HWPT_ALLOC_ERRORS, options);
-    const hwpt = new HwPageTable(ioas, allocCmd.get("out_hwpt_id"), devId, options);
+    const id = allocCmd.get("out_hwpt_id");
+    let granule: number;
+    try {
+      // The table is part of the IOAS now: the IOAS's alignment covers this table's page size.
+      granule = ioas.iovaRanges().alignment;
+    } catch (error) {
+      ioas.iommufd.destroyObject(id, op);
+      throw error;
+    }
+    const hwpt = new HwPageTable(ioas, id, devId, granule, options);
     ioas.iommufd.track(hwpt);
     return hwpt;
   }
@@ -165,6 +180,14 @@ export class HwPageTable {
     const fd = this.assertOpen(op);
     if (!(bitmap instanceof DirtyBitmap))
       throw argumentError(op, "bitmap", "expected a DirtyBitmap (new DirtyBitmap({ iova, length, pageSize }))");
+    if (bitmap.pageSize < this.granule) {
+      throw argumentError(
+        op,
+        "bitmap",
+        `page size ${bitmap.pageSize} is below the ${this.granule}-byte IOVA granule of hw page table ${this.id}: ` +
+          "the kernel would report only the first bit of each dirty IOMMU page",
+      );
+    }
     const w = bitmap.command.u32;
     w[DIRTY.hwpt] = this.id;
     w[DIRTY.flags] = options.clear === false ? IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR : 0;
