@@ -39,6 +39,32 @@ function dmaRoundTrip(edu: Edu, buffer: MemfdBuffer, seed: number): boolean {
   return buffer.bytes.subarray(0x8000, 0x8000 + count).every((b, i) => b === buffer.bytes[i]);
 }
 
+/** Lines of a stream, one next() at a time (a for-await loop would close the stream on break). */
+function lineReader(stream: ReadableStream<Uint8Array>): { next(): Promise<string | undefined> } {
+  const reader = stream.getReader();
+  const decoder = new TextDecoder();
+  let pending = "";
+  return {
+    async next() {
+      for (;;) {
+        const cut = pending.indexOf("\n");
+        if (cut >= 0) {
+          const line = pending.slice(0, cut);
+          pending = pending.slice(cut + 1);
+          return line;
+        }
+        const { value, done } = await reader.read();
+        if (done) {
+          const rest = pending;
+          pending = "";
+          return rest || undefined;
+        }
+        pending += decoder.decode(value);
+      }
+    },
+  };
+}
+
 interface Handed {
   ioasId: number;
   deviceId: number;
@@ -85,17 +111,8 @@ async function oldProcess(): Promise<number> {
   const child = Bun.spawn([process.execPath, import.meta.path, "--adopt", JSON.stringify(handed)], {
     stdio: ["pipe", "pipe", "inherit", iommufd.fd, device.fd, buffer.fd],
   });
-  const lines = (async function* () {
-    let pending = "";
-    for await (const chunk of child.stdout) {
-      pending += new TextDecoder().decode(chunk);
-      for (let cut = pending.indexOf("\n"); cut >= 0; cut = pending.indexOf("\n")) {
-        yield pending.slice(0, cut);
-        pending = pending.slice(cut + 1);
-      }
-    }
-  })();
-  for await (const line of lines) {
+  const lines = lineReader(child.stdout);
+  for (let line = await lines.next(); line !== undefined; line = await lines.next()) {
     console.log(line);
     if (line.startsWith("new process") && line.includes("took over")) break;
   }
@@ -106,7 +123,7 @@ async function oldProcess(): Promise<number> {
   iommufd.close();
   child.stdin.write("closed\n");
   await child.stdin.end();
-  for await (const line of lines) console.log(line);
+  for (let line = await lines.next(); line !== undefined; line = await lines.next()) console.log(line);
   const code = await child.exited;
   console.log(code === 0 ? "done" : `new process exited with ${code}`);
   return code;

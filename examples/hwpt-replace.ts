@@ -34,23 +34,21 @@ using bar = device.mapRegion(0);
 const edu = new Edu(bar);
 device.setBusMaster(true);
 
-// edu copies 16 bytes from IOVA into its own buffer and back to IOVA + 0x1000.
+// edu copies 32 bytes from IOVA into its own buffer and back to IOVA + 0x1000.
 function copyThroughDevice(): void {
-  edu.fromRam(IOVA, 0, 16);
-  edu.toRam(0, IOVA + 0x1000, 16);
+  edu.fromRam(IOVA, 0, 32);
+  edu.toRam(0, IOVA + 0x1000, 32);
 }
+const copied = (buffer: MemfdBuffer) =>
+  new TextDecoder().decode(buffer.bytes.subarray(0x1000, 0x1020)).replace(/\0+$/, "");
 bufferA.bytes.set(new TextEncoder().encode("written via IOAS A"), 0);
 bufferB.bytes.set(new TextEncoder().encode("written via IOAS B"), 0);
 copyThroughDevice();
-console.log(
-  `attached to table ${tableA.id}: edu copied "${new TextDecoder().decode(bufferA.bytes.subarray(0x1000, 0x1010))}" inside buffer A`,
-);
+console.log(`attached to table ${tableA.id}: edu copied "${copied(bufferA)}" inside buffer A`);
 
 const now = device.attach(tableB.id);
 copyThroughDevice();
-console.log(
-  `replaced with table ${now} while attached: edu copied "${new TextDecoder().decode(bufferB.bytes.subarray(0x1000, 0x1010))}" inside buffer B`,
-);
+console.log(`replaced with table ${now} while attached: edu copied "${copied(bufferB)}" inside buffer B`);
 device.setBusMaster(false);
 device.detach();
 console.log("done");
