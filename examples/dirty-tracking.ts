@@ -32,7 +32,7 @@ using hwpt = HwPageTable.allocate(ioas, device, { dirtyTracking: true });
 device.replace(hwpt);
 hwpt.setDirtyTracking(true);
 console.log(
-  `hw page table ${hwpt.id} tracks dirty pages of IOVA ${"0x" + mapping.iova.toString(16)}..+${guestMemory.size}`,
+  `hw page table ${hwpt.id} tracks dirty pages of IOVA ${`0x${mapping.iova.toString(16)}`}..+${guestMemory.size}`,
 );
 
 // The "device" writes pages 3, 4 and 200 (the mock IOMMU sets their dirty bits).

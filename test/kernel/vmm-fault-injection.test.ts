@@ -109,7 +109,7 @@ function sweep(c: Case): void {
           Object.entries(errnos)
             .map(([k, v]) => `${k} x${v}`)
             .join(", ") || "-"
-        }` + (tolerated ? `  (tolerated by the kernel: ${tolerated})` : ""),
+        }${tolerated ? `  (tolerated by the kernel: ${tolerated})` : ""}`,
       );
       return;
     }
