@@ -1,179 +1,261 @@
 /**
- * Builds and runs the C baseline (bench/baseline/map_bench.c). It is built on the host, where
- * the tree is writable and the compiler native, before any guest boots; a guest only runs it.
+ * The C side of `bun bench`: builds bench/baseline/*.c into one program (cbench) on the host,
+ * where the tree is writable and the compiler native, and talks to one cbench process per case.
+ *
+ * A build is reused only while its stamp matches: the stamp holds a hash of the compile command,
+ * the compiler's version and every file the compiler read (sources and kernel headers, from its
+ * own dependency list). Anything else rebuilds; no compiler is an error, never a stale binary.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, statSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { cacheRoot, selftestHeaderDir, uapiIncludeDir } from "../test/support/headers.ts";
-import type { CaseSpec, Mode } from "./cases.ts";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { basename, join, relative } from "node:path";
+import { uapiIncludeDir } from "../test/support/headers.ts";
+import type { CCounterpart } from "./suite.ts";
 
 const here = import.meta.dir;
-const source = join(here, "baseline", "map_bench.c");
-export const hostBinary = join(here, "baseline", "build", "map_bench");
+const defaultSourceDir = join(here, "baseline");
+const defaultBuildDir = join(defaultSourceDir, "build");
+/** Where `bun bench` builds the C side (on the host; the guest runs it from there). */
+export const binaryPath = join(defaultBuildDir, "cbench");
 
 export interface Build {
-  binary?: string;
-  /** Why there is no binary, or what it lacks. */
-  note?: string;
-  command?: string[];
+  binary: string;
+  /** "reused" or "built", and the command without host paths. */
+  how: "built" | "reused";
+  command: string[];
+  compiler: string;
+  /** The kernel UAPI headers it was compiled against (their directory's version name). */
+  headers: string;
+}
+
+export class BaselineError extends Error {}
+
+interface Stamp {
+  command: string[];
+  compiler: string;
+  files: Record<string, string>;
+}
+
+function sha256(data: string | Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
+function hashFiles(files: string[]): Record<string, string> | undefined {
+  const out: Record<string, string> = {};
+  for (const f of files) {
+    if (!existsSync(f)) return undefined;
+    out[f] = sha256(readFileSync(f));
+  }
+  return out;
+}
+
+/** Files listed in a make-style dependency file written by cc -MD. */
+function depsOf(depFile: string): string[] {
+  const text = readFileSync(depFile, "utf8").replace(/\\\n/g, " ");
+  const files = new Set<string>();
+  for (const line of text.split("\n")) {
+    const colon = line.indexOf(": ");
+    if (colon < 0) continue;
+    for (const f of line.slice(colon + 2).split(/\s+/)) if (f) files.add(f);
+  }
+  return [...files].sort();
+}
+
+/** The path-free form of a command or a path, for results files. */
+export function withoutHostPaths(s: string, includeDir: string): string {
+  return s.replace(includeDir, `<${headersName(includeDir)}>`).replace(`${here}/`, "bench/");
+}
+
+function headersName(includeDir: string): string {
+  // .../headers/linux-libc-dev-7.2.13-1/usr/include -> linux-libc-dev-7.2.13-1
+  return basename(join(includeDir, "..", ".."));
 }
 
 /**
- * iommufd_test.h is not exported UAPI. vm/kernel.sh keeps a copy beside the kernel it builds; a
- * kernel cached without one still has its source package in the download cache, so take the
- * header from there (once: 15 s of xz).
+ * The cbench binary, rebuilt when a source, a header or the compiler changed. Throws
+ * BaselineError when it cannot be built (no cc, no headers, a compile error).
  */
-function selftestHeader(buildDir: string): string | undefined {
-  const kept = selftestHeaderDir();
-  if (kept) return kept;
-  const dir = join(buildDir, "include");
-  if (existsSync(join(dir, "iommufd_test.h"))) return dir;
-  const downloads = join(cacheRoot(), "downloads");
-  if (!existsSync(downloads)) return undefined;
-  const deb = readdirSync(downloads)
-    .filter((n) => /^linux-source-.*\.deb$/.test(n))
-    .map((n) => join(downloads, n))
-    .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs)[0];
-  if (!deb) return undefined;
-  mkdirSync(dir, { recursive: true });
-  const tmp = join(dir, `iommufd_test.h.${process.pid}`);
-  const sh = Bun.spawnSync(
-    [
-      "sh",
-      "-c",
-      `dpkg-deb --fsys-tarfile "$1" | tar -xO --wildcards '*.tar.xz' | tar -xJO --wildcards '*/drivers/iommu/iommufd/iommufd_test.h' > "$2"`,
-      "sh",
-      deb,
-      tmp,
-    ],
-    { stderr: "pipe" },
-  );
-  if (sh.exitCode !== 0 || statSync(tmp).size === 0) return undefined;
-  renameSync(tmp, join(dir, "iommufd_test.h"));
-  return dir;
-}
-
-/** cc -O2 against the kernel's UAPI headers (and iommufd_test.h when a test kernel was built). */
-export function buildBaseline(outDir = join(here, "baseline", "build")): Build {
-  if (!Bun.which("cc")) return { note: "no C compiler (cc) in PATH: the C baseline is skipped" };
+export function buildBaseline(where: { sourceDir?: string; buildDir?: string; path?: string } = {}): Build {
+  const sourceDir = where.sourceDir ?? defaultSourceDir;
+  const buildDir = where.buildDir ?? defaultBuildDir;
+  const binaryPath = join(buildDir, "cbench");
+  const stampPath = join(buildDir, "cbench.stamp.json");
+  const cc = Bun.which("cc", where.path !== undefined ? { PATH: where.path } : undefined);
+  if (!cc)
+    throw new BaselineError("no C compiler: `cc` is not in PATH (install build-essential); the C side cannot be built");
   let include: string;
   try {
     include = uapiIncludeDir();
   } catch (error) {
-    return { note: `no kernel UAPI headers: ${(error as Error).message.split("\n")[0]}` };
+    throw new BaselineError(`no kernel UAPI headers for the C side: ${(error as Error).message.split("\n")[0]}`);
   }
-  try {
-    mkdirSync(outDir, { recursive: true });
-  } catch {
-    outDir = mkdtempSync(join(tmpdir(), "map-bench-"));
-  }
-  const selftest = selftestHeader(outDir);
-  const binary = join(outDir, "map_bench");
-  const command = [
-    "cc",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    ...(selftest ? ["-DHAVE_IOMMUFD_TEST_H", `-I${selftest}`] : []),
-    `-I${include}`,
-    "-o",
-    binary,
-    source,
-  ];
-  const cc = Bun.spawnSync(command, { stdout: "pipe", stderr: "pipe" });
-  if (cc.exitCode !== 0) return { note: `cc failed:\n${cc.stderr.toString()}`, command };
-  return {
-    binary,
-    command,
-    note: selftest
-      ? undefined
-      : "built without iommufd_test.h (no test kernel built yet): the C side has no mock domain",
+  const version = Bun.spawnSync([cc, "--version"], { stdout: "pipe" }).stdout.toString().split("\n")[0] ?? "cc";
+  const sources = readdirSync(sourceDir)
+    .filter((n) => n.endsWith(".c"))
+    .sort()
+    .map((n) => join(sourceDir, n));
+  mkdirSync(buildDir, { recursive: true });
+  const tmp = `${binaryPath}.${process.pid}`;
+  const command = [cc, "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", `-I${include}`, "-o", tmp, ...sources];
+  const stampCommand = command.map((a) => (a === tmp ? "cbench" : a === cc ? "cc" : a));
+
+  const info = {
+    command: stampCommand.map((a) => withoutHostPaths(a, include)),
+    compiler: version,
+    headers: headersName(include),
   };
+  if (existsSync(binaryPath) && existsSync(stampPath)) {
+    try {
+      const stamp = JSON.parse(readFileSync(stampPath, "utf8")) as Stamp;
+      const now = hashFiles(Object.keys(stamp.files));
+      const sameSources = sources.every((s) => s in stamp.files);
+      if (
+        sameSources &&
+        now &&
+        JSON.stringify(now) === JSON.stringify(stamp.files) &&
+        JSON.stringify(stamp.command) === JSON.stringify(stampCommand) &&
+        stamp.compiler === version
+      ) {
+        return { binary: binaryPath, how: "reused", ...info };
+      }
+    } catch {
+      // unreadable stamp: rebuild
+    }
+  }
+
+  rmSync(stampPath, { force: true });
+  const depFile = join(buildDir, "cbench.d");
+  const files = new Set<string>();
+  for (const source of sources) {
+    // Dependencies per source (-MD with several sources writes one .d each, named after -o).
+    const dep = Bun.spawnSync([cc, "-MM", "-MF", depFile, `-I${include}`, "-std=gnu11", source], { stderr: "pipe" });
+    if (dep.exitCode !== 0)
+      throw new BaselineError(`cc -MM ${relative(here, source)} failed:\n${dep.stderr.toString()}`);
+    for (const f of depsOf(depFile)) files.add(f.startsWith("/") ? f : join(process.cwd(), f));
+  }
+  const compiled = Bun.spawnSync(command, { stdout: "pipe", stderr: "pipe" });
+  if (compiled.exitCode !== 0) {
+    rmSync(tmp, { force: true });
+    throw new BaselineError(`the C side does not compile:\n${compiled.stderr.toString()}`);
+  }
+  renameSync(tmp, binaryPath);
+  const hashed = hashFiles([...files]);
+  if (hashed)
+    writeFileSync(
+      stampPath,
+      `${JSON.stringify({ command: stampCommand, compiler: version, files: hashed } satisfies Stamp, null, 2)}\n`,
+    );
+  return { binary: binaryPath, how: "built", ...info };
 }
 
-/** The binary built on the host; inside a guest without one, a build into /tmp as a fallback. */
-export function baselineBinary(): Build {
-  if (existsSync(hostBinary)) return { binary: hostBinary };
-  return buildBaseline(mkdtempSync(join(tmpdir(), "map-bench-")));
+/** One sample of one side: per-operation times in ns, as mitata reports them per iteration / k. */
+export interface Sample {
+  p50: number;
+  avg: number;
+  min: number;
+  p25: number;
+  p75: number;
+  p99: number;
+  max: number;
+  samples: number;
+  ticks: number;
 }
 
-export interface CStats {
-  id: string;
+interface Reply {
   ok: boolean;
   error?: string;
-  warmupPairs?: number;
-  batch?: number;
-  samples?: number;
-  ticks?: number;
-  avg?: number;
-  min?: number;
-  p25?: number;
-  p50?: number;
-  p75?: number;
-  p99?: number;
-  max?: number;
+  ready?: boolean;
+  warmupOps?: number;
 }
 
-/** Runs the given cases in one process, in order; one result per case (missing ones as errors). */
-export async function runBaseline(
-  binary: string,
-  cases: CaseSpec[],
-  m: Mode,
-  log: (line: string) => void,
-): Promise<Map<string, CStats>> {
-  const out = new Map<string, CStats>();
-  if (cases.length === 0) return out;
-  const proc = Bun.spawn(
-    [
-      binary,
-      "--warmup-pairs",
-      String(m.warmupPairs),
-      "--warmup-ms",
-      String(m.warmupMs),
-      "--warmup-max-ms",
-      String(m.warmupMaxMs),
-      "--min-ms",
-      String(m.minMs),
-      ...cases.map((c) => `${c.id}:${c.k}`),
-    ],
-    { stdout: "pipe", stderr: "pipe" },
-  );
-  // Lines arrive as cases finish: print them as progress, since a full run takes minutes.
+/**
+ * One cbench process for one case, holding the case's descriptors (as fds 3, 4, ...) for as long
+ * as the case runs; commands go in on stdin, one JSON line comes back per command.
+ */
+export class CProcess {
+  readonly #proc: Bun.Subprocess<"pipe", "pipe", "pipe">;
+  readonly #lines: AsyncGenerator<string>;
+  readonly #what: string;
+
+  private constructor(proc: Bun.Subprocess<"pipe", "pipe", "pipe">, what: string) {
+    this.#proc = proc;
+    this.#what = what;
+    this.#lines = lines(proc.stdout);
+  }
+
+  static async start(binary: string, counterpart: CCounterpart, k: number): Promise<CProcess> {
+    const proc = Bun.spawn([binary, counterpart.op, String(k), ...counterpart.args.map(String)], {
+      stdio: ["pipe", "pipe", "pipe", ...counterpart.fds],
+    }) as unknown as Bun.Subprocess<"pipe", "pipe", "pipe">;
+    const c = new CProcess(proc, `cbench ${counterpart.op}`);
+    const ready = await c.#reply();
+    if (!ready.ready) throw new Error(`${c.#what}: no ready line`);
+    return c;
+  }
+
+  async #reply(): Promise<Reply & Partial<Sample>> {
+    const next = await this.#lines.next();
+    if (next.done) {
+      const code = await this.#proc.exited;
+      const stderr = (await new Response(this.#proc.stderr).text()).trim();
+      throw new Error(`${this.#what} exited (status ${code})${stderr ? `: ${stderr}` : ""}`);
+    }
+    const reply = JSON.parse(next.value) as Reply & Partial<Sample>;
+    if (!reply.ok) throw new Error(`${this.#what}: ${reply.error}`);
+    return reply;
+  }
+
+  async #command(line: string): Promise<Reply & Partial<Sample>> {
+    this.#proc.stdin.write(`${line}\n`);
+    await this.#proc.stdin.flush();
+    return this.#reply();
+  }
+
+  async warmUp(ops: number, ms: number, maxMs: number): Promise<number> {
+    return (await this.#command(`warmup ${ops} ${ms} ${maxMs}`)).warmupOps ?? 0;
+  }
+
+  async measure(minMs: number): Promise<Sample> {
+    const r = await this.#command(`measure ${minMs}`);
+    return {
+      p50: r.p50!,
+      avg: r.avg!,
+      min: r.min!,
+      p25: r.p25!,
+      p75: r.p75!,
+      p99: r.p99!,
+      max: r.max!,
+      samples: r.samples!,
+      ticks: r.ticks!,
+    };
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.#proc.stdin.end();
+    } catch {
+      // already gone
+    }
+    const code = await this.#proc.exited;
+    if (code !== 0) throw new Error(`${this.#what} exited with status ${code}`);
+  }
+
+  kill(): void {
+    this.#proc.kill();
+  }
+}
+
+async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
   const decoder = new TextDecoder();
   let pending = "";
-  for await (const chunk of proc.stdout as ReadableStream<Uint8Array>) {
+  for await (const chunk of stream) {
     pending += decoder.decode(chunk, { stream: true });
     for (let nl = pending.indexOf("\n"); nl >= 0; nl = pending.indexOf("\n")) {
-      const line = pending.slice(0, nl);
+      const line = pending.slice(0, nl).trim();
       pending = pending.slice(nl + 1);
-      if (!line.trim()) continue;
-      try {
-        const stats = JSON.parse(line) as CStats;
-        out.set(stats.id, stats);
-        log(
-          stats.ok
-            ? `  C ${stats.id.padEnd(28)} ${formatNs(stats.p50!)}/pair (p50)`
-            : `  C ${stats.id.padEnd(28)} error: ${stats.error}`,
-        );
-      } catch {
-        log(`  C: unexpected output: ${line}`);
-      }
+      if (line) yield line;
     }
   }
-  const code = await proc.exited;
-  const stderr = (await new Response(proc.stderr as ReadableStream).text()).trim();
-  for (const spec of cases) {
-    if (!out.has(spec.id)) {
-      out.set(spec.id, {
-        id: spec.id,
-        ok: false,
-        error: `map_bench exited with status ${code} before this case${stderr ? `: ${stderr}` : ""}`,
-      });
-    }
-  }
-  return out;
 }
 
 export function formatNs(ns: number): string {

@@ -15,7 +15,7 @@ import { Iommufd, MemfdBuffer, type Ioas } from "../src/index.ts";
 import { counters } from "../src/sys/ioctl.ts";
 import { libc } from "../src/sys/libc.ts";
 import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_copy } from "../src/uapi/iommufd.ts";
-import { BENCH_IOVA } from "./cases.ts";
+import { BENCH_IOVA } from "./suite.ts";
 
 type Symbols = { ioctl: (fd: number, request: number, arg: Pointer | number) => number };
 

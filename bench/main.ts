@@ -1,56 +1,57 @@
 /**
- * `bun bench`: map/unmap throughput of the library against a C baseline run in the same session.
+ * `bun bench`: the library against a C program doing the same work on the same memory, in paired
+ * rounds, tracked over commits.
  *
- *   bun bench [--quick] [--json] [--filter REGEX] [--save]
+ *   bun bench [--quick | --full] [--json] [--filter REGEX] [--save] [--no-c]
+ *   bun bench history [--out FILE]
  *
- *   --quick    smoke mode for CI: 4 and 64 KiB, short warm-up, one round; proves the suite runs,
- *              says nothing about speed. Its results go to a scratch dir unless --save.
+ *   (default)  the cases a user tracks, 10 paired rounds each (a few minutes in the TCG guest)
+ *   --full     every case, 16 rounds
+ *   --quick    CI's smoke test: small cases, 2 rounds; fails when a planned case did not report,
+ *              lacks its C side or ratio (or, under CI=true, was skipped). Results go to a scratch
+ *              dir unless --save.
  *   --json     the results as JSON on stdout (everything else goes to stderr)
- *   --filter   only cases whose id matches ("mapFile/mock", "4KiB$", "free\\+alloc")
- *   --save     keep quick or filtered results in bench/results/ too (full runs always are)
+ *   --filter   only cases whose id matches ("mapFile/mock", "4KiB$", "^heap/")
+ *   --save     keep quick or filtered results in bench/results/ too (whole runs always are)
+ *   --no-c     run without the C side (no ratios); otherwise a missing compiler is an error
+ *   history    print every saved run's tracked figures; write bench/results/history.html
  *
  * Where /dev/iommu exists the suite runs right here. Elsewhere it runs itself again inside the
  * QEMU guest of vm/run.ts (TCG: emulated time, so only ratios carry over), after building the C
- * baseline on the host, where the tree is writable. The allocator benchmark is pure JS and always
- * runs on the host.
- *
- * How the C ratio is formed: rounds alternate C then library (C, lib, C, lib in a full run); each
- * side's time per pair is its best per-round median (mitata's p50 on the library side, the same
- * statistic over the same sampling rule in C). Best-of rather than mean-of, because noise in a
- * shared or emulated machine only ever adds time.
+ * side on the host, where the tree is writable.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
-import { run } from "mitata";
-import { Iommufd } from "../src/index.ts";
+import { basename, join, resolve } from "node:path";
+import { findPciDevices, Iommufd } from "../src/index.ts";
 import { MockDomain } from "../src/selftest.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
-import { baselineBinary, buildBaseline, runBaseline, type Build, type CStats } from "./baseline.ts";
-import { mode, OP_LABEL, planCases, probeMachine, type CaseSpec } from "./cases.ts";
-import { benchName, registerLibraryBenchmarks, warmProcess } from "./library.ts";
+import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
+import { runCase, runMode, type CaseResult } from "./runner.ts";
 import {
   compare,
-  cSample,
   machine,
   previousResults,
+  ratioPlot,
   save,
-  side,
-  table,
-  verdicts,
-  type AllocatorResult,
-  type CaseResult,
+  tables,
+  THRESHOLD,
   type Measurement,
   type Results,
+  type SkippedCase,
 } from "./results.ts";
+import { inTier, MiB, registeredSuites, type BenchCase, type BenchEnv, type Tier } from "./suite.ts";
+import "./suites/index.ts";
 
 const root = resolve(import.meta.dir, "..");
 const MEASUREMENT_FILE = "measurement.json";
+const started = performance.now();
 
 interface Args {
-  quick: boolean;
+  tier: Tier;
   json: boolean;
   save: boolean;
+  noC: boolean;
   filter?: RegExp;
   filterSource?: string;
   /** Internal: this process is the guest side; hand the measurement back through $IOMMUFD_VM_OUT. */
@@ -65,18 +66,24 @@ function usage(): string {
 }
 
 function parseArgs(argv: string[]): Args {
-  const args: Args = { quick: false, json: false, save: false, child: false };
+  const args: Args = { tier: "default", json: false, save: false, noC: false, child: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     switch (a) {
       case "--quick":
-        args.quick = true;
+        args.tier = "quick";
+        break;
+      case "--full":
+        args.tier = "full";
         break;
       case "--json":
         args.json = true;
         break;
       case "--save":
         args.save = true;
+        break;
+      case "--no-c":
+        args.noC = true;
         break;
       case "--child":
         args.child = true;
@@ -100,6 +107,8 @@ function parseArgs(argv: string[]): Args {
   return args;
 }
 
+const isCI = !!process.env.CI && !["0", "false", "no", ""].includes(process.env.CI.toLowerCase());
+
 // In --json mode stdout carries the JSON alone; everything for people goes to stderr.
 let jsonMode = false;
 const say = (line = "") => (jsonMode ? process.stderr : process.stdout).write(`${line}\n`);
@@ -111,276 +120,322 @@ function useColors(): boolean {
   return !!(jsonMode ? process.stderr : process.stdout).isTTY;
 }
 
-function mitataOptions(filter?: RegExp) {
-  return {
-    filter,
-    colors: useColors(),
-    print: (s: string) => say(s),
-    format: { mitata: { name: "longest" as const } },
-  };
-}
-
-async function runAllocator(args: Args): Promise<AllocatorResult[]> {
-  let register: (() => void) | undefined;
+function meminfo(): Map<string, number> {
+  const out = new Map<string, number>();
   try {
-    register = (await import("./allocator.ts")).registerAllocatorBenchmarks;
-  } catch (error) {
-    say(`allocator benchmark skipped: bench/allocator.ts cannot be loaded (${(error as Error).message})`);
-    return [];
+    for (const line of readFileSync("/proc/meminfo", "utf8").split("\n")) {
+      const m = /^(\S+):\s+(\d+)(?: kB)?/.exec(line);
+      if (m) out.set(m[1]!, Number(m[2]) * (line.endsWith("kB") ? 1024 : 1));
+    }
+  } catch {
+    // no /proc: every memory check fails closed
   }
-  if (typeof register !== "function") {
-    say("allocator benchmark skipped: bench/allocator.ts has no registerAllocatorBenchmarks()");
-    return [];
-  }
-  say("== allocator (pure JS, on this host) ==");
-  register();
-  const { benchmarks } = await run(mitataOptions(args.filter));
-  const out: AllocatorResult[] = [];
-  for (const trial of benchmarks) {
-    for (const r of trial.runs) if (r.stats) out.push({ name: r.name, avgNs: r.stats.avg, p50Ns: r.stats.p50 });
-  }
-  say();
   return out;
 }
 
-/** Whether this kernel has the selftest mock domain (CONFIG_IOMMUFD_TEST). */
-function probeMock(notes: string[]): boolean {
+function readTrimmed(path: string): string | undefined {
   try {
-    using iommufd = Iommufd.open();
-    const ioas = iommufd.createIoas();
-    MockDomain.attach(ioas).destroy();
-    return true;
-  } catch (error) {
-    notes.push(`mock domain unavailable: ${(error as Error).message}`);
-    return false;
+    return readFileSync(path, "utf8").trim();
+  } catch {
+    return undefined;
   }
 }
 
-/** The measuring half: next to a /dev/iommu, in the guest or on a host that has one. */
-async function measure(args: Args, build: Build, vm: boolean): Promise<Measurement> {
-  const m = mode(args.quick);
-  const notes: string[] = [];
-  const probe = { ...probeMachine(), mock: probeMock(notes) };
-  const { cases, skipped } = planCases(m, probe, args.filter);
-  if (build.note) notes.push(build.note);
-  for (const s of skipped) say(`skipped ${s.id}: ${s.reason}`);
-  if (!build.binary) say(`no C baseline: ${build.note ?? "not built"}`);
-
-  const lib = new Map<
-    string,
-    { p50: number; avg: number; min: number; p99: number; samples: number; ticks: number }[]
-  >();
-  const c = new Map<string, CStats[]>();
-  const errors = new Map<string, Set<string>>();
-  const warmups = new Map<string, number>();
-  const byName = new Map(cases.map((spec) => [benchName(spec), spec]));
-  const addError = (id: string, e: string) => (errors.get(id) ?? errors.set(id, new Set()).get(id)!).add(e);
-
-  for (let round = 1; round <= m.rounds; round++) {
-    if (build.binary) {
-      say(`== round ${round}/${m.rounds}: C baseline (${cases.length} cases) ==`);
-      const results = await runBaseline(build.binary, cases, m, say);
-      for (const [id, s] of results) {
-        if (s.ok) (c.get(id) ?? c.set(id, []).get(id)!).push(s);
-        else addError(id, `C: ${s.error}`);
-      }
-    }
-    say(`== round ${round}/${m.rounds}: library (mitata) ==`);
-    if (round === 1 && m.processWarmupMs > 0 && cases.length > 0) {
-      say(`(warming the Bun process up for ${m.processWarmupMs / 1000} s first)`);
-      warmProcess(m);
-    }
-    registerLibraryBenchmarks(cases, m, warmups);
-    const { benchmarks } = await run(mitataOptions());
-    for (const trial of benchmarks) {
-      for (const r of trial.runs) {
-        const spec = byName.get(r.name);
-        if (!spec) continue;
-        if (r.stats) {
-          // mitata timed iterations of k pairs: per pair from here on.
-          const { p50, avg, min, p99, samples, ticks } = r.stats;
-          const k = spec.k;
-          (lib.get(spec.id) ?? lib.set(spec.id, []).get(spec.id)!).push({
-            p50: p50 / k,
-            avg: avg / k,
-            min: min / k,
-            p99: p99 / k,
-            samples: samples.length,
-            ticks: ticks * k,
-          });
-        } else {
-          addError(spec.id, `library: ${(r.error as Error)?.message ?? String(r.error)}`);
-        }
-      }
-    }
-    say();
+/** What this machine offers the cases. */
+function probe(notes: string[]): BenchEnv {
+  let mock = false;
+  try {
+    using iommufd = Iommufd.open();
+    MockDomain.attach(iommufd.createIoas()).destroy();
+    mock = true;
+  } catch (error) {
+    notes.push(`mock domain unavailable: ${(error as Error).message}`);
   }
-
-  const results: CaseResult[] = cases.map((spec: CaseSpec) => {
-    const cRuns = (c.get(spec.id) ?? []).map(cSample).filter((s) => s !== undefined);
-    const library = side(lib.get(spec.id) ?? [], spec.size, warmups.get(spec.id));
-    const cSide = side(cRuns, spec.size, c.get(spec.id)?.[0]?.warmupPairs);
-    return {
-      ...spec,
-      label: OP_LABEL[spec.op],
-      library,
-      c: cSide,
-      ratio: library && cSide ? library.nsPerPair / cSide.nsPerPair : undefined,
-      errors: [...(errors.get(spec.id) ?? [])],
-    };
+  // edu (vendor 0x1234, device 0x11e8) when it is on vfio-pci.
+  const edu = findPciDevices(0x1234, 0x11e8).find((address) => {
+    try {
+      return basename(readlinkSync(`/sys/bus/pci/devices/${address}/driver`)) === "vfio-pci";
+    } catch {
+      return false;
+    }
   });
-
+  const info = meminfo();
   return {
-    vm,
-    machine: machine(),
-    bun: `${Bun.version} (${Bun.revision.slice(0, 9)})`,
-    settings: {
-      ...m,
-      statistic: `best of ${m.rounds} round(s) of the median (p50) time per map+unmap pair`,
-      order: "per round: the C baseline over all cases, then the library over all cases",
-    },
-    cases: results,
-    skipped,
-    notes,
+    mock,
+    edu,
+    hugeFree: info.get("Hugepagesize") === 2 * MiB ? (info.get("HugePages_Free") ?? 0) * 2 * MiB : 0,
+    memAvailable: info.get("MemAvailable") ?? 0,
+    pagemap: process.getuid?.() === 0,
+    vm: process.env.IOMMUFD_IN_VM === "1",
+    extra: {},
   };
 }
 
-function git(args: string[]): string {
-  const r = Bun.spawnSync(["git", ...args], { cwd: root, stdout: "pipe", stderr: "pipe" });
+/** The cases of this run, in suite order, and the ones this machine cannot run (with why). */
+export function plan(env: BenchEnv, tier: Tier, filter?: RegExp): { cases: BenchCase[]; skipped: SkippedCase[] } {
+  const cases: BenchCase[] = [];
+  const skipped: SkippedCase[] = [];
+  const seen = new Set<string>();
+  for (const suite of registeredSuites()) {
+    for (const spec of suite.cases(env)) {
+      if (seen.has(spec.id)) throw new Error(`bench: case id ${spec.id} used twice`);
+      seen.add(spec.id);
+      if (!inTier(spec.tier, tier) || (filter && !filter.test(spec.id))) continue;
+      const reason = spec.skip?.(env);
+      if (reason) skipped.push({ id: spec.id, reason });
+      else cases.push({ ...spec, suite: suite.name });
+    }
+  }
+  return { cases, skipped };
+}
+
+/** The measuring half: next to a /dev/iommu, in the guest or on a host that has one. */
+async function measure(args: Args, cBinary: string | undefined): Promise<Measurement> {
+  const t0 = performance.now();
+  const mode = runMode(args.tier);
+  const notes: string[] = [];
+  const env = probe(notes);
+  const { cases, skipped } = plan(env, args.tier, args.filter);
+  for (const s of skipped) say(`skipped ${s.id}: ${s.reason}`);
+  if (!cBinary) say("no C side in this run: no ratios");
+  say(`${cases.length} case(s), ${mode.rounds} paired rounds each (${mode.tier} run)`);
+  const results: CaseResult[] = [];
+  let suite = "";
+  for (const [i, spec] of cases.entries()) {
+    if (spec.suite !== suite) {
+      suite = spec.suite;
+      say(`== ${suite}: ${registeredSuites().find((s) => s.name === suite)?.description ?? ""} ==`);
+    }
+    results.push(await runCase(spec, env, mode, cBinary, say, i === 0));
+  }
+  const shmemThp = readTrimmed("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
+  return {
+    vm: env.vm,
+    machine: machine(),
+    bun: `${Bun.version} (${Bun.revision.slice(0, 9)})`,
+    settings: {
+      ...mode,
+      statistic: "median over the rounds of each round's median time per operation (mitata's p50; the same rule in C)",
+      order: "per case, sides alternate round by round: C, lib (, ref) then (ref,) lib, C, ...; a ratio per round",
+      interval:
+        "order-statistic interval of the median over rounds, confidence >= 95% where the round count allows (10 rounds: 2nd lowest..2nd highest, 97.9%)",
+    },
+    env: {
+      mock: env.mock,
+      edu: env.edu !== undefined,
+      hugeFreeMiB: env.hugeFree / MiB,
+      pagemap: env.pagemap,
+      shmemThp,
+      ...env.extra,
+    },
+    planned: cases.map((c) => c.id),
+    cases: results,
+    skipped,
+    notes,
+    measureSeconds: (performance.now() - t0) / 1000,
+  };
+}
+
+function git(argv: string[]): string {
+  const r = Bun.spawnSync(["git", ...argv], { cwd: root, stdout: "pipe", stderr: "pipe" });
   return r.exitCode === 0 ? r.stdout.toString().trim() : "";
+}
+
+/** Why a quick (smoke) run fails: every planned case reports, with its C side and ratio. */
+export function smokeProblems(results: Pick<Results, "planned" | "cases" | "skipped">, ci: boolean): string[] {
+  const problems: string[] = [];
+  const byId = new Map(results.cases.map((c) => [c.id, c]));
+  if (results.planned.length === 0) problems.push("no case was planned");
+  for (const id of results.planned) {
+    const c = byId.get(id);
+    if (!c) {
+      problems.push(`${id}: planned but did not report`);
+      continue;
+    }
+    if (c.errors.length) problems.push(`${id}: ${c.errors.join("; ")}`);
+    if (!c.lib) problems.push(`${id}: no library figure`);
+    if (c.cPlanned && !c.c) problems.push(`${id}: no C figure`);
+    if (c.cPlanned && !c.ratio) problems.push(`${id}: no ratio`);
+    if (c.refPlanned && !c.speedup) problems.push(`${id}: no speedup`);
+  }
+  if (ci) for (const s of results.skipped) problems.push(`${s.id}: skipped under CI (${s.reason})`);
+  return problems;
 }
 
 /** Dates, names and files the measuring side cannot know or write (the guest's tree is read-only). */
 function finish(
   args: Args,
-  measurement: Measurement,
-  extra: { host?: Results["host"]; build: Build; allocator: AllocatorResult[] },
+  m: Measurement,
+  extra: { host?: Results["host"]; build?: Build; bootSeconds?: number },
 ): number {
   const results: Results = {
-    schema: 1,
+    schema: 2,
     date: new Date().toISOString(),
     commit: git(["rev-parse", "--short", "HEAD"]) || "unknown",
     dirty: git(["status", "--porcelain", "--", "src", "bench"]) !== "",
-    mode: args.quick ? "quick" : "full",
+    mode: args.tier,
     filter: args.filterSource,
-    ...measurement,
+    ...m,
     host: extra.host,
-    cBuild: extra.build.command,
-    allocator: extra.allocator,
-    regressions: [],
+    cBuild: extra.build
+      ? {
+          how: extra.build.how,
+          command: extra.build.command,
+          compiler: extra.build.compiler,
+          headers: extra.build.headers,
+        }
+      : undefined,
+    bootSeconds: extra.bootSeconds,
+    wallSeconds: (performance.now() - started) / 1000,
+    threshold: THRESHOLD,
+    changes: [],
   };
   const previous = previousResults(results);
   if (previous) {
-    results.previous = previous.path;
-    results.regressions = compare(results, previous.results);
+    results.previous = previous.file;
+    results.changes = compare(results, previous.results);
   }
-  const path = save(results, args.save);
-
-  say(
-    `== map/unmap pairs: library vs C (${results.vm ? "QEMU/TCG guest: emulated time, compare ratios" : "this host"}) ==`,
-  );
-  say(table(results));
+  const where = results.vm ? "QEMU/TCG guest: emulated time, compare ratios" : "this host";
   say();
-  if (results.mode === "quick")
-    say("quick mode: a smoke test of the suite, not a measurement (short warm-up, one round)");
-  else for (const line of verdicts(results)) say(line);
+  say(`== results (${where}) ==`);
+  say(tables(results));
+  const plot = ratioPlot(results, useColors());
+  if (plot) {
+    say();
+    say("lib/C per round (mitata box plot: min, quartiles, max; the mark is the median):");
+    say(plot);
+  }
+  say();
   if (previous) {
+    const reg = results.changes.filter((c) => c.kind === "regression");
     say(
-      `compared with ${previous.path}: ${results.regressions.length ? `${results.regressions.length} case(s) more than 10% slower` : "no case more than 10% slower"}`,
+      `compared with ${previous.file}: ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s) (intervals apart by more than ${THRESHOLD * 100}%)`,
     );
-    for (const line of results.regressions) say(line);
+    for (const c of results.changes) say(c.text);
   } else {
     say(`no earlier ${results.mode} results to compare with`);
   }
-  say(`results: ${path}`);
+  let status = 0;
+  let path: string;
+  try {
+    path = save(results, args.save);
+    say(
+      `results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds?.toFixed(0)} s in all)`,
+    );
+  } catch (error) {
+    say((error as Error).message);
+    status = 1;
+  }
   if (jsonMode) process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
 
-  const broken = results.cases.filter((c) => c.errors.length > 0 || !c.library);
-  if (broken.length) {
-    say(`${broken.length} case(s) failed: ${broken.map((c) => c.id).join(", ")}`);
-    return 1;
+  const problems =
+    results.mode === "quick"
+      ? smokeProblems(results, isCI)
+      : results.cases.flatMap((c) =>
+          c.errors.length || !c.lib ? [`${c.id}: ${c.errors.join("; ") || "no figure"}`] : [],
+        );
+  if (problems.length) {
+    say(`${results.mode === "quick" ? "smoke test FAILED" : "run had failures"}:`);
+    for (const p of problems) say(`  ${p}`);
+    status = 1;
   }
-  return 0;
+  return status;
+}
+
+/** The C side, or undefined with --no-c; a build that fails ends the run (never a stale binary). */
+function cSide(args: Args): Build | undefined {
+  if (args.noC) return undefined;
+  const build = buildBaseline();
+  say(`C side ${build.how}: ${build.command.join(" ")}`);
+  return build;
 }
 
 async function inGuest(args: Args): Promise<number> {
   const out = process.env.IOMMUFD_VM_OUT;
-  const measurement = await measure(args, baselineBinary(), process.env.IOMMUFD_IN_VM === "1");
   if (!out) throw new Error("--child runs inside the guest of vm/run.ts, which sets IOMMUFD_VM_OUT");
+  // The host built it (and checked it is current) before booting this guest.
+  const binary = args.noC ? undefined : binaryPath;
+  if (binary && !existsSync(binary)) throw new Error(`no ${binary}: the host side builds it before the guest boots`);
+  const measurement = await measure(args, binary);
   writeFileSync(join(out, MEASUREMENT_FILE), JSON.stringify(measurement));
   return 0;
 }
 
-async function viaGuest(args: Args, allocator: AllocatorResult[]): Promise<number> {
-  const isCI = !!process.env.CI && !["0", "false", "no"].includes(process.env.CI.toLowerCase());
+async function viaGuest(args: Args): Promise<number> {
   const available = vmAvailability();
   if (!available.ok) {
-    say(`map/unmap benchmarks skipped: no /dev/iommu here and no test guest (${available.reason})`);
+    say(`benchmarks skipped: no /dev/iommu here and no test guest (${available.reason})`);
     return isCI ? 1 : 0;
   }
-  say("no /dev/iommu here: the map/unmap benchmarks run in the QEMU/TCG guest (vm/run.ts).");
-  say("running in the QEMU/TCG guest: absolute times are emulated, ratios are what count");
+  say(
+    "no /dev/iommu here: the benchmarks run in the QEMU/TCG guest (vm/run.ts); absolute times are emulated, ratios count",
+  );
   let kernel: string;
   try {
-    // Built now rather than by runInGuest: the C baseline compiles against its iommufd_test.h.
     kernel = await kernelImage();
   } catch (error) {
-    say(`map/unmap benchmarks failed: ${(error as Error).message}`);
+    say(`benchmarks failed: ${(error as Error).message}`);
     return 1;
   }
-  const build = buildBaseline();
-  if (build.binary) say(`C baseline built: ${build.command?.join(" ")}`);
-  else say(`C baseline not built: ${build.note}`);
-
+  const build = cSide(args);
   const outDir = mkdtempSync(join(tmpdir(), "bun-iommufd-bench-"));
   try {
     const passThrough = [
-      ...(args.quick ? ["--quick"] : []),
+      ...(args.tier !== "default" ? [`--${args.tier}`] : []),
       ...(args.filterSource !== undefined ? ["--filter", args.filterSource] : []),
       ...(args.json ? ["--json"] : []),
+      ...(args.noC ? ["--no-c"] : []),
     ];
     const guest = await runInGuest({
       command: [process.execPath, join("bench", "main.ts"), "--child", ...passThrough],
       cwd: root,
       kernel,
       outDir,
-      timeoutSeconds: args.quick ? 900 : 3600,
+      timeoutSeconds: args.tier === "full" ? 5400 : 1200,
       env: { BENCH_COLORS: useColors() ? "1" : "0" },
       onStdout: (chunk) => (jsonMode ? process.stderr : process.stdout).write(chunk),
       log: (line) => process.stderr.write(`${line}\n`),
     });
     const file = join(outDir, MEASUREMENT_FILE);
     if (guest.exitCode !== 0 || !existsSync(file)) {
-      say(
-        `map/unmap benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`,
-      );
+      say(`benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`);
       return guest.exitCode || 1;
     }
     const measurement = JSON.parse(readFileSync(file, "utf8")) as Measurement;
-    return finish(args, measurement, { host: machine(), build, allocator });
+    return finish(args, measurement, { host: machine(), build, bootSeconds: guest.bootSeconds });
   } finally {
     rmSync(outDir, { recursive: true, force: true });
   }
 }
 
 async function main(): Promise<number> {
+  const argv = process.argv.slice(2);
+  if (argv[0] === "history") {
+    const { history } = await import("./history.ts");
+    return history(argv.slice(1));
+  }
   let args: Args;
   try {
-    args = parseArgs(process.argv.slice(2));
+    args = parseArgs(argv);
   } catch (error) {
     console.error(`bench: ${(error as Error).message}\n\n${usage()}`);
     return 2;
   }
   jsonMode = args.json;
-  if (args.child) return inGuest(args);
-
-  const allocator = await runAllocator(args);
-  if (!existsSync("/dev/iommu")) return viaGuest(args, allocator);
-
-  const build = buildBaseline();
-  if (!build.binary) say(`C baseline not built: ${build.note}`);
-  const measurement = await measure(args, build, process.env.IOMMUFD_IN_VM === "1");
-  return finish(args, measurement, { build, allocator });
+  try {
+    if (args.child) return await inGuest(args);
+    if (!existsSync("/dev/iommu")) return await viaGuest(args);
+    const build = cSide(args);
+    const measurement = await measure(args, build?.binary);
+    return finish(args, measurement, { build });
+  } catch (error) {
+    if (error instanceof BaselineError) {
+      say(`bench: ${error.message}`);
+      say("(bun bench --no-c runs the library side alone, without ratios)");
+      return 1;
+    }
+    throw error;
+  }
 }
 
-process.exitCode = await main();
+if (import.meta.main) process.exitCode = await main();

@@ -1,38 +1,16 @@
 /**
- * What a run measured, the file it is kept in, the table printed, and the comparison with the
- * previous run of the same mode.
+ * What a run measured, the file it is kept in (no host paths), the tables printed, and the
+ * comparison with the previous run of the same mode: a case is flagged only when its new
+ * interval lies beyond the previous one by more than a threshold.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
-import { cpus, tmpdir, totalmem } from "node:os";
-import { join } from "node:path";
-import { formatNs, type CStats } from "./baseline.ts";
-import { GiB, OP_LABEL, type CaseSpec, type Mode, type SkippedCase } from "./cases.ts";
-
-/** Statistics of one side of one case, over the rounds. */
-export interface SideResult {
-  /** Time per pair in ns: the best (lowest) per-round median. */
-  nsPerPair: number;
-  pairsPerSec: number;
-  gibPerSec: number;
-  /** Per-round medians and means, in run order. */
-  p50: number[];
-  avg: number[];
-  /** From the best round. */
-  min: number;
-  p99: number;
-  samples: number;
-  ticks: number;
-  warmupPairs?: number;
-}
-
-export interface CaseResult extends CaseSpec {
-  label: string;
-  library?: SideResult;
-  c?: SideResult;
-  /** library / C, both best-of-rounds medians. */
-  ratio?: number;
-  errors: string[];
-}
+import { cpus, homedir, tmpdir, totalmem } from "node:os";
+import { basename, join, resolve } from "node:path";
+import * as mitata from "mitata";
+import { formatNs, type Build } from "./baseline.ts";
+import { layoutNote } from "./layout.ts";
+import type { CaseResult, Interval, RunMode } from "./runner.ts";
+import { GiB, type Tier } from "./suite.ts";
 
 export interface Machine {
   cpu: string;
@@ -41,89 +19,80 @@ export interface Machine {
   kernel: string;
 }
 
+export interface SkippedCase {
+  id: string;
+  reason: string;
+}
+
 /** What the process next to /dev/iommu measured (in the guest or on a host that has one). */
 export interface Measurement {
   vm: boolean;
   machine: Machine;
   bun: string;
-  settings: Mode & { statistic: string; order: string };
+  settings: RunMode & { statistic: string; order: string; interval: string };
+  /** What the machine offered: domains, huge pages, transparent huge pages for shmem. */
+  env: Record<string, unknown>;
+  /** Cases the plan had for this mode and filter (ran or failed), by id. */
+  planned: string[];
   cases: CaseResult[];
   skipped: SkippedCase[];
   notes: string[];
+  measureSeconds: number;
 }
 
-export interface AllocatorResult {
-  name: string;
-  avgNs: number;
-  p50Ns: number;
+export interface Change {
+  id: string;
+  kind: "regression" | "improvement";
+  metric: "ratio" | "speedup";
+  before: Interval;
+  after: Interval;
+  /** C time per op now over then (the machine's own drift), when both runs have it. */
+  cChange?: number;
+  text: string;
 }
 
 export interface Results extends Measurement {
-  schema: 1;
+  schema: 2;
   date: string;
   commit: string;
   dirty: boolean;
-  mode: "quick" | "full";
+  mode: Tier;
   filter?: string;
   /** The machine the guest ran on, when vm is true. */
   host?: Machine;
-  cBuild?: string[];
-  allocator: AllocatorResult[];
+  cBuild?: Omit<Build, "binary">;
+  /** Wall time of the whole command, guest boot included (host side). */
+  wallSeconds?: number;
+  bootSeconds?: number;
+  /** File name (in bench/results/) of the run compared with. */
   previous?: string;
-  regressions: string[];
+  threshold: number;
+  changes: Change[];
 }
+
+/** A new interval must clear the previous one by this fraction to be flagged. */
+export const THRESHOLD = 0.05;
 
 export function machine(): Machine {
   const list = cpus();
+  let kernel = "unknown";
+  try {
+    kernel = readFileSync("/proc/sys/kernel/osrelease", "utf8").trim();
+  } catch {
+    // no /proc
+  }
   return {
     cpu: list[0]?.model ?? "unknown",
     cores: list.length,
     memoryGiB: Math.round((totalmem() / GiB) * 10) / 10,
-    kernel: (() => {
-      try {
-        return readFileSync("/proc/sys/kernel/osrelease", "utf8").trim();
-      } catch {
-        return "unknown";
-      }
-    })(),
+    kernel,
   };
-}
-
-interface Sample {
-  p50: number;
-  avg: number;
-  min: number;
-  p99: number;
-  samples: number;
-  ticks: number;
-}
-
-export function side(rounds: Sample[], size: number, warmupPairs?: number): SideResult | undefined {
-  if (rounds.length === 0) return undefined;
-  const best = rounds.reduce((a, b) => (b.p50 < a.p50 ? b : a));
-  return {
-    nsPerPair: best.p50,
-    pairsPerSec: 1e9 / best.p50,
-    gibPerSec: (size / GiB) * (1e9 / best.p50),
-    p50: rounds.map((r) => r.p50),
-    avg: rounds.map((r) => r.avg),
-    min: best.min,
-    p99: best.p99,
-    samples: best.samples,
-    ticks: best.ticks,
-    warmupPairs,
-  };
-}
-
-export function cSample(s: CStats): Sample | undefined {
-  if (!s.ok || s.p50 === undefined) return undefined;
-  return { p50: s.p50, avg: s.avg!, min: s.min!, p99: s.p99!, samples: s.samples!, ticks: s.ticks! };
 }
 
 export const resultsDir = join(import.meta.dir, "results");
 const quickSavedDir = join(resultsDir, "quick");
 /** Quick and filtered runs land here unless --save: CI runs must not pile files up in the tree. */
-const scratchDir = join(tmpdir(), "bun-iommufd-bench");
+export const scratchDir = join(tmpdir(), "bun-iommufd-bench");
 
 function dirFor(results: Results, save: boolean): string {
   if (results.mode === "quick") return save ? quickSavedDir : scratchDir;
@@ -131,138 +100,225 @@ function dirFor(results: Results, save: boolean): string {
   return resultsDir;
 }
 
-function readResults(dir: string): { path: string; results: Results }[] {
+export interface Saved {
+  file: string;
+  path: string;
+  results: Results;
+}
+
+export function readResults(dir = resultsDir): Saved[] {
   if (!existsSync(dir)) return [];
-  const out: { path: string; results: Results }[] = [];
+  const out: Saved[] = [];
   for (const name of readdirSync(dir)) {
     if (!name.endsWith(".json")) continue;
     const path = join(dir, name);
     try {
       const results = JSON.parse(readFileSync(path, "utf8")) as Results;
-      if (results.schema === 1 && Array.isArray(results.cases)) out.push({ path, results });
+      if ((results.schema === 2 || (results.schema as number) === 1) && Array.isArray(results.cases))
+        out.push({ file: name, path, results });
     } catch {
       // not ours, or half written
+    }
+  }
+  return out.sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+}
+
+/** The newest earlier schema-2 results of the same mode (and of a whole run, unless filtered). */
+export function previousResults(results: Results): Saved | undefined {
+  const dirs = results.mode === "quick" ? [quickSavedDir, scratchDir] : [resultsDir, scratchDir];
+  return dirs
+    .flatMap((d) => readResults(d))
+    .filter((r) => r.results.schema === 2 && r.results.mode === results.mode && r.results.date < results.date)
+    .filter((r) => results.filter !== undefined || r.results.filter === undefined)
+    .sort((a, b) => (a.results.date < b.results.date ? 1 : -1))[0];
+}
+
+const f3 = (x: number) => x.toFixed(3);
+
+export function fmtInterval(i: Interval | undefined, f: (x: number) => string = f3): string {
+  return i ? `${f(i.median)} [${f(i.lo)}, ${f(i.hi)}]` : "n/a";
+}
+
+/**
+ * Changes between two runs, per tracked case: the ratio (lib / C, lower is better) or the speedup
+ * (higher is better) is flagged only when the new interval lies wholly beyond the old one by more
+ * than `threshold` of it; the C side's own change is given beside it.
+ */
+export function compare(now: Results, then: Results, threshold = THRESHOLD): Change[] {
+  const before = new Map(then.cases.map((c) => [c.id, c]));
+  const out: Change[] = [];
+  for (const c of now.cases) {
+    const p = before.get(c.id);
+    if (!c.tracked || !p) continue;
+    const cChange = c.c && p.c ? c.c.median / p.c.median : undefined;
+    const cNote =
+      cChange !== undefined ? `; C itself ${cChange >= 1 ? "+" : ""}${((cChange - 1) * 100).toFixed(1)}%` : "";
+    if (c.ratio && p.ratio) {
+      const worse = c.ratio.lo > p.ratio.hi * (1 + threshold);
+      const better = c.ratio.hi < p.ratio.lo / (1 + threshold);
+      if (worse || better) {
+        const kind = worse ? "regression" : "improvement";
+        out.push({
+          id: c.id,
+          kind,
+          metric: "ratio",
+          before: p.ratio,
+          after: c.ratio,
+          cChange,
+          text: `${worse ? "REGRESSION" : "improved  "} ${c.id}: lib/C ${fmtInterval(c.ratio)}, was ${fmtInterval(p.ratio)}${cNote}`,
+        });
+      }
+    }
+    if (c.speedup && p.speedup) {
+      const worse = c.speedup.hi < p.speedup.lo / (1 + threshold);
+      const better = c.speedup.lo > p.speedup.hi * (1 + threshold);
+      if (worse || better) {
+        const f1 = (x: number) => x.toFixed(1);
+        out.push({
+          id: c.id,
+          kind: worse ? "regression" : "improvement",
+          metric: "speedup",
+          before: p.speedup,
+          after: c.speedup,
+          text: `${worse ? "REGRESSION" : "improved  "} ${c.id}: speedup ${fmtInterval(c.speedup, f1)}x, was ${fmtInterval(p.speedup, f1)}x`,
+        });
+      }
     }
   }
   return out;
 }
 
-/**
- * The newest earlier results of the same mode (full runs compare with full runs only). A whole
- * run compares with whole runs only; a filtered one with anything that has its cases.
- */
-export function previousResults(results: Results): { path: string; results: Results } | undefined {
-  const dirs = results.mode === "quick" ? [quickSavedDir, scratchDir] : [resultsDir, scratchDir];
-  return dirs
-    .flatMap(readResults)
-    .filter((r) => r.results.mode === results.mode && r.results.date < results.date)
-    .filter((r) => results.filter !== undefined || r.results.filter === undefined)
-    .sort((a, b) => (a.results.date < b.results.date ? 1 : -1))[0];
-}
-
-const REGRESSION_THRESHOLD = 1.1;
-
-/** "REGRESSION" lines for every case whose library time per pair grew by more than 10%. */
-export function compare(results: Results, previous: Results): string[] {
-  const before = new Map(previous.cases.map((c) => [c.id, c]));
-  const lines: string[] = [];
-  for (const now of results.cases) {
-    const then = before.get(now.id);
-    if (!now.library || !then?.library) continue;
-    const change = now.library.nsPerPair / then.library.nsPerPair;
-    if (change <= REGRESSION_THRESHOLD) continue;
-    // A C side that slowed down as much points at the machine, not at the library.
-    const cChange = now.c && then.c ? now.c.nsPerPair / then.c.nsPerPair : undefined;
-    const ratioNote =
-      now.ratio !== undefined && then.ratio !== undefined
-        ? `; lib/C ${then.ratio.toFixed(2)} -> ${now.ratio.toFixed(2)}`
-        : "";
-    lines.push(
-      `REGRESSION ${now.id}: ${formatNs(now.library.nsPerPair)}/pair, was ${formatNs(then.library.nsPerPair)} ` +
-        `(+${((change - 1) * 100).toFixed(1)}%${cChange !== undefined ? `; C ${cChange >= 1 ? "+" : ""}${((cChange - 1) * 100).toFixed(1)}%` : ""}${ratioNote})`,
-    );
-  }
-  return lines;
-}
-
 export function fileName(results: Results): string {
   const stamp = results.date.replace(/\.\d+Z$/, "Z").replaceAll(":", "");
-  return `${stamp}-${results.commit}.json`;
+  return `${stamp}-${results.commit}-${results.mode}.json`;
+}
+
+const projectRoot = resolve(import.meta.dir, "..");
+
+/** Strings of a results object with this machine's paths taken out (project -> ".", home -> "~"). */
+export function scrubbed(results: Results): Results {
+  const home = homedir();
+  const text = JSON.stringify(results, (_key, value) => {
+    if (typeof value !== "string") return value;
+    let s = value.split(projectRoot).join(".");
+    if (home && home !== "/") s = s.split(home).join("~");
+    return s.split(tmpdir()).join("$TMPDIR");
+  });
+  return JSON.parse(text) as Results;
+}
+
+/** Absolute paths left in a results file's text (there should be none). */
+export function hostPaths(text: string): string[] {
+  return [...new Set(text.match(/(?<![\w.~$])\/(?:root|home|tmp|work|usr|var|opt|srv|mnt)\/[^\s"']*/g) ?? [])];
 }
 
 export function save(results: Results, saveFlag: boolean): string {
   const dir = dirFor(results, saveFlag);
   mkdirSync(dir, { recursive: true });
   const path = join(dir, fileName(results));
-  writeFileSync(path, `${JSON.stringify(results, null, 2)}\n`);
+  const text = `${JSON.stringify(scrubbed(results), null, 2)}\n`;
+  const left = hostPaths(text);
+  if (left.length) throw new Error(`bench: results would carry host paths (${left.join(", ")}); not saved`);
+  writeFileSync(path, text);
   return path;
 }
 
-function pad(s: string, n: number, left = false): string {
-  return left ? s.padStart(n) : s.padEnd(n);
+function rate(bytesPerSec: number | undefined): string {
+  if (bytesPerSec === undefined || !Number.isFinite(bytesPerSec)) return "";
+  return bytesPerSec >= 100
+    ? bytesPerSec.toFixed(0)
+    : bytesPerSec >= 1
+      ? bytesPerSec.toFixed(2)
+      : bytesPerSec.toPrecision(2);
 }
 
-function rate(n: number): string {
-  if (!Number.isFinite(n)) return "n/a";
-  if (n >= 1e6) return `${(n / 1e6).toFixed(2)} M`;
-  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} k`;
-  return n.toFixed(1);
+function pad(cells: string[], widths: number[]): string {
+  return cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ");
 }
 
-function gib(n: number): string {
-  if (!Number.isFinite(n)) return "n/a";
-  return n >= 100 ? n.toFixed(0) : n >= 1 ? n.toFixed(2) : n.toPrecision(2);
-}
-
-/** The table: one row per case, library and C side by side. */
-export function table(results: Results): string {
-  const head = ["case", "lib/pair", "lib pairs/s", "lib GiB/s", "C/pair", "C pairs/s", "lib/C"];
-  const widths = [26, 11, 12, 10, 11, 10, 7];
+/** The tables people read: ratios, speedups, plain times; every figure a median [interval]. */
+export function tables(results: Results): string {
   const lines: string[] = [];
-  const row = (cells: string[]) => lines.push(cells.map((c, i) => pad(c, widths[i]!, i > 0)).join("  "));
-  row(head);
-  lines.push(widths.map((w) => "-".repeat(w)).join("  "));
-  let domain = "";
-  for (const c of results.cases) {
-    if (c.domain !== domain && domain !== "") lines.push("");
-    domain = c.domain;
-    const lib = c.library;
-    const cc = c.c;
-    row([
-      c.id,
-      lib ? formatNs(lib.nsPerPair) : "error",
-      lib ? rate(lib.pairsPerSec) : "",
-      lib ? gib(lib.gibPerSec) : "",
-      cc ? formatNs(cc.nsPerPair) : "n/a",
-      cc ? rate(cc.pairsPerSec) : "",
-      c.ratio !== undefined ? c.ratio.toFixed(3) : "n/a",
-    ]);
+  const withC = results.cases.filter((c) => c.cPlanned);
+  if (withC.length) {
+    const w = [34, 11, 11, 26, 9];
+    lines.push(pad(["case", "lib/op", "C/op", "lib/C median [interval]", "lib GiB/s"], w));
+    lines.push(w.map((n) => "-".repeat(n)).join("  "));
+    for (const c of withC) {
+      lines.push(
+        pad(
+          [
+            c.id,
+            c.lib ? formatNs(c.lib.median) : "error",
+            c.c ? formatNs(c.c.median) : "n/a",
+            fmtInterval(c.ratio),
+            rate(c.gibPerSec),
+          ],
+          w,
+        ),
+      );
+    }
+    lines.push("");
+  }
+  const withRef = results.cases.filter((c) => c.refPlanned);
+  if (withRef.length) {
+    const w = [34, 11, 13, 24];
+    lines.push(pad(["case", "lib/op", "reference/op", "speedup median [interval]"], w));
+    lines.push(w.map((n) => "-".repeat(n)).join("  "));
+    for (const c of withRef) {
+      lines.push(
+        pad(
+          [
+            c.id,
+            c.lib ? formatNs(c.lib.median) : "error",
+            c.ref ? formatNs(c.ref.median) : "n/a",
+            fmtInterval(c.speedup, (x) => `${x.toFixed(1)}x`),
+          ],
+          w,
+        ),
+      );
+    }
+    lines.push("");
+  }
+  const alone = results.cases.filter((c) => !c.cPlanned && !c.refPlanned);
+  if (alone.length) {
+    const w = [34, 36];
+    lines.push(pad(["case (no C side: absolute time)", "time/op median [interval]"], w));
+    lines.push(w.map((n) => "-".repeat(n)).join("  "));
+    for (const c of alone) lines.push(pad([c.id, fmtInterval(c.lib, formatNs)], w));
+    lines.push("");
+  }
+  const layouts = results.cases.filter((c) => c.layout && (c.layout.kind === "scattered" || c.layout.kind === "huge"));
+  if (layouts.length) {
+    lines.push("layouts (checked through /proc/self/pagemap):");
+    for (const c of layouts) lines.push(`  ${c.id.padEnd(34)} ${layoutNote(c.layout)}`);
+    lines.push("");
   }
   const errors = results.cases.flatMap((c) => c.errors.map((e) => `  ${c.id}: ${e}`));
-  if (errors.length) lines.push("", "errors:", ...errors);
-  if (results.skipped.length) lines.push("", "skipped:", ...results.skipped.map((s) => `  ${s.id}: ${s.reason}`));
-  lines.push(
-    "",
-    `time per pair = ${results.settings.statistic}; GiB/s = bytes mapped (and unmapped) per second.`,
-    `ops: ${Object.entries(OP_LABEL)
-      .map(([k, v]) => `${k} = ${v}`)
-      .join("; ")}`,
-  );
+  if (errors.length) lines.push("errors:", ...errors, "");
+  if (results.skipped.length) lines.push("skipped:", ...results.skipped.map((s) => `  ${s.id}: ${s.reason}`), "");
+  lines.push(`each figure: ${results.settings.statistic}; [interval] = ${results.settings.interval}`);
   return lines.join("\n");
 }
 
-/** The headline checks of issue #7, as lines. */
-export function verdicts(results: Results): string[] {
-  const out: string[] = [];
+/** mitata's box plot of the per-round ratios of every case with a C side. */
+export function ratioPlot(results: Results, colors: boolean): string {
+  const $ = (
+    mitata as unknown as { $: { boxplot: { ascii(map: object, key: number, size: number, o: object): string[] } } }
+  ).$;
+  const map: Record<string, { min: number; max: number; p25: number; p75: number; avg: number }> = {};
   for (const c of results.cases) {
-    if (c.ratio === undefined) continue;
-    if (c.op === "mapFile" && c.size === 4096) {
-      const slower = (c.ratio - 1) * 100;
-      const ok = c.ratio <= 1.1;
-      out.push(
-        `${ok ? "ok  " : "MISS"} ${c.id}: library ${slower >= 0 ? `${slower.toFixed(1)}% slower` : `${(-slower).toFixed(1)}% faster`} than C (target: at most 10%, aim 5%)`,
-      );
-    }
+    const r = c.rounds.flatMap((x) => (x.ratio !== undefined ? [x.ratio] : [])).sort((a, b) => a - b);
+    if (r.length === 0 || !c.ratio) continue;
+    const q = (p: number) => r[Math.round(p * (r.length - 1))]!;
+    map[c.id] = { min: r[0]!, max: r[r.length - 1]!, p25: q(0.25), p75: q(0.75), avg: c.ratio.median };
   }
-  return out;
+  const keys = Object.keys(map);
+  if (keys.length === 0) return "";
+  const key = Math.max(...keys.map((k) => k.length));
+  return $.boxplot.ascii(map, key, 44, { fmt: (x: number) => x.toFixed(2), colors }).join("\n");
+}
+
+export function fileOf(path: string): string {
+  return basename(path);
 }

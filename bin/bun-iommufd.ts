@@ -1,12 +1,13 @@
 #!/usr/bin/env bun
 /**
- * The bun-iommufd command. Only `doctor` for now: it checks whether this machine can run the
- * library and prints one line per check with a fix. The logic lives in src/doctor/; this file
- * parses arguments and prints.
+ * The bun-iommufd command. `doctor` checks whether this machine can run the library and prints
+ * one line per check with a fix (logic in src/doctor/). `vm` runs a command in the test guest: a
+ * QEMU machine with an iommufd kernel, an emulated IOMMU and devices on vfio-pci (logic in vm/).
  */
 import { formatReport, parseSize, reportJson, runDoctor } from "../src/doctor/index.ts";
 
 const USAGE = `usage: bun-iommufd doctor [--json] [--map-size SIZE] [--no-device-probe] [--no-color]
+       bun-iommufd vm [options] -- <command...>    (bun-iommufd vm --help for the options)
 
 Checks whether iommufd (/dev/iommu) and VFIO are usable on this machine, one line per check
 with a fix. Exits 0 when iommufd is usable (the device opens and an IOAS can be created), else 1.
@@ -23,7 +24,7 @@ function main(argv: string[]): number {
     console.log(USAGE);
     return command === undefined ? 2 : 0;
   }
-  if (command !== "doctor") {
+  if (command !== "doctor" && command !== "vm") {
     console.error(`bun-iommufd: unknown command "${command}"\n\n${USAGE}`);
     return 2;
   }
@@ -77,4 +78,10 @@ function main(argv: string[]): number {
   return report.exitCode;
 }
 
-process.exitCode = main(process.argv.slice(2));
+if (process.argv[2] === "vm") {
+  // Loaded only for this command: the doctor must not pay for the guest's code.
+  const { main: vmMain } = await import("../vm/cli.ts");
+  process.exitCode = await vmMain(process.argv.slice(3));
+} else {
+  process.exitCode = main(process.argv.slice(2));
+}

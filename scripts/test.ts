@@ -7,9 +7,18 @@
 // Under CI (CI=true) the kernel tests are mandatory: no QEMU, no kernel or a broken guest fails
 // the run. Elsewhere a host that cannot run a guest skips them with one line saying why.
 
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import type { DeviceSpec } from "../vm/devices.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
+
+/** The guest's devices for the kernel tests (see /work/coord/vm-api.md or vm/devices.ts). */
+export const KERNEL_TEST_DEVICES: DeviceSpec[] = [
+  { kind: "edu" },
+  { kind: "nvme", size: 64 << 20 },
+  { kind: "nvme", size: 64 << 20, cmb: 16 << 20 },
+];
 
 const root = resolve(import.meta.dir, "..");
 const isCI = !!process.env.CI && !["0", "false", "no"].includes(process.env.CI.toLowerCase());
@@ -171,12 +180,16 @@ async function kernelTests(extra: string[]): Promise<void> {
   }
   header("kernel tests (QEMU guest)");
   const t = tee();
+  const diskDir = mkdtempSync(join(tmpdir(), "bun-iommufd-test-disks-"));
   const result = await runInGuest({
     command: ["bun", "test", "./test/kernel", ...extra],
     cwd: root,
+    // vfio0 = edu, vfio1 = NVMe A, vfio2 = NVMe B with a CMB (A can DMA into B's CMB).
+    devices: KERNEL_TEST_DEVICES,
+    diskDir,
     onStdout: t.out,
     onStderr: t.err,
-  });
+  }).finally(() => rmSync(diskDir, { recursive: true, force: true }));
   if (result.failure) {
     // Whatever ran before the guest failed still counts, plus one failure for the guest itself.
     const s = parseBunTestSummary(t.text());
@@ -187,6 +200,15 @@ async function kernelTests(extra: string[]): Promise<void> {
     return;
   }
   account("kernel tests", result.exitCode, t.text());
+}
+
+/**
+ * The guest as a command (test/vm, on the host): bad input to `bun-iommufd vm`, and a consumer
+ * project that depends on the packed package and runs its own edu DMA test in the guest.
+ */
+async function vmCommandTests(extra: string[]): Promise<void> {
+  header("test guest as a command (bad input; consumer project with the packed package)");
+  await bunTestOnHost("vm command tests", ["./test/vm", ...extra]);
 }
 
 /**
@@ -277,6 +299,7 @@ async function main(argv: string[]): Promise<number> {
     await timed("unit tests", () => unitTests(extra));
   }
   if (kernel) await timed("kernel tests", () => kernelTests(extra));
+  if (kernel) await timed("vm command tests", () => vmCommandTests(extra));
   if (kernel && bench && (existsSync("/dev/iommu") || vmAvailability().ok)) await timed("bench smoke", benchSmoke);
 
   console.log("");

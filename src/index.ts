@@ -36,6 +36,15 @@ export {
   type RegionCapability,
   type RegionInfo,
 } from "./vfio/device.ts";
+export {
+  type EnableIrqOptions,
+  IRQ_INDEX,
+  type IrqInfo,
+  type IrqKind,
+  IrqSet,
+  IrqVector,
+  type WaitOptions,
+} from "./vfio/irq.ts";
 export { RegionMapping } from "./vfio/region.ts";
 export { bindToVfioPci, findPciDevices } from "./vfio/pci.ts";
 export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./dmabuf.ts";

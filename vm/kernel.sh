@@ -3,6 +3,7 @@
 # test guest; and fetches the kernel's UAPI headers for the layout test.
 #
 #   vm/kernel.sh build     print the path of a cached bzImage, building it first if needed
+#   vm/kernel.sh cached    print the path of the cached bzImage; exit 3 if there is none
 #   vm/kernel.sh headers   print an include dir holding linux/iommufd.h and linux/vfio.h
 #
 # Environment:
@@ -100,23 +101,41 @@ cmd_headers() {
   echo "$dir/usr/include"
 }
 
-cmd_build() {
-  if [[ -n "${IOMMUFD_TEST_KERNEL:-}" ]]; then
-    [[ -f "$IOMMUFD_TEST_KERNEL" ]] || die "IOMMUFD_TEST_KERNEL=$IOMMUFD_TEST_KERNEL does not exist"
-    echo "$IOMMUFD_TEST_KERNEL"; return
-  fi
+# Sets pkg, ver, key, out for the kernel the current source and fragment give.
+kernel_key() {
   sid_update
-  local pkg ver key out
   pkg=$(pick_source_package)
   ver=$(candidate_version "$pkg")
   [[ -n "$ver" && "$ver" != "(none)" ]] || die "$pkg has no candidate version in sid"
   # The key changes with the source and with the fragment, so editing the fragment rebuilds.
   key="$pkg-$ver-$(sha256sum "$fragment" | cut -c1-12)"
   out="$cache/kernels/$key"
+}
+
+# Prints the cached bzImage's path, or exits 3 when none is cached (builds nothing).
+cmd_cached() {
+  if [[ -n "${IOMMUFD_TEST_KERNEL:-}" ]]; then
+    [[ -f "$IOMMUFD_TEST_KERNEL" ]] || die "IOMMUFD_TEST_KERNEL=$IOMMUFD_TEST_KERNEL does not exist"
+    echo "$IOMMUFD_TEST_KERNEL"; return
+  fi
+  local pkg ver key out
+  kernel_key
+  [[ -f "$out/bzImage" ]] || { say "no cached kernel for $key"; exit 3; }
+  echo "$out/bzImage"
+}
+
+cmd_build() {
+  if [[ -n "${IOMMUFD_TEST_KERNEL:-}" ]]; then
+    [[ -f "$IOMMUFD_TEST_KERNEL" ]] || die "IOMMUFD_TEST_KERNEL=$IOMMUFD_TEST_KERNEL does not exist"
+    echo "$IOMMUFD_TEST_KERNEL"; return
+  fi
+  local pkg ver key out
+  kernel_key
   if [[ -f "$out/bzImage" ]]; then
     say "cached: $out/bzImage"
     echo "$out/bzImage"; return
   fi
+  say "no cached kernel: building one now (once, 10-15 min on 2 cores; cached in $cache/kernels)"
 
   local t0=$SECONDS tstep deb tree=$cache/build/$key
   for tool in make gcc flex bison bc xz; do
@@ -182,6 +201,7 @@ cmd_build() {
 
 case "${1:-}" in
   build) cmd_build ;;
+  cached) cmd_cached ;;
   headers) cmd_headers ;;
-  *) echo "usage: $0 build|headers" >&2; exit 2 ;;
+  *) echo "usage: $0 build|cached|headers" >&2; exit 2 ;;
 esac

@@ -24,6 +24,19 @@ import {
 } from "node:fs";
 import { homedir, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
+import {
+  type DeviceSpec,
+  DEVICE_LISTS,
+  deviceArgs,
+  guestDeviceTable,
+  type IommuModel,
+  iommuArgs,
+  iommuKernelArgs,
+  type PlacedDevice,
+  placeDevices,
+  prepareDisks,
+} from "./devices.ts";
+import { commandWindow, kernelWarnings } from "./kernel-log.ts";
 
 /** Exit code when the overall timeout ends the run (as timeout(1) does). */
 export const EXIT_TIMEOUT = 124;
@@ -47,6 +60,18 @@ export interface GuestOptions {
   hugepages?: number;
   /** Use KVM instead of TCG. Default: IOMMUFD_VM_KVM=1. Only for hosts with a real KVM. */
   kvm?: boolean;
+  /** Virtual CPUs. Default 2. */
+  cpus?: number;
+  /** Devices, in PCI slot order from 0000:00:03.0. Default: one edu. See vm/devices.ts. */
+  devices?: DeviceSpec[];
+  /** Emulated IOMMU. Default "intel". */
+  iommu?: IommuModel;
+  /** Where new NVMe disk images go. Default: a new directory under the OS temp dir, kept. */
+  diskDir?: string;
+  /** A kernel WARNING/BUG while the command runs only gets a note instead of failing the run. */
+  allowKernelWarnings?: boolean;
+  /** Boot with panic_on_warn=1: the first WARNING stops the guest at once (shows which test). */
+  panicOnWarn?: boolean;
   /** A bzImage to boot instead of the one vm/kernel.sh builds. */
   kernel?: string;
   /** Host directory that receives whatever the command wrote to $IOMMUFD_VM_OUT in the guest. */
@@ -58,7 +83,7 @@ export interface GuestOptions {
   log?: (line: string) => void;
 }
 
-export type GuestFailure = "timeout" | "vm" | "kernel" | "setup";
+export type GuestFailure = "timeout" | "vm" | "kernel" | "setup" | "kernel-warning" | "command-not-found";
 
 export interface GuestResult {
   /** The command's own exit status, or EXIT_TIMEOUT, or EXIT_VM_FAILURE. */
@@ -74,6 +99,12 @@ export interface GuestResult {
   message?: string;
   /** Kernel console of the last attempt. */
   consoleLog?: string;
+  /** The guest's devices with their PCI addresses (and NVMe disk images on the host). */
+  devices: PlacedDevice[];
+  /** Directory holding the NVMe disk images the run created, if any. */
+  diskDir?: string;
+  /** Kernel reports (WARNING, BUG, ...) logged while the command ran; see vm/kernel-log.ts. */
+  kernelWarnings: string[];
 }
 
 const kernelScript = join(import.meta.dir, "kernel.sh");
@@ -113,123 +144,120 @@ function isStaticElf(path: string): boolean {
 /** Cheap check that the host can run a guest at all (not whether the kernel is built). */
 export function vmAvailability(): { ok: boolean; reason?: string } {
   if (process.platform !== "linux" || process.arch !== "x64") {
-    return {
-      ok: false,
-      reason: `the test guest needs an x86-64 Linux host (this is ${process.platform}/${process.arch})`,
-    };
+    return { ok: false, reason: `the test guest needs an x86-64 Linux host (this is ${process.platform}/${process.arch})` };
   }
-  if (!Bun.which(qemuBinary))
-    return { ok: false, reason: `${qemuBinary} not found (Debian: apt-get install qemu-system-x86)` };
+  if (!Bun.which(qemuBinaryPath())) return { ok: false, reason: `${qemuBinaryPath()} not found (Debian: apt-get install qemu-system-x86)` };
   const busybox = findBusybox();
   if (!busybox) return { ok: false, reason: "busybox not found (Debian: apt-get install busybox-static)" };
-  if (!isStaticElf(busybox))
-    return { ok: false, reason: `${busybox} is not statically linked (Debian: apt-get install busybox-static)` };
+  if (!isStaticElf(busybox)) return { ok: false, reason: `${busybox} is not statically linked (Debian: apt-get install busybox-static)` };
   if (!Bun.which("cpio")) return { ok: false, reason: "cpio not found (Debian: apt-get install cpio)" };
   if (!Bun.which("bash")) return { ok: false, reason: "bash not found (needed by vm/kernel.sh)" };
   return { ok: true };
 }
 
-// PID 1 of the guest. Everything that varies per run comes from /results/config, so the cached
-// initramfs only changes when this script or busybox does. "FATAL" marks a setup failure that a
-// second boot would not cure; the runner then does not retry.
-const initScript = `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-
-say() { echo "iommufd-vm: $*"; }
-fatal() {
-  say "FATAL: $*"
-  echo "$*" > /results/fatal 2>/dev/null
-  sync
-  poweroff -f
-  sleep 5
-  echo o > /proc/sysrq-trigger
+interface HostRequirement {
+  what: string;
+  /** Path or version found, or undefined when missing. */
+  found?: string;
+  /** Debian package that provides it. */
+  debian?: string;
+  /** Only needed to build the kernel (not when one is cached or given). */
+  forBuild?: boolean;
+  note?: string;
 }
-p9() { mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,"$1" "$2" "$3"; }
 
-mount -t proc proc /proc || fatal "cannot mount /proc"
-mount -t sysfs sysfs /sys || fatal "cannot mount /sys"
-mount -t devtmpfs devtmpfs /dev || fatal "cannot mount devtmpfs"
-p9 rw results /results || fatal "cannot mount the results share (9p)"
-[ -f /results/config ] || fatal "no /results/config from the host"
-. /results/config
-# The host tree does not change during a run, so let the guest cache it: much faster bun startup.
-p9 ro,cache=loose hostroot /newroot || fatal "cannot mount the host root (9p)"
+const BUILD_TOOLS: [string, string][] = [
+  ["make", "make"],
+  ["gcc", "gcc"],
+  ["flex", "flex"],
+  ["bison", "bison"],
+  ["bc", "bc"],
+  ["xz", "xz-utils"],
+  ["dpkg-deb", "dpkg"],
+  ["apt-get", "apt"],
+];
+const BUILD_HEADERS: [string, string][] = [
+  ["/usr/include/libelf.h", "libelf-dev"],
+  ["/usr/include/openssl/ssl.h", "libssl-dev"],
+  ["/usr/share/keyrings/debian-archive-keyring.gpg", "debian-archive-keyring"],
+];
 
-if mount -t debugfs debugfs /sys/kernel/debug; then
-  for d in failslab fail_page_alloc; do
-    [ -d /sys/kernel/debug/$d ] || continue
-    echo N > /sys/kernel/debug/$d/ignore-gfp-wait
-    echo 0 > /sys/kernel/debug/$d/verbose
-  done
-else
-  say "warning: cannot mount debugfs"
-fi
+/** The kernel the guest would boot now, without building one: a path, or undefined. */
+export async function cachedKernel(): Promise<string | undefined> {
+  const { code, out } = await run(["bash", kernelScript, "cached"], "pipe", "ignore");
+  const path = out.trim().split("\n").pop() ?? "";
+  return code === 0 && path && existsSync(path) ? path : undefined;
+}
 
-echo "$HUGEPAGES" > /proc/sys/vm/nr_hugepages
-got=$(cat /proc/sys/vm/nr_hugepages)
-[ "$got" = "$HUGEPAGES" ] || say "warning: asked for $HUGEPAGES huge pages, got $got"
+/** What this host has and lacks to run the guest, and the one command that installs the rest. */
+export async function hostCheck(): Promise<{ ok: boolean; text: string; missing: string[] }> {
+  const reqs: HostRequirement[] = [];
+  const platformOk = process.platform === "linux" && process.arch === "x64";
+  reqs.push({ what: "x86-64 Linux host", found: platformOk ? `${process.platform}/${process.arch}` : undefined });
+  reqs.push({ what: qemuBinaryPath(), found: Bun.which(qemuBinaryPath()) ?? undefined, debian: "qemu-system-x86" });
+  const busybox = findBusybox();
+  reqs.push({
+    what: "busybox (static)",
+    found: busybox && isStaticElf(busybox) ? busybox : undefined,
+    debian: "busybox-static",
+    note: busybox && !isStaticElf(busybox) ? `${busybox} is dynamically linked` : undefined,
+  });
+  for (const [tool, pkg] of [["cpio", "cpio"], ["bash", "bash"]] as const) {
+    reqs.push({ what: tool, found: Bun.which(tool) ?? undefined, debian: pkg });
+  }
+  let kernel: string | undefined;
+  if (Bun.which("bash")) {
+    try {
+      kernel = await cachedKernel();
+    } catch {
+      kernel = undefined;
+    }
+  }
+  for (const [tool, pkg] of BUILD_TOOLS) reqs.push({ what: tool, found: Bun.which(tool) ?? undefined, debian: pkg, forBuild: true });
+  for (const [file, pkg] of BUILD_HEADERS) reqs.push({ what: file, found: existsSync(file) ? file : undefined, debian: pkg, forBuild: true });
 
-# Hand every edu device to vfio-pci, so the tests get /dev/vfio/devices/vfio*.
-edus=0
-for dev in /sys/bus/pci/devices/*; do
-  [ "$(cat $dev/vendor)" = 0x1234 ] && [ "$(cat $dev/device)" = 0x11e8 ] || continue
-  addr=\${dev##*/}
-  echo vfio-pci > $dev/driver_override
-  [ -e $dev/driver ] && echo $addr > $dev/driver/unbind
-  echo $addr > /sys/bus/pci/drivers_probe
-  edus=$((edus + 1))
-done
-tries=0
-while [ "$(ls /dev/vfio/devices 2>/dev/null | wc -l)" -lt $edus ]; do
-  tries=$((tries + 1))
-  [ $tries -le 200 ] || fatal "edu bound to vfio-pci but no /dev/vfio/devices/vfio* after 20 s"
-  usleep 100000
-done
-[ -e /dev/iommu ] || say "warning: no /dev/iommu"
+  const lines: string[] = [];
+  const missing: string[] = [];
+  for (const r of reqs) {
+    const needed = !r.forBuild || !kernel;
+    if (r.found) lines.push(`ok       ${r.what}: ${r.found}`);
+    else if (!needed) lines.push(`(unused) ${r.what}: missing, only needed to build a kernel`);
+    else {
+      lines.push(`MISSING  ${r.what}${r.debian ? ` (Debian package ${r.debian})` : ""}${r.note ? `: ${r.note}` : ""}`);
+      if (r.debian) missing.push(r.debian);
+    }
+  }
+  lines.push(
+    kernel
+      ? `ok       kernel: ${kernel}`
+      : `build    kernel: none cached in ${cacheDir()}/kernels; the first run builds one (10-15 min), or set IOMMUFD_TEST_KERNEL`,
+  );
+  const kvm = existsSync("/dev/kvm");
+  lines.push(`info     /dev/kvm ${kvm ? "exists (--kvm may work on a real KVM host; TCG is the default)" : "absent: the guest runs under TCG emulation"}`);
+  const unique = [...new Set(missing)];
+  const ok = platformOk && unique.length === 0;
+  if (unique.length) {
+    const sudo = process.getuid?.() === 0 ? "" : "sudo ";
+    lines.push("", `install what is missing with:\n  ${sudo}apt-get install -y ${unique.join(" ")}`);
+  } else if (ok) {
+    lines.push("", "this host can run the test guest");
+  }
+  return { ok, text: lines.join("\n"), missing: unique };
+}
 
-r=/newroot
-mount -t proc proc $r/proc || fatal "cannot mount proc in the new root"
-mount -t sysfs sysfs $r/sys || fatal "cannot mount sysfs in the new root"
-mount -t debugfs debugfs $r/sys/kernel/debug 2>/dev/null
-mount -t devtmpfs devtmpfs $r/dev || fatal "cannot mount devtmpfs in the new root"
-mkdir -p $r/dev/pts $r/dev/shm $r/dev/hugepages
-mount -t devpts devpts $r/dev/pts
-mount -t tmpfs -o mode=1777 tmpfs $r/dev/shm
-mount -t hugetlbfs hugetlbfs $r/dev/hugepages
-# A project under the host's /tmp (a CI clone, say) would vanish under the guest's own /tmp:
-# set it aside first, then put it back at the same path on top of the tmpfs.
-if [ -n "$KEEP" ]; then
-  mkdir -p /kept
-  mount -o bind $r$KEEP /kept || fatal "cannot set aside $KEEP"
-fi
-mount -t tmpfs -o mode=1777 tmpfs $r/tmp || fatal "cannot mount a tmpfs on /tmp in the new root"
-if [ -n "$KEEP" ]; then
-  mkdir -p $r$KEEP
-  mount -o bind /kept $r$KEEP || fatal "cannot bring $KEEP back under the guest's /tmp"
-fi
-mkdir -p $r${guestShare}
-mount -o bind /results $r${guestShare} || fatal "cannot bind the results share into the new root"
-
-ulimit -l unlimited
-cat /proc/uptime > /results/started
-say "starting the command"
-env -i /bin/chroot $r /bin/sh ${guestShare}/cmd.sh </dev/null >/results/stdout 2>/results/stderr
-rc=$?
-echo $rc > /results/exit-code
-say "command exited with status $rc"
-sync
-poweroff -f
-sleep 5
-echo o > /proc/sysrq-trigger
-`;
+// PID 1 of the guest: a real shell script beside this file, packed into a cached initramfs.
+const initScriptPath = join(import.meta.dir, "guest-init.sh");
 
 function shellQuote(s: string): string {
   return `'${s.replaceAll("'", `'\\''`)}'`;
 }
 
-async function run(argv: string[], stdout: "pipe" | "inherit" = "pipe"): Promise<{ code: number; out: string }> {
-  const proc = Bun.spawn(argv, { stdin: "ignore", stdout, stderr: "inherit" });
+async function run(
+  argv: string[],
+  stdout: "pipe" | "inherit" = "pipe",
+  stderr: "inherit" | "ignore" = "inherit",
+): Promise<{ code: number; out: string }> {
+  const proc = Bun.spawn(argv, { stdin: "ignore", stdout, stderr });
   const out = stdout === "pipe" ? await new Response(proc.stdout as ReadableStream).text() : "";
   return { code: await proc.exited, out };
 }
@@ -238,6 +266,7 @@ async function run(argv: string[], stdout: "pipe" | "inherit" = "pipe"): Promise
 export async function initramfs(): Promise<string> {
   const busybox = findBusybox();
   if (!busybox) throw new Error("busybox not found");
+  const initScript = readFileSync(initScriptPath);
   const hash = createHash("sha256").update(initScript).update(readFileSync(busybox)).digest("hex").slice(0, 16);
   const dir = join(cacheDir(), "initramfs");
   const image = join(dir, `${hash}.cpio`);
@@ -251,9 +280,7 @@ export async function initramfs(): Promise<string> {
     writeFileSync(join(stage, "init"), initScript, { mode: 0o755 });
     const tmp = `${image}.${process.pid}.tmp`;
     const { code } = await run([
-      "sh",
-      "-c",
-      `cd ${shellQuote(stage)} && find . | cpio -o -H newc -R 0:0 --quiet > ${shellQuote(tmp)}`,
+      "sh", "-c", `cd ${shellQuote(stage)} && find . | cpio -o -H newc -R 0:0 --quiet > ${shellQuote(tmp)}`,
     ]);
     if (code !== 0) throw new Error(`cpio failed with status ${code}`);
     renameSync(tmp, image); // atomic, so parallel runs never boot a half-written image
@@ -279,10 +306,7 @@ function guestEnvironment(extra: Record<string, string>): Record<string, string>
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) {
     if (v === undefined) continue;
-    if (
-      /^(IOMMUFD_|BUN_)/.test(k) ||
-      ["CI", "TERM", "NO_COLOR", "FORCE_COLOR", "LANG", "LC_ALL", "TZ", "GITHUB_ACTIONS"].includes(k)
-    ) {
+    if (/^(IOMMUFD_|BUN_)/.test(k) || ["CI", "TERM", "NO_COLOR", "FORCE_COLOR", "LANG", "LC_ALL", "TZ", "GITHUB_ACTIONS"].includes(k)) {
       env[k] = v;
     }
   }
@@ -301,21 +325,21 @@ function guestEnvironment(extra: Record<string, string>): Record<string, string>
 function commandScript(command: string[], cwd: string, env: Record<string, string>): string {
   const lines = ["# Written by vm/run.ts; run by the guest's /bin/sh with an empty environment."];
   for (const [k, v] of Object.entries(env)) lines.push(`export ${k}=${shellQuote(v)}`);
+  // The device variables, written by the guest's init once it has bound the devices.
+  lines.push(`for f in ${guestShare}/env/*; do [ -f "$f" ] && export "\${f##*/}=$(cat "$f")"; done`);
   lines.push(`cd ${shellQuote(cwd)} || exit 125`);
+  // The host checked the command before booting; this catches what only the guest lacks.
+  lines.push(`command -v ${shellQuote(command[0]!)} >/dev/null 2>&1 || {`);
+  lines.push(`  echo "bun-iommufd vm: command not found in the guest: "${shellQuote(command[0]!)} >&2; exit 127; }`);
   lines.push(`exec ${command.map(shellQuote).join(" ")}`);
   return `${lines.join("\n")}\n`;
 }
 
-// Copies whatever a file gains to a sink. The guest writes through 9p without caching, so bytes
-// show up on the host as soon as the command writes them.
 class Tail {
   private fd: number | undefined;
   private pos = 0;
   private readonly buf = Buffer.alloc(1 << 16);
-  constructor(
-    private readonly path: string,
-    private readonly sink?: (chunk: Uint8Array) => void,
-  ) {}
+  constructor(private readonly path: string, private readonly sink?: (chunk: Uint8Array) => void) {}
   pump(): void {
     if (this.fd === undefined) {
       if (!existsSync(this.path)) return;
@@ -337,9 +361,7 @@ class Tail {
 function lastLines(path: string, n: number): string {
   if (!existsSync(path)) return "(no console output)";
   // SeaBIOS clears the screen with escape sequences; they only garble a log.
-  const text = readFileSync(path, "latin1")
-    .replace(/\x1b(\[[0-9;?]*[A-Za-z]|.)/g, "")
-    .replaceAll("\r", "");
+  const text = readFileSync(path, "latin1").replace(/\x1b(\[[0-9;?]*[A-Za-z]|.)/g, "").replaceAll("\r", "");
   const lines = text.split("\n");
   if (lines.at(-1) === "") lines.pop();
   return lines.length ? lines.slice(-n).join("\n") : "(no console output)";
@@ -348,14 +370,18 @@ function lastLines(path: string, n: number): string {
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 interface Attempt {
-  outcome: "done" | "early-death" | "setup" | "died" | "timeout";
+  outcome: "done" | "early-death" | "refused" | "setup" | "died" | "timeout";
   exitCode?: number;
   bootSeconds: number;
+  /** From the start of this process to the command starting. */
+  sinceLaunch?: number;
   /** Guest uptime when the command started: the kernel's and init's share of bootSeconds. */
   guestUptime?: number;
   reason?: string;
   consoleLog: string;
   qemuLog: string;
+  /** The guest's whole kernel log, read after the command (absent if it never finished). */
+  dmesg?: string;
 }
 
 interface AttemptConfig {
@@ -364,15 +390,23 @@ interface AttemptConfig {
   dir: string;
   script: string;
   hugepages: number;
-  /** A directory under /tmp to keep visible in the guest (the project), or "". */
-  keepDir: string;
+  /** Host directory shared writable at the same path in the guest, or "". */
+  work: string;
   memory: string;
+  cpus: number;
   kvm: boolean;
+  panicOnWarn: boolean;
+  iommu: IommuModel;
+  devices: PlacedDevice[];
   deadline: number;
   bootTimeoutMs: number;
   onStdout: (chunk: Uint8Array) => void;
   onStderr: (chunk: Uint8Array) => void;
   current: { proc?: Bun.Subprocess };
+}
+
+export function qemuBinaryPath(): string {
+  return process.env.IOMMUFD_QEMU || qemuBinary;
 }
 
 function qemuArgs(c: AttemptConfig, share: string, consoleLog: string): string[] {
@@ -381,40 +415,41 @@ function qemuArgs(c: AttemptConfig, share: string, consoleLog: string): string[]
   // oops=panic: an oopsing guest kernel is broken for the rest of the run and often hangs the
   // command (seen: an oops in a close() under fault injection left bun stuck with irqs off), so
   // end the run at once and report the console instead of waiting for the timeout.
-  const append = ["console=ttyS0", "intel_iommu=on", "panic=-1", "oops=panic", "quiet", "no_timer_check"];
+  // log_buf_len: fault-injection sweeps log many allocation failures; a small ring would lose the
+  // WARNINGs the runner looks for in dmesg after the command.
+  const append = [
+    "console=ttyS0",
+    ...iommuKernelArgs(c.iommu),
+    "panic=-1",
+    "oops=panic",
+    "quiet",
+    "no_timer_check",
+    "log_buf_len=8M",
+    // A WARNING's lines are below the console level of `quiet`; replaying the log at panic time
+    // (when the console turns verbose) puts them in the console log the runner reports.
+    ...(c.panicOnWarn ? ["panic_on_warn=1", "panic_console_replay=1"] : []),
+  ];
   // For debugging the guest, e.g. IOMMUFD_VM_APPEND="loglevel=7" to see the whole boot.
   if (process.env.IOMMUFD_VM_APPEND) append.push(process.env.IOMMUFD_VM_APPEND);
   return [
-    qemuBinary,
+    qemuBinaryPath(),
     // split irqchip is what intremap=on needs under KVM; TCG accepts and ignores it.
-    "-machine",
-    "q35,kernel-irqchip=split",
+    "-machine", "q35,kernel-irqchip=split",
     // Multi-threaded TCG sometimes panics the guest at boot (code patching races): one thread.
     ...(c.kvm ? ["-accel", "kvm", "-cpu", "host"] : ["-accel", "tcg,thread=single", "-cpu", "max"]),
-    "-smp",
-    "2",
-    "-m",
-    c.memory,
-    "-nodefaults",
-    "-no-user-config",
-    "-nographic",
-    "-no-reboot",
-    "-serial",
-    `file:${consoleLog}`,
-    "-device",
-    "intel-iommu,intremap=on,caching-mode=on",
-    "-device",
-    "edu",
-    "-virtfs",
-    "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-    "-virtfs",
-    `local,path=${share},mount_tag=results,security_model=none,multidevs=remap`,
-    "-kernel",
-    c.kernel,
-    "-initrd",
-    c.initrd,
-    "-append",
-    append.join(" "),
+    "-smp", String(c.cpus),
+    "-m", c.memory,
+    "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+    "-serial", `file:${consoleLog}`,
+    ...iommuArgs(c.iommu),
+    // Devices before the shares: they claim fixed slots, the shares take whatever is left.
+    ...deviceArgs(c.devices),
+    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    "-virtfs", `local,path=${share.replaceAll(",", ",,")},mount_tag=results,security_model=none,multidevs=remap`,
+    ...(c.work ? ["-virtfs", `local,path=${c.work.replaceAll(",", ",,")},mount_tag=work,security_model=none,multidevs=remap`] : []),
+    "-kernel", c.kernel,
+    "-initrd", c.initrd,
+    "-append", append.join(" "),
   ];
 }
 
@@ -422,9 +457,16 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   const dir = join(c.dir, `attempt-${n}`);
   const share = join(dir, "share");
   mkdirSync(join(share, "out"), { recursive: true });
+  mkdirSync(join(share, "env"), { recursive: true });
+  // Every list variable is set in the guest, empty when no device is in it.
+  for (const list of DEVICE_LISTS) writeFileSync(join(share, "env", `IOMMUFD_VM_${list}`), "");
   const consoleLog = join(dir, "console.log");
   const qemuLog = join(dir, "qemu.log");
-  writeFileSync(join(share, "config"), `HUGEPAGES=${c.hugepages}\nKEEP=${shellQuote(c.keepDir)}\n`);
+  writeFileSync(
+    join(share, "config"),
+    `HUGEPAGES=${c.hugepages}\nSHARE=${shellQuote(guestShare)}\nWORK=${shellQuote(c.work)}\n`,
+  );
+  writeFileSync(join(share, "devices"), guestDeviceTable(c.devices, c.iommu));
   writeFileSync(join(share, "cmd.sh"), c.script);
   const base = { consoleLog, qemuLog };
 
@@ -441,6 +483,7 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   const out = new Tail(join(share, "stdout"), c.onStdout);
   const err = new Tail(join(share, "stderr"), c.onStderr);
   let bootSeconds = NaN;
+  let sinceLaunch = NaN;
   let commandDone: number | undefined;
   let killedFor: "timeout" | "boot" | "poweroff" | undefined;
   try {
@@ -449,7 +492,11 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
       out.pump();
       err.pump();
       const now = performance.now();
-      if (Number.isNaN(bootSeconds) && existsSync(join(share, "started"))) bootSeconds = (now - started) / 1000;
+      if (Number.isNaN(bootSeconds) && existsSync(join(share, "started"))) {
+        bootSeconds = (now - started) / 1000;
+        // performance.now() counts from this process's start: what a user waits after typing.
+        sinceLaunch = now / 1000;
+      }
       if (commandDone === undefined && existsSync(join(share, "exit-code"))) commandDone = now;
       if (qemuExit !== undefined) break;
       if (now > c.deadline) killedFor = "timeout";
@@ -464,6 +511,11 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
     out.pump();
     err.pump();
   } finally {
+    // Whatever went wrong above, no guest outlives its attempt.
+    if (qemuExit === undefined) {
+      proc.kill("SIGKILL");
+      await exited;
+    }
     out.close();
     err.close();
     c.current.proc = undefined;
@@ -473,25 +525,36 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   if (existsSync(codeFile)) {
     const code = Number.parseInt(readFileSync(codeFile, "utf8").trim(), 10);
     const uptime = Number.parseFloat(readFileSync(join(share, "started"), "utf8"));
-    if (!Number.isNaN(code)) return { ...base, outcome: "done", exitCode: code, bootSeconds, guestUptime: uptime };
+    const dmesgFile = join(share, "dmesg");
+    const dmesg = existsSync(dmesgFile) ? readFileSync(dmesgFile, "utf8") : undefined;
+    if (!Number.isNaN(code)) {
+      return { ...base, outcome: "done", exitCode: code, bootSeconds, sinceLaunch, guestUptime: uptime, dmesg };
+    }
   }
-  if (killedFor === "timeout")
-    return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
+  if (killedFor === "timeout") return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
   const fatalFile = join(share, "fatal");
   const consoleText = existsSync(consoleLog) ? readFileSync(consoleLog, "latin1") : "";
   const fatal = existsSync(fatalFile)
     ? readFileSync(fatalFile, "utf8").trim()
     : /iommufd-vm: FATAL: (.*)/.exec(consoleText)?.[1]?.trim();
   if (fatal) return { ...base, outcome: "setup", bootSeconds, reason: `guest setup failed: ${fatal}` };
-  if (Number.isNaN(bootSeconds)) {
-    const why =
-      killedFor === "boot"
-        ? `the command had not started after ${c.bootTimeoutMs / 1000} s`
-        : `QEMU exited with status ${qemuExit} before the command started`;
-    return { ...base, outcome: "early-death", bootSeconds, reason: why };
+  // QEMU that stops at once with an error and no console output refused its arguments (a file
+  // that is not a kernel, a device it lacks): a second try would fail the same way.
+  const qemuErr = existsSync(qemuLog) ? readFileSync(qemuLog, "utf8").trim() : "";
+  if (Number.isNaN(bootSeconds) && killedFor === undefined && qemuExit !== 0 && consoleText.trim() === "" && qemuErr) {
+    const said = qemuErr.split("\n").filter(Boolean).slice(-3).join("; ");
+    return { ...base, outcome: "refused", bootSeconds, reason: `QEMU could not start the guest (status ${qemuExit}): ${said}` };
   }
   const plain = consoleText.replaceAll("\r", "");
   const panic = /Kernel panic[^\n]*/.exec(plain)?.[0]?.trim();
+  if (Number.isNaN(bootSeconds)) {
+    const why = killedFor === "boot"
+      ? `the command had not started after ${c.bootTimeoutMs / 1000} s`
+      : panic
+        ? `the guest kernel panicked before the command started (${panic})`
+        : `QEMU exited with status ${qemuExit} before the command started`;
+    return { ...base, outcome: "early-death", bootSeconds, reason: why };
+  }
   const cause = /(BUG:|Oops:|general protection fault)[^\n]*/.exec(plain)?.[0]?.trim();
   return {
     ...base,
@@ -503,13 +566,35 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   };
 }
 
-// Oopses and warnings do not stop the command, but someone should look at them.
-function kernelComplaints(consoleLog: string): string[] {
-  if (!existsSync(consoleLog)) return [];
-  return readFileSync(consoleLog, "latin1")
-    .replaceAll("\r", "")
-    .split("\n")
-    .filter((l) => /\b(Oops|BUG:|WARNING:|Kernel panic|general protection fault|Call Trace:)/.test(l));
+/** The host directory the guest gets writable at the same path, for a command run in `cwd`. */
+export function workShare(cwd: string): string {
+  // The guest's /tmp is its own tmpfs: share the whole top directory below /tmp, so a project's
+  // node_modules one level up from cwd stays visible.
+  if (cwd.startsWith("/tmp/")) return `/tmp/${cwd.slice(5).split("/")[0]}`;
+  return cwd;
+}
+
+/** Where a command word resolves on the host (which the guest sees), or undefined. */
+function findCommand(word: string, cwd: string, path: string): string | undefined {
+  if (word.includes("/")) {
+    const full = resolve(cwd, word);
+    return existsSync(full) ? full : undefined;
+  }
+  return Bun.which(word, { PATH: path, cwd }) ?? undefined;
+}
+
+function describeDevices(devices: readonly PlacedDevice[]): string {
+  return devices
+    .map((d) => {
+      const parts = [`${d.name} ${d.addr}`];
+      if (d.kind === "nvme") {
+        parts.push(`${d.size! >> 20} MiB`);
+        if (d.cmb) parts.push(`CMB ${d.cmb >> 20} MiB`);
+        if (d.driver === "kernel") parts.push("kernel driver");
+      }
+      return parts.join(" ");
+    })
+    .join(", ");
 }
 
 export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
@@ -517,15 +602,21 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
   const log = opts.log ?? ((line: string) => process.stderr.write(`${line}\n`));
   const seconds = () => (performance.now() - t0) / 1000;
   const timeoutSeconds = opts.timeoutSeconds ?? 1800;
+  let devices: PlacedDevice[] = [];
+  let diskDir: string | undefined;
   const fail = (failure: GuestFailure, message: string, extra: Partial<GuestResult> = {}): GuestResult => {
     log(`[vm] error: ${message}`);
+    const exitCode = failure === "timeout" ? EXIT_TIMEOUT : failure === "command-not-found" ? 127 : EXIT_VM_FAILURE;
     return {
-      exitCode: failure === "timeout" ? EXIT_TIMEOUT : EXIT_VM_FAILURE,
+      exitCode,
       bootSeconds: NaN,
       totalSeconds: seconds(),
       retried: false,
       failure,
       message,
+      devices,
+      diskDir,
+      kernelWarnings: [],
       ...extra,
     };
   };
@@ -535,16 +626,31 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
   if (opts.command.length === 0) return fail("setup", "no command given");
   const cwd = resolve(opts.cwd ?? process.cwd());
   if (!existsSync(cwd)) return fail("setup", `no such directory: ${cwd}`);
-  // The guest mounts its own tmpfs on /tmp; a directory below it is bound back in (KEEP), but /tmp
-  // itself cannot be both.
-  if (cwd === "/tmp")
-    return fail("setup", "/tmp itself is the guest's own tmpfs; run from a directory below it or elsewhere");
+  // The guest mounts its own tmpfs on /tmp and the root read-only; neither can be the work share.
+  if (cwd === "/tmp" || cwd === "/") {
+    return fail("setup", `cannot run in ${cwd} itself: run from a project directory (${cwd} is shared read-only or is the guest's own)`);
+  }
   for (const k of Object.keys(opts.env ?? {})) {
-    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k))
-      return fail("setup", `invalid environment variable name ${JSON.stringify(k)}`);
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k)) return fail("setup", `invalid environment variable name ${JSON.stringify(k)}`);
   }
   const hugepages = opts.hugepages ?? Number(process.env.IOMMUFD_VM_HUGEPAGES ?? 256);
   if (!Number.isInteger(hugepages) || hugepages < 0) return fail("setup", `invalid huge page count ${hugepages}`);
+  const cpus = opts.cpus ?? 2;
+  if (!Number.isInteger(cpus) || cpus < 1 || cpus > 64) return fail("setup", `invalid CPU count ${cpus} (1 to 64)`);
+  const env = guestEnvironment(opts.env ?? {});
+  const command = opts.command[0]!;
+  if (!findCommand(command, cwd, env.PATH!)) {
+    return fail(
+      "command-not-found",
+      `command not found: ${command} (the guest runs the host's programs, looked up in the host's PATH from ${cwd})`,
+    );
+  }
+  try {
+    devices = placeDevices(opts.devices ?? [{ kind: "edu" }]);
+    diskDir = prepareDisks(devices, opts.diskDir);
+  } catch (e) {
+    return fail("setup", (e as Error).message);
+  }
 
   let kernel: string;
   try {
@@ -568,17 +674,22 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
     kernel,
     initrd,
     dir,
-    script: commandScript(opts.command, cwd, guestEnvironment(opts.env ?? {})),
+    script: commandScript(opts.command, cwd, env),
     hugepages,
-    keepDir: cwd.startsWith("/tmp/") ? cwd : "",
+    work: workShare(cwd),
     memory: opts.memory ?? "4G",
+    cpus,
     kvm: opts.kvm ?? process.env.IOMMUFD_VM_KVM === "1",
+    panicOnWarn: opts.panicOnWarn ?? false,
+    iommu: opts.iommu ?? "intel",
+    devices,
     deadline: t0 + timeoutSeconds * 1000,
     bootTimeoutMs: (opts.bootTimeoutSeconds ?? 180) * 1000,
     onStdout: opts.onStdout ?? ((c) => process.stdout.write(c)),
     onStderr: opts.onStderr ?? ((c) => process.stderr.write(c)),
     current,
   };
+  if (devices.some((d) => d.kind !== "edu") || devices.length !== 1) log(`[vm] devices: ${describeDevices(devices)}`);
 
   try {
     let retried = false;
@@ -605,41 +716,65 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
       // No console to keep (QEMU never started); the failure message says why.
     }
     const consoleLog = existsSync(saved) ? saved : a.consoleLog;
+    if (a.dmesg !== undefined) writeFileSync(join(cacheDir(), "last-dmesg.log"), a.dmesg);
 
     if (opts.outDir) {
       const out = join(dirname(a.consoleLog), "share", "out");
       mkdirSync(opts.outDir, { recursive: true });
       if (existsSync(out)) cpSync(out, opts.outDir, { recursive: true });
     }
+    const disks = devices.filter((d) => d.disk).map((d) => `${d.name} ${d.disk}`);
+    if (disks.length) log(`[vm] NVMe disk images: ${disks.join(", ")}`);
 
     if (a.outcome === "done") {
-      const complaints = kernelComplaints(a.consoleLog);
-      if (complaints.length) {
-        log(`[vm] note: the guest kernel logged ${complaints.length} oops/warning line(s), first: ${complaints[0]}`);
-        log(`[vm]       full console: ${consoleLog}`);
-      }
       const total = seconds();
-      const uptime =
-        a.guestUptime === undefined || Number.isNaN(a.guestUptime)
-          ? ""
-          : ` (guest kernel+init ${a.guestUptime.toFixed(1)} s)`;
-      log(
-        `[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}, total ${total.toFixed(1)} s, exit status ${a.exitCode}${retried ? " (after one retry)" : ""}`,
-      );
+      const uptime = a.guestUptime === undefined || Number.isNaN(a.guestUptime) ? "" : ` (guest kernel+init ${a.guestUptime.toFixed(1)} s)`;
+      const dmesg = a.dmesg ?? "";
+      const during = kernelWarnings(commandWindow(dmesg));
+      const atBoot = kernelWarnings(dmesg.slice(0, Math.max(0, dmesg.indexOf("iommufd-vm: command starting"))));
+      if (atBoot.length) log(`[vm] note: the guest kernel logged ${atBoot.length} report(s) while booting, first:\n${atBoot[0]}`);
+      let exitCode = a.exitCode ?? EXIT_VM_FAILURE;
+      let failure: GuestFailure | undefined;
+      let message: string | undefined;
+      if (during.length) {
+        const dmesgPath = join(cacheDir(), "last-dmesg.log");
+        log(`[vm] the guest kernel logged ${during.length} report(s) (WARNING/BUG/...) while the command ran (all of its log: ${dmesgPath}):`);
+        for (const report of during.slice(0, 3)) log(report);
+        if (during.length > 3) log(`[vm] ... and ${during.length - 3} more`);
+        if (opts.allowKernelWarnings) {
+          log("[vm] kernel warnings are allowed for this run: not failing it");
+        } else {
+          failure = "kernel-warning";
+          const first = during[0]!.split("\n").find((l) => !l.includes("[ cut here ]"))?.trim();
+          message = `the guest kernel logged ${during.length} warning/bug report(s) while the command ran, first: ${first}`;
+          if (exitCode === 0) exitCode = EXIT_VM_FAILURE;
+          log(`[vm] error: ${message}`);
+        }
+      }
+      const launch = a.sinceLaunch === undefined || Number.isNaN(a.sinceLaunch) ? "" : `, ${a.sinceLaunch.toFixed(1)} s after launch`;
+      log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}${launch}, total ${total.toFixed(1)} s, exit status ${exitCode}${retried ? " (after one retry)" : ""}`);
       rmSync(dir, { recursive: true, force: true });
       return {
-        exitCode: a.exitCode ?? EXIT_VM_FAILURE,
+        exitCode,
         bootSeconds: a.bootSeconds,
         totalSeconds: total,
         retried,
         consoleLog,
+        devices,
+        diskDir,
+        kernelWarnings: during,
+        ...(failure ? { failure, message } : {}),
       };
     }
 
     const failure: GuestFailure = a.outcome === "timeout" ? "timeout" : a.outcome === "setup" ? "setup" : "vm";
     const qemuErr = existsSync(a.qemuLog) ? readFileSync(a.qemuLog, "utf8").trim() : "";
-    log(`[vm] last console lines (full log: ${consoleLog}):`);
-    log(lastLines(a.consoleLog, 40));
+    if (a.outcome !== "refused") {
+      log(`[vm] last console lines (full log: ${consoleLog}):`);
+      log(lastLines(a.consoleLog, 40));
+      const reports = existsSync(a.consoleLog) ? kernelWarnings(readFileSync(a.consoleLog, "latin1")) : [];
+      if (reports.length) log(`[vm] the kernel's first report on the console:\n${reports[0]}`);
+    }
     if (qemuErr) log(`[vm] QEMU said:\n${qemuErr.split("\n").slice(-15).join("\n")}`);
     const reason = a.outcome === "timeout" ? `timed out after ${timeoutSeconds} s` : (a.reason ?? "the guest failed");
     const result = fail(failure, `${reason}${retried ? " (after one retry)" : ""}; run directory kept: ${dir}`, {
@@ -647,117 +782,16 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
       retried,
       consoleLog,
     });
-    log(
-      `[vm] boot-to-command ${Number.isNaN(a.bootSeconds) ? "n/a" : `${a.bootSeconds.toFixed(1)} s`}, total ${result.totalSeconds.toFixed(1)} s, exit status ${result.exitCode}`,
-    );
+    log(`[vm] boot-to-command ${Number.isNaN(a.bootSeconds) ? "n/a" : `${a.bootSeconds.toFixed(1)} s`}, total ${result.totalSeconds.toFixed(1)} s, exit status ${result.exitCode}`);
     return result;
   } finally {
+    current.proc?.kill("SIGKILL");
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
   }
 }
 
-function usage(): string {
-  return `usage: bun vm/run.ts [options] [--] <command...>
-
-Boots a QEMU guest with an iommufd/VFIO kernel (built by vm/kernel.sh on first use), runs the
-command there as root in the current directory (the host's filesystem is visible read-only, /tmp
-is the guest's own) and exits with its status. The command's output streams live; the kernel
-console goes to ${join("~/.cache/bun-iommufd", "last-console.log")}.
-
-options:
-  --timeout S        overall limit in seconds (default 1800); exit ${EXIT_TIMEOUT} when it runs out
-  --boot-timeout S   limit for boot and setup before a retry (default 180)
-  --env K=V          pass a variable to the command (repeatable); CI, IOMMUFD_*, BUN_* pass anyway
-  --memory SIZE      guest memory (default 4G)
-  --hugepages N      2 MiB huge pages to reserve (default 256, or IOMMUFD_VM_HUGEPAGES)
-  --kvm              use KVM instead of TCG (or IOMMUFD_VM_KVM=1); only on hosts with real KVM
-  --kernel PATH      boot this bzImage instead of building one
-  --cwd DIR          run the command there (default: the current directory)
-  --out DIR          copy what the command wrote to $IOMMUFD_VM_OUT into DIR
-  -h, --help         this text
-
-In the guest: IOMMUFD_IN_VM=1, HOME=/tmp, /dev/iommu, /dev/vfio/devices/vfio* (an edu device
-bound to vfio-pci), debugfs with fault injection, huge pages, ulimit -l unlimited.
-
-exit status: the command's own; ${EXIT_TIMEOUT} on timeout; ${EXIT_VM_FAILURE} when the guest failed (no kernel,
-emulator fault, kernel panic); 2 for bad options.`;
-}
-
-async function main(argv: string[]): Promise<number> {
-  const opts: GuestOptions = { command: [], env: {} };
-  const value = (i: number, name: string): string => {
-    const v = argv[i];
-    if (v === undefined) throw new Error(`${name} needs a value`);
-    return v;
-  };
-  const positive = (s: string, name: string): number => {
-    const n = Number(s);
-    if (!Number.isFinite(n) || n <= 0) throw new Error(`${name} wants a positive number, not ${s}`);
-    return n;
-  };
-  try {
-    let i = 0;
-    for (; i < argv.length; i++) {
-      const a = argv[i]!;
-      if (a === "--") {
-        i++;
-        break;
-      }
-      if (!a.startsWith("-")) break; // `bun run vm -- cmd` drops the "--"
-      switch (a) {
-        case "-h":
-        case "--help":
-          console.log(usage());
-          return 0;
-        case "--timeout":
-          opts.timeoutSeconds = positive(value(++i, a), a);
-          break;
-        case "--boot-timeout":
-          opts.bootTimeoutSeconds = positive(value(++i, a), a);
-          break;
-        case "--memory":
-          opts.memory = value(++i, a);
-          break;
-        case "--hugepages": {
-          const n = Number(value(++i, a));
-          if (!Number.isInteger(n) || n < 0) throw new Error(`--hugepages wants a count, not ${argv[i]}`);
-          opts.hugepages = n;
-          break;
-        }
-        case "--kvm":
-          opts.kvm = true;
-          break;
-        case "--kernel":
-          opts.kernel = resolve(value(++i, a));
-          break;
-        case "--cwd":
-          opts.cwd = resolve(value(++i, a));
-          break;
-        case "--out":
-          opts.outDir = resolve(value(++i, a));
-          break;
-        case "--env": {
-          const kv = value(++i, a);
-          const eq = kv.indexOf("=");
-          if (eq <= 0) throw new Error(`--env wants K=V, not ${kv}`);
-          opts.env![kv.slice(0, eq)] = kv.slice(eq + 1);
-          break;
-        }
-        default:
-          throw new Error(`unknown option ${a}`);
-      }
-    }
-    opts.command = argv.slice(i);
-    if (opts.command.length === 0) throw new Error("no command given");
-  } catch (e) {
-    console.error(`vm/run.ts: ${(e as Error).message}\n\n${usage()}`);
-    return 2;
-  }
-  const result = await runInGuest(opts);
-  return result.exitCode;
-}
-
 if (import.meta.main) {
+  const { main } = await import("./cli.ts");
   process.exitCode = await main(process.argv.slice(2));
 }

@@ -48,6 +48,16 @@ import {
   vfio_region_info,
 } from "../uapi/vfio.ts";
 import { PCI_ADDRESS, pciAddressOfCdev, vfioCdevOf } from "./pci.ts";
+import {
+  type EnableIrqOptions,
+  enableIrq,
+  type IrqInfo,
+  type IrqKind,
+  type IrqSet,
+  irqInfo,
+  irqInfoOrNone,
+  releaseIrqs,
+} from "./irq.ts";
 import { RegionMapping } from "./region.ts";
 
 export { RegionMapping } from "./region.ts";
@@ -551,12 +561,31 @@ export class VfioDevice {
     });
   }
 
+  /** VFIO_DEVICE_GET_IRQ_INFO of one interrupt index ("intx", "msi", "msix", "err", "req" or a number). */
+  irqInfo(kind: IrqKind | number): IrqInfo {
+    return irqInfo(this, kind);
+  }
+
+  /** The info of every index (vfio-pci: INTx, MSI, MSI-X, ERR, REQ); count 0 where the device lacks one. */
+  irqs(): IrqInfo[] {
+    return Array.from({ length: this.info().numIrqs }, (_, index) => irqInfoOrNone(this, index));
+  }
+
   /**
-   * Close the device. Its register mappings are unmapped; the kernel detaches it, unbinds it and
-   * revokes dma-bufs exported from it. Idempotent.
+   * Enable vectors 0..n-1 of an interrupt index, each with its own eventfd (see IrqSet). MSI and
+   * MSI-X turn bus mastering on: an MSI is a memory write by the device.
+   */
+  enableIrq(kind: IrqKind, options?: EnableIrqOptions): IrqSet {
+    return enableIrq(this, kind, options);
+  }
+
+  /**
+   * Close the device. Its interrupts are disabled first, its register mappings unmapped; the
+   * kernel detaches it, unbinds it and revokes dma-bufs exported from it. Idempotent.
    */
   close(): void {
     if (this.#fd < 0) return;
+    releaseIrqs(this);
     for (const region of this.#regions) region.unmap();
     const fd = this.#fd;
     this.#fd = -1;

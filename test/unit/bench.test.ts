@@ -1,0 +1,212 @@
+/**
+ * The benchmark's machinery without a kernel: intervals, the regression rule, the smoke test's
+ * failure conditions, results without host paths, the C side's build (rebuilt when a source
+ * changes, an error without a compiler) and its descriptor hand-over.
+ */
+import { afterAll, describe, expect, test } from "bun:test";
+import { appendFileSync, closeSync, cpSync, mkdtempSync, openSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { BaselineError, buildBaseline, CProcess } from "../../bench/baseline.ts";
+import { plan, smokeProblems } from "../../bench/main.ts";
+import { compare, hostPaths, scrubbed, type Results } from "../../bench/results.ts";
+import { interval, type CaseResult, type Interval } from "../../bench/runner.ts";
+import { TIERS, type BenchEnv } from "../../bench/suite.ts";
+
+const env: BenchEnv = {
+  mock: true,
+  edu: "0000:00:03.0",
+  hugeFree: 512 << 20,
+  memAvailable: 3 * 2 ** 30,
+  pagemap: true,
+  vm: true,
+  extra: {},
+};
+
+function iv(median: number, lo: number, hi: number): Interval {
+  return { median, lo, hi, confidence: 0.97, n: 6 };
+}
+
+function caseResult(id: string, ratio: Interval | undefined, extra: Partial<CaseResult> = {}): CaseResult {
+  return {
+    id,
+    suite: "map",
+    title: id,
+    k: 1,
+    tier: "default",
+    tracked: true,
+    cPlanned: true,
+    refPlanned: false,
+    rounds: [],
+    lib: iv(100, 90, 110),
+    c: iv(80, 75, 85),
+    ratio,
+    warmupOps: {},
+    errors: [],
+    ...extra,
+  };
+}
+
+function results(cases: CaseResult[]): Results {
+  return { cases } as unknown as Results;
+}
+
+describe("interval of the median", () => {
+  test("6 rounds: min..max, 97% coverage", () => {
+    const i = interval([5, 1, 4, 2, 6, 3])!;
+    expect([i.median, i.lo, i.hi]).toEqual([3.5, 1, 6]);
+    expect(i.confidence).toBeCloseTo(1 - 2 / 64, 6);
+  });
+  test("10 rounds: second lowest..second highest, at least 95%", () => {
+    const i = interval([10, 1, 9, 2, 8, 3, 7, 4, 6, 5])!;
+    expect([i.lo, i.hi]).toEqual([2, 9]);
+    expect(i.confidence).toBeGreaterThanOrEqual(0.95);
+  });
+  test("no rounds, no interval", () => expect(interval([])).toBeUndefined());
+});
+
+describe("regressions only when the intervals part", () => {
+  test("overlapping intervals: nothing flagged, whatever the medians", () => {
+    const then = results([caseResult("a", iv(1.1, 1.0, 1.3))]);
+    const now = results([caseResult("a", iv(1.3, 1.2, 1.4))]);
+    expect(compare(now, then)).toEqual([]);
+  });
+  test("apart by less than the threshold: nothing flagged", () => {
+    const then = results([caseResult("a", iv(1.1, 1.0, 1.2))]);
+    const now = results([caseResult("a", iv(1.25, 1.22, 1.3))]);
+    expect(compare(now, then, 0.05)).toEqual([]);
+  });
+  test("apart by more: a regression, with the C side's change beside it", () => {
+    const then = results([caseResult("a", iv(1.1, 1.0, 1.2))]);
+    const now = results([caseResult("a", iv(1.4, 1.3, 1.5), { c: iv(160, 150, 170) })]);
+    const [change] = compare(now, then, 0.05);
+    expect(change?.kind).toBe("regression");
+    expect(change?.cChange).toBeCloseTo(2, 6);
+    expect(change?.text).toContain("C itself +100.0%");
+  });
+  test("better by more: an improvement, not a regression", () => {
+    const then = results([caseResult("a", iv(1.4, 1.3, 1.5))]);
+    const now = results([caseResult("a", iv(1.1, 1.0, 1.2))]);
+    expect(compare(now, then).map((c) => c.kind)).toEqual(["improvement"]);
+  });
+  test("untracked cases are not compared", () => {
+    const then = results([caseResult("a", iv(1.1, 1.0, 1.2), { tracked: false })]);
+    const now = results([caseResult("a", iv(2, 1.9, 2.1), { tracked: false })]);
+    expect(compare(now, then)).toEqual([]);
+  });
+  test("a lower speedup is a regression", () => {
+    const ref = { cPlanned: false, refPlanned: true, c: undefined };
+    const then = results([caseResult("h", undefined, { ...ref, speedup: iv(20, 18, 22) })]);
+    const now = results([caseResult("h", undefined, { ...ref, speedup: iv(10, 9, 11) })]);
+    expect(compare(now, then).map((c) => [c.kind, c.metric])).toEqual([["regression", "speedup"]]);
+  });
+});
+
+describe("the smoke test fails", () => {
+  const good = caseResult("a", iv(1.1, 1, 1.2));
+  test("passes when every planned case has both sides and a ratio", () => {
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped: [] }, true)).toEqual([]);
+  });
+  test("when a planned case did not report", () => {
+    expect(smokeProblems({ planned: ["a", "b"], cases: [good], skipped: [] }, false)).toEqual([
+      "b: planned but did not report",
+    ]);
+  });
+  test("when a case has no C figure or ratio", () => {
+    const noC = caseResult("a", undefined, { c: undefined });
+    expect(smokeProblems({ planned: ["a"], cases: [noC], skipped: [] }, false)).toEqual([
+      "a: no C figure",
+      "a: no ratio",
+    ]);
+  });
+  test("when a case skipped under CI, not outside it", () => {
+    const skipped = [{ id: "b", reason: "no mock domain" }];
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped }, true)).toHaveLength(1);
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped }, false)).toEqual([]);
+  });
+  test("when nothing was planned", () => {
+    expect(smokeProblems({ planned: [], cases: [], skipped: [] }, false)).toEqual(["no case was planned"]);
+  });
+});
+
+describe("plan", () => {
+  test("ids are unique and every tier is a superset of the one below", () => {
+    const ids = TIERS.map((t) => plan(env, t).cases.map((c) => c.id));
+    for (const list of ids) expect(new Set(list).size).toBe(list.length);
+    expect(ids[0]!.every((id) => ids[1]!.includes(id))).toBe(true);
+    expect(ids[1]!.every((id) => ids[2]!.includes(id))).toBe(true);
+  });
+  test("quick has a C side in every map case and a C op of each kind", () => {
+    const quick = plan(env, "quick").cases;
+    expect(quick.filter((c) => c.suite === "map").every((c) => c.c)).toBe(true);
+    for (const op of ["mapFile/", "map/", "copy/", "prepared/", "rawFfi/", "heap/", "allocator/"]) {
+      expect(quick.some((c) => c.id.startsWith(op))).toBe(true);
+    }
+  });
+  test("a case this machine cannot run is skipped with its reason", () => {
+    const { cases, skipped } = plan({ ...env, mock: false, edu: undefined, hugeFree: 0 }, "default");
+    expect(cases.some((c) => c.id.includes("/mock/") || c.id.includes("/edu/"))).toBe(false);
+    expect(skipped.find((s) => s.id === "mapFile/mock/2MiB/huge")?.reason).toContain("CONFIG_IOMMUFD_TEST");
+  });
+});
+
+describe("results files", () => {
+  test("carry no host paths", () => {
+    const r = { note: `${join(import.meta.dir, "..", "..")}/bench/x`, tmp: join(tmpdir(), "y") } as unknown as Results;
+    const text = JSON.stringify(scrubbed(r));
+    expect(hostPaths(text)).toEqual([]);
+    expect(hostPaths('{"a":"/root/.cache/x"}')).toEqual(["/root/.cache/x"]);
+  });
+});
+
+describe("the C side", () => {
+  const sources = join(import.meta.dir, "..", "..", "bench", "baseline");
+  const made: string[] = [];
+  afterAll(() => {
+    for (const dir of made) rmSync(dir, { recursive: true, force: true });
+  });
+  function copy(): string {
+    const dir = mkdtempSync(join(tmpdir(), "cbench-src-"));
+    made.push(dir);
+    for (const f of readdirSync(sources)) if (/\.[ch]$/.test(f)) cpSync(join(sources, f), join(dir, f));
+    return dir;
+  }
+
+  test("is rebuilt when a source changes, reused otherwise", () => {
+    const dir = copy();
+    const build = { sourceDir: dir, buildDir: join(dir, "build") };
+    expect(buildBaseline(build).how).toBe("built");
+    expect(buildBaseline(build).how).toBe("reused");
+    appendFileSync(join(dir, "bench.h"), "\n/* changed */\n");
+    expect(buildBaseline(build).how).toBe("built");
+  }, 60_000);
+
+  test("without a compiler is an error, not an old binary", () => {
+    const dir = copy();
+    buildBaseline({ sourceDir: dir, buildDir: join(dir, "build") });
+    expect(() => buildBaseline({ sourceDir: dir, buildDir: join(dir, "build"), path: "/nonexistent" })).toThrow(
+      BaselineError,
+    );
+  }, 60_000);
+
+  test("receives the library side's descriptors and reports what the kernel said", async () => {
+    const dir = copy();
+    const { binary } = buildBaseline({ sourceDir: dir, buildDir: join(dir, "build") });
+    const fd = openSync("/dev/null", "r");
+    try {
+      // Two descriptors handed over: set-up succeeds; MAP_FILE on /dev/null is ENOTTY.
+      const c = await CProcess.start(binary, { op: "map_file", fds: [fd, fd], args: [1, 4096, 1 << 24] }, 1);
+      await expect(c.warmUp(10, 0, 100)).rejects.toThrow(/errno 25/);
+      await c.close();
+      // One missing: the C side says which.
+      await expect(CProcess.start(binary, { op: "map_file", fds: [fd], args: [1, 4096, 1 << 24] }, 1)).rejects.toThrow(
+        /fd 4/,
+      );
+      await expect(CProcess.start(binary, { op: "nonsense", fds: [], args: [] }, 1)).rejects.toThrow(
+        /no op named nonsense/,
+      );
+    } finally {
+      closeSync(fd);
+    }
+  }, 60_000);
+});
