@@ -30,10 +30,7 @@ const SYMBOLS = {
   getrlimit: { args: [i32, ptr], returns: i32 },
   setrlimit: { args: [i32, ptr], returns: i32 },
   gettid: { args: [], returns: i32 },
-  read: { args: [i32, ptr, u64], returns: i64 },
-  write: { args: [i32, ptr, u64], returns: i64 },
   poll: { args: [ptr, u64, i32], returns: i32 },
-  eventfd: { args: [u32, i32], returns: i32 },
   __errno_location: { args: [], returns: ptr },
 } as const;
 
