@@ -503,5 +503,5 @@ describe("I/O page faults", () => {
       iommufd.close();
     }
     expect(await settled(fds)).toBe(fds);
-  });
+  }, 30_000);
 });
