@@ -477,11 +477,14 @@ describe("I/O page faults", () => {
   });
 
   test("fds return to the start once a queue whose reader was waiting is closed (the poller thread too)", async () => {
-    // Threads of earlier tests' pollers end asynchronously: start from a settled count.
+    // Terminated poller threads release their event-loop fds asynchronously (earlier tests' too):
+    // collect garbage and wait for a settled count on both sides.
     const settled = async (target?: number) => {
+      Bun.gc(true);
       let last = openFdCount();
       for (let i = 0; i < 100; i++) {
         await Bun.sleep(20);
+        Bun.gc(true);
         const now = openFdCount();
         if (target === undefined ? now === last : now === target) return now;
         last = now;
