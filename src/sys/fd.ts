@@ -4,7 +4,7 @@
  */
 import { ptr, type Pointer } from "bun:ffi";
 import { ERRNO } from "./errno.ts";
-import { IommufdError, syscallError } from "./error.ts";
+import { argumentError, IommufdError, syscallError } from "./error.ts";
 import {
   F_GETFD,
   F_SETFD,
@@ -132,7 +132,7 @@ export function setCloseOnExec(fd: number, operation: string): void {
 /** Throws EBADF when the fd is not open: checked up front for fds handed in by the caller. */
 export function requireOpenFd(fd: number, operation: string, argument: string): void {
   if (!Number.isInteger(fd) || fd < 0) {
-    throw new IommufdError({ operation, errno: ERRNO.EBADF, argument, message: `${fd} is not a file descriptor` });
+    throw argumentError(operation, argument, `${fd} is not a file descriptor`, "EBADF");
   }
   if (libc().fcntl(fd, F_GETFD, 0) < 0) {
     throw new IommufdError({ operation, errno: lastErrno(), argument, message: `fd ${fd} is not open` });
