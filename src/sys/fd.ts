@@ -7,6 +7,7 @@ import { ERRNO } from "./errno.ts";
 import { argumentError, IommufdError, syscallError } from "./error.ts";
 import {
   F_GETFD,
+  F_SETFD,
   FD_CLOEXEC,
   lastErrno,
   libc,
@@ -120,6 +121,12 @@ export function pwriteFrom(fd: number, source: Uint8Array, offset: number, opera
   if (n < 0)
     throw syscallError(operation, lastErrno(), `pwrite of ${source.byteLength} bytes at offset ${offset} failed`);
   return n;
+}
+
+/** Set FD_CLOEXEC on an fd the library adopts (fds inherited from a parent arrive without it). */
+export function setCloseOnExec(fd: number, operation: string): void {
+  if (libc().fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+    throw syscallError(operation, lastErrno(), `fcntl(${fd}, F_SETFD, FD_CLOEXEC) failed`, { argument: "fd" });
 }
 
 /** Throws EBADF when the fd is not open: checked up front for fds handed in by the caller. */
