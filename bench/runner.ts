@@ -80,6 +80,8 @@ export interface CaseResult {
   /** Bytes per second through the library, from lib.median. */
   gibPerSec?: number;
   warmupOps: Partial<Record<SideName, number>>;
+  /** Wall time of the whole case, set-up and warm-up included (for the run's time budget). */
+  seconds?: number;
   errors: string[];
 }
 
@@ -187,6 +189,7 @@ export async function runCase(
     warmupOps: {},
     errors: [],
   };
+  const t0 = performance.now();
   let instance: CaseInstance | undefined;
   let c: CProcess | undefined;
   try {
@@ -248,6 +251,7 @@ export async function runCase(
     } catch (error) {
       result.errors.push(`teardown: ${(error as Error).message}`);
     }
+    result.seconds = Math.round((performance.now() - t0) / 10) / 100;
   }
   return result;
 }
