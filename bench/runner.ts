@@ -28,7 +28,7 @@ export function runMode(tier: Tier): RunMode {
     case "default":
       // Many short rounds rather than a few long ones: the interval of 10 drops the most extreme
       // round on each side, so one round disturbed by the machine does not widen it.
-      return { tier, rounds: 10, minMs: 120, warmup: { ops: 40_000, ms: 1000, maxMs: 2500 }, processWarmupMs: 6000 };
+      return { tier, rounds: 10, minMs: 120, warmup: { ops: 40_000, ms: 500, maxMs: 2000 }, processWarmupMs: 6000 };
     case "full":
       return { tier, rounds: 16, minMs: 300, warmup: { ops: 40_000, ms: 2000, maxMs: 4000 }, processWarmupMs: 8000 };
   }
