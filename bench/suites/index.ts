@@ -4,3 +4,4 @@
  */
 import "./map.ts";
 import "./heap.ts";
+import "./irq.ts";

@@ -7,7 +7,7 @@
  */
 import { dlopen, FFIType, read, type Pointer } from "bun:ffi";
 
-const { i32, u32, i64, u64, ptr, cstring } = FFIType;
+const { i32, u32, i64, i64_fast, u64, ptr, cstring } = FFIType;
 
 const SYMBOLS = {
   ioctl: { args: [i32, u64, ptr], returns: i32 },
@@ -23,9 +23,14 @@ const SYMBOLS = {
   madvise: { args: [ptr, u64, i32], returns: i32 },
   pread: { args: [i32, ptr, u64, i64], returns: i64 },
   pwrite: { args: [i32, ptr, u64, i64], returns: i64 },
+  // i64_fast: a plain number for every size these calls return (no BigInt on the interrupt path).
+  read: { args: [i32, ptr, u64], returns: i64_fast },
+  write: { args: [i32, ptr, u64], returns: i64_fast },
+  eventfd: { args: [u32, i32], returns: i32 },
   getrlimit: { args: [i32, ptr], returns: i32 },
   setrlimit: { args: [i32, ptr], returns: i32 },
   gettid: { args: [], returns: i32 },
+  poll: { args: [ptr, u64, i32], returns: i32 },
   __errno_location: { args: [], returns: ptr },
 } as const;
 
@@ -98,6 +103,10 @@ export const F_SEAL_GROW = 0x4;
 export const F_SEAL_WRITE = 0x8;
 
 export const RLIMIT_MEMLOCK = 8;
+
+/** <sys/eventfd.h>: the same bits as O_CLOEXEC and O_NONBLOCK. */
+export const EFD_CLOEXEC = 0o2000000;
+export const EFD_NONBLOCK = 0o4000;
 
 /** struct stat on x86-64 / aarch64 generic: only the fields the library reads. */
 export const STAT_SIZE = 144;

@@ -145,6 +145,49 @@ export const vfio_device_detach_iommufd_pt = struct(
   { cName: "struct vfio_device_detach_iommufd_pt" },
 );
 
+/** VFIO_DEVICE_GET_IRQ_INFO. */
+export const vfio_irq_info = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["index", "u32"],
+    ["count", "u32"],
+  ],
+  { cName: "struct vfio_irq_info" },
+);
+
+export const VFIO_IRQ_INFO_EVENTFD = 1 << 0;
+export const VFIO_IRQ_INFO_MASKABLE = 1 << 1;
+export const VFIO_IRQ_INFO_AUTOMASKED = 1 << 2;
+export const VFIO_IRQ_INFO_NORESIZE = 1 << 3;
+
+/** VFIO_DEVICE_SET_IRQS; followed by `count` entries of data (s32 eventfds for DATA_EVENTFD). */
+export const vfio_irq_set = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["index", "u32"],
+    ["start", "u32"],
+    ["count", "u32"],
+  ],
+  { cName: "struct vfio_irq_set" },
+);
+
+export const VFIO_IRQ_SET_DATA_NONE = 1 << 0;
+export const VFIO_IRQ_SET_DATA_BOOL = 1 << 1;
+export const VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2;
+export const VFIO_IRQ_SET_ACTION_MASK = 1 << 3;
+export const VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4;
+export const VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5;
+
+/** enum in vfio.h: PCI interrupt indexes. */
+export const VFIO_PCI_INTX_IRQ_INDEX = 0;
+export const VFIO_PCI_MSI_IRQ_INDEX = 1;
+export const VFIO_PCI_MSIX_IRQ_INDEX = 2;
+export const VFIO_PCI_ERR_IRQ_INDEX = 3;
+export const VFIO_PCI_REQ_IRQ_INDEX = 4;
+export const VFIO_PCI_NUM_IRQS = 5;
+
 export const VFIO_LAYOUTS = [
   vfio_device_info,
   vfio_region_info,
@@ -156,6 +199,8 @@ export const VFIO_LAYOUTS = [
   vfio_device_bind_iommufd,
   vfio_device_attach_iommufd_pt,
   vfio_device_detach_iommufd_pt,
+  vfio_irq_info,
+  vfio_irq_set,
 ];
 
 export const VFIO_REQUESTS: Record<string, number> = {
@@ -193,4 +238,20 @@ export const VFIO_CONSTANTS: Record<string, number> = {
   VFIO_DEVICE_FEATURE_SET_MASTER,
   VFIO_DEVICE_BIND_FLAG_TOKEN,
   VFIO_DEVICE_ATTACH_PASID,
+  VFIO_IRQ_INFO_EVENTFD,
+  VFIO_IRQ_INFO_MASKABLE,
+  VFIO_IRQ_INFO_AUTOMASKED,
+  VFIO_IRQ_INFO_NORESIZE,
+  VFIO_IRQ_SET_DATA_NONE,
+  VFIO_IRQ_SET_DATA_BOOL,
+  VFIO_IRQ_SET_DATA_EVENTFD,
+  VFIO_IRQ_SET_ACTION_MASK,
+  VFIO_IRQ_SET_ACTION_UNMASK,
+  VFIO_IRQ_SET_ACTION_TRIGGER,
+  VFIO_PCI_INTX_IRQ_INDEX,
+  VFIO_PCI_MSI_IRQ_INDEX,
+  VFIO_PCI_MSIX_IRQ_INDEX,
+  VFIO_PCI_ERR_IRQ_INDEX,
+  VFIO_PCI_REQ_IRQ_INDEX,
+  VFIO_PCI_NUM_IRQS,
 };

@@ -70,3 +70,17 @@ test.skipIf(!haveEdu)(
   },
   120_000,
 );
+
+test.skipIf(!haveEdu)(
+  "edu-irq.ts awaits edu's DMA completion interrupts while a timer keeps ticking",
+  async () => {
+    const { code, stdout } = await example("edu-irq.ts");
+    expect(code).toBe(0);
+    expect(stdout).toMatch(/: 1 MSI vector\(s\); INTx, MSI-X, ERR, REQ counts: intx 1, msi 1, msix 0, err 0, req 1$/m);
+    expect(stdout).toContain("DMA RAM -> device started (1024 bytes from IOVA 0x100000); awaiting its interrupt");
+    expect(stdout).toMatch(/^completion interrupts: 1 \+ 1; the timer ticked [1-9]\d* times meanwhile$/m);
+    expect(stdout).toContain("round trip OK: 1024 bytes back through the IOMMU");
+    expect(stdout.trimEnd().endsWith("done")).toBe(true);
+  },
+  120_000,
+);

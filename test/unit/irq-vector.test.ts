@@ -1,0 +1,111 @@
+/**
+ * IrqVector's waiting machinery on any Linux host: a real eventfd that the test itself signals
+ * with write(2), as the kernel's eventfd_signal() does for a VFIO interrupt. The VFIO side (which
+ * needs a device) is covered by test/kernel/irq.test.ts; the set here only carries the index.
+ */
+import { afterEach, expect, test } from "bun:test";
+import { readdirSync } from "node:fs";
+import { type IrqSet, IrqVector } from "../../src/vfio/irq.ts";
+import { isCloseOnExec } from "../../src/sys/fd.ts";
+import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
+
+// Passed as the typed array itself: a cached ptr() of a module-level array that no closure keeps
+// alive points at freed memory once the engine collects it (writes of garbage counts).
+const one = new BigUint64Array([1n]);
+const open: IrqVector[] = [];
+
+/** A vector on a fresh eventfd; `signal()` adds 1 to its counter. */
+function vector(): { vector: IrqVector; signal: () => void } {
+  const fd = libc().eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  expect(fd).toBeGreaterThanOrEqual(0);
+  const set = { index: 1, info: { maskable: false } } as unknown as IrqSet;
+  const v = new IrqVector(set, 0, fd);
+  open.push(v);
+  return { vector: v, signal: () => void libc().write(fd, one, 8) };
+}
+
+const fdCount = () => readdirSync("/proc/self/fd").length;
+
+afterEach(() => {
+  for (const v of open.splice(0)) v.release();
+});
+
+test("poll is non-blocking and returns the count since the last read", () => {
+  const { vector: v, signal } = vector();
+  expect(isCloseOnExec(v.fd)).toBe(true);
+  expect(v.poll()).toBe(0);
+  signal();
+  signal();
+  signal();
+  expect(v.poll()).toBe(3);
+  expect(v.poll()).toBe(0);
+});
+
+test("wait resolves at once when an event is pending, and later through the event loop otherwise", async () => {
+  const { vector: v, signal } = vector();
+  signal();
+  expect(await v.wait()).toBe(1);
+  let ticks = 0;
+  const interval = setInterval(() => ticks++, 2);
+  setTimeout(signal, 40);
+  const started = performance.now();
+  expect(await v.wait()).toBe(1);
+  clearInterval(interval);
+  expect(performance.now() - started).toBeGreaterThanOrEqual(30);
+  expect(ticks).toBeGreaterThanOrEqual(3); // the thread was free while waiting
+});
+
+test("counts taken in by the event loop reach poll(); none is lost or counted twice", async () => {
+  const { vector: v, signal } = vector();
+  setTimeout(signal, 5);
+  let total = await v.wait();
+  for (let i = 0; i < 50; i++) {
+    signal();
+    if (i % 3 === 0) await Bun.sleep(1);
+    if (i % 7 === 0) total += v.poll();
+  }
+  await Bun.sleep(10);
+  total += v.poll();
+  expect(total).toBe(51);
+});
+
+test("for await yields until the vector is released", async () => {
+  const { vector: v, signal } = vector();
+  const seen: number[] = [];
+  const loop = (async () => {
+    for await (const n of v) {
+      seen.push(n);
+      if (seen.length < 3) setTimeout(signal, 1);
+    }
+  })();
+  signal();
+  while (seen.length < 3) await Bun.sleep(2);
+  v.release();
+  await loop;
+  expect(seen).toEqual([1, 1, 1]);
+});
+
+test("one waiter at a time: a second wait is EBUSY; an aborted wait frees the slot", async () => {
+  const { vector: v, signal } = vector();
+  const controller = new AbortController();
+  const first = v.wait({ signal: controller.signal });
+  await expect(v.wait()).rejects.toMatchObject({ code: "EBUSY", operation: "IrqVector.wait" });
+  controller.abort(new Error("stop"));
+  await expect(first).rejects.toThrow("stop");
+  await expect(v.wait({ signal: AbortSignal.abort(new Error("already")) })).rejects.toThrow("already");
+  signal();
+  expect(await v.wait()).toBe(1);
+});
+
+test("release rejects a pending wait with EBADF, closes the eventfd (and Bun's duplicate)", async () => {
+  const before = fdCount();
+  const { vector: v } = vector();
+  const pending = v.wait(); // hands the eventfd to the event loop (Bun reads a duplicate)
+  await Bun.sleep(5);
+  v.release();
+  await expect(pending).rejects.toMatchObject({ code: "EBADF", operation: "IrqVector.wait" });
+  expect(() => v.poll()).toThrow(/closed/);
+  await expect(v.wait()).rejects.toMatchObject({ code: "EBADF" });
+  for (let i = 0; i < 100 && fdCount() !== before; i++) await Bun.sleep(10);
+  expect(fdCount()).toBe(before);
+});
