@@ -471,7 +471,12 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   const base = { consoleLog, qemuLog };
 
   const started = performance.now();
-  const proc = Bun.spawn(qemuArgs(c, share, consoleLog), {
+  // setpriv --pdeathsig: the kernel kills QEMU when this runner dies, even by SIGKILL, which no
+  // signal handler here can catch. (util-linux; without it the handlers below still cover
+  // SIGINT and SIGTERM.)
+  const setpriv = Bun.which("setpriv");
+  const argv = qemuArgs(c, share, consoleLog);
+  const proc = Bun.spawn(setpriv ? [setpriv, "--pdeathsig", "KILL", ...argv] : argv, {
     stdin: "ignore",
     stdout: "ignore",
     stderr: Bun.file(qemuLog),
