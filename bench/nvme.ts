@@ -1,0 +1,241 @@
+/**
+ * NVMe race: 4 KiB random reads and writes at queue depth 1 and 32 through the user-space driver
+ * (bun-iommufd/nvme, polled completion) and through the guest kernel's own NVMe driver, on the
+ * same controller in the same boot. Between the phases the controller moves from vfio-pci to
+ * the kernel's nvme driver through driver_override, and back.
+ *
+ * Kernel side: fio with O_DIRECT on the block device, QD1 by pread (psync), QD32 by io_uring from
+ * one process. User side: one queue pair, one promise per command, 32 concurrent callers at QD32.
+ *
+ * Runs in the test guest (it needs an NVMe controller on vfio-pci):
+ *   bun vm/run.ts --device nvme -- bun bench/nvme.ts [--seconds S] [--json]
+ */
+import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { NvmeController } from "../src/nvme/index.ts";
+import { bindToVfioPci } from "../src/vfio/pci.ts";
+
+export type Driver = "bun-iommufd" | "kernel";
+export type Workload = "randread" | "randwrite";
+
+export interface NvmeRaceRow {
+  driver: Driver;
+  /** "polled" for ours; fio's engine for the kernel's. */
+  mode: string;
+  workload: Workload;
+  queueDepth: number;
+  iops: number;
+  p50us: number;
+  p99us: number;
+  ops: number;
+  seconds: number;
+}
+
+export interface NvmeRaceOptions {
+  /** PCI address of the controller (on vfio-pci at the start; left on vfio-pci at the end). */
+  address: string;
+  /** Measured seconds per phase (after a warm-up of a quarter of it, at least 0.5 s). */
+  seconds?: number;
+  log?: (line: string) => void;
+}
+
+const BLOCK = 4096;
+const SYSFS = "/sys/bus/pci/devices";
+
+function percentile(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+}
+
+/** Our driver: `depth` callers each awaiting one 4 KiB command at a time at random 4 KiB-aligned LBAs. */
+async function userPhase(
+  controller: NvmeController,
+  workload: Workload,
+  depth: number,
+  seconds: number,
+): Promise<NvmeRaceRow> {
+  const ns = controller.namespace(1);
+  const blocks = BLOCK / ns.blockSize;
+  const slots = Math.floor(ns.blocks / blocks);
+  const queue = controller.createQueuePair(Math.max(depth + 1, 2));
+  const buffers = Array.from({ length: depth }, () => controller.allocBuffer(BLOCK));
+  for (const b of buffers) b.bytes.fill(0x5a);
+  const latencies = new Float64Array(4 << 20);
+  let count = 0;
+  let seed = 0x2545f491;
+  const random = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return (seed >>> 0) % slots;
+  };
+  const run = async (until: number, record: boolean) => {
+    const worker = async (i: number) => {
+      const buffer = buffers[i]!;
+      while (performance.now() < until) {
+        const lba = random() * blocks;
+        const t0 = performance.now();
+        if (workload === "randread") await ns.read(lba, blocks, buffer, { queue });
+        else await ns.write(lba, blocks, buffer, { queue });
+        if (record && count < latencies.length) latencies[count++] = performance.now() - t0;
+      }
+    };
+    await Promise.all(buffers.map((_, i) => worker(i)));
+  };
+  try {
+    await run(performance.now() + Math.max(500, seconds * 250), false);
+    const t0 = performance.now();
+    await run(t0 + seconds * 1000, true);
+    const elapsed = (performance.now() - t0) / 1000;
+    const sorted = latencies.subarray(0, count).sort();
+    return {
+      driver: "bun-iommufd",
+      mode: "polled",
+      workload,
+      queueDepth: depth,
+      iops: Math.round(count / elapsed),
+      p50us: +(percentile(sorted, 50) * 1000).toFixed(1),
+      p99us: +(percentile(sorted, 99) * 1000).toFixed(1),
+      ops: count,
+      seconds: +elapsed.toFixed(2),
+    };
+  } finally {
+    for (const b of buffers) b.free();
+    controller.deleteQueuePair(queue);
+  }
+}
+
+/** Move the controller to the kernel's nvme driver; returns its block device. */
+function bindToKernel(address: string): string {
+  const dir = join(SYSFS, address);
+  writeFileSync(join(dir, "driver_override"), "nvme");
+  if (existsSync(join(dir, "driver"))) writeFileSync(join(dir, "driver", "unbind"), address);
+  writeFileSync("/sys/bus/pci/drivers_probe", address);
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const ctrlDir = join(dir, "nvme");
+    if (existsSync(ctrlDir)) {
+      for (const ctrl of readdirSync(ctrlDir)) {
+        const ns = readdirSync(join(ctrlDir, ctrl)).find((n) => /^nvme\d+(c\d+)?n1$/.test(n));
+        if (ns && existsSync(`/dev/${ns.replace(/c\d+n/, "n")}`)) return `/dev/${ns.replace(/c\d+n/, "n")}`;
+      }
+    }
+    if (Date.now() > deadline) throw new Error(`${address} did not come up as a kernel NVMe block device within 20 s`);
+    Bun.sleepSync(50);
+  }
+}
+
+function fioPhase(device: string, workload: Workload, depth: number, seconds: number): NvmeRaceRow {
+  const engine = depth === 1 ? "psync" : "io_uring";
+  const args = [
+    "fio",
+    "--name=race",
+    `--filename=${device}`,
+    "--direct=1",
+    `--rw=${workload}`,
+    `--bs=${BLOCK}`,
+    `--ioengine=${engine}`,
+    `--iodepth=${depth}`,
+    "--numjobs=1",
+    "--time_based",
+    `--runtime=${seconds}`,
+    `--ramp_time=${Math.max(0.5, seconds / 4)}`,
+    "--norandommap",
+    "--randrepeat=0",
+    "--output-format=json",
+  ];
+  const proc = Bun.spawnSync(args, { stdout: "pipe", stderr: "pipe" });
+  if (proc.exitCode !== 0) throw new Error(`fio failed (${proc.exitCode}): ${proc.stderr.toString().trim()}`);
+  const out = proc.stdout.toString();
+  const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
+  const side = workload === "randread" ? job.read : job.write;
+  const pct = side.clat_ns.percentile as Record<string, number>;
+  return {
+    driver: "kernel",
+    mode: engine,
+    workload,
+    queueDepth: depth,
+    iops: Math.round(side.iops),
+    p50us: +((pct["50.000000"] ?? Number.NaN) / 1000).toFixed(1),
+    p99us: +((pct["99.000000"] ?? Number.NaN) / 1000).toFixed(1),
+    ops: side.total_ios,
+    seconds: +(side.runtime / 1000).toFixed(2),
+  };
+}
+
+const WORKLOADS: [Workload, number][] = [
+  ["randread", 1],
+  ["randread", 32],
+  ["randwrite", 1],
+  ["randwrite", 32],
+];
+
+/** Both drivers, every workload; the controller ends on vfio-pci. */
+export async function nvmeRace(options: NvmeRaceOptions): Promise<NvmeRaceRow[]> {
+  const seconds = options.seconds ?? 3;
+  const log = options.log ?? ((line: string) => console.error(line));
+  const rows: NvmeRaceRow[] = [];
+  const path = bindToVfioPci(options.address);
+  {
+    using controller = NvmeController.open(path, { heapSize: 4 << 20 });
+    for (const [workload, depth] of WORKLOADS) {
+      const row = await userPhase(controller, workload, depth, seconds);
+      log(`nvme race: ${format(row)}`);
+      rows.push(row);
+    }
+  }
+  const device = bindToKernel(options.address);
+  try {
+    for (const [workload, depth] of WORKLOADS) {
+      const row = fioPhase(device, workload, depth, seconds);
+      log(`nvme race: ${format(row)}`);
+      rows.push(row);
+    }
+  } finally {
+    bindToVfioPci(options.address);
+  }
+  return rows;
+}
+
+export function format(row: NvmeRaceRow): string {
+  return `${row.driver.padEnd(11)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us`;
+}
+
+/** Ours over the kernel's, per workload and depth. */
+export function ratios(rows: NvmeRaceRow[]): { workload: Workload; queueDepth: number; ratio: number }[] {
+  const out: { workload: Workload; queueDepth: number; ratio: number }[] = [];
+  for (const [workload, depth] of WORKLOADS) {
+    const ours = rows.find((r) => r.driver === "bun-iommufd" && r.workload === workload && r.queueDepth === depth);
+    const theirs = rows.find((r) => r.driver === "kernel" && r.workload === workload && r.queueDepth === depth);
+    if (ours && theirs) out.push({ workload, queueDepth: depth, ratio: +(ours.iops / theirs.iops).toFixed(2) });
+  }
+  return out;
+}
+
+/** The first NVMe controller on vfio-pci the guest lists. */
+export function guestNvmeAddress(): string | undefined {
+  const listed = process.env.IOMMUFD_VM_NVME;
+  if (listed) return listed.split(",")[0]?.split("=")[0];
+  if (!existsSync(SYSFS)) return undefined;
+  return readdirSync(SYSFS).find((a) => {
+    const id = `${readFileSync(join(SYSFS, a, "vendor"), "utf8").trim()}:${readFileSync(join(SYSFS, a, "device"), "utf8").trim()}`;
+    return id === "0x1b36:0x0010";
+  });
+}
+
+if (import.meta.main) {
+  const argv = process.argv.slice(2);
+  const at = argv.indexOf("--seconds");
+  const seconds = at >= 0 ? Number(argv[at + 1]) : 3;
+  const address = guestNvmeAddress();
+  if (!address) {
+    console.error("no NVMe controller here: bun vm/run.ts --device nvme -- bun bench/nvme.ts");
+    process.exit(1);
+  }
+  const rows = await nvmeRace({ address, seconds });
+  if (argv.includes("--json")) console.log(JSON.stringify({ rows, ratios: ratios(rows) }, null, 2));
+  else {
+    for (const row of rows) console.log(format(row));
+    for (const r of ratios(rows)) console.log(`${r.workload} QD${r.queueDepth}: bun-iommufd / kernel = ${r.ratio}x`);
+  }
+}

@@ -1,0 +1,22 @@
+/**
+ * bun-iommufd/nvme: a user-space NVMe driver over VFIO and iommufd.
+ *
+ * @example
+ * ```ts
+ * import { NvmeController } from "bun-iommufd/nvme";
+ * using controller = NvmeController.open("0000:00:04.0");
+ * const ns = controller.namespace(1);
+ * using buffer = controller.allocBuffer(4096);
+ * buffer.bytes.fill(0xab);
+ * await ns.write(0, 4096 / ns.blockSize, buffer);
+ * await ns.read(0, 4096 / ns.blockSize, buffer);
+ * ```
+ */
+export { NvmeController, type CommandOptions, type NvmeControllerOptions, type ShutdownResult } from "./controller.ts";
+export { Namespace, type DataBuffer, type IoOptions } from "./namespace.ts";
+export { QueuePair, type QueueStats } from "./queue.ts";
+export { PeerBuffer } from "./peer.ts";
+export { decodeStatus, type DecodedStatus } from "./status.ts";
+export { AdminOpcode, IoOpcode, IdentifyCns, type Command } from "./commands.ts";
+export type { ControllerIdentity, NamespaceIdentity } from "./identify.ts";
+export type { Capabilities } from "./registers.ts";

@@ -1,0 +1,121 @@
+/**
+ * A namespace: Read, Write and Flush of logical blocks (NVM Command Set 1.0, section 3.2), each a
+ * Promise. A transfer larger than the controller's limit (MDTS) is split into several commands.
+ */
+import { argumentError } from "../sys/error.ts";
+import type { DmaBuffer } from "../heap/dma-heap.ts";
+import { flush, IoOpcode, readWrite } from "./commands.ts";
+import type { NamespaceIdentity } from "./identify.ts";
+import type { PeerBuffer } from "./peer.ts";
+import type { QueuePair } from "./queue.ts";
+
+/** Memory a command can move data to or from: a buffer of the controller's heap or a peer buffer. */
+export type DataBuffer = DmaBuffer | PeerBuffer;
+
+export interface IoOptions {
+  /** Byte offset into the buffer (a multiple of 4). Default 0. */
+  offset?: number;
+  /** The I/O queue pair to use. Default: the controller's first. */
+  queue?: QueuePair;
+}
+
+/** What a namespace needs from its controller. */
+export interface NamespaceOwner {
+  readonly ioQueue: QueuePair;
+  readonly commandTimeoutMs: number;
+  /** Largest transfer of one command in bytes (MDTS, capped by one PRP list page). */
+  readonly maxTransferBytes: number;
+  /** The IOVA of `length` bytes at `offset` of `buffer`, or a thrown EINVAL when the controller cannot reach them. */
+  dataIova(buffer: DataBuffer, offset: number, length: number, operation: string): number;
+}
+
+export class Namespace {
+  readonly nsid: number;
+  /** Size in logical blocks. */
+  readonly blocks: number;
+  readonly blockSize: number;
+  /** Most blocks one Read or Write command moves; larger requests are split. */
+  readonly maxBlocksPerCommand: number;
+  readonly #owner: NamespaceOwner;
+
+  /** @internal Made by NvmeController.namespace. */
+  constructor(owner: NamespaceOwner, nsid: number, identity: NamespaceIdentity) {
+    this.#owner = owner;
+    this.nsid = nsid;
+    this.blocks = identity.size;
+    this.blockSize = identity.blockSize;
+    this.maxBlocksPerCommand = Math.max(1, Math.floor(owner.maxTransferBytes / identity.blockSize));
+  }
+
+  /** Size in bytes. */
+  get bytes(): number {
+    return this.blocks * this.blockSize;
+  }
+
+  /** Read `blocks` blocks from `lba` into the buffer. */
+  read(lba: number, blocks: number, buffer: DataBuffer, options?: IoOptions): Promise<void> {
+    return this.#transfer(IoOpcode.Read, "Namespace.read", lba, blocks, buffer, options);
+  }
+
+  /** Write `blocks` blocks at `lba` from the buffer. */
+  write(lba: number, blocks: number, buffer: DataBuffer, options?: IoOptions): Promise<void> {
+    return this.#transfer(IoOpcode.Write, "Namespace.write", lba, blocks, buffer, options);
+  }
+
+  /** Make the controller commit written data to non-volatile media. */
+  flush(options?: { queue?: QueuePair }): Promise<void> {
+    const owner = this.#owner;
+    return (options?.queue ?? owner.ioQueue).submit(
+      flush(this.nsid),
+      0,
+      0,
+      owner.commandTimeoutMs,
+    ) as Promise<unknown> as Promise<void>;
+  }
+
+  #transfer(
+    opcode: number,
+    op: string,
+    lba: number,
+    blocks: number,
+    buffer: DataBuffer,
+    options: IoOptions | undefined,
+  ): Promise<void> {
+    if (!Number.isSafeInteger(lba) || lba < 0)
+      return Promise.reject(argumentError(op, "lba", `${lba} is not a non-negative whole number`));
+    if (!Number.isSafeInteger(blocks) || blocks <= 0)
+      return Promise.reject(argumentError(op, "blocks", `${blocks} is not a positive whole number`));
+    const owner = this.#owner;
+    const offset = options?.offset ?? 0;
+    const bytes = blocks * this.blockSize;
+    let iova: number;
+    try {
+      iova = owner.dataIova(buffer, offset, bytes, op);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const queue = options?.queue ?? owner.ioQueue;
+    const max = this.maxBlocksPerCommand;
+    if (blocks <= max) {
+      return queue.submit(
+        readWrite(opcode, this.nsid, lba, blocks),
+        iova,
+        bytes,
+        owner.commandTimeoutMs,
+      ) as Promise<unknown> as Promise<void>;
+    }
+    const parts: Promise<number>[] = [];
+    for (let done = 0; done < blocks; done += max) {
+      const count = Math.min(max, blocks - done);
+      parts.push(
+        queue.submit(
+          readWrite(opcode, this.nsid, lba + done, count),
+          iova + done * this.blockSize,
+          count * this.blockSize,
+          owner.commandTimeoutMs,
+        ),
+      );
+    }
+    return Promise.all(parts).then(() => undefined);
+  }
+}

@@ -1,0 +1,451 @@
+/**
+ * The NVMe driver against QEMU's NVMe controllers on vfio-pci behind the emulated Intel IOMMU:
+ * every byte here goes through a real controller model into a disk image file on the host.
+ *
+ * Controller A (no memory buffer) does the I/O; controller B has a controller memory buffer and
+ * lends it to A for the peer-to-peer tests.
+ */
+import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { DmaHeap, Iommufd, IommufdError, VfioDevice } from "../../src/index.ts";
+import { AdminOpcode, NvmeController, PeerBuffer, type Namespace } from "../../src/nvme/index.ts";
+import { counters } from "../../src/sys/ioctl.ts";
+import { FailNth } from "../support/fail-nth.ts";
+import { openFdCount, requireIommufd } from "../support/kernel.ts";
+import {
+  guestNvmeControllers,
+  P2P_EXTENT,
+  P2P_SOURCE_LBA,
+  pattern,
+  PATTERN_EXTENTS,
+  type GuestNvme,
+} from "../support/nvme.ts";
+
+// Emulated (TCG) time: a 1.25 MB transfer or a bring-up takes seconds, not milliseconds.
+setDefaultTimeout(60_000);
+
+let A: GuestNvme;
+let B: GuestNvme;
+
+beforeAll(() => {
+  requireIommufd();
+  const found = guestNvmeControllers();
+  const withCmb = found.find((d) => d.cmb > 0);
+  const plain = found.find((d) => d.cmb === 0);
+  if (!withCmb || !plain) {
+    throw new Error(
+      `these tests need two NVMe controllers on vfio-pci, one with a CMB (IOMMUFD_VM_DEVICES lists ${found.length}); run them through bun run test`,
+    );
+  }
+  A = plain;
+  B = withCmb;
+});
+
+// What the tests wrote to A's image, for the host-side check after the guest powers off.
+const manifest: {
+  disk: string;
+  blockSize: number;
+  written: { lba: number; blocks: number }[];
+  p2p?: { lba: number; blocks: number; sourceLba: number };
+} = {
+  disk: "",
+  blockSize: 512,
+  written: [],
+};
+afterAll(() => {
+  const out = process.env.IOMMUFD_VM_OUT;
+  if (!out || manifest.written.length === 0) return;
+  mkdirSync(out, { recursive: true });
+  writeFileSync(join(out, "nvme-written.json"), JSON.stringify({ ...manifest, disk: A.disk }));
+});
+
+// One controller for most tests, opened lazily and closed at the end.
+let shared: NvmeController | undefined;
+function controllerA(): NvmeController {
+  if (shared?.closed || shared?.failure) shared = undefined;
+  shared ??= NvmeController.open(A.vfio);
+  return shared;
+}
+afterAll(() => shared?.close());
+/** A VFIO device is bound to one iommufd at a time: tests that open A themselves close the shared one. */
+function releaseShared(): void {
+  shared?.close();
+  shared = undefined;
+}
+
+const opened: NvmeController[] = [];
+afterEach(() => {
+  // Reverse order: a controller sharing another's IOAS goes first.
+  for (const c of opened.splice(0).reverse()) c.close();
+});
+function open(...args: Parameters<typeof NvmeController.open>): NvmeController {
+  if (args[0] === A.vfio) releaseShared();
+  const c = NvmeController.open(...args);
+  opened.push(c);
+  return c;
+}
+
+/** Expects a rejection with an IommufdError of this code and operation; returns it. */
+async function rejected(promise: Promise<unknown>, code: string, operation: string): Promise<IommufdError> {
+  let thrown: unknown;
+  try {
+    await promise;
+  } catch (error) {
+    thrown = error;
+  }
+  if (thrown === undefined) throw new Error(`expected ${code} from ${operation}, but it succeeded`);
+  if (!(thrown instanceof IommufdError)) throw thrown;
+  expect({ code: thrown.code, operation: thrown.operation }).toEqual({ code, operation });
+  return thrown;
+}
+
+const same = (a: Uint8Array, b: Uint8Array) => a.length === b.length && Buffer.from(a).equals(Buffer.from(b));
+
+describe("bring-up and Identify", () => {
+  test("Identify gives QEMU's model and a serial; namespace 1 is the size of the image", () => {
+    const c = controllerA();
+    expect(c.identity.model).toBe("QEMU NVMe Ctrl");
+    expect(c.identity.serial.length).toBeGreaterThan(0);
+    expect(c.identity.vendorId).toBe(0x1b36);
+    expect(c.namespaceIds()).toEqual([1]);
+    const ns = c.namespace(1);
+    expect(ns.blockSize).toBe(512);
+    expect(ns.bytes).toBe(A.size);
+    // QEMU's MDTS is 7: 2^7 pages of 4 KiB.
+    expect(c.identity.mdts).toBe(7);
+    expect(c.maxTransferBytes).toBe(512 * 1024);
+    expect(ns.maxBlocksPerCommand).toBe(1024);
+    expect(c.registers.version()).toMatch(/^1\.\d+\.\d+$/);
+  });
+
+  test("an inactive namespace is ENODEV naming it", () => {
+    const c = controllerA();
+    expect(() => c.namespace(7)).toThrow(IommufdError);
+    try {
+      c.namespace(7);
+    } catch (error) {
+      expect((error as IommufdError).code).toBe("ENODEV");
+      expect((error as IommufdError).message).toContain("namespace 7");
+    }
+  });
+
+  test("close shuts the controller down (CC.SHN, CSTS.SHST complete) and leaks no fd", () => {
+    releaseShared();
+    const before = openFdCount();
+    const c = NvmeController.open(A.vfio);
+    expect(c.shutdown).toBe("not closed");
+    c.close();
+    expect(c.shutdown).toBe("complete");
+    expect(openFdCount()).toBe(before);
+    c.close(); // idempotent
+  });
+
+  test("queue pairs of chosen depth; CAP.MQES bounds them", () => {
+    const c = open(A.vfio, { queueDepth: 16 });
+    expect(c.ioQueue.depth).toBe(16);
+    const deep = c.createQueuePair(256);
+    expect(deep.id).toBe(2);
+    expect(() => c.createQueuePair(c.capabilities.maxQueueEntries + 1)).toThrow(/CAP.MQES/);
+    expect(() => c.createQueuePair(1)).toThrow(IommufdError);
+    c.deleteQueuePair(deep);
+    expect(c.queuePairs.length).toBe(1);
+  });
+});
+
+describe("I/O", () => {
+  test("patterns at several LBAs (one block, two pages, a PRP list, past MDTS) read back equal", async () => {
+    const c = controllerA();
+    const ns = c.namespace(1);
+    for (const { lba, blocks } of PATTERN_EXTENTS) {
+      const bytes = blocks * ns.blockSize;
+      using out = c.allocBuffer(bytes);
+      using back = c.allocBuffer(bytes);
+      out.bytes.set(pattern(lba, blocks, ns.blockSize));
+      back.bytes.fill(0);
+      const before = c.ioQueue.stats().submitted;
+      await ns.write(lba, blocks, out);
+      await ns.flush();
+      await ns.read(lba, blocks, back);
+      const commands = c.ioQueue.stats().submitted - before;
+      // Write and read each split by MDTS, plus the flush.
+      expect(commands).toBe(2 * Math.ceil(blocks / ns.maxBlocksPerCommand) + 1);
+      expect(same(back.bytes, out.bytes)).toBe(true);
+      manifest.written.push({ lba, blocks });
+    }
+    manifest.blockSize = ns.blockSize;
+  });
+
+  test("the I/O path makes no ioctl", async () => {
+    const c = controllerA();
+    const ns = c.namespace(1);
+    using buffer = c.allocBuffer(64 * 1024);
+    await ns.read(0, 8, buffer); // warm
+    const before = counters.ioctls;
+    for (let i = 0; i < 20; i++) await ns.read(i * 8, 128, buffer);
+    await Promise.all(Array.from({ length: 16 }, (_, i) => ns.write(5000 + i, 1, buffer, { offset: i * 512 })));
+    expect(counters.ioctls).toBe(before);
+  });
+
+  test("a buffer offset that is not page aligned (PRP1 with an offset, then a list)", async () => {
+    const c = controllerA();
+    const ns = c.namespace(1);
+    using buffer = c.allocBuffer(64 * 1024);
+    buffer.bytes.fill(0);
+    await ns.read(1000, 72, buffer, { offset: 1028 });
+    expect(same(buffer.bytes.subarray(1028, 1028 + 72 * 512), pattern(1000, 72, 512))).toBe(true);
+    expect(buffer.bytes.subarray(0, 1028).every((b) => b === 0)).toBe(true);
+  });
+
+  test("32 concurrent reads at random LBAs each land in their own buffer", async () => {
+    const c = controllerA();
+    const ns = c.namespace(1);
+    using buffer = c.allocBuffer(32 * 4096);
+    const lbas = Array.from({ length: 32 }, (_, i) => 20_000 + ((i * 977) % 2400));
+    await Promise.all(lbas.map((lba, i) => ns.read(lba, 8, buffer, { offset: i * 4096 })));
+    for (const [i, lba] of lbas.entries()) {
+      expect(same(buffer.bytes.subarray(i * 4096, i * 4096 + 4096), pattern(lba, 8, 512))).toBe(true);
+    }
+  });
+
+  test("a full submission queue makes callers wait, not fail: 200 reads through 3 slots", async () => {
+    const c = controllerA();
+    const ns = c.namespace(1);
+    const small = c.createQueuePair(4);
+    try {
+      using buffer = c.allocBuffer(200 * 512);
+      buffer.bytes.fill(0);
+      await Promise.all(
+        Array.from({ length: 200 }, (_, i) => ns.read(20_000 + i, 1, buffer, { offset: i * 512, queue: small })),
+      );
+      const stats = small.stats();
+      expect(stats.maxWaiting).toBeGreaterThanOrEqual(190);
+      expect(stats.completed).toBe(200);
+      expect(stats.inFlight + stats.waiting).toBe(0);
+      expect(same(buffer.bytes, pattern(20_000, 200, 512))).toBe(true);
+    } finally {
+      c.deleteQueuePair(small);
+    }
+  });
+});
+
+describe("errors", () => {
+  test("an LBA past the end: the controller's LBA Out of Range, as ERANGE naming the Read", async () => {
+    const c = controllerA();
+    const ns = c.namespace(1);
+    using buffer = c.allocBuffer(4096);
+    const e = await rejected(ns.read(ns.blocks - 2, 8, buffer), "ERANGE", "NVMe Read");
+    expect(e.message).toContain(`LBA ${ns.blocks - 2}, 8 block(s)`);
+    expect(e.message).toContain("LBA Out of Range");
+    // The controller is fine afterwards.
+    await ns.read(0, 1, buffer);
+  });
+
+  test("an invalid field and an unknown opcode, decoded", async () => {
+    const c = controllerA();
+    using buffer = c.allocBuffer(4096);
+    const field = await rejected(
+      c.adminCommand({ opcode: AdminOpcode.Identify, cdw10: 0xfe }, { buffer }),
+      "EINVAL",
+      "NVMe Identify",
+    );
+    expect(field.message).toContain("Invalid Field in Command");
+    const opcode = await rejected(c.adminCommand({ opcode: 0xc3 }), "EOPNOTSUPP", "NVMe admin opcode 0xc3");
+    expect(opcode.message).toContain("Invalid Command Opcode");
+  });
+
+  test("a buffer the controller cannot reach is refused before anything is submitted", async () => {
+    const c = controllerA();
+    const ns = c.namespace(1);
+    using otherHeap = DmaHeap.create(c.ioas, { size: 1 << 20, hugePages: false });
+    using foreign = otherHeap.alloc(4096);
+    const freed = c.allocBuffer(4096);
+    freed.free();
+    using small = c.allocBuffer(512);
+    const before = c.ioQueue.stats().submitted;
+    const foreignError = await rejected(ns.write(0, 8, foreign), "EINVAL", "Namespace.write");
+    expect(foreignError.argument).toBe("buffer");
+    expect(foreignError.message).toContain("another DmaHeap");
+    await rejected(ns.read(0, 1, new Uint8Array(512) as never), "EINVAL", "Namespace.read");
+    await rejected(ns.read(0, 1, freed), "EINVAL", "Namespace.read");
+    await rejected(ns.read(0, 2, small), "EINVAL", "Namespace.read");
+    await rejected(ns.read(0, 1, small, { offset: 2 }), "EINVAL", "Namespace.read");
+    await rejected(ns.read(-1, 1, small), "EINVAL", "Namespace.read");
+    expect(c.ioQueue.stats().submitted).toBe(before);
+  });
+
+  test("a command timeout rejects it, fails the controller, and reset() brings it back", async () => {
+    const c = open(A.vfio);
+    const ns = c.namespace(1);
+    using buffer = c.allocBuffer(4096);
+    // QEMU holds an Asynchronous Event Request until an event happens: it never completes here.
+    const e = await rejected(
+      c.adminCommand({ opcode: AdminOpcode.AsynchronousEventRequest }, { timeoutMs: 300 }),
+      "ETIMEDOUT",
+      "NVMe Asynchronous Event Request",
+    );
+    expect(e.message).toContain("did not complete in time");
+    expect(c.failure?.code).toBe("ETIMEDOUT");
+    const refused = await rejected(ns.read(0, 1, buffer), "ETIMEDOUT", "NVMe Read");
+    expect(refused.hint).toContain("reset()");
+    c.reset();
+    expect(c.failure).toBeUndefined();
+    await ns.read(3, 1, buffer);
+    expect(same(buffer.bytes.subarray(0, 512), pattern(3, 1, 512))).toBe(true);
+  });
+
+  test("controller fatal status (CSTS.CFS) rejects every pending command; reset() recovers", async () => {
+    const c = open(A.vfio);
+    const ns = c.namespace(1);
+    using buffer = c.allocBuffer(16 * 4096);
+    // With bus mastering off the controller cannot fetch the entries and sets CSTS.CFS.
+    c.device.setBusMaster(false);
+    const pending = Array.from({ length: 16 }, (_, i) => ns.read(i * 8, 8, buffer, { offset: i * 4096 }));
+    const errors = await Promise.allSettled(pending);
+    expect(errors.every((r) => r.status === "rejected")).toBe(true);
+    for (const r of errors) {
+      const reason = (r as PromiseRejectedResult).reason as IommufdError;
+      expect(reason).toBeInstanceOf(IommufdError);
+      expect(reason.operation).toBe("NVMe Read");
+      expect(reason.message).toContain("CSTS.CFS");
+    }
+    expect(c.failure?.code).toBe("EIO");
+    c.device.setBusMaster(true);
+    c.reset();
+    await ns.read(100, 16, buffer);
+    expect(same(buffer.bytes.subarray(0, 16 * 512), pattern(100, 16, 512))).toBe(true);
+  });
+
+  test("a closed controller refuses everything with EBADF; commands pending at close are rejected", async () => {
+    releaseShared();
+    const c = NvmeController.open(A.vfio);
+    const ns = c.namespace(1);
+    const buffer = c.allocBuffer(8 * 4096);
+    const pending = Array.from({ length: 8 }, (_, i) => ns.read(i, 8, buffer, { offset: i * 4096 }));
+    c.close();
+    const settled = await Promise.allSettled(pending);
+    for (const r of settled) {
+      if (r.status === "rejected") expect((r.reason as IommufdError).code).toBe("EBADF");
+    }
+    expect(settled.some((r) => r.status === "rejected")).toBe(true);
+    await rejected(ns.read(0, 1, buffer), "EBADF", "Namespace.read");
+    expect(() => c.allocBuffer(4096)).toThrow(/closed/);
+    expect(() => c.createQueuePair(8)).toThrow(/closed/);
+  });
+});
+
+describe("fault injection", () => {
+  test("open (BAR, heap, enable, Identify, Set Features, queue creation): each injected fault is an IommufdError, nothing leaks", () => {
+    if (!FailNth.available()) {
+      throw new Error("/proc/self/task/<tid>/fail-nth is missing: the kernel needs CONFIG_FAULT_INJECTION");
+    }
+    // The device's first open and bind stay outside the sweep: failing allocations inside
+    // pci_enable_device's ACPI IRQ routing corrupts ACPI state in this kernel, and the next
+    // device close then oopses (seen in the guest: acpi_ut_update_object_reference from
+    // vfio_pci_core_disable). The device layer has its own sweep in fault-injection.test.ts.
+    releaseShared();
+    const iommufd = Iommufd.open();
+    const ioas = iommufd.createIoas();
+    const device = VfioDevice.open(A.vfio);
+    device.bind(iommufd);
+    device.attach(ioas);
+    // Small queues in a 64 KiB heap: every 4 KiB page MAP_FILE pins is a fault point of its own.
+    const options = { ioas, heapSize: 64 << 10, hugePages: false as const, adminQueueDepth: 2, queueDepth: 2 };
+    const failNth = new FailNth();
+    const errnos: Record<string, number> = {};
+    let points = 0;
+    try {
+      NvmeController.open(device, options).close(); // warm every path once
+      const fdsBefore = openFdCount();
+      const mappingsBefore = ioas.mappings.length;
+      for (let n = 1; n <= 400; n++) {
+        let controller: NvmeController | undefined;
+        let failure: unknown;
+        failNth.arm(n);
+        try {
+          controller = NvmeController.open(device, options);
+        } catch (error) {
+          failure = error;
+        }
+        const injected = failNth.hit();
+        if (failure !== undefined) {
+          if (!(failure instanceof IommufdError)) throw failure;
+          errnos[`${failure.operation} ${failure.code}`] = (errnos[`${failure.operation} ${failure.code}`] ?? 0) + 1;
+        }
+        controller?.close();
+        expect(openFdCount()).toBe(fdsBefore);
+        expect(ioas.mappings.length).toBe(mappingsBefore);
+        if (!injected) {
+          expect(failure).toBeUndefined();
+          points = n - 1;
+          break;
+        }
+      }
+      const summary = Object.entries(errnos).map(([k, v]) => `${k} x${v}`);
+      console.log(`NvmeController.open on a bound device: ${points} fault points; ${summary.join(", ")}`);
+      expect(points).toBeGreaterThan(0);
+      expect(Object.keys(errnos).length).toBeGreaterThan(0);
+      // And the controller still works after the sweep.
+      using c = NvmeController.open(device, options);
+      expect(c.identity.model).toBe("QEMU NVMe Ctrl");
+    } finally {
+      failNth.close();
+      device.close();
+      iommufd.close();
+    }
+  });
+});
+
+describe("peer to peer: controller A's DMA into controller B's memory buffer", () => {
+  test("A reads from storage into B's CMB, then writes it back out from there; bytes checked at both ends", async () => {
+    const a = open(A.vfio);
+    const b = open(B.vfio, { ioas: a.ioas });
+    const ns: Namespace = a.namespace(1);
+    const blocks = P2P_EXTENT.blocks; // 64 KiB: a PRP list whose entries all point into B's memory
+    const bytes = blocks * ns.blockSize;
+    const expected = pattern(P2P_SOURCE_LBA, blocks, ns.blockSize);
+    using source = a.allocBuffer(bytes);
+    source.bytes.set(expected);
+    await ns.write(P2P_SOURCE_LBA, blocks, source);
+
+    expect(b.memoryBufferRegion()).toBe(2);
+    using cmb = a.mapPeerMemory(b, { length: 1 << 20 });
+    expect(cmb).toBeInstanceOf(PeerBuffer);
+    expect(cmb.size).toBe(1 << 20);
+    cmb.fill(0, 0, bytes);
+    expect(cmb.read(0, bytes).every((x) => x === 0)).toBe(true);
+
+    // Storage -> B's memory, by A: check through B's BAR, not by the status.
+    await ns.read(P2P_SOURCE_LBA, blocks, cmb);
+    const landed = cmb.read(0, bytes);
+    expect(same(landed, expected)).toBe(true);
+
+    // B's memory -> storage, by A, at another LBA; read back through host memory.
+    await ns.write(P2P_EXTENT.lba, blocks, cmb);
+    await ns.flush();
+    using back = a.allocBuffer(bytes);
+    back.bytes.fill(0);
+    await ns.read(P2P_EXTENT.lba, blocks, back);
+    expect(same(back.bytes, expected)).toBe(true);
+    manifest.p2p = { lba: P2P_EXTENT.lba, blocks, sourceLba: P2P_SOURCE_LBA };
+
+    // And at an offset inside B's memory, one block.
+    await ns.read(P2P_SOURCE_LBA + 5, 1, cmb, { offset: 8192 });
+    expect(same(cmb.read(8192, 512), pattern(P2P_SOURCE_LBA + 5, 1, 512))).toBe(true);
+  });
+
+  test("a controller's own memory buffer is refused: it cannot DMA into itself", () => {
+    const b = open(B.vfio);
+    expect(() => b.mapPeerMemory(b)).toThrow(/own memory buffer/);
+  });
+
+  test("a peer buffer belongs to the controller it was mapped for; closed, it is refused", async () => {
+    const a = open(A.vfio);
+    const b = open(B.vfio, { ioas: a.ioas });
+    const cmb = a.mapPeerMemory(b, { length: 64 * 1024 });
+    const nsB = b.namespace(1);
+    await rejected(nsB.read(0, 1, cmb), "EINVAL", "Namespace.read");
+    cmb.close();
+    await rejected(a.namespace(1).read(0, 1, cmb), "EBADF", "Namespace.read");
+  });
+});

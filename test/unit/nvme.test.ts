@@ -1,0 +1,148 @@
+/** The NVMe driver's pure parts: status decoding, PRPs, command encoding, Identify parsing, CAP. */
+import { describe, expect, test } from "bun:test";
+import {
+  AdminOpcode,
+  commandName,
+  describeCommand,
+  encodeCommand,
+  IoOpcode,
+  readWrite,
+} from "../../src/nvme/commands.ts";
+import { parseControllerIdentity, parseNamespaceIdentity, parseNamespaceList } from "../../src/nvme/identify.ts";
+import { MAX_PRP_TRANSFER, prp2For } from "../../src/nvme/prp.ts";
+import { decodeCapabilities } from "../../src/nvme/registers.ts";
+import { decodeStatus, statusError } from "../../src/nvme/status.ts";
+import { IommufdError } from "../../src/sys/error.ts";
+
+describe("status", () => {
+  test("generic and NVM command set codes by name and errno", () => {
+    expect(decodeStatus(0x80)).toMatchObject({
+      type: 0,
+      code: 0x80,
+      name: "LBA Out of Range",
+      doNotRetry: false,
+      errno: 34,
+    });
+    expect(decodeStatus(0x4002)).toMatchObject({
+      type: 0,
+      code: 2,
+      name: "Invalid Field in Command",
+      doNotRetry: true,
+      errno: 22,
+    });
+    expect(decodeStatus(0x101)).toMatchObject({ type: 1, code: 1, name: "Invalid Queue Identifier" });
+    expect(decodeStatus(0x281).name).toBe("Unrecovered Read Error");
+    expect(decodeStatus(0x7ff)).toMatchObject({ type: 7, code: 0xff, errno: 5 });
+  });
+
+  test("the error names the command and what it was asked", () => {
+    const error = statusError("Read", "namespace 1, LBA 999999, 1 block(s)", 0x80);
+    expect(error).toBeInstanceOf(IommufdError);
+    expect(error.operation).toBe("NVMe Read");
+    expect(error.code).toBe("ERANGE");
+    expect(error.message).toContain("LBA 999999");
+    expect(error.message).toContain("LBA Out of Range (SCT 0, SC 0x80)");
+  });
+});
+
+describe("PRPs", () => {
+  const list = new Uint32Array(1024);
+  const entry = (i: number) => list[2 * i]! + list[2 * i + 1]! * 2 ** 32;
+
+  test("one page needs no PRP2; two pages put the second page in PRP2", () => {
+    expect(prp2For(0x10000, 512, list, 0, 0x9000)).toBe(0);
+    expect(prp2For(0x10000, 4096, list, 0, 0x9000)).toBe(0);
+    expect(prp2For(0x10000, 8192, list, 0, 0x9000)).toBe(0x11000);
+    // An offset into the first page: the rest of it, then one whole page.
+    expect(prp2For(0x10800, 4096, list, 0, 0x9000)).toBe(0x11000);
+  });
+
+  test("more than two pages: PRP2 is the list, with every later page in order", () => {
+    list.fill(0);
+    expect(prp2For(0x1_0000_0000, 5 * 4096, list, 0, 0x9000)).toBe(0x9000);
+    expect([0, 1, 2, 3].map(entry)).toEqual([0x1_0000_1000, 0x1_0000_2000, 0x1_0000_3000, 0x1_0000_4000]);
+    expect(entry(4)).toBe(0);
+  });
+
+  test("the largest transfer fills one list page exactly, even from an offset", () => {
+    list.fill(0);
+    prp2For(0x200, MAX_PRP_TRANSFER, list, 0, 0x9000);
+    expect(entry(511)).toBe(512 * 4096);
+  });
+});
+
+describe("commands", () => {
+  test("a Read entry has opcode, cid, nsid, PRPs, SLBA and a zero-based NLB in their dwords", () => {
+    const sq = new Uint32Array(32);
+    encodeCommand(sq, 1, 7, readWrite(IoOpcode.Read, 1, 2 ** 33 + 5, 8), 0x1_2345_6000, 0x7000);
+    expect(Array.from(sq.subarray(16, 32))).toEqual([
+      0x02 | (7 << 16),
+      1,
+      0,
+      0,
+      0,
+      0,
+      0x2345_6000,
+      1,
+      0x7000,
+      0,
+      5,
+      2,
+      7,
+      0,
+      0,
+      0,
+    ]);
+  });
+
+  test("names and descriptions follow the spec", () => {
+    expect(commandName(true, AdminOpcode.CreateIoCompletionQueue)).toBe("Create I/O Completion Queue");
+    expect(commandName(false, IoOpcode.Write)).toBe("Write");
+    expect(commandName(false, 0x99)).toBe("I/O opcode 0x99");
+    expect(describeCommand(false, readWrite(IoOpcode.Write, 2, 100, 3))).toBe("namespace 2, LBA 100, 3 block(s)");
+  });
+});
+
+describe("Identify and CAP", () => {
+  test("controller identity fields", () => {
+    const bytes = new Uint8Array(4096);
+    const view = new DataView(bytes.buffer);
+    view.setUint16(0, 0x1b36, true);
+    bytes.set(new TextEncoder().encode("deadbeef            "), 4);
+    bytes.set(new TextEncoder().encode("QEMU NVMe Ctrl"), 24);
+    bytes[77] = 7;
+    view.setUint32(516, 256, true);
+    expect(parseControllerIdentity(bytes)).toMatchObject({
+      vendorId: 0x1b36,
+      serial: "deadbeef",
+      model: "QEMU NVMe Ctrl",
+      mdts: 7,
+      namespaceCount: 256,
+    });
+  });
+
+  test("namespace size and the block size of the format in use", () => {
+    const bytes = new Uint8Array(4096);
+    const view = new DataView(bytes.buffer);
+    view.setBigUint64(0, 131072n, true);
+    bytes[26] = 1; // FLBAS: format 1
+    bytes[128 + 2] = 9;
+    bytes[132 + 2] = 12;
+    expect(parseNamespaceIdentity(bytes)).toMatchObject({ size: 131072, blockSize: 4096 });
+    view.setUint32(0, 1, true);
+    view.setUint32(4, 3, true);
+    expect(parseNamespaceList(bytes)).toEqual([1, 3]);
+  });
+
+  test("CAP: MQES, CQR, TO, DSTRD, MPSMIN, CMBS", () => {
+    const caps = decodeCapabilities(0x0f0107ff, (1 << 25) | 0x0000_0002);
+    expect(caps).toEqual({
+      maxQueueEntries: 2048,
+      contiguousQueuesRequired: true,
+      timeoutMs: 7500,
+      doorbellStride: 16,
+      minPageSize: 4096,
+      controllerMemoryBuffer: true,
+    });
+  });
+});
