@@ -12,7 +12,7 @@
  */
 import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { NvmeController } from "../src/nvme/index.ts";
+import { type Completion, NvmeController } from "../src/nvme/index.ts";
 import { bindToVfioPci } from "../src/vfio/pci.ts";
 
 export type Driver = "bun-iommufd" | "kernel";
@@ -55,11 +55,12 @@ async function userPhase(
   workload: Workload,
   depth: number,
   seconds: number,
+  completion: Completion,
 ): Promise<NvmeRaceRow> {
   const ns = controller.namespace(1);
   const blocks = BLOCK / ns.blockSize;
   const slots = Math.floor(ns.blocks / blocks);
-  const queue = controller.createQueuePair(Math.max(depth + 1, 2));
+  const queue = controller.createQueuePair(Math.max(depth + 1, 2), { completion });
   const buffers = Array.from({ length: depth }, () => controller.allocBuffer(BLOCK));
   for (const b of buffers) b.bytes.fill(0x5a);
   const latencies = new Float64Array(4 << 20);
@@ -92,7 +93,7 @@ async function userPhase(
     const sorted = latencies.subarray(0, count).sort();
     return {
       driver: "bun-iommufd",
-      mode: "polled",
+      mode: completion === "poll" ? "polled" : "msi-x",
       workload,
       queueDepth: depth,
       iops: Math.round(count / elapsed),
@@ -187,10 +188,12 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
     const path = bindToVfioPci(options.address);
     {
       using controller = NvmeController.open(path, { heapSize: 4 << 20 });
-      for (const [workload, depth] of WORKLOADS) {
-        const row = await userPhase(controller, workload, depth, seconds);
-        log(`nvme race round ${round}: ${format(row)}`);
-        rows.push(row);
+      for (const completion of ["poll", "interrupt"] as const) {
+        for (const [workload, depth] of WORKLOADS) {
+          const row = await userPhase(controller, workload, depth, seconds, completion);
+          log(`nvme race round ${round}: ${format(row)}`);
+          rows.push(row);
+        }
       }
     }
     const device = bindToKernel(options.address);
@@ -208,7 +211,11 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
   const best: NvmeRaceRow[] = [];
   for (const row of rounds.flat()) {
     const at = best.findIndex(
-      (b) => b.driver === row.driver && b.workload === row.workload && b.queueDepth === row.queueDepth,
+      (b) =>
+        b.driver === row.driver &&
+        b.mode === row.mode &&
+        b.workload === row.workload &&
+        b.queueDepth === row.queueDepth,
     );
     if (at < 0) best.push(row);
     else if (row.iops > best[at]!.iops) best[at] = row;
@@ -220,13 +227,17 @@ export function format(row: NvmeRaceRow): string {
   return `${row.driver.padEnd(11)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us`;
 }
 
-/** Ours over the kernel's, per workload and depth. */
-export function ratios(rows: NvmeRaceRow[]): { workload: Workload; queueDepth: number; ratio: number }[] {
-  const out: { workload: Workload; queueDepth: number; ratio: number }[] = [];
+/** Ours (per completion mode) over the kernel's, per workload and depth. */
+export function ratios(rows: NvmeRaceRow[]): { mode: string; workload: Workload; queueDepth: number; ratio: number }[] {
+  const out: { mode: string; workload: Workload; queueDepth: number; ratio: number }[] = [];
   for (const [workload, depth] of WORKLOADS) {
-    const ours = rows.find((r) => r.driver === "bun-iommufd" && r.workload === workload && r.queueDepth === depth);
     const theirs = rows.find((r) => r.driver === "kernel" && r.workload === workload && r.queueDepth === depth);
-    if (ours && theirs) out.push({ workload, queueDepth: depth, ratio: +(ours.iops / theirs.iops).toFixed(2) });
+    for (const ours of rows.filter(
+      (r) => r.driver === "bun-iommufd" && r.workload === workload && r.queueDepth === depth,
+    )) {
+      if (theirs)
+        out.push({ mode: ours.mode, workload, queueDepth: depth, ratio: +(ours.iops / theirs.iops).toFixed(2) });
+    }
   }
   return out;
 }
@@ -256,6 +267,7 @@ if (import.meta.main) {
   if (argv.includes("--json")) console.log(JSON.stringify({ best, ratios: ratios(best), rounds }, null, 2));
   else {
     for (const row of best) console.log(format(row));
-    for (const r of ratios(best)) console.log(`${r.workload} QD${r.queueDepth}: bun-iommufd / kernel = ${r.ratio}x`);
+    for (const r of ratios(best))
+      console.log(`${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}) / kernel = ${r.ratio}x`);
   }
 }
