@@ -50,3 +50,24 @@ export { bindToVfioPci, findPciDevices } from "./vfio/pci.ts";
 export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./dmabuf.ts";
 export { DmaHeap, DmaBuffer, AddressRule, type DmaHeapOptions, type DmaHeapStats } from "./heap/dma-heap.ts";
 export { OffsetAllocator, type OffsetAllocatorOptions, type OffsetAllocatorStats } from "./heap/allocator.ts";
+export { HwPageTable, DirtyBitmap, type HwPageTableOptions, type DirtyBitmapOptions } from "./hwpt.ts";
+export { FaultQueue, type PageFault, type PageResponseCode } from "./fault-queue.ts";
+export {
+  readHwInfo,
+  decodeVtd,
+  explainNoDirtyTracking,
+  type HwInfo,
+  type HwInfoType,
+  type HwCapabilities,
+  type VtdHwInfo,
+  type VtdCapabilities,
+  type VtdExtendedCapabilities,
+} from "./hw-info.ts";
+export type { BoundDevice } from "./device-ref.ts";
+export {
+  changeProcess,
+  adoptIoas,
+  hasIpcLock,
+  PRIVILEGED_HANDOVER_WARNING,
+  type ChangeProcessOptions,
+} from "./handover.ts";

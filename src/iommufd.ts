@@ -3,7 +3,7 @@
  * tables) dies with it, which the kernel guarantees and the library mirrors by marking them closed.
  */
 import { argumentError, closedError } from "./sys/error.ts";
-import { closeFd, fdFinalizer, openPath, requireOpenFd } from "./sys/fd.ts";
+import { closeFd, fdFinalizer, openPath, requireOpenFd, setCloseOnExec } from "./sys/fd.ts";
 import { type ErrnoTable, ioctl } from "./sys/ioctl.ts";
 import { O_RDWR } from "./sys/libc.ts";
 import type { StructBuffer } from "./uapi/codec.ts";
@@ -78,7 +78,10 @@ export class Iommufd {
    */
   static fromFd(fd: number, options: { takeOwnership?: boolean } = {}): Iommufd {
     requireOpenFd(fd, "Iommufd.fromFd", "fd");
-    return new Iommufd(fd, options.takeOwnership ?? true);
+    const owned = options.takeOwnership ?? true;
+    // An fd inherited from a parent arrives without FD_CLOEXEC; one the library owns must have it.
+    if (owned) setCloseOnExec(fd, "Iommufd.fromFd");
+    return new Iommufd(fd, owned);
   }
 
   get fd(): number {

@@ -6,7 +6,7 @@
 import { MAP_FILE_ERRORS, UNMAP_ERRORS } from "./ioas-errors.ts";
 import type { Ioas, MappableFile } from "./ioas.ts";
 import { ERRNO } from "./sys/errno.ts";
-import { IommufdError } from "./sys/error.ts";
+import { argumentError, IommufdError } from "./sys/error.ts";
 import { ioctl } from "./sys/ioctl.ts";
 import { addIova, hex, type Iova } from "./sys/validate.ts";
 import { getU64, putU64 } from "./uapi/codec.ts";
@@ -207,10 +207,5 @@ export class PreparedMapping {
 }
 
 function closedFileError(operation: string): IommufdError {
-  return new IommufdError({
-    operation,
-    errno: ERRNO.EBADF,
-    argument: "file",
-    message: "the prepared file was closed; prepare again with an open one",
-  });
+  return argumentError(operation, "file", "the prepared file was closed; prepare again with an open one", "EBADF");
 }

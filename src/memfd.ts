@@ -6,7 +6,7 @@
 import { toArrayBuffer, type Pointer } from "bun:ffi";
 import { ERRNO } from "./sys/errno.ts";
 import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
-import { closeFd, cString, fdFinalizer } from "./sys/fd.ts";
+import { closeFd, cString, fdFinalizer, fstat, requireOpenFd, setCloseOnExec } from "./sys/fd.ts";
 import { hex } from "./sys/validate.ts";
 import {
   F_ADD_SEALS,
@@ -24,6 +24,8 @@ import {
   MFD_HUGETLB,
   PROT_READ,
   PROT_WRITE,
+  S_IFMT,
+  S_IFREG,
 } from "./sys/libc.ts";
 
 export type HugePageSize = "2MB" | "1GB";
@@ -144,6 +146,25 @@ export class MemfdBuffer {
       lib.close(fd);
       throw error;
     }
+  }
+
+  /**
+   * Adopt a memfd this process received (from a parent through Bun.spawn's extra stdio, say):
+   * map it whole, take ownership of the fd and make it close-on-exec. The pages are the same ones
+   * the sender sees and the IOMMU maps.
+   */
+  static fromFd(fd: number, options: { name?: string; pageSize?: number } = {}): MemfdBuffer {
+    const op = "MemfdBuffer.fromFd";
+    requireOpenFd(fd, op, "fd");
+    const { mode, size } = fstat(fd, op);
+    if ((mode & S_IFMT) !== S_IFREG) throw argumentError(op, "fd", `fd ${fd} is not a memfd or regular file`);
+    if (size <= 0) throw argumentError(op, "fd", `the file behind fd ${fd} is empty`);
+    setCloseOnExec(fd, op);
+    const address = Number(libc().mmap(null, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) ?? -1);
+    if (address === -1 || address === 0 || address === 2 ** 64 - 1) {
+      throw syscallError("mmap", lastErrno(), `cannot map the ${size} bytes of fd ${fd}`, { argument: "fd" });
+    }
+    return new MemfdBuffer(fd, address, size, options.pageSize ?? PAGE_SIZE, options.name ?? `adopted fd ${fd}`);
   }
 
   /** The memfd. Valid until close(). */

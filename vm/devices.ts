@@ -185,7 +185,11 @@ export function iommuArgs(model: IommuModel): string[] {
 
 /** Kernel command-line words for the IOMMU model. */
 export function iommuKernelArgs(model: IommuModel): string[] {
-  return model === "intel" ? ["intel_iommu=on"] : [];
+  if (model === "intel") return ["intel_iommu=on"];
+  // virtio-iommu on x86 has no interrupt remapping, so iommufd refuses to bind a device (EPERM)
+  // unless told that MSIs need no isolation: true enough inside a throwaway guest.
+  if (model === "virtio") return ["iommufd.allow_unsafe_interrupts=1"];
+  return [];
 }
 
 export function deviceArgs(devices: readonly PlacedDevice[]): string[] {

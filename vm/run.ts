@@ -471,7 +471,12 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   const base = { consoleLog, qemuLog };
 
   const started = performance.now();
-  const proc = Bun.spawn(qemuArgs(c, share, consoleLog), {
+  // setpriv --pdeathsig: the kernel kills QEMU when this runner dies, even by SIGKILL, which no
+  // signal handler here can catch. (util-linux; without it the handlers below still cover
+  // SIGINT and SIGTERM.)
+  const setpriv = Bun.which("setpriv");
+  const argv = qemuArgs(c, share, consoleLog);
+  const proc = Bun.spawn(setpriv ? [setpriv, "--pdeathsig", "KILL", ...argv] : argv, {
     stdin: "ignore",
     stdout: "ignore",
     stderr: Bun.file(qemuLog),
@@ -737,7 +742,8 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
       let failure: GuestFailure | undefined;
       let message: string | undefined;
       if (during.length) {
-        const dmesgPath = join(cacheDir(), "last-dmesg.log");
+        // This run's own copy (the cache's last-dmesg.log is shared by parallel runs); kept below.
+        const dmesgPath = join(dirname(a.consoleLog), "share", "dmesg");
         log(`[vm] the guest kernel logged ${during.length} report(s) (WARNING/BUG/...) while the command ran (all of its log: ${dmesgPath}):`);
         for (const report of during.slice(0, 3)) log(report);
         if (during.length > 3) log(`[vm] ... and ${during.length - 3} more`);
@@ -753,7 +759,7 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
       }
       const launch = a.sinceLaunch === undefined || Number.isNaN(a.sinceLaunch) ? "" : `, ${a.sinceLaunch.toFixed(1)} s after launch`;
       log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}${launch}, total ${total.toFixed(1)} s, exit status ${exitCode}${retried ? " (after one retry)" : ""}`);
-      rmSync(dir, { recursive: true, force: true });
+      if (during.length === 0) rmSync(dir, { recursive: true, force: true });
       return {
         exitCode,
         bootSeconds: a.bootSeconds,

@@ -4,9 +4,10 @@
  */
 import { ptr, type Pointer } from "bun:ffi";
 import { ERRNO } from "./errno.ts";
-import { IommufdError, syscallError } from "./error.ts";
+import { argumentError, IommufdError, syscallError } from "./error.ts";
 import {
   F_GETFD,
+  F_SETFD,
   FD_CLOEXEC,
   lastErrno,
   libc,
@@ -122,10 +123,16 @@ export function pwriteFrom(fd: number, source: Uint8Array, offset: number, opera
   return n;
 }
 
+/** Set FD_CLOEXEC on an fd the library adopts (fds inherited from a parent arrive without it). */
+export function setCloseOnExec(fd: number, operation: string): void {
+  if (libc().fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+    throw syscallError(operation, lastErrno(), `fcntl(${fd}, F_SETFD, FD_CLOEXEC) failed`, { argument: "fd" });
+}
+
 /** Throws EBADF when the fd is not open: checked up front for fds handed in by the caller. */
 export function requireOpenFd(fd: number, operation: string, argument: string): void {
   if (!Number.isInteger(fd) || fd < 0) {
-    throw new IommufdError({ operation, errno: ERRNO.EBADF, argument, message: `${fd} is not a file descriptor` });
+    throw argumentError(operation, argument, `${fd} is not a file descriptor`, "EBADF");
   }
   if (libc().fcntl(fd, F_GETFD, 0) < 0) {
     throw new IommufdError({ operation, errno: lastErrno(), argument, message: `fd ${fd} is not open` });

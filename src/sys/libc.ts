@@ -30,6 +30,7 @@ const SYMBOLS = {
   getrlimit: { args: [i32, ptr], returns: i32 },
   setrlimit: { args: [i32, ptr], returns: i32 },
   gettid: { args: [], returns: i32 },
+  poll: { args: [ptr, u64, i32], returns: i32 },
   __errno_location: { args: [], returns: ptr },
 } as const;
 

@@ -77,6 +77,42 @@ export const IOMMU_HWPT_DATA_NONE = 0;
 /** enum iommufd_hwpt_get_dirty_bitmap_flags */
 export const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR = 1;
 
+/** enum iommufd_hwpt_set_dirty_tracking_flags */
+export const IOMMU_HWPT_DIRTY_TRACKING_ENABLE = 1;
+
+/** enum iommu_hw_info_type */
+export const IOMMU_HW_INFO_TYPE_NONE = 0;
+export const IOMMU_HW_INFO_TYPE_INTEL_VTD = 1;
+export const IOMMU_HW_INFO_TYPE_ARM_SMMUV3 = 2;
+export const IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV = 3;
+export const IOMMU_HW_INFO_TYPE_AMD = 4;
+
+/** enum iommufd_hw_info_flags */
+export const IOMMU_HW_INFO_FLAG_INPUT_TYPE = 1 << 0;
+
+/** enum iommu_hw_capabilities */
+export const IOMMU_HW_CAP_DIRTY_TRACKING = 1 << 0;
+export const IOMMU_HW_CAP_PCI_PASID_EXEC = 1 << 1;
+export const IOMMU_HW_CAP_PCI_PASID_PRIV = 1 << 2;
+export const IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED = 1 << 3;
+
+/** enum iommu_hw_info_vtd_flags */
+export const IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17 = 1 << 0;
+
+/** enum iommu_hwpt_pgfault_flags */
+export const IOMMU_PGFAULT_FLAGS_PASID_VALID = 1 << 0;
+export const IOMMU_PGFAULT_FLAGS_LAST_PAGE = 1 << 1;
+
+/** enum iommu_hwpt_pgfault_perm */
+export const IOMMU_PGFAULT_PERM_READ = 1 << 0;
+export const IOMMU_PGFAULT_PERM_WRITE = 1 << 1;
+export const IOMMU_PGFAULT_PERM_EXEC = 1 << 2;
+export const IOMMU_PGFAULT_PERM_PRIV = 1 << 3;
+
+/** enum iommufd_page_response_code */
+export const IOMMUFD_PAGE_RESP_SUCCESS = 0;
+export const IOMMUFD_PAGE_RESP_INVALID = 1;
+
 export const iommu_destroy = struct(
   [
     ["size", "u32"],
@@ -287,6 +323,43 @@ export const iommu_ioas_change_process = struct(
   },
 );
 
+export const iommu_hw_info_vtd = struct(
+  [
+    ["flags", "u32"],
+    ["__reserved", "u32"],
+    ["cap_reg", "u64"],
+    ["ecap_reg", "u64"],
+  ],
+  { cName: "struct iommu_hw_info_vtd" },
+);
+
+/** One record read from a fault queue fd. */
+export const iommu_hwpt_pgfault = struct(
+  [
+    ["flags", "u32"],
+    ["dev_id", "u32"],
+    ["pasid", "u32"],
+    ["grpid", "u32"],
+    ["perm", "u32"],
+    ["__reserved", "u32"],
+    ["addr", "u64"],
+    ["length", "u32"],
+    ["cookie", "u32"],
+  ],
+  { cName: "struct iommu_hwpt_pgfault" },
+);
+
+/** One response written to a fault queue fd. */
+export const iommu_hwpt_page_response = struct(
+  [
+    ["cookie", "u32"],
+    ["code", "u32"],
+  ],
+  {
+    cName: "struct iommu_hwpt_page_response",
+  },
+);
+
 /** Every layout of this header, for the layout test. */
 export const IOMMUFD_LAYOUTS = [
   iommu_destroy,
@@ -307,6 +380,9 @@ export const IOMMUFD_LAYOUTS = [
   iommu_hwpt_invalidate,
   iommu_fault_alloc,
   iommu_ioas_change_process,
+  iommu_hw_info_vtd,
+  iommu_hwpt_pgfault,
+  iommu_hwpt_page_response,
 ];
 
 /** Every request number of this header, by its C name, for the layout test. */
@@ -349,4 +425,24 @@ export const IOMMUFD_CONSTANTS: Record<string, number> = {
   IOMMU_HWPT_ALLOC_PASID,
   IOMMU_HWPT_DATA_NONE,
   IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+  IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+  IOMMU_HW_INFO_TYPE_NONE,
+  IOMMU_HW_INFO_TYPE_INTEL_VTD,
+  IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+  IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV,
+  IOMMU_HW_INFO_TYPE_AMD,
+  IOMMU_HW_INFO_FLAG_INPUT_TYPE,
+  IOMMU_HW_CAP_DIRTY_TRACKING,
+  IOMMU_HW_CAP_PCI_PASID_EXEC,
+  IOMMU_HW_CAP_PCI_PASID_PRIV,
+  IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED,
+  IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17,
+  IOMMU_PGFAULT_FLAGS_PASID_VALID,
+  IOMMU_PGFAULT_FLAGS_LAST_PAGE,
+  IOMMU_PGFAULT_PERM_READ,
+  IOMMU_PGFAULT_PERM_WRITE,
+  IOMMU_PGFAULT_PERM_EXEC,
+  IOMMU_PGFAULT_PERM_PRIV,
+  IOMMUFD_PAGE_RESP_SUCCESS,
+  IOMMUFD_PAGE_RESP_INVALID,
 };

@@ -3,12 +3,13 @@
  * iommufd and attached to an IOAS, with region info, BAR mmap for registers, config space,
  * bus mastering, reset and dma-buf export of BAR slices.
  */
+import { readlinkSync } from "node:fs";
 import { DmaBuf } from "../dmabuf.ts";
 import { Ioas } from "../ioas.ts";
 import type { Iommufd } from "../iommufd.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
-import { closeFd, fdFinalizer, openPath, preadInto, pwriteFrom } from "../sys/fd.ts";
+import { closeFd, fdFinalizer, openPath, preadInto, pwriteFrom, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
 import { type ErrnoTable, ioctl, isErrno } from "../sys/ioctl.ts";
 import { lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "../sys/libc.ts";
 import { hex, u64 } from "../sys/validate.ts";
@@ -182,6 +183,31 @@ export class VfioDevice {
       EBUSY: "the device is already open through its VFIO group or another cdev user",
     });
     return new VfioDevice(fd, path, pciAddress);
+  }
+
+  /**
+   * Adopt a VFIO device fd this process received (a live hand-over from another process). The
+   * fd keeps its binding to the iommufd (`deviceId` there) and its attachment; this takes
+   * ownership of the fd and makes it close-on-exec.
+   */
+  static fromFd(fd: number, options: { iommufd: Iommufd; deviceId: number; attachedTo?: number }): VfioDevice {
+    const op = "VfioDevice.fromFd";
+    requireOpenFd(fd, op, "fd");
+    if (!Number.isInteger(options?.deviceId) || options.deviceId <= 0)
+      throw argumentError(op, "options.deviceId", "the device id from the sender's bind() is required");
+    let path: string;
+    try {
+      path = readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      path = `fd ${fd}`;
+    }
+    if (!path.startsWith("/dev/vfio/")) throw argumentError(op, "fd", `fd ${fd} is ${path}, not a VFIO device`);
+    setCloseOnExec(fd, op);
+    const device = new VfioDevice(fd, path, pciAddressOfCdev(path));
+    device.#iommufd = options.iommufd;
+    device.#deviceId = options.deviceId;
+    device.#attachedTo = options.attachedTo;
+    return device;
   }
 
   get fd(): number {

@@ -15,7 +15,7 @@ const SYSFS_PCI = "/sys/bus/pci/devices";
 function pciDeviceDir(pciAddress: string, operation: string, argument: string): string {
   const dir = join(SYSFS_PCI, pciAddress);
   if (!existsSync(dir)) {
-    throw new IommufdError({ operation, errno: ERRNO.ENODEV, argument, message: `no PCI device ${pciAddress}` });
+    throw argumentError(operation, argument, `no PCI device ${pciAddress}`, "ENODEV");
   }
   return dir;
 }
@@ -26,13 +26,13 @@ export function vfioCdevOf(pciAddress: string, op: string): string {
   const vfioDev = join(dir, "vfio-dev");
   const nodes = existsSync(vfioDev) ? readdirSync(vfioDev).filter((n) => n.startsWith("vfio")) : [];
   if (nodes.length === 0) {
-    throw new IommufdError({
-      operation: op,
-      errno: ERRNO.ENODEV,
-      argument: "pathOrPciAddress",
-      message: `${pciAddress} has no VFIO cdev (driver: ${driverOf(pciAddress) ?? "none"})`,
-      hint: `bind it to vfio-pci first: bindToVfioPci("${pciAddress}")`,
-    });
+    throw argumentError(
+      op,
+      "pathOrPciAddress",
+      `${pciAddress} has no VFIO cdev (driver: ${driverOf(pciAddress) ?? "none"})`,
+      "ENODEV",
+      `bind it to vfio-pci first: bindToVfioPci("${pciAddress}")`,
+    );
   }
   return join("/dev/vfio/devices", nodes[0]!);
 }

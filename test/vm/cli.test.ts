@@ -54,6 +54,30 @@ describe.skipIf(noGuest !== undefined)(`bad input that needs a guest (${noGuest 
     expect(processesMentioning(r.marker)).toEqual([]);
   });
 
+  test("a runner killed with SIGKILL takes its QEMU with it", async () => {
+    const marker = mkdtempSync(join(tmpdir(), "vm-cli-kill-"));
+    try {
+      const runner = Bun.spawn([...vm, "--", "sleep", "600"], {
+        env: { ...process.env, TMPDIR: marker },
+        stdin: "ignore",
+        stdout: "ignore",
+        stderr: "ignore",
+      });
+      const deadline = Date.now() + 60_000;
+      while (processesMentioning(marker).filter((p) => p.includes("qemu-system")).length === 0) {
+        if (Date.now() > deadline) throw new Error("QEMU never started");
+        await Bun.sleep(100);
+      }
+      runner.kill("SIGKILL");
+      await runner.exited;
+      const gone = Date.now() + 10_000;
+      while (processesMentioning(marker).length > 0 && Date.now() < gone) await Bun.sleep(100);
+      expect(processesMentioning(marker)).toEqual([]);
+    } finally {
+      rmSync(marker, { recursive: true, force: true });
+    }
+  }, 120_000);
+
   test("a kernel that does not reach the command: the panic, one retry, status 125", async () => {
     // The real kernel, told to run an init that does not exist: it panics at boot, every time.
     const r = await runCli([...vm, "--", "true"], { env: { IOMMUFD_VM_APPEND: "rdinit=/no-such-init" } });
