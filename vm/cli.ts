@@ -4,14 +4,7 @@
 import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { DeviceSpecError, type DeviceSpec, IOMMU_MODELS, type IommuModel, parseDeviceSpec } from "./devices.ts";
-import {
-  cacheDir,
-  EXIT_TIMEOUT,
-  EXIT_VM_FAILURE,
-  type GuestOptions,
-  hostCheck,
-  runInGuest,
-} from "./run.ts";
+import { cacheDir, EXIT_TIMEOUT, EXIT_VM_FAILURE, type GuestOptions, hostCheck, runInGuest } from "./run.ts";
 
 export function usage(program = "bun-iommufd vm"): string {
   return `usage: ${program} [options] -- <command...>
@@ -79,7 +72,8 @@ export function parseArgs(argv: string[]): GuestOptions & { check?: boolean; hel
   };
   const count = (s: string, name: string, min: number): number => {
     const n = Number(s);
-    if (!Number.isInteger(n) || n < min) throw new UsageError(`${name} wants a whole number of at least ${min}, not ${s}`);
+    if (!Number.isInteger(n) || n < min)
+      throw new UsageError(`${name} wants a whole number of at least ${min}, not ${s}`);
     return n;
   };
   let i = 0;
@@ -106,7 +100,8 @@ export function parseArgs(argv: string[]): GuestOptions & { check?: boolean; hel
         break;
       case "--memory":
         opts.memory = value(++i, a);
-        if (!/^\d+[KMGT]?$/i.test(opts.memory)) throw new UsageError(`--memory wants a size like 4G or 2048M, not ${opts.memory}`);
+        if (!/^\d+[KMGT]?$/i.test(opts.memory))
+          throw new UsageError(`--memory wants a size like 4G or 2048M, not ${opts.memory}`);
         break;
       case "--cpus":
         opts.cpus = count(value(++i, a), a, 1);

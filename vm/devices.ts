@@ -72,7 +72,9 @@ export function parseDeviceSpec(text: string): DeviceSpec {
     const key = eq < 0 ? param : param.slice(0, eq);
     const value = eq < 0 ? "" : param.slice(eq + 1);
     if (!allowed.includes(key)) {
-      throw new DeviceSpecError(`--device ${text}: ${kind} has no parameter "${key}" (it takes: ${allowed.join(", ") || "none"})`);
+      throw new DeviceSpecError(
+        `--device ${text}: ${kind} has no parameter "${key}" (it takes: ${allowed.join(", ") || "none"})`,
+      );
     }
     if (value === "") throw new DeviceSpecError(`--device ${text}: ${key} needs a value (${key}=...)`);
     switch (key) {
@@ -85,7 +87,9 @@ export function parseDeviceSpec(text: string): DeviceSpec {
       case "size": {
         const bytes = parseMiBSize(value);
         if (bytes === undefined || bytes % 4096 !== 0) {
-          throw new DeviceSpecError(`--device ${text}: size wants a size like 64M or 1G (a multiple of 4 KiB), not "${value}"`);
+          throw new DeviceSpecError(
+            `--device ${text}: size wants a size like 64M or 1G (a multiple of 4 KiB), not "${value}"`,
+          );
         }
         spec.size = bytes;
         break;
@@ -103,7 +107,9 @@ export function parseDeviceSpec(text: string): DeviceSpec {
         break;
       case "driver":
         if (value !== "vfio" && value !== "kernel") {
-          throw new DeviceSpecError(`--device ${text}: driver is vfio (bound to vfio-pci) or kernel (the kernel's nvme driver)`);
+          throw new DeviceSpecError(
+            `--device ${text}: driver is vfio (bound to vfio-pci) or kernel (the kernel's nvme driver)`,
+          );
         }
         spec.driver = value;
         break;
@@ -115,7 +121,9 @@ export function parseDeviceSpec(text: string): DeviceSpec {
 /** Gives each device a name and a PCI slot; rejects duplicate names and too many devices. */
 export function placeDevices(specs: readonly DeviceSpec[]): PlacedDevice[] {
   if (specs.length > LAST_SLOT - FIRST_SLOT + 1) {
-    throw new DeviceSpecError(`at most ${LAST_SLOT - FIRST_SLOT + 1} devices fit on the guest's PCI bus (got ${specs.length})`);
+    throw new DeviceSpecError(
+      `at most ${LAST_SLOT - FIRST_SLOT + 1} devices fit on the guest's PCI bus (got ${specs.length})`,
+    );
   }
   const perKind = new Map<DeviceKind, number>();
   const names = new Set<string>();
@@ -159,7 +167,9 @@ export function prepareDisks(devices: PlacedDevice[], diskDir?: string): string 
     if (existsSync(d.disk)) {
       d.size = statSync(d.disk).size;
       if (d.size === 0 || d.size % 512 !== 0) {
-        throw new DeviceSpecError(`disk image ${d.disk} is ${d.size} bytes; an NVMe namespace needs a non-empty multiple of 512`);
+        throw new DeviceSpecError(
+          `disk image ${d.disk} is ${d.size} bytes; an NVMe namespace needs a non-empty multiple of 512`,
+        );
       }
     } else {
       writeFileSync(d.disk, "");

@@ -144,12 +144,17 @@ function isStaticElf(path: string): boolean {
 /** Cheap check that the host can run a guest at all (not whether the kernel is built). */
 export function vmAvailability(): { ok: boolean; reason?: string } {
   if (process.platform !== "linux" || process.arch !== "x64") {
-    return { ok: false, reason: `the test guest needs an x86-64 Linux host (this is ${process.platform}/${process.arch})` };
+    return {
+      ok: false,
+      reason: `the test guest needs an x86-64 Linux host (this is ${process.platform}/${process.arch})`,
+    };
   }
-  if (!Bun.which(qemuBinaryPath())) return { ok: false, reason: `${qemuBinaryPath()} not found (Debian: apt-get install qemu-system-x86)` };
+  if (!Bun.which(qemuBinaryPath()))
+    return { ok: false, reason: `${qemuBinaryPath()} not found (Debian: apt-get install qemu-system-x86)` };
   const busybox = findBusybox();
   if (!busybox) return { ok: false, reason: "busybox not found (Debian: apt-get install busybox-static)" };
-  if (!isStaticElf(busybox)) return { ok: false, reason: `${busybox} is not statically linked (Debian: apt-get install busybox-static)` };
+  if (!isStaticElf(busybox))
+    return { ok: false, reason: `${busybox} is not statically linked (Debian: apt-get install busybox-static)` };
   if (!Bun.which("cpio")) return { ok: false, reason: "cpio not found (Debian: apt-get install cpio)" };
   if (!Bun.which("bash")) return { ok: false, reason: "bash not found (needed by vm/kernel.sh)" };
   return { ok: true };
@@ -202,7 +207,10 @@ export async function hostCheck(): Promise<{ ok: boolean; text: string; missing:
     debian: "busybox-static",
     note: busybox && !isStaticElf(busybox) ? `${busybox} is dynamically linked` : undefined,
   });
-  for (const [tool, pkg] of [["cpio", "cpio"], ["bash", "bash"]] as const) {
+  for (const [tool, pkg] of [
+    ["cpio", "cpio"],
+    ["bash", "bash"],
+  ] as const) {
     reqs.push({ what: tool, found: Bun.which(tool) ?? undefined, debian: pkg });
   }
   let kernel: string | undefined;
@@ -213,8 +221,10 @@ export async function hostCheck(): Promise<{ ok: boolean; text: string; missing:
       kernel = undefined;
     }
   }
-  for (const [tool, pkg] of BUILD_TOOLS) reqs.push({ what: tool, found: Bun.which(tool) ?? undefined, debian: pkg, forBuild: true });
-  for (const [file, pkg] of BUILD_HEADERS) reqs.push({ what: file, found: existsSync(file) ? file : undefined, debian: pkg, forBuild: true });
+  for (const [tool, pkg] of BUILD_TOOLS)
+    reqs.push({ what: tool, found: Bun.which(tool) ?? undefined, debian: pkg, forBuild: true });
+  for (const [file, pkg] of BUILD_HEADERS)
+    reqs.push({ what: file, found: existsSync(file) ? file : undefined, debian: pkg, forBuild: true });
 
   const lines: string[] = [];
   const missing: string[] = [];
@@ -233,7 +243,9 @@ export async function hostCheck(): Promise<{ ok: boolean; text: string; missing:
       : `build    kernel: none cached in ${cacheDir()}/kernels; the first run builds one (10-15 min), or set IOMMUFD_TEST_KERNEL`,
   );
   const kvm = existsSync("/dev/kvm");
-  lines.push(`info     /dev/kvm ${kvm ? "exists (--kvm may work on a real KVM host; TCG is the default)" : "absent: the guest runs under TCG emulation"}`);
+  lines.push(
+    `info     /dev/kvm ${kvm ? "exists (--kvm may work on a real KVM host; TCG is the default)" : "absent: the guest runs under TCG emulation"}`,
+  );
   const unique = [...new Set(missing)];
   const ok = platformOk && unique.length === 0;
   if (unique.length) {
@@ -280,7 +292,9 @@ export async function initramfs(): Promise<string> {
     writeFileSync(join(stage, "init"), initScript, { mode: 0o755 });
     const tmp = `${image}.${process.pid}.tmp`;
     const { code } = await run([
-      "sh", "-c", `cd ${shellQuote(stage)} && find . | cpio -o -H newc -R 0:0 --quiet > ${shellQuote(tmp)}`,
+      "sh",
+      "-c",
+      `cd ${shellQuote(stage)} && find . | cpio -o -H newc -R 0:0 --quiet > ${shellQuote(tmp)}`,
     ]);
     if (code !== 0) throw new Error(`cpio failed with status ${code}`);
     renameSync(tmp, image); // atomic, so parallel runs never boot a half-written image
@@ -306,7 +320,10 @@ function guestEnvironment(extra: Record<string, string>): Record<string, string>
   const env: Record<string, string> = {};
   for (const [k, v] of Object.entries(process.env)) {
     if (v === undefined) continue;
-    if (/^(IOMMUFD_|BUN_)/.test(k) || ["CI", "TERM", "NO_COLOR", "FORCE_COLOR", "LANG", "LC_ALL", "TZ", "GITHUB_ACTIONS"].includes(k)) {
+    if (
+      /^(IOMMUFD_|BUN_)/.test(k) ||
+      ["CI", "TERM", "NO_COLOR", "FORCE_COLOR", "LANG", "LC_ALL", "TZ", "GITHUB_ACTIONS"].includes(k)
+    ) {
       env[k] = v;
     }
   }
@@ -339,7 +356,10 @@ class Tail {
   private fd: number | undefined;
   private pos = 0;
   private readonly buf = Buffer.alloc(1 << 16);
-  constructor(private readonly path: string, private readonly sink?: (chunk: Uint8Array) => void) {}
+  constructor(
+    private readonly path: string,
+    private readonly sink?: (chunk: Uint8Array) => void,
+  ) {}
   pump(): void {
     if (this.fd === undefined) {
       if (!existsSync(this.path)) return;
@@ -361,7 +381,9 @@ class Tail {
 function lastLines(path: string, n: number): string {
   if (!existsSync(path)) return "(no console output)";
   // SeaBIOS clears the screen with escape sequences; they only garble a log.
-  const text = readFileSync(path, "latin1").replace(/\x1b(\[[0-9;?]*[A-Za-z]|.)/g, "").replaceAll("\r", "");
+  const text = readFileSync(path, "latin1")
+    .replace(/\x1b(\[[0-9;?]*[A-Za-z]|.)/g, "")
+    .replaceAll("\r", "");
   const lines = text.split("\n");
   if (lines.at(-1) === "") lines.pop();
   return lines.length ? lines.slice(-n).join("\n") : "(no console output)";
@@ -434,22 +456,36 @@ function qemuArgs(c: AttemptConfig, share: string, consoleLog: string): string[]
   return [
     qemuBinaryPath(),
     // split irqchip is what intremap=on needs under KVM; TCG accepts and ignores it.
-    "-machine", "q35,kernel-irqchip=split",
+    "-machine",
+    "q35,kernel-irqchip=split",
     // Multi-threaded TCG sometimes panics the guest at boot (code patching races): one thread.
     ...(c.kvm ? ["-accel", "kvm", "-cpu", "host"] : ["-accel", "tcg,thread=single", "-cpu", "max"]),
-    "-smp", String(c.cpus),
-    "-m", c.memory,
-    "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-    "-serial", `file:${consoleLog}`,
+    "-smp",
+    String(c.cpus),
+    "-m",
+    c.memory,
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-no-reboot",
+    "-serial",
+    `file:${consoleLog}`,
     ...iommuArgs(c.iommu),
     // Devices before the shares: they claim fixed slots, the shares take whatever is left.
     ...deviceArgs(c.devices),
-    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-    "-virtfs", `local,path=${share.replaceAll(",", ",,")},mount_tag=results,security_model=none,multidevs=remap`,
-    ...(c.work ? ["-virtfs", `local,path=${c.work.replaceAll(",", ",,")},mount_tag=work,security_model=none,multidevs=remap`] : []),
-    "-kernel", c.kernel,
-    "-initrd", c.initrd,
-    "-append", append.join(" "),
+    "-virtfs",
+    "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    "-virtfs",
+    `local,path=${share.replaceAll(",", ",,")},mount_tag=results,security_model=none,multidevs=remap`,
+    ...(c.work
+      ? ["-virtfs", `local,path=${c.work.replaceAll(",", ",,")},mount_tag=work,security_model=none,multidevs=remap`]
+      : []),
+    "-kernel",
+    c.kernel,
+    "-initrd",
+    c.initrd,
+    "-append",
+    append.join(" "),
   ];
 }
 
@@ -536,7 +572,8 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
       return { ...base, outcome: "done", exitCode: code, bootSeconds, sinceLaunch, guestUptime: uptime, dmesg };
     }
   }
-  if (killedFor === "timeout") return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
+  if (killedFor === "timeout")
+    return { ...base, outcome: "timeout", bootSeconds, reason: "the overall timeout ran out" };
   const fatalFile = join(share, "fatal");
   const consoleText = existsSync(consoleLog) ? readFileSync(consoleLog, "latin1") : "";
   const fatal = existsSync(fatalFile)
@@ -548,16 +585,22 @@ async function attempt(c: AttemptConfig, n: number): Promise<Attempt> {
   const qemuErr = existsSync(qemuLog) ? readFileSync(qemuLog, "utf8").trim() : "";
   if (Number.isNaN(bootSeconds) && killedFor === undefined && qemuExit !== 0 && consoleText.trim() === "" && qemuErr) {
     const said = qemuErr.split("\n").filter(Boolean).slice(-3).join("; ");
-    return { ...base, outcome: "refused", bootSeconds, reason: `QEMU could not start the guest (status ${qemuExit}): ${said}` };
+    return {
+      ...base,
+      outcome: "refused",
+      bootSeconds,
+      reason: `QEMU could not start the guest (status ${qemuExit}): ${said}`,
+    };
   }
   const plain = consoleText.replaceAll("\r", "");
   const panic = /Kernel panic[^\n]*/.exec(plain)?.[0]?.trim();
   if (Number.isNaN(bootSeconds)) {
-    const why = killedFor === "boot"
-      ? `the command had not started after ${c.bootTimeoutMs / 1000} s`
-      : panic
-        ? `the guest kernel panicked before the command started (${panic})`
-        : `QEMU exited with status ${qemuExit} before the command started`;
+    const why =
+      killedFor === "boot"
+        ? `the command had not started after ${c.bootTimeoutMs / 1000} s`
+        : panic
+          ? `the guest kernel panicked before the command started (${panic})`
+          : `QEMU exited with status ${qemuExit} before the command started`;
     return { ...base, outcome: "early-death", bootSeconds, reason: why };
   }
   const cause = /(BUG:|Oops:|general protection fault)[^\n]*/.exec(plain)?.[0]?.trim();
@@ -633,10 +676,14 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
   if (!existsSync(cwd)) return fail("setup", `no such directory: ${cwd}`);
   // The guest mounts its own tmpfs on /tmp and the root read-only; neither can be the work share.
   if (cwd === "/tmp" || cwd === "/") {
-    return fail("setup", `cannot run in ${cwd} itself: run from a project directory (${cwd} is shared read-only or is the guest's own)`);
+    return fail(
+      "setup",
+      `cannot run in ${cwd} itself: run from a project directory (${cwd} is shared read-only or is the guest's own)`,
+    );
   }
   for (const k of Object.keys(opts.env ?? {})) {
-    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k)) return fail("setup", `invalid environment variable name ${JSON.stringify(k)}`);
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k))
+      return fail("setup", `invalid environment variable name ${JSON.stringify(k)}`);
   }
   const hugepages = opts.hugepages ?? Number(process.env.IOMMUFD_VM_HUGEPAGES ?? 256);
   if (!Number.isInteger(hugepages) || hugepages < 0) return fail("setup", `invalid huge page count ${hugepages}`);
@@ -733,32 +780,46 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
 
     if (a.outcome === "done") {
       const total = seconds();
-      const uptime = a.guestUptime === undefined || Number.isNaN(a.guestUptime) ? "" : ` (guest kernel+init ${a.guestUptime.toFixed(1)} s)`;
+      const uptime =
+        a.guestUptime === undefined || Number.isNaN(a.guestUptime)
+          ? ""
+          : ` (guest kernel+init ${a.guestUptime.toFixed(1)} s)`;
       const dmesg = a.dmesg ?? "";
       const during = kernelWarnings(commandWindow(dmesg));
       const atBoot = kernelWarnings(dmesg.slice(0, Math.max(0, dmesg.indexOf("iommufd-vm: command starting"))));
-      if (atBoot.length) log(`[vm] note: the guest kernel logged ${atBoot.length} report(s) while booting, first:\n${atBoot[0]}`);
+      if (atBoot.length)
+        log(`[vm] note: the guest kernel logged ${atBoot.length} report(s) while booting, first:\n${atBoot[0]}`);
       let exitCode = a.exitCode ?? EXIT_VM_FAILURE;
       let failure: GuestFailure | undefined;
       let message: string | undefined;
       if (during.length) {
         // This run's own copy (the cache's last-dmesg.log is shared by parallel runs); kept below.
         const dmesgPath = join(dirname(a.consoleLog), "share", "dmesg");
-        log(`[vm] the guest kernel logged ${during.length} report(s) (WARNING/BUG/...) while the command ran (all of its log: ${dmesgPath}):`);
+        log(
+          `[vm] the guest kernel logged ${during.length} report(s) (WARNING/BUG/...) while the command ran (all of its log: ${dmesgPath}):`,
+        );
         for (const report of during.slice(0, 3)) log(report);
         if (during.length > 3) log(`[vm] ... and ${during.length - 3} more`);
         if (opts.allowKernelWarnings) {
           log("[vm] kernel warnings are allowed for this run: not failing it");
         } else {
           failure = "kernel-warning";
-          const first = during[0]!.split("\n").find((l) => !l.includes("[ cut here ]"))?.trim();
+          const first = during[0]!
+            .split("\n")
+            .find((l) => !l.includes("[ cut here ]"))
+            ?.trim();
           message = `the guest kernel logged ${during.length} warning/bug report(s) while the command ran, first: ${first}`;
           if (exitCode === 0) exitCode = EXIT_VM_FAILURE;
           log(`[vm] error: ${message}`);
         }
       }
-      const launch = a.sinceLaunch === undefined || Number.isNaN(a.sinceLaunch) ? "" : `, ${a.sinceLaunch.toFixed(1)} s after launch`;
-      log(`[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}${launch}, total ${total.toFixed(1)} s, exit status ${exitCode}${retried ? " (after one retry)" : ""}`);
+      const launch =
+        a.sinceLaunch === undefined || Number.isNaN(a.sinceLaunch)
+          ? ""
+          : `, ${a.sinceLaunch.toFixed(1)} s after launch`;
+      log(
+        `[vm] boot-to-command ${a.bootSeconds.toFixed(1)} s${uptime}${launch}, total ${total.toFixed(1)} s, exit status ${exitCode}${retried ? " (after one retry)" : ""}`,
+      );
       if (during.length === 0) rmSync(dir, { recursive: true, force: true });
       return {
         exitCode,
@@ -788,7 +849,9 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
       retried,
       consoleLog,
     });
-    log(`[vm] boot-to-command ${Number.isNaN(a.bootSeconds) ? "n/a" : `${a.bootSeconds.toFixed(1)} s`}, total ${result.totalSeconds.toFixed(1)} s, exit status ${result.exitCode}`);
+    log(
+      `[vm] boot-to-command ${Number.isNaN(a.bootSeconds) ? "n/a" : `${a.bootSeconds.toFixed(1)} s`}, total ${result.totalSeconds.toFixed(1)} s, exit status ${result.exitCode}`,
+    );
     return result;
   } finally {
     current.proc?.kill("SIGKILL");

@@ -50,7 +50,10 @@ describe.skipIf(!inGuest)("test guest devices (only in the guest of vm/run.ts, w
       expect(d.size).toBeGreaterThan(0);
       expect(d.disk).toMatch(/\.img$/);
       // QEMU puts the CMB in BAR 2; sysfs `resource` lists start, end, flags per BAR.
-      const bar2 = readFileSync(sysfs(d.addr, "resource"), "utf8").split("\n")[2]!.split(" ").map((x) => BigInt(x));
+      const bar2 = readFileSync(sysfs(d.addr, "resource"), "utf8")
+        .split("\n")[2]!
+        .split(" ")
+        .map((x) => BigInt(x));
       const bar2Size = bar2[1]! === 0n ? 0 : Number(bar2[1]! - bar2[0]! + 1n);
       if (d.cmb) expect(bar2Size).toBe(d.cmb);
       else expect(bar2Size).toBe(0);
@@ -65,7 +68,9 @@ describe.skipIf(!inGuest)("test guest devices (only in the guest of vm/run.ts, w
     expect(list("EDU")).toEqual(expected((d) => d.kind === "edu"));
     expect(list("NVME")).toEqual(expected((d) => d.kind === "nvme"));
     expect(list("NVME_CMB")).toEqual(expected((d) => d.kind === "nvme" && !!d.cmb));
-    const kernel = new Map(devices.filter((d) => d.driver === "nvme").map((d) => [d.addr, d.block!] as [string, string]));
+    const kernel = new Map(
+      devices.filter((d) => d.driver === "nvme").map((d) => [d.addr, d.block!] as [string, string]),
+    );
     expect(list("NVME_KERNEL")).toEqual(kernel);
   });
 });

@@ -32,8 +32,15 @@ describe("--device", () => {
     expect(() => parseDeviceSpec("nvme,cmb=1K")).toThrow(/cmb wants whole MiB/);
     expect(() => parseDeviceSpec("nvme,size=")).toThrow(/size needs a value/);
     expect(() => parseDeviceSpec("nvme,driver=spdk")).toThrow(/driver is vfio .* or kernel/);
-    expect(() => placeDevices([{ kind: "edu", name: "x" }, { kind: "nvme", name: "x" }])).toThrow(DeviceSpecError);
-    expect(() => placeDevices(Array.from({ length: 29 }, () => ({ kind: "edu" as const })))).toThrow(/at most 28 devices/);
+    expect(() =>
+      placeDevices([
+        { kind: "edu", name: "x" },
+        { kind: "nvme", name: "x" },
+      ]),
+    ).toThrow(DeviceSpecError);
+    expect(() => placeDevices(Array.from({ length: 29 }, () => ({ kind: "edu" as const })))).toThrow(
+      /at most 28 devices/,
+    );
   });
 });
 
@@ -51,19 +58,30 @@ describe("placement", () => {
   test("QEMU arguments and the guest's device table", () => {
     const dir = mkdtempSync(join(tmpdir(), "vm-options-"));
     try {
-      const placed = placeDevices([{ kind: "edu" }, { kind: "nvme", cmb: 16 << 20 }, { kind: "nvme", driver: "kernel" }]);
+      const placed = placeDevices([
+        { kind: "edu" },
+        { kind: "nvme", cmb: 16 << 20 },
+        { kind: "nvme", driver: "kernel" },
+      ]);
       expect(prepareDisks(placed, dir)).toBe(dir);
       expect(statSync(join(dir, "nvme0.img")).size).toBe(64 << 20);
       expect(deviceArgs(placed)).toEqual([
-        "-device", "edu,addr=0x03",
-        "-drive", `file=${dir}/nvme0.img,if=none,id=nvmedisk1,format=raw`,
-        "-device", "nvme,serial=iommufd-1,drive=nvmedisk1,addr=0x04,cmb_size_mb=16",
-        "-drive", `file=${dir}/nvme1.img,if=none,id=nvmedisk2,format=raw`,
-        "-device", "nvme,serial=iommufd-2,drive=nvmedisk2,addr=0x05",
+        "-device",
+        "edu,addr=0x03",
+        "-drive",
+        `file=${dir}/nvme0.img,if=none,id=nvmedisk1,format=raw`,
+        "-device",
+        "nvme,serial=iommufd-1,drive=nvmedisk1,addr=0x04,cmb_size_mb=16",
+        "-drive",
+        `file=${dir}/nvme1.img,if=none,id=nvmedisk2,format=raw`,
+        "-device",
+        "nvme,serial=iommufd-2,drive=nvmedisk2,addr=0x05",
       ]);
       const table = guestDeviceTable(placed, "intel").split("\n");
       expect(table[0]).toBe("0000:00:03.0 edu edu0 vfio VFIO,EDU -");
-      expect(table[1]).toBe(`0000:00:04.0 nvme nvme0 vfio VFIO,NVME,NVME_CMB ,"size":67108864,"cmb":16777216,"disk":"${dir}/nvme0.img"`);
+      expect(table[1]).toBe(
+        `0000:00:04.0 nvme nvme0 vfio VFIO,NVME,NVME_CMB ,"size":67108864,"cmb":16777216,"disk":"${dir}/nvme0.img"`,
+      );
       expect(table[2]).toStartWith("0000:00:05.0 nvme nvme1 kernel NVME_KERNEL ,");
       // Without an IOMMU nothing can go to vfio-pci.
       expect(guestDeviceTable(placed.slice(0, 1), "none")).toBe("0000:00:03.0 edu edu0 none - -\n");
@@ -91,7 +109,19 @@ describe("placement", () => {
 
 describe("command line", () => {
   test("options before the command, the command after --", () => {
-    const o = parseArgs(["--device", "edu", "--device", "nvme,cmb=16M", "--iommu", "intel", "--cpus", "1", "--", "bun", "test"]);
+    const o = parseArgs([
+      "--device",
+      "edu",
+      "--device",
+      "nvme,cmb=16M",
+      "--iommu",
+      "intel",
+      "--cpus",
+      "1",
+      "--",
+      "bun",
+      "test",
+    ]);
     expect(o.devices).toHaveLength(2);
     expect(o.cpus).toBe(1);
     expect(o.command).toEqual(["bun", "test"]);
