@@ -4,6 +4,7 @@
  *
  *   bun bench [--quick | --full] [--json] [--filter REGEX] [--save] [--no-c]
  *   bun bench history [--out FILE]
+ *   bun bench nvme [--seconds S] [--rounds N]
  *
  *   (default)  the cases a user tracks, 10 paired rounds each (a few minutes in the TCG guest)
  *   --full     every case, 16 rounds
@@ -15,6 +16,7 @@
  *   --save     keep quick or filtered results in bench/results/ too (whole runs always are)
  *   --no-c     run without the C side (no ratios); otherwise a missing compiler is an error
  *   history    print every saved run's tracked figures; write bench/results/history.html
+ *   nvme       bun-iommufd/nvme against the kernel's NVMe driver, same controller, same boot (bench/nvme.ts)
  *
  * Where /dev/iommu exists the suite runs right here. Elsewhere it runs itself again inside the
  * QEMU guest of vm/run.ts (TCG: emulated time, so only ratios carry over), after building the C
@@ -416,6 +418,10 @@ async function main(): Promise<number> {
   if (argv[0] === "history") {
     const { history } = await import("./history.ts");
     return history(argv.slice(1));
+  }
+  if (argv[0] === "nvme") {
+    const { nvmeBench } = await import("./nvme.ts");
+    return nvmeBench(argv.slice(1));
   }
   let args: Args;
   try {
