@@ -292,7 +292,8 @@ function finish(
     threshold: THRESHOLD,
     changes: [],
   };
-  const previous = previousResults(results);
+  // A quick run is a smoke test (2 short rounds, confidence 50%): it is never compared.
+  const previous = results.mode === "quick" ? undefined : previousResults(results);
   if (previous) {
     results.previous = previous.file;
     results.changes = compare(results, previous.results);
@@ -314,6 +315,8 @@ function finish(
       `compared with ${previous.file}: ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s) (intervals apart by more than ${THRESHOLD * 100}%)`,
     );
     for (const c of results.changes) say(c.text);
+  } else if (results.mode === "quick") {
+    say("quick run: a smoke test of the suite, not a measurement (2 short rounds): nothing compared");
   } else {
     say(`no earlier ${results.mode} results to compare with`);
   }
