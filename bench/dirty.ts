@@ -10,7 +10,6 @@
 import { DirtyBitmap, HwPageTable, Iommufd, MemfdBuffer } from "../src/index.ts";
 import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../src/selftest.ts";
 
-export const DIRTY_CASE_ID = "dirtyBitmap/mock/1GiB@4KiB";
 export const DIRTY_LABEL = "GET_DIRTY_BITMAP of 1 GiB IOVA at 4 KiB (mock domain, 32 KiB bitmap zeroed first)";
 
 const CHUNK = 64 << 20;

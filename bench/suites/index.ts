@@ -5,3 +5,4 @@
 import "./map.ts";
 import "./heap.ts";
 import "./irq.ts";
+import "./vmm.ts";

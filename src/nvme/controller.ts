@@ -12,6 +12,7 @@ import { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError } from "../sys/error.ts";
 import { VfioDevice, type RegionMapping } from "../vfio/device.ts";
+import type { IrqSet } from "../vfio/irq.ts";
 import { bindToVfioPci, PCI_ADDRESS } from "../vfio/pci.ts";
 import {
   createIoCompletionQueue,
@@ -58,6 +59,8 @@ import {
 
 /** How long the poller spins on the completion queues before letting the event loop run. */
 const SPIN_MS = 0.25;
+/** How often the poller reads CSTS and checks deadlines when it finds nothing (an MMIO read is a VM exit). */
+const HEALTH_CHECK_MS = 10;
 /** Continuations of a completed command run before the poller looks again (a few promise hops). */
 const HOPS_AFTER_COMPLETION = 4;
 
@@ -78,7 +81,15 @@ export interface NvmeControllerOptions {
   maxQueuePairs?: number;
   /** A command not completed after this long fails the controller. Default 10 000 ms. */
   commandTimeoutMs?: number;
+  /** How the first I/O queue pair's completions are found: "poll" (default) or "interrupt" (MSI-X). */
+  completion?: Completion;
 }
+
+/**
+ * "poll": the poller spins on the phase bit (lowest latency, one CPU busy while I/O is pending).
+ * "interrupt": the queue raises an MSI-X vector; the poller sleeps in the event loop until it fires.
+ */
+export type Completion = "poll" | "interrupt";
 
 export interface CommandOptions {
   /** A heap buffer the command transfers (PRPs are built for `length` bytes of it). */
@@ -119,6 +130,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   #polling = false;
   #lastHealthCheck = 0;
   #shutdown: ShutdownResult = "not closed";
+  #irqs: IrqSet | undefined;
+  #firstCompletion: Completion = "poll";
+  #healthTimer: ReturnType<typeof setInterval> | undefined;
 
   private constructor(
     device: VfioDevice,
@@ -212,6 +226,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       );
       undo.length = 0;
       try {
+        controller.#firstCompletion = options.completion ?? "poll";
         controller.#bringUp(options.queueDepth ?? 64);
       } catch (error) {
         // A controller that never came up gets no shutdown sequence, only its resources back.
@@ -246,7 +261,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.#maxTransferBytes =
       mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
     this.#requestQueues();
-    this.createQueuePair(queueDepth);
+    this.createQueuePair(queueDepth, { completion: this.#firstCompletion });
   }
 
   /** CC.EN = 0, wait for RDY = 0, program the admin queue, CC.EN = 1, wait for RDY = 1. */
@@ -316,7 +331,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   #pollAdmin = (): void => {
     if (this.#admin.reap() > 0) return;
     const now = performance.now();
-    if (now - this.#lastHealthCheck >= 1) this.#checkHealth(now);
+    if (now - this.#lastHealthCheck >= HEALTH_CHECK_MS) this.#checkHealth(now);
   };
 
   // ---- public surface -------------------------------------------------------------------------
@@ -390,11 +405,18 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return this.heap.alloc(size, { align: PAGE_SIZE });
   }
 
-  /** Create an I/O queue pair of `depth` entries (Create I/O Completion Queue, then Submission Queue). */
-  createQueuePair(depth: number): QueuePair {
+  /**
+   * Create an I/O queue pair of `depth` entries (Create I/O Completion Queue, then Submission
+   * Queue). With `completion: "interrupt"` its completion queue raises MSI-X vector <queue id>.
+   */
+  createQueuePair(depth: number, options: { completion?: Completion } = {}): QueuePair {
     const op = "NvmeController.createQueuePair";
     if (!Number.isInteger(depth) || depth < 2 || depth > this.capabilities.maxQueueEntries) {
       throw argumentError(op, "depth", `${depth} is outside 2..${this.capabilities.maxQueueEntries} (CAP.MQES + 1)`);
+    }
+    const completion = options.completion ?? "poll";
+    if (completion !== "poll" && completion !== "interrupt") {
+      throw argumentError(op, "options.completion", `${String(completion)} is not "poll" or "interrupt"`);
     }
     this.assertUsable("Create I/O Completion Queue");
     const used = new Set(this.#ioQueues.map((q) => q.id));
@@ -407,7 +429,8 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
         message: `the controller granted ${this.#grantedQueuePairs} I/O queue pairs and all are in use`,
       });
     }
-    const queue = new QueuePair(this, this.heap, id, depth, false);
+    const vector = completion === "interrupt" ? this.#interruptVector(id, op) : undefined;
+    const queue = new QueuePair(this, this.heap, id, depth, false, vector);
     try {
       this.#createOnController(queue);
     } catch (error) {
@@ -418,9 +441,38 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return queue;
   }
 
+  /** MSI-X vector `id`, enabling MSI-X (one vector per possible queue pair, 0 for admin) on first use. */
+  #interruptVector(id: number, op: string) {
+    if (this.#irqs === undefined) {
+      const info = this.device.irqInfo("msix");
+      const vectors = Math.min(info.count, this.#grantedQueuePairs + 1);
+      if (vectors < 2) {
+        throw new IommufdError({
+          operation: op,
+          errno: ERRNO.EOPNOTSUPP,
+          message: "the controller has no MSI-X vectors for I/O queues",
+        });
+      }
+      this.#irqs = this.device.enableIrq("msix", { vectors });
+      // Interrupts never tell of a fatal status or a lost command: look now and then.
+      this.#healthTimer = setInterval(() => {
+        if (this.#pending() > 0) this.#checkHealth(performance.now());
+      }, 100);
+      this.#healthTimer.unref?.();
+    }
+    if (id >= this.#irqs.vectors.length) {
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.ENOSPC,
+        message: `MSI-X vector ${id} is beyond the ${this.#irqs.vectors.length} enabled`,
+      });
+    }
+    return this.#irqs.vector(id);
+  }
+
   #createOnController(queue: QueuePair): void {
     this.#admin.submitAndWait(
-      createIoCompletionQueue(queue.id, queue.depth),
+      createIoCompletionQueue(queue.id, queue.depth, queue.vectorNumber),
       queue.cqIova,
       0,
       this.commandTimeoutMs,
@@ -624,6 +676,12 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     try {
       while (this.#state === "ready" && this.#pending() > 0) {
         let found = this.#reapAll();
+        const sleeper = found === 0 ? this.#interruptOnlyQueue() : undefined;
+        if (sleeper !== undefined) {
+          // Every queue with work raises interrupts: sleep in the event loop until one does.
+          await sleeper.interrupt();
+          continue;
+        }
         if (found === 0) {
           const until = performance.now() + SPIN_MS;
           do found = this.#reapAll();
@@ -633,12 +691,27 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
           for (let i = 0; i < HOPS_AFTER_COMPLETION; i++) await null;
           continue;
         }
-        this.#checkHealth(performance.now());
+        const now = performance.now();
+        if (now - this.#lastHealthCheck >= HEALTH_CHECK_MS) this.#checkHealth(now);
         await new Promise<void>((resolve) => setImmediate(resolve));
       }
+    } catch {
+      // A wait ended by close(): the pending commands were rejected there.
     } finally {
       this.#polling = false;
     }
+  }
+
+  /** The queue to sleep on when every queue with pending work is interrupt-driven (one for now). */
+  #interruptOnlyQueue(): QueuePair | undefined {
+    if (this.#admin.inFlight + this.#admin.waiting > 0) return undefined;
+    let sleeper: QueuePair | undefined;
+    for (const queue of this.#ioQueues) {
+      if (queue.inFlight + queue.waiting === 0) continue;
+      if (queue.vector === undefined || sleeper !== undefined) return undefined;
+      sleeper = queue;
+    }
+    return sleeper;
   }
 
   /** Fatal status or a command past its deadline fails the controller and everything pending. */
@@ -745,7 +818,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       }
     }
     this.#peers.clear();
+    if (this.#healthTimer !== undefined) clearInterval(this.#healthTimer);
     const steps: (() => void)[] = [
+      () => this.#irqs?.close(),
       () => this.device.setBusMaster(false),
       () => this.heap.close(),
       () => (this.#ownsDevice ? this.device.close() : this.registers.bar.unmap()),
