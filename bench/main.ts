@@ -320,10 +320,16 @@ function finish(
   } else {
     say(`no earlier ${results.mode} results to compare with`);
   }
-  let status = 0;
-  let path: string;
+  // Failures first, so that the saved file and the JSON on stdout carry them too.
+  results.problems =
+    results.mode === "quick"
+      ? smokeProblems(results, isCI)
+      : results.cases.flatMap((c) =>
+          c.errors.length || !c.lib ? [`${c.id}: ${c.errors.join("; ") || "no figure"}`] : [],
+        );
+  let status = results.problems.length ? 1 : 0;
   try {
-    path = save(results, args.save);
+    const path = save(results, args.save);
     say(
       `results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds?.toFixed(0)} s in all)`,
     );
@@ -332,17 +338,9 @@ function finish(
     status = 1;
   }
   if (jsonMode) process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
-
-  const problems =
-    results.mode === "quick"
-      ? smokeProblems(results, isCI)
-      : results.cases.flatMap((c) =>
-          c.errors.length || !c.lib ? [`${c.id}: ${c.errors.join("; ") || "no figure"}`] : [],
-        );
-  if (problems.length) {
+  if (results.problems.length) {
     say(`${results.mode === "quick" ? "smoke test FAILED" : "run had failures"}:`);
-    for (const p of problems) say(`  ${p}`);
-    status = 1;
+    for (const p of results.problems) say(`  ${p}`);
   }
   return status;
 }

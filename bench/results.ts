@@ -68,6 +68,8 @@ export interface Results extends Measurement {
   previous?: string;
   threshold: number;
   changes: Change[];
+  /** Why the run failed (quick: the smoke test's conditions; otherwise cases with errors). */
+  problems?: string[];
 }
 
 /** A new interval must clear the previous one by this fraction to be flagged. */
