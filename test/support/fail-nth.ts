@@ -182,6 +182,10 @@ export function sweep<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepRe
     const afterSetup = usage();
     let result: T | undefined;
     let error: unknown;
+    // The armed fault hits whatever this thread allocates next, Bun's own heap growth included
+    // (with order-0 pages failing, a JS heap page or mmap can take it, and Bun aborts): collect
+    // first, so the armed window is as unlikely as possible to need more JS heap.
+    Bun.gc(true);
     failNth.arm(n);
     try {
       result = c.run(env);
