@@ -27,6 +27,7 @@ import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { findPciDevices, Iommufd } from "../src/index.ts";
 import { MockDomain } from "../src/selftest.ts";
+import { isCI as isCIRun } from "../test/support/ci.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { runCase, runMode, type CaseResult } from "./runner.ts";
@@ -109,7 +110,7 @@ function parseArgs(argv: string[]): Args {
   return args;
 }
 
-const isCI = !!process.env.CI && !["0", "false", "no", ""].includes(process.env.CI.toLowerCase());
+const isCI = isCIRun();
 
 // In --json mode stdout carries the JSON alone; everything for people goes to stderr.
 let jsonMode = false;
