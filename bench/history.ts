@@ -233,7 +233,7 @@ function sizeSvg(run: Saved): string {
     };
     line((c) => c.lib, "");
     line((c) => c.c, ' stroke-dasharray="4 3"');
-    parts.push(`<text x="${W - R + 10}" y="${T + 14 * i + 10}" fill="${color}" class="a">${esc(key)}</text>`);
+    parts.push(`<text x="${W - R + 10}" y="${T + 14 * i + 10}" class="a" style="fill:${color}">${esc(key)}</text>`);
   });
   parts.push(`<text x="${W - R + 10}" y="${T + 14 * series.length + 20}" class="a">solid: library, dashed: C</text>`);
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">${parts.join("")}</svg>`;
@@ -288,6 +288,6 @@ export function history(argv: string[]): number {
   }
   console.log(historyTable(runs));
   writeFileSync(out, historyHtml(runs));
-  console.log(`\nchart: ${relative(root, out) || out}`);
+  console.log(`\nchart: ${out.startsWith(`${root}/`) ? relative(root, out) : out}`);
   return 0;
 }

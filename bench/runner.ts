@@ -28,7 +28,7 @@ export function runMode(tier: Tier): RunMode {
     case "default":
       // Many short rounds rather than a few long ones: the interval of 10 drops the most extreme
       // round on each side, so one round disturbed by the machine does not widen it.
-      return { tier, rounds: 10, minMs: 120, warmup: { ops: 40_000, ms: 1000, maxMs: 2500 }, processWarmupMs: 6000 };
+      return { tier, rounds: 10, minMs: 120, warmup: { ops: 40_000, ms: 500, maxMs: 2000 }, processWarmupMs: 6000 };
     case "full":
       return { tier, rounds: 16, minMs: 300, warmup: { ops: 40_000, ms: 2000, maxMs: 4000 }, processWarmupMs: 8000 };
   }
@@ -80,6 +80,8 @@ export interface CaseResult {
   /** Bytes per second through the library, from lib.median. */
   gibPerSec?: number;
   warmupOps: Partial<Record<SideName, number>>;
+  /** Wall time of the whole case, set-up and warm-up included (for the run's time budget). */
+  seconds?: number;
   errors: string[];
 }
 
@@ -187,6 +189,7 @@ export async function runCase(
     warmupOps: {},
     errors: [],
   };
+  const t0 = performance.now();
   let instance: CaseInstance | undefined;
   let c: CProcess | undefined;
   try {
@@ -248,6 +251,7 @@ export async function runCase(
     } catch (error) {
       result.errors.push(`teardown: ${(error as Error).message}`);
     }
+    result.seconds = Math.round((performance.now() - t0) / 10) / 100;
   }
   return result;
 }

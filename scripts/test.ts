@@ -91,10 +91,11 @@ async function pump(stream: ReadableStream<Uint8Array>, sink: (chunk: Uint8Array
   for await (const chunk of stream) sink(chunk);
 }
 
-async function bunTestOnHost(label: string, args: string[]): Promise<void> {
+async function bunTestOnHost(label: string, args: string[], env?: Record<string, string>): Promise<void> {
   const t = tee();
   const proc = Bun.spawn([process.execPath, "test", ...args], {
     cwd: root,
+    env: env ? { ...process.env, ...env } : undefined,
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
@@ -181,25 +182,43 @@ async function kernelTests(extra: string[]): Promise<void> {
   header("kernel tests (QEMU guest)");
   const t = tee();
   const diskDir = mkdtempSync(join(tmpdir(), "bun-iommufd-test-disks-"));
-  const result = await runInGuest({
-    command: ["bun", "test", "./test/kernel", ...extra],
-    cwd: root,
-    // vfio0 = edu, vfio1 = NVMe A, vfio2 = NVMe B with a CMB (A can DMA into B's CMB).
-    devices: KERNEL_TEST_DEVICES,
-    diskDir,
-    onStdout: t.out,
-    onStderr: t.err,
-  }).finally(() => rmSync(diskDir, { recursive: true, force: true }));
+  const outDir = mkdtempSync(join(tmpdir(), "bun-iommufd-test-out-"));
+  try {
+    const result = await runInGuest({
+      command: ["bun", "test", "./test/kernel", ...extra],
+      cwd: root,
+      // vfio0 = edu, vfio1 = NVMe A, vfio2 = NVMe B with a CMB (A can DMA into B's CMB).
+      devices: KERNEL_TEST_DEVICES,
+      diskDir,
+      outDir,
+      onStdout: t.out,
+      onStderr: t.err,
+    });
+    kernelResult(result, t.text());
+    // After the guest powered off and before its disk images go: the host reads what the NVMe
+    // tests wrote, at the same offsets of the image file (test/host/nvme-image.test.ts).
+    // A filtered run (-- -t ...) may not have run the NVMe tests: then there is nothing to check.
+    if (extra.length === 0 || existsSync(join(outDir, "nvme-written.json"))) {
+      header("NVMe disk images on the host after the guest (test/host)");
+      await bunTestOnHost("host checks after the guest", ["./test/host"], { IOMMUFD_VM_RESULTS: outDir });
+    }
+  } finally {
+    rmSync(diskDir, { recursive: true, force: true });
+    rmSync(outDir, { recursive: true, force: true });
+  }
+}
+
+function kernelResult(result: Awaited<ReturnType<typeof runInGuest>>, text: string): void {
   if (result.failure) {
     // Whatever ran before the guest failed still counts, plus one failure for the guest itself.
-    const s = parseBunTestSummary(t.text());
+    const s = parseBunTestSummary(text);
     tally.passed += s.pass;
     tally.failed += s.fail + 1;
     tally.skipped += s.skip + s.todo;
     problems.push(`kernel tests: ${result.message ?? result.failure}`);
     return;
   }
-  account("kernel tests", result.exitCode, t.text());
+  account("kernel tests", result.exitCode, text);
 }
 
 /**

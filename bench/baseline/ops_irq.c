@@ -33,6 +33,11 @@ static int edu_msi_setup(struct bench_ctx *c)
 	return 0;
 }
 
+/*
+ * The library's vector may still have a reader in Bun's event loop for a moment after its own
+ * round (it stops within one loop turn): if that reader takes a count, raise again after 20 ms
+ * instead of sleeping forever. It happens at most at the start of a round; the median ignores it.
+ */
 static int edu_msi_run(struct bench_ctx *c)
 {
 	uint64_t count;
@@ -40,7 +45,9 @@ static int edu_msi_run(struct bench_ctx *c)
 	while (read(c->fd[1], &count, sizeof(count)) != sizeof(count)) {
 		if (errno != EAGAIN) return -1;
 		struct pollfd p = { .fd = c->fd[1], .events = POLLIN };
-		if (poll(&p, 1, -1) < 0 && errno != EINTR) return -1;
+		int ready = poll(&p, 1, 20);
+		if (ready < 0 && errno != EINTR) return -1;
+		if (ready == 0) bar[EDU_IRQ_RAISE / 4] = 1;
 	}
 	bar[EDU_IRQ_ACK / 4] = 1;
 	return 0;
