@@ -27,6 +27,7 @@ import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { findPciDevices, Iommufd } from "../src/index.ts";
 import { MockDomain } from "../src/selftest.ts";
+import { isCI as isCIRun } from "../test/support/ci.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { runCase, runMode, type CaseResult } from "./runner.ts";
@@ -109,7 +110,7 @@ function parseArgs(argv: string[]): Args {
   return args;
 }
 
-const isCI = !!process.env.CI && !["0", "false", "no", ""].includes(process.env.CI.toLowerCase());
+const isCI = isCIRun();
 
 // In --json mode stdout carries the JSON alone; everything for people goes to stderr.
 let jsonMode = false;
@@ -394,11 +395,14 @@ async function viaGuest(args: Args): Promise<number> {
       cwd: root,
       kernel,
       outDir,
+      // edu first (vfio0), then an NVMe controller for the nvme suite (its image is removed below).
+      devices: [{ kind: "edu" }, { kind: "nvme", size: 64 << 20 }],
       timeoutSeconds: args.tier === "full" ? 5400 : 1200,
       env: { BENCH_COLORS: useColors() ? "1" : "0" },
       onStdout: (chunk) => (jsonMode ? process.stderr : process.stdout).write(chunk),
       log: (line) => process.stderr.write(`${line}\n`),
     });
+    if (guest.diskDir) rmSync(guest.diskDir, { recursive: true, force: true });
     const file = join(outDir, MEASUREMENT_FILE);
     if (guest.exitCode !== 0 || !existsSync(file)) {
       say(`benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`);
