@@ -288,6 +288,6 @@ export function history(argv: string[]): number {
   }
   console.log(historyTable(runs));
   writeFileSync(out, historyHtml(runs));
-  console.log(`\nchart: ${relative(root, out) || out}`);
+  console.log(`\nchart: ${out.startsWith(`${root}/`) ? relative(root, out) : out}`);
   return 0;
 }

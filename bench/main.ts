@@ -4,6 +4,7 @@
  *
  *   bun bench [--quick | --full] [--json] [--filter REGEX] [--save] [--no-c]
  *   bun bench history [--out FILE]
+ *   bun bench nvme [--seconds S] [--rounds N]
  *
  *   (default)  the cases a user tracks, 10 paired rounds each (a few minutes in the TCG guest)
  *   --full     every case, 16 rounds
@@ -15,6 +16,7 @@
  *   --save     keep quick or filtered results in bench/results/ too (whole runs always are)
  *   --no-c     run without the C side (no ratios); otherwise a missing compiler is an error
  *   history    print every saved run's tracked figures; write bench/results/history.html
+ *   nvme       bun-iommufd/nvme against the kernel's NVMe driver, same controller, same boot (bench/nvme.ts)
  *
  * Where /dev/iommu exists the suite runs right here. Elsewhere it runs itself again inside the
  * QEMU guest of vm/run.ts (TCG: emulated time, so only ratios carry over), after building the C
@@ -25,6 +27,7 @@ import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { findPciDevices, Iommufd } from "../src/index.ts";
 import { MockDomain } from "../src/selftest.ts";
+import { isCI as isCIRun } from "../test/support/ci.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { runCase, runMode, type CaseResult } from "./runner.ts";
@@ -107,7 +110,7 @@ function parseArgs(argv: string[]): Args {
   return args;
 }
 
-const isCI = !!process.env.CI && !["0", "false", "no", ""].includes(process.env.CI.toLowerCase());
+const isCI = isCIRun();
 
 // In --json mode stdout carries the JSON alone; everything for people goes to stderr.
 let jsonMode = false;
@@ -290,7 +293,8 @@ function finish(
     threshold: THRESHOLD,
     changes: [],
   };
-  const previous = previousResults(results);
+  // A quick run is a smoke test (2 short rounds, confidence 50%): it is never compared.
+  const previous = results.mode === "quick" ? undefined : previousResults(results);
   if (previous) {
     results.previous = previous.file;
     results.changes = compare(results, previous.results);
@@ -312,13 +316,21 @@ function finish(
       `compared with ${previous.file}: ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s) (intervals apart by more than ${THRESHOLD * 100}%)`,
     );
     for (const c of results.changes) say(c.text);
+  } else if (results.mode === "quick") {
+    say("quick run: a smoke test of the suite, not a measurement (2 short rounds): nothing compared");
   } else {
     say(`no earlier ${results.mode} results to compare with`);
   }
-  let status = 0;
-  let path: string;
+  // Failures first, so that the saved file and the JSON on stdout carry them too.
+  results.problems =
+    results.mode === "quick"
+      ? smokeProblems(results, isCI)
+      : results.cases.flatMap((c) =>
+          c.errors.length || !c.lib ? [`${c.id}: ${c.errors.join("; ") || "no figure"}`] : [],
+        );
+  let status = results.problems.length ? 1 : 0;
   try {
-    path = save(results, args.save);
+    const path = save(results, args.save);
     say(
       `results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds?.toFixed(0)} s in all)`,
     );
@@ -327,17 +339,9 @@ function finish(
     status = 1;
   }
   if (jsonMode) process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
-
-  const problems =
-    results.mode === "quick"
-      ? smokeProblems(results, isCI)
-      : results.cases.flatMap((c) =>
-          c.errors.length || !c.lib ? [`${c.id}: ${c.errors.join("; ") || "no figure"}`] : [],
-        );
-  if (problems.length) {
+  if (results.problems.length) {
     say(`${results.mode === "quick" ? "smoke test FAILED" : "run had failures"}:`);
-    for (const p of problems) say(`  ${p}`);
-    status = 1;
+    for (const p of results.problems) say(`  ${p}`);
   }
   return status;
 }
@@ -391,11 +395,14 @@ async function viaGuest(args: Args): Promise<number> {
       cwd: root,
       kernel,
       outDir,
+      // edu first (vfio0), then an NVMe controller for the nvme suite (its image is removed below).
+      devices: [{ kind: "edu" }, { kind: "nvme", size: 64 << 20 }],
       timeoutSeconds: args.tier === "full" ? 5400 : 1200,
       env: { BENCH_COLORS: useColors() ? "1" : "0" },
       onStdout: (chunk) => (jsonMode ? process.stderr : process.stdout).write(chunk),
       log: (line) => process.stderr.write(`${line}\n`),
     });
+    if (guest.diskDir) rmSync(guest.diskDir, { recursive: true, force: true });
     const file = join(outDir, MEASUREMENT_FILE);
     if (guest.exitCode !== 0 || !existsSync(file)) {
       say(`benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`);
@@ -413,6 +420,10 @@ async function main(): Promise<number> {
   if (argv[0] === "history") {
     const { history } = await import("./history.ts");
     return history(argv.slice(1));
+  }
+  if (argv[0] === "nvme") {
+    const { nvmeBench } = await import("./nvme.ts");
+    return nvmeBench(argv.slice(1));
   }
   let args: Args;
   try {

@@ -68,10 +68,17 @@ export interface Results extends Measurement {
   previous?: string;
   threshold: number;
   changes: Change[];
+  /** Why the run failed (quick: the smoke test's conditions; otherwise cases with errors). */
+  problems?: string[];
 }
 
-/** A new interval must clear the previous one by this fraction to be flagged. */
-export const THRESHOLD = 0.05;
+/**
+ * A new interval must clear the previous one by this fraction to be flagged. An interval covers
+ * the noise within a run, but each run is a new Bun process with its own JIT decisions, a
+ * between-run spread no single run sees (earlier runs moved the 4 KiB mapFile ratio between 1.42
+ * and 1.75), hence a margin of 10% on top.
+ */
+export const THRESHOLD = 0.1;
 
 export function machine(): Machine {
   const list = cpus();

@@ -4,12 +4,15 @@
 //
 //   bun run test [-- --unit-only | --kernel-only] [-- <extra bun test args>]
 //
-// Under CI (CI=true) the kernel tests are mandatory: no QEMU, no kernel or a broken guest fails
-// the run. Elsewhere a host that cannot run a guest skips them with one line saying why.
+// Under CI (test/support/ci.ts decides: CI set to anything but "", 0, false, no) the kernel tests
+// are mandatory: no QEMU, no kernel, a broken guest or a skipped kernel test fails the run (the
+// guest provides everything they need). Elsewhere a host that cannot run a guest skips them with
+// one line saying why. A bun test run that ends without its summary line fails, whatever its status.
 
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { isCI } from "../test/support/ci.ts";
 import type { DeviceSpec } from "../vm/devices.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 
@@ -21,7 +24,14 @@ export const KERNEL_TEST_DEVICES: DeviceSpec[] = [
 ];
 
 const root = resolve(import.meta.dir, "..");
-const isCI = !!process.env.CI && !["0", "false", "no"].includes(process.env.CI.toLowerCase());
+const ci = isCI();
+
+/**
+ * Per-test time limits, passed on the command line: bun test (1.4.5) ignores `timeout` in
+ * bunfig.toml and would stop every test at 5 s, too short for a TCG guest on a shared machine.
+ */
+export const UNIT_TEST_ARGS = ["--timeout", "30000"];
+export const KERNEL_TEST_ARGS = ["--timeout", "120000"];
 
 const tally = { passed: 0, failed: 0, skipped: 0 };
 const timings: string[] = [];
@@ -54,20 +64,66 @@ export function parseBunTestSummary(output: string): BunTestSummary {
   return s;
 }
 
-/** Adds one bun test run to the tally; a run that ran nothing or failed silently is a failure. */
-function account(label: string, exitCode: number, output: string): void {
+/** What one bun test run adds to the tally. */
+export interface RunVerdict {
+  passed: number;
+  failed: number;
+  skipped: number;
+  problems: string[];
+}
+
+/**
+ * Judges one bun test run from its exit status and stderr. Failures: a failed test; a run with no
+ * summary line (cut short, whatever its exit status); a run that ran nothing; a non-zero exit with
+ * no failed test; and, with `skipsFail` (kernel tests under CI), every skipped or todo test.
+ */
+export function judgeRun(
+  label: string,
+  exitCode: number,
+  output: string,
+  options: { skipsFail?: boolean } = {},
+): RunVerdict {
   const s = parseBunTestSummary(output);
-  tally.passed += s.pass;
-  tally.failed += s.fail;
-  tally.skipped += s.skip + s.todo;
-  if (s.fail > 0) problems.push(`${label}: ${s.fail} test(s) failed`);
-  if (s.pass + s.fail === 0) {
-    tally.failed += 1;
-    problems.push(`${label}: no test was executed${s.skip ? ` (${s.skip} skipped)` : ""}`);
+  const v: RunVerdict = { passed: s.pass, failed: s.fail, skipped: s.skip + s.todo, problems: [] };
+  if (s.fail > 0) v.problems.push(`${label}: ${s.fail} test(s) failed`);
+  if (!s.found) {
+    v.failed += 1;
+    v.problems.push(
+      `${label}: bun test ended without its summary line (exit status ${exitCode}): the run was cut short`,
+    );
+  } else if (s.pass + s.fail === 0) {
+    v.failed += 1;
+    v.problems.push(`${label}: no test was executed${s.skip ? ` (${s.skip} skipped)` : ""}`);
   } else if (exitCode !== 0 && s.fail === 0) {
-    tally.failed += 1;
-    problems.push(`${label}: bun test exited with status ${exitCode} without reporting a failed test`);
+    v.failed += 1;
+    v.problems.push(`${label}: bun test exited with status ${exitCode} without reporting a failed test`);
   }
+  if (options.skipsFail && v.skipped > 0) {
+    const names = skippedTests(output);
+    v.failed += v.skipped;
+    v.problems.push(
+      `${label}: ${v.skipped} test(s) skipped under CI; the test guest provides everything they need ` +
+        `(/dev/iommu, edu on vfio-pci, fault injection, root), so a skip is a failure` +
+        (names.length ? `: ${names.join("; ")}` : ""),
+    );
+    v.skipped = 0;
+  }
+  return v;
+}
+
+/** The names bun test prints for skipped and todo tests ("(skip) name", "(todo) name"). */
+export function skippedTests(output: string): string[] {
+  const plain = output.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replaceAll("\r", "");
+  return [...plain.matchAll(/^\((?:skip|todo)\) (.*)$/gm)].map((m) => m[1]!.trim());
+}
+
+/** Adds one bun test run to the tally. */
+function account(label: string, exitCode: number, output: string, options: { skipsFail?: boolean } = {}): void {
+  const v = judgeRun(label, exitCode, output, options);
+  tally.passed += v.passed;
+  tally.failed += v.failed;
+  tally.skipped += v.skipped;
+  problems.push(...v.problems);
 }
 
 // bun test prints its summary on stderr; only that is parsed, so that a test printing " 9 pass"
@@ -91,16 +147,22 @@ async function pump(stream: ReadableStream<Uint8Array>, sink: (chunk: Uint8Array
   for await (const chunk of stream) sink(chunk);
 }
 
-async function bunTestOnHost(label: string, args: string[]): Promise<void> {
+async function bunTestOnHost(
+  label: string,
+  args: string[],
+  options: { skipsFail?: boolean; env?: Record<string, string> } = {},
+): Promise<void> {
+  const env = options.env;
   const t = tee();
   const proc = Bun.spawn([process.execPath, "test", ...args], {
     cwd: root,
+    env: env ? { ...process.env, ...env } : undefined,
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
   });
   await Promise.all([pump(proc.stdout, t.out), pump(proc.stderr, t.err)]);
-  account(label, await proc.exited, t.text());
+  account(label, await proc.exited, t.text(), options);
 }
 
 function header(title: string): void {
@@ -157,18 +219,18 @@ async function lint(): Promise<void> {
 
 async function unitTests(extra: string[]): Promise<void> {
   header("unit tests (host)");
-  await bunTestOnHost("unit tests", ["./test/unit", ...extra]);
+  await bunTestOnHost("unit tests", [...UNIT_TEST_ARGS, "./test/unit", ...extra]);
 }
 
 async function kernelTests(extra: string[]): Promise<void> {
   if (existsSync("/dev/iommu")) {
     header("kernel tests (host /dev/iommu)");
-    await bunTestOnHost("kernel tests", ["./test/kernel", ...extra]);
+    await bunTestOnHost("kernel tests", [...KERNEL_TEST_ARGS, "./test/kernel", ...extra], { skipsFail: ci });
     return;
   }
   const available = vmAvailability();
   if (!available.ok) {
-    if (isCI) {
+    if (ci) {
       header("kernel tests (guest)");
       tally.failed += 1;
       problems.push(`kernel tests: cannot boot the test guest: ${available.reason}`);
@@ -181,25 +243,45 @@ async function kernelTests(extra: string[]): Promise<void> {
   header("kernel tests (QEMU guest)");
   const t = tee();
   const diskDir = mkdtempSync(join(tmpdir(), "bun-iommufd-test-disks-"));
-  const result = await runInGuest({
-    command: ["bun", "test", "./test/kernel", ...extra],
-    cwd: root,
-    // vfio0 = edu, vfio1 = NVMe A, vfio2 = NVMe B with a CMB (A can DMA into B's CMB).
-    devices: KERNEL_TEST_DEVICES,
-    diskDir,
-    onStdout: t.out,
-    onStderr: t.err,
-  }).finally(() => rmSync(diskDir, { recursive: true, force: true }));
+  const outDir = mkdtempSync(join(tmpdir(), "bun-iommufd-test-out-"));
+  try {
+    const result = await runInGuest({
+      command: ["bun", "test", ...KERNEL_TEST_ARGS, "./test/kernel", ...extra],
+      cwd: root,
+      // vfio0 = edu, vfio1 = NVMe A, vfio2 = NVMe B with a CMB (A can DMA into B's CMB).
+      devices: KERNEL_TEST_DEVICES,
+      diskDir,
+      outDir,
+      onStdout: t.out,
+      onStderr: t.err,
+    });
+    kernelResult(result, t.text());
+    // After the guest powered off and before its disk images go: the host reads what the NVMe
+    // tests wrote, at the same offsets of the image file (test/host/nvme-image.test.ts).
+    // A filtered run (-- -t ...) may not have run the NVMe tests: then there is nothing to check.
+    if (extra.length === 0 || existsSync(join(outDir, "nvme-written.json"))) {
+      header("NVMe disk images on the host after the guest (test/host)");
+      await bunTestOnHost("host checks after the guest", [...UNIT_TEST_ARGS, "./test/host"], {
+        env: { IOMMUFD_VM_RESULTS: outDir },
+      });
+    }
+  } finally {
+    rmSync(diskDir, { recursive: true, force: true });
+    rmSync(outDir, { recursive: true, force: true });
+  }
+}
+
+function kernelResult(result: Awaited<ReturnType<typeof runInGuest>>, text: string): void {
   if (result.failure) {
     // Whatever ran before the guest failed still counts, plus one failure for the guest itself.
-    const s = parseBunTestSummary(t.text());
+    const s = parseBunTestSummary(text);
     tally.passed += s.pass;
     tally.failed += s.fail + 1;
     tally.skipped += s.skip + s.todo;
     problems.push(`kernel tests: ${result.message ?? result.failure}`);
     return;
   }
-  account("kernel tests", result.exitCode, t.text());
+  account("kernel tests", result.exitCode, text, { skipsFail: ci });
 }
 
 /**
@@ -208,7 +290,7 @@ async function kernelTests(extra: string[]): Promise<void> {
  */
 async function vmCommandTests(extra: string[]): Promise<void> {
   header("test guest as a command (bad input; consumer project with the packed package)");
-  await bunTestOnHost("vm command tests", ["./test/vm", ...extra]);
+  await bunTestOnHost("vm command tests", [...KERNEL_TEST_ARGS, "./test/vm", ...extra], { skipsFail: ci });
 }
 
 /**

@@ -12,6 +12,7 @@ import { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError } from "../sys/error.ts";
 import { VfioDevice, type RegionMapping } from "../vfio/device.ts";
+import type { IrqSet } from "../vfio/irq.ts";
 import { bindToVfioPci, PCI_ADDRESS } from "../vfio/pci.ts";
 import {
   createIoCompletionQueue,
@@ -33,33 +34,20 @@ import { Namespace, type DataBuffer, type NamespaceOwner } from "./namespace.ts"
 import { PeerBuffer } from "./peer.ts";
 import { MAX_PRP_TRANSFER } from "./prp.ts";
 import { QueuePair, type QueueOwner, type QueueStats } from "./queue.ts";
+import { disableController, enableController, shutdownController } from "./bringup.ts";
+import { CompletionPoller, HEALTH_CHECK_MS } from "./completion.ts";
 import {
-  AQA,
-  ACQ,
-  ASQ,
+  type Capabilities,
   CC,
   CC_EN,
-  CC_IOCQES_16,
-  CC_IOSQES_64,
-  CC_SHN_MASK,
-  CC_SHN_NORMAL,
   CMBLOC,
   CMBMSC,
   CMBMSC_CRE,
   ControllerRegisters,
   CSTS,
   CSTS_CFS,
-  CSTS_RDY,
-  CSTS_SHST_COMPLETE,
-  CSTS_SHST_MASK,
   PAGE_SIZE,
-  type Capabilities,
 } from "./registers.ts";
-
-/** How long the poller spins on the completion queues before letting the event loop run. */
-const SPIN_MS = 0.25;
-/** Continuations of a completed command run before the poller looks again (a few promise hops). */
-const HOPS_AFTER_COMPLETION = 4;
 
 export interface NvmeControllerOptions {
   /** Use this iommufd (default: open one, owned by the controller). */
@@ -78,7 +66,15 @@ export interface NvmeControllerOptions {
   maxQueuePairs?: number;
   /** A command not completed after this long fails the controller. Default 10 000 ms. */
   commandTimeoutMs?: number;
+  /** How the first I/O queue pair's completions are found: "poll" (default) or "interrupt" (MSI-X). */
+  completion?: Completion;
 }
+
+/**
+ * "poll": the poller spins on the phase bit (lowest latency, one CPU busy while I/O is pending).
+ * "interrupt": the queue raises an MSI-X vector; the poller sleeps in the event loop until it fires.
+ */
+export type Completion = "poll" | "interrupt";
 
 export interface CommandOptions {
   /** A heap buffer the command transfers (PRPs are built for `length` bytes of it). */
@@ -116,9 +112,13 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   #grantedQueuePairs = 0;
   #state: State = "ready";
   #failure: IommufdError | undefined;
-  #polling = false;
+  readonly #poller = new CompletionPoller(this);
+  readonly #allQueues: QueuePair[] = [];
   #lastHealthCheck = 0;
   #shutdown: ShutdownResult = "not closed";
+  #irqs: IrqSet | undefined;
+  #firstCompletion: Completion = "poll";
+  #healthTimer: ReturnType<typeof setInterval> | undefined;
 
   private constructor(
     device: VfioDevice,
@@ -149,6 +149,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     // as "not set": keep the first page out of use.
     if (heap.iova === 0) heap.alloc(PAGE_SIZE, { align: PAGE_SIZE });
     this.#admin = new QueuePair(this, heap, 0, adminDepth, true);
+    this.#allQueues.push(this.#admin);
     this.#scratch = heap.alloc(PAGE_SIZE, { align: PAGE_SIZE });
   }
 
@@ -212,6 +213,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       );
       undo.length = 0;
       try {
+        controller.#firstCompletion = options.completion ?? "poll";
         controller.#bringUp(options.queueDepth ?? 64);
       } catch (error) {
         // A controller that never came up gets no shutdown sequence, only its resources back.
@@ -240,59 +242,13 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
 
   #bringUp(queueDepth: number): void {
     this.device.setBusMaster(true);
-    this.#enable();
+    enableController(this.registers, this.capabilities, this.#admin);
     this.#identity = parseControllerIdentity(this.#adminWithScratch(identify(IdentifyCns.Controller)));
     const mdts = this.#identity.mdts;
     this.#maxTransferBytes =
       mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
     this.#requestQueues();
-    this.createQueuePair(queueDepth);
-  }
-
-  /** CC.EN = 0, wait for RDY = 0, program the admin queue, CC.EN = 1, wait for RDY = 1. */
-  #enable(): void {
-    const regs = this.registers;
-    const cc = regs.read32(CC);
-    if (cc & CC_EN) regs.write32(CC, cc & ~CC_EN);
-    this.#waitStatus("disable", (csts) => (csts & CSTS_RDY) === 0);
-    const admin = this.#admin;
-    regs.write32(AQA, (admin.depth - 1) | ((admin.depth - 1) << 16));
-    regs.write64(ASQ, admin.sqIova);
-    regs.write64(ACQ, admin.cqIova);
-    regs.write32(CC, CC_IOSQES_64 | CC_IOCQES_16 | CC_EN);
-    this.#waitStatus("enable", (csts) => (csts & CSTS_RDY) !== 0 || (csts & CSTS_CFS) !== 0);
-    if (regs.read32(CSTS) & CSTS_CFS) {
-      throw new IommufdError({
-        operation: "NvmeController.enable",
-        errno: ERRNO.EIO,
-        message: "the controller reported fatal status (CSTS.CFS) while enabling",
-      });
-    }
-  }
-
-  /** Poll CSTS until `done` or CAP.TO runs out. */
-  #waitStatus(step: "enable" | "disable" | "shutdown", done: (csts: number) => boolean): void {
-    const limit = Math.max(this.capabilities.timeoutMs, 500);
-    const deadline = performance.now() + limit;
-    for (;;) {
-      const csts = this.registers.read32(CSTS);
-      if (csts === 0xffffffff) {
-        throw new IommufdError({
-          operation: `NvmeController.${step}`,
-          errno: ERRNO.ENODEV,
-          message: "CSTS reads all ones: the controller is gone from the bus",
-        });
-      }
-      if (done(csts)) return;
-      if (performance.now() > deadline) {
-        throw new IommufdError({
-          operation: `NvmeController.${step}`,
-          errno: ERRNO.ETIMEDOUT,
-          message: `CSTS did not reach the expected state within CAP.TO (${limit} ms); CSTS = 0x${csts.toString(16)}`,
-        });
-      }
-      Bun.sleepSync(1);
-    }
+    this.createQueuePair(queueDepth, { completion: this.#firstCompletion });
   }
 
   #requestQueues(): void {
@@ -316,7 +272,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   #pollAdmin = (): void => {
     if (this.#admin.reap() > 0) return;
     const now = performance.now();
-    if (now - this.#lastHealthCheck >= 1) this.#checkHealth(now);
+    if (now - this.#lastHealthCheck >= HEALTH_CHECK_MS) this.checkHealth(now);
   };
 
   // ---- public surface -------------------------------------------------------------------------
@@ -390,11 +346,18 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return this.heap.alloc(size, { align: PAGE_SIZE });
   }
 
-  /** Create an I/O queue pair of `depth` entries (Create I/O Completion Queue, then Submission Queue). */
-  createQueuePair(depth: number): QueuePair {
+  /**
+   * Create an I/O queue pair of `depth` entries (Create I/O Completion Queue, then Submission
+   * Queue). With `completion: "interrupt"` its completion queue raises MSI-X vector <queue id>.
+   */
+  createQueuePair(depth: number, options: { completion?: Completion } = {}): QueuePair {
     const op = "NvmeController.createQueuePair";
     if (!Number.isInteger(depth) || depth < 2 || depth > this.capabilities.maxQueueEntries) {
       throw argumentError(op, "depth", `${depth} is outside 2..${this.capabilities.maxQueueEntries} (CAP.MQES + 1)`);
+    }
+    const completion = options.completion ?? "poll";
+    if (completion !== "poll" && completion !== "interrupt") {
+      throw argumentError(op, "options.completion", `${String(completion)} is not "poll" or "interrupt"`);
     }
     this.assertUsable("Create I/O Completion Queue");
     const used = new Set(this.#ioQueues.map((q) => q.id));
@@ -407,7 +370,8 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
         message: `the controller granted ${this.#grantedQueuePairs} I/O queue pairs and all are in use`,
       });
     }
-    const queue = new QueuePair(this, this.heap, id, depth, false);
+    const vector = completion === "interrupt" ? this.#interruptVector(id, op) : undefined;
+    const queue = new QueuePair(this, this.heap, id, depth, false, vector);
     try {
       this.#createOnController(queue);
     } catch (error) {
@@ -415,12 +379,42 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       throw error;
     }
     this.#ioQueues.push(queue);
+    this.#allQueues.push(queue);
     return queue;
+  }
+
+  /** MSI-X vector `id`, enabling MSI-X (one vector per possible queue pair, 0 for admin) on first use. */
+  #interruptVector(id: number, op: string) {
+    if (this.#irqs === undefined) {
+      const info = this.device.irqInfo("msix");
+      const vectors = Math.min(info.count, this.#grantedQueuePairs + 1);
+      if (vectors < 2) {
+        throw new IommufdError({
+          operation: op,
+          errno: ERRNO.EOPNOTSUPP,
+          message: "the controller has no MSI-X vectors for I/O queues",
+        });
+      }
+      this.#irqs = this.device.enableIrq("msix", { vectors });
+      // Interrupts never tell of a fatal status or a lost command: look now and then.
+      this.#healthTimer = setInterval(() => {
+        if (this.#poller.pending() > 0) this.checkHealth(performance.now());
+      }, 100);
+      this.#healthTimer.unref?.();
+    }
+    if (id >= this.#irqs.vectors.length) {
+      throw new IommufdError({
+        operation: op,
+        errno: ERRNO.ENOSPC,
+        message: `MSI-X vector ${id} is beyond the ${this.#irqs.vectors.length} enabled`,
+      });
+    }
+    return this.#irqs.vector(id);
   }
 
   #createOnController(queue: QueuePair): void {
     this.#admin.submitAndWait(
-      createIoCompletionQueue(queue.id, queue.depth),
+      createIoCompletionQueue(queue.id, queue.depth, queue.vectorNumber),
       queue.cqIova,
       0,
       this.commandTimeoutMs,
@@ -455,6 +449,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
         new IommufdError({ operation: `NVMe ${name}`, errno: ERRNO.EIO, message: `${detail}: its queue was deleted` }),
     );
     this.#ioQueues.splice(index, 1);
+    this.#allQueues.splice(this.#allQueues.indexOf(queue), 1);
     queue.release();
   }
 
@@ -596,53 +591,22 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
 
   /** @internal Start the poller if it is not running. */
   kick(): void {
-    if (this.#polling) return;
-    this.#polling = true;
-    void this.#pollLoop();
+    this.#poller.kick();
   }
 
-  #pending(): number {
-    let n = this.#admin.inFlight + this.#admin.waiting;
-    for (const queue of this.#ioQueues) n += queue.inFlight + queue.waiting;
-    return n;
+  /** @internal The admin queue, then the I/O queue pairs. */
+  get queues(): readonly QueuePair[] {
+    return this.#allQueues;
   }
 
-  #reapAll(): number {
-    let n = this.#admin.reap();
-    for (const queue of this.#ioQueues) n += queue.reap();
-    return n;
-  }
-
-  /**
-   * Polls while anything is pending. After completions it yields a few promise hops so that the
-   * callers' continuations can submit more before it looks again; when nothing comes it spins for
-   * a short while, checks the controller's health, then lets the event loop run.
-   */
-  async #pollLoop(): Promise<void> {
-    // Start after the current task: the caller may be submitting a whole batch.
-    await null;
-    try {
-      while (this.#state === "ready" && this.#pending() > 0) {
-        let found = this.#reapAll();
-        if (found === 0) {
-          const until = performance.now() + SPIN_MS;
-          do found = this.#reapAll();
-          while (found === 0 && performance.now() < until);
-        }
-        if (found > 0) {
-          for (let i = 0; i < HOPS_AFTER_COMPLETION; i++) await null;
-          continue;
-        }
-        this.#checkHealth(performance.now());
-        await new Promise<void>((resolve) => setImmediate(resolve));
-      }
-    } finally {
-      this.#polling = false;
-    }
+  /** @internal */
+  get lastHealthCheck(): number {
+    return this.#lastHealthCheck;
   }
 
   /** Fatal status or a command past its deadline fails the controller and everything pending. */
-  #checkHealth(now: number): void {
+  /** @internal */
+  checkHealth(now: number): void {
     this.#lastHealthCheck = now;
     if (this.#state !== "ready") return;
     const csts = this.registers.read32(CSTS);
@@ -654,7 +618,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       this.#fail(ERRNO.EIO, "the controller reported fatal status (CSTS.CFS)");
       return;
     }
-    for (const queue of [this.#admin, ...this.#ioQueues]) {
+    for (const queue of this.#allQueues) {
       const late = queue.overdue(now);
       if (late) {
         this.#fail(ERRNO.ETIMEDOUT, `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
@@ -707,13 +671,13 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
           message: `${detail}: the controller was reset before the command completed`,
         }),
     );
-    this.#waitStatus("disable", (csts) => (csts & CSTS_RDY) === 0);
+    disableController(this.registers, this.capabilities);
     this.#admin.clear();
     for (const queue of this.#ioQueues) queue.clear();
     this.#state = "ready";
     this.#failure = undefined;
     try {
-      this.#enable();
+      enableController(this.registers, this.capabilities, this.#admin);
       this.#requestQueues();
       for (const queue of this.#ioQueues) this.#createOnController(queue);
     } catch (error) {
@@ -745,7 +709,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       }
     }
     this.#peers.clear();
+    if (this.#healthTimer !== undefined) clearInterval(this.#healthTimer);
     const steps: (() => void)[] = [
+      () => this.#irqs?.close(),
       () => this.device.setBusMaster(false),
       () => this.heap.close(),
       () => (this.#ownsDevice ? this.device.close() : this.registers.bar.unmap()),
@@ -768,9 +734,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
         this.#admin.submitAndWait(deleteIoSubmissionQueue(queue.id), 0, 0, 1000, this.#pollAdmin);
         this.#admin.submitAndWait(deleteIoCompletionQueue(queue.id), 0, 0, 1000, this.#pollAdmin);
       }
-      const regs = this.registers;
-      regs.write32(CC, (regs.read32(CC) & ~CC_SHN_MASK) | CC_SHN_NORMAL);
-      this.#waitStatus("shutdown", (csts) => (csts & CSTS_SHST_MASK) === CSTS_SHST_COMPLETE);
+      shutdownController(this.registers, this.capabilities);
       return "complete";
     } catch {
       return "timed out";

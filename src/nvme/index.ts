@@ -12,7 +12,13 @@
  * await ns.read(0, 4096 / ns.blockSize, buffer);
  * ```
  */
-export { NvmeController, type CommandOptions, type NvmeControllerOptions, type ShutdownResult } from "./controller.ts";
+export {
+  NvmeController,
+  type CommandOptions,
+  type Completion,
+  type NvmeControllerOptions,
+  type ShutdownResult,
+} from "./controller.ts";
 export { Namespace, type DataBuffer, type IoOptions } from "./namespace.ts";
 export { QueuePair, type QueueStats } from "./queue.ts";
 export { PeerBuffer } from "./peer.ts";

@@ -6,6 +6,7 @@
  * 32-bit store into the mmapped BAR, and completions are found by their phase bit.
  */
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
+import type { IrqVector } from "../vfio/irq.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { IommufdError } from "../sys/error.ts";
 import { commandName, describeCommand, encodeCommand, type Command } from "./commands.ts";
@@ -56,6 +57,11 @@ export class QueuePair {
   /** Entries per ring; at most depth - 1 commands are in flight (a full ring is tail + 1 == head). */
   readonly depth: number;
   readonly admin: boolean;
+  /** The MSI-X vector this queue's completions raise, or undefined when they are polled. */
+  readonly vector: IrqVector | undefined;
+  /** The interrupt vector number on the controller (the queue id), when interrupts are on. */
+  readonly vectorNumber: number | undefined;
+  #interrupt: Promise<number> | undefined;
   readonly #owner: QueueOwner;
   readonly #memory: DmaBuffer[];
   readonly sqIova: number;
@@ -80,8 +86,10 @@ export class QueuePair {
   #completed = 0;
   #maxWaiting = 0;
 
-  constructor(owner: QueueOwner, heap: DmaHeap, id: number, depth: number, admin: boolean) {
+  constructor(owner: QueueOwner, heap: DmaHeap, id: number, depth: number, admin: boolean, vector?: IrqVector) {
     this.#owner = owner;
+    this.vector = vector;
+    this.vectorNumber = vector === undefined ? undefined : id;
     this.id = id;
     this.depth = depth;
     this.admin = admin;
@@ -118,6 +126,18 @@ export class QueuePair {
     this.#commands.fill(undefined);
     this.#waiters.length = 0;
     this.#waiterHead = 0;
+  }
+
+  /**
+   * Resolves at this queue's next interrupt (or at once if one came since the last wait). One
+   * wait is kept per queue, so several pollers can share it.
+   */
+  interrupt(): Promise<number> {
+    if (this.vector === undefined) return Promise.resolve(0);
+    this.#interrupt ??= this.vector.wait().finally(() => {
+      this.#interrupt = undefined;
+    });
+    return this.#interrupt;
   }
 
   get inFlight(): number {

@@ -1,10 +1,14 @@
-/** DmaHeap on the real kernel: one mapping, many buffers, no ioctl on alloc/free, real DMA. */
+/** DmaHeap on the real kernel: one mapping, many buffers, no ioctl on alloc/free (counted and seen by strace), real DMA. */
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { DmaHeap, findPciDevices, Iommufd, VfioDevice } from "../../src/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
+import { straceSummary, syscallsBetween } from "../support/strace.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -57,6 +61,44 @@ describe("DmaHeap", () => {
     expect(heap.stats()).toMatchObject({ liveAllocations: 0, bytesInUse: 0, freeBlocks: 1, largestFree: 8 * MiB });
     // Alignment beyond the region's page size cannot be honoured: a clear error, not a wrong IOVA.
     expectIommufdError(() => heap.alloc(4096, { align: 65536 }), "EINVAL", "DmaHeap.alloc", "align");
+  });
+
+  test("1,000 alloc/free pairs make no ioctl at the syscall layer (strace -f in the guest, with a control that does)", () => {
+    // The counter above sees only calls through the library's wrapper; strace sees every system
+    // call of every thread. Markers (access(2) of paths that do not exist) bound the windows.
+    const tag = `heap-${process.pid}-${Date.now()}`;
+    const log = join(tmpdir(), `${tag}.strace`);
+    const fixture = join(import.meta.dir, "fixtures", "heap-pairs.ts");
+    const run = Bun.spawnSync(["strace", "-f", "-C", "-qq", "-o", log, process.execPath, fixture, "1000", tag], {
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    try {
+      expect({ exitCode: run.exitCode, stderr: run.exitCode ? run.stderr.toString() : "" }).toEqual({
+        exitCode: 0,
+        stderr: "",
+      });
+      const report = JSON.parse(run.stdout.toString().trim().split("\n").pop()!);
+      const text = readFileSync(log, "utf8");
+      const pairs = syscallsBetween(text, `${tag}-pairs-begin`, `${tag}-pairs-end`);
+      const control = syscallsBetween(text, `${tag}-control-begin`, `${tag}-control-end`);
+      const whole = straceSummary(text);
+      console.log(
+        `strace, 1,000 heap alloc/free pairs: all threads ${JSON.stringify(pairs.all)}, JS thread ` +
+          `${JSON.stringify(pairs.markerThread)}; control (one iovaRanges): ${JSON.stringify(control.all)}; ` +
+          `whole process: ${whole.total} syscalls, ${whole.ioctl ?? 0} ioctls`,
+      );
+      // No ioctl on any thread while the pairs ran (what other threads do, GC and JIT futexes and
+      // madvise, is theirs; the counts are printed above).
+      expect(pairs.all.ioctl ?? 0).toBe(0);
+      expect(report).toMatchObject({ pairs: 1000, ioctlsPairs: 0 });
+      // The control proves strace sees this process's ioctls through bun:ffi: iovaRanges' ioctls,
+      // as many as the library's counter says, on the JS thread between their markers.
+      expect(report.ioctlsControl).toBeGreaterThanOrEqual(1);
+      expect(control.markerThread.ioctl).toBe(report.ioctlsControl);
+    } finally {
+      rmSync(log, { force: true });
+    }
   });
 
   test("errors: zero size, oversize, bad alignment, double free, a buffer of another heap, use after close", () => {

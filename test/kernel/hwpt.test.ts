@@ -169,6 +169,8 @@ describe("IOMMU_HWPT_ALLOC, attach and replace", () => {
     const otherBuffer = keep(MemfdBuffer.create(64 * KiB));
     other.mapFile(otherBuffer, { iova: 0x100000 });
     const otherTable = keep(HwPageTable.allocate(other, device));
+    // Released first (teardown runs in reverse): a table the device is attached to is EBUSY.
+    keep({ close: () => device.detach() });
     device.attach(otherTable.id);
     buffer.bytes.fill(0xee);
     expect(
@@ -406,6 +408,8 @@ describe("I/O page faults", () => {
     const queue = keep(FaultQueue.allocate(iommufd));
     const hwpt = keep(HwPageTable.allocate(ioas, mock, { faultQueue: queue }));
     mock.replace(hwpt);
+    // Released before the table it is attached to (teardown runs in reverse; else EBUSY).
+    keep(mock);
     return { iommufd, ioas, mock, queue, hwpt };
   }
 

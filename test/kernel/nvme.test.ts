@@ -229,6 +229,30 @@ describe("I/O", () => {
   });
 });
 
+describe("MSI-X completion", () => {
+  test("an interrupt-driven queue pair: the poller sleeps until MSI-X fires; data and order as with polling", async () => {
+    const c = open(A.vfio, { completion: "interrupt" });
+    const ns = c.namespace(1);
+    expect(c.ioQueue.vector).toBeDefined();
+    expect(c.ioQueue.vectorNumber).toBe(c.ioQueue.id);
+    using buffer = c.allocBuffer(32 * 4096);
+    await ns.read(1000, 72, buffer);
+    expect(same(buffer.bytes.subarray(0, 72 * 512), pattern(1000, 72, 512))).toBe(true);
+    const lbas = Array.from({ length: 32 }, (_, i) => 20_000 + ((i * 577) % 2400));
+    await Promise.all(lbas.map((lba, i) => ns.read(lba, 8, buffer, { offset: i * 4096 })));
+    for (const [i, lba] of lbas.entries()) {
+      expect(same(buffer.bytes.subarray(i * 4096, i * 4096 + 4096), pattern(lba, 8, 512))).toBe(true);
+    }
+    // A polled queue beside it still works, and both can be busy at once.
+    const polled = c.createQueuePair(8);
+    expect(polled.vector).toBeUndefined();
+    await Promise.all([ns.read(3, 1, buffer, { queue: polled }), ns.read(100, 16, buffer, { offset: 8192 })]);
+    expect(same(buffer.bytes.subarray(0, 512), pattern(3, 1, 512))).toBe(true);
+    expect(same(buffer.bytes.subarray(8192, 8192 + 16 * 512), pattern(100, 16, 512))).toBe(true);
+    expect(() => c.createQueuePair(8, { completion: "sometimes" as never })).toThrow(/not "poll" or "interrupt"/);
+  });
+});
+
 describe("errors", () => {
   test("an LBA past the end: the controller's LBA Out of Range, as ERANGE naming the Read", async () => {
     const c = controllerA();

@@ -25,6 +25,13 @@ export function pinnedKiB(): { pin: number; lck: number } {
   return { pin: field("VmPin"), lck: field("VmLck") };
 }
 
+/** The kernel's log (`dmesg`), one line per entry. Needs root (or kernel.dmesg_restrict=0). */
+export function kernelLog(): string[] {
+  const run = Bun.spawnSync(["dmesg"], { stdout: "pipe", stderr: "pipe" });
+  if (run.exitCode !== 0) throw new Error(`dmesg exited with ${run.exitCode}: ${run.stderr.toString().trim()}`);
+  return run.stdout.toString().split("\n");
+}
+
 /** Runs fn, expects an IommufdError with this code and operation; returns it for more checks. */
 export function expectIommufdError(
   fn: () => unknown,
@@ -51,6 +58,8 @@ type Releasable = { close?(): void; destroy?(): void };
 /**
  * Per-test ownership: `keep(x)` registers x, and the returned `releaseAll` (call it in afterEach)
  * destroys or closes everything in reverse order, so a failing test cannot leak into the next.
+ * Every close and destroy of the library is idempotent, so an error here is a real teardown
+ * failure: all items are still released, then the errors are thrown together and fail the test.
  */
 export function testScope(): { keep<T extends Releasable>(item: T): T; releaseAll(): void } {
   const items: Releasable[] = [];
@@ -60,12 +69,17 @@ export function testScope(): { keep<T extends Releasable>(item: T): T; releaseAl
       return item;
     },
     releaseAll() {
+      const errors: unknown[] = [];
       for (const item of items.splice(0).reverse()) {
         try {
           item.destroy ? item.destroy() : item.close?.();
-        } catch {
-          // already released by the test itself
+        } catch (error) {
+          errors.push(error);
         }
+      }
+      if (errors.length > 0) {
+        const what = errors.map((e) => (e instanceof Error ? e.message : String(e))).join("; ");
+        throw new AggregateError(errors, `teardown: ${errors.length} release(s) failed: ${what}`);
       }
     },
   };

@@ -86,7 +86,7 @@ describe("regressions only when the intervals part", () => {
   });
   test("better by more: an improvement, not a regression", () => {
     const then = results([caseResult("a", iv(1.4, 1.3, 1.5))]);
-    const now = results([caseResult("a", iv(1.1, 1.0, 1.2))]);
+    const now = results([caseResult("a", iv(1.0, 0.9, 1.1))]);
     expect(compare(now, then).map((c) => c.kind)).toEqual(["improvement"]);
   });
   test("untracked cases are not compared", () => {

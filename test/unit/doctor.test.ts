@@ -1,7 +1,7 @@
 // The doctor on the host: its parsers with real-format text, its checks with hand-made facts, and
 // the real run (functions and CLI) against this machine's actual state.
 import { describe, expect, test } from "bun:test";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { release } from "node:os";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
@@ -401,26 +401,109 @@ describe("this machine", () => {
     }
   });
 
-  test("memlock, IOMMU groups, PCI devices and huge pages match /proc and /sys", () => {
-    const limits = memlockLimit(readFileSync("/proc/self/limits", "utf8"));
-    expect(report.facts.memlock).toEqual(limits);
-    const capEff = parseCapEff(readFileSync("/proc/self/status", "utf8"));
-    expect(report.facts.capIpcLock).toBe(capEff !== undefined && hasCapability(capEff, CAP_IPC_LOCK));
-    if (report.facts.capIpcLock)
-      expect(report.checks.find((c) => c.id === "memlock")!.summary).toContain("CAP_IPC_LOCK");
+  test("the memlock figure agrees with the shell's ulimit -l (an independent reader)", () => {
+    const shell = Bun.spawnSync(["sh", "-c", "ulimit -l"], { stdout: "pipe" }).stdout.toString().trim();
+    const soft = report.facts.memlock?.soft;
+    if (shell === "unlimited") expect(soft).toBeUndefined();
+    else expect(soft).toBe(Number(shell) * 1024);
+  });
+});
 
-    const groups = existsSync("/sys/kernel/iommu_groups") ? readdirSync("/sys/kernel/iommu_groups").length : undefined;
-    expect(report.facts.iommuGroups).toBe(groups);
-    if (!groups) expect(report.checks.find((c) => c.id === "iommu")!.status).toBe("warn");
+describe("gathering from fixed /proc and /sys text (hand-written expectations)", () => {
+  // A guest like the test VM: edu on vfio-pci with its cdev, a host bridge with no driver link.
+  const files: Record<string, string> = {
+    "/proc/self/limits": LIMITS,
+    "/proc/self/status":
+      "Name:\tbun\nUmask:\t0022\nState:\tR (running)\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n",
+    "/proc/sys/vm/nr_hugepages": "16\n",
+    "/sys/bus/pci/devices/0000:00:00.0/vendor": "0x8086\n",
+    "/sys/bus/pci/devices/0000:00:00.0/device": "0x29c0\n",
+    "/sys/bus/pci/devices/0000:00:00.0/class": "0x060000\n",
+    "/sys/bus/pci/devices/0000:00:03.0/vendor": "0x1234\n",
+    "/sys/bus/pci/devices/0000:00:03.0/device": "0x11e8\n",
+    "/sys/bus/pci/devices/0000:00:03.0/class": "0x00ff00\n",
+    "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages": "16\n",
+    "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages": "12\n",
+    "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages": "0\n",
+    "/sys/kernel/mm/hugepages/hugepages-1048576kB/free_hugepages": "0\n",
+  };
+  const dirs: Record<string, string[]> = {
+    "/sys/class/iommu": ["dmar1", "dmar0"],
+    "/sys/kernel/iommu_groups": ["0", "1", "2", "3", "4"],
+    "/sys/bus/pci/devices": ["0000:00:03.0", "0000:00:00.0"],
+    "/sys/bus/pci/devices/0000:00:03.0/vfio-dev": ["vfio0"],
+    "/sys/kernel/mm/hugepages": ["hugepages-1048576kB", "hugepages-2048kB"],
+  };
+  const links: Record<string, string> = {
+    "/sys/bus/pci/devices/0000:00:03.0/driver": "../../../bus/pci/drivers/vfio-pci",
+    "/sys/bus/pci/devices/0000:00:03.0/iommu_group": "../../../kernel/iommu_groups/3",
+    "/sys/bus/pci/devices/0000:00:00.0/iommu_group": "../../../kernel/iommu_groups/0",
+  };
+  const fixture = (overrides: Record<string, string> = {}): DoctorSystem => ({
+    kernelRelease: () => "7.2.13",
+    arch: () => "x86_64",
+    uid: () => 0,
+    env: (name) => (name === "IOMMUFD_IN_VM" ? "1" : undefined),
+    readText: (path) => overrides[path] ?? files[path],
+    readBytes: () => undefined,
+    listDir: (path) => dirs[path] && [...dirs[path]!],
+    readLink: (path) => links[path],
+    nodeType: (path) => (path === "/dev/vfio/devices/vfio0" ? "char" : "missing"),
+    probeIommufd: () => {
+      throw new Error("must not be called: no /dev/iommu in the fixture");
+    },
+    probeDmaBuf: () => {
+      throw new Error("must not be called without iommufd");
+    },
+  });
 
-    const pci: string[] = existsSync("/sys/bus/pci/devices") ? readdirSync("/sys/bus/pci/devices") : [];
-    expect(report.facts.pciDevices?.map((d) => d.address) ?? []).toEqual([...pci].sort());
-    const vfioDetails = report.checks.find((c) => c.id === "vfio")!.details ?? [];
-    for (const address of pci) expect(vfioDetails.some((line) => line.startsWith(address))).toBe(true);
+  test("memlock, capabilities, IOMMU units and groups, PCI devices and huge pages", () => {
+    const facts = gatherFacts(fixture());
+    expect(facts.memlock).toEqual({ soft: 8388608, hard: 8388608, units: "bytes" });
+    expect(facts.capIpcLock).toBe(true);
+    expect(facts.inVm).toBe(true);
+    expect(facts.iommuUnits).toEqual(["dmar0", "dmar1"]);
+    expect(facts.iommuGroups).toBe(5);
+    expect(facts.pciDevices).toEqual([
+      { address: "0000:00:00.0", vendor: 0x8086, device: 0x29c0, class: 0x060000, iommuGroup: "0" },
+      {
+        address: "0000:00:03.0",
+        vendor: 0x1234,
+        device: 0x11e8,
+        class: 0x00ff00,
+        driver: "vfio-pci",
+        iommuGroup: "3",
+        vfioNode: "/dev/vfio/devices/vfio0",
+        vfioNodeExists: true,
+      },
+    ]);
+    expect(facts.nrHugepages).toBe(16);
+    expect(facts.hugePagePools).toEqual([
+      { pageBytes: 2 * 1024 * 1024, total: 16, free: 12 },
+      { pageBytes: 1024 * 1024 * 1024, total: 0, free: 0 },
+    ]);
+    expect(facts.iommuNode).toBe("missing");
+    expect(facts.dmabuf).toBeUndefined();
+  });
 
-    const nr = Number(readFileSync("/proc/sys/vm/nr_hugepages", "utf8"));
-    expect(report.facts.nrHugepages).toBe(nr);
-    if (nr === 0) expect(report.checks.find((c) => c.id === "hugepages")!.status).toBe("warn");
+  test("CAP_IPC_LOCK is bit 14 of CapEff: without it, and with only it", () => {
+    const status = (capEff: string) => ({ "/proc/self/status": `Name:\tbun\nCapEff:\t${capEff}\n` });
+    expect(gatherFacts(fixture(status("0000000000000000"))).capIpcLock).toBe(false);
+    expect(gatherFacts(fixture(status("0000000000004000"))).capIpcLock).toBe(true);
+    expect(gatherFacts(fixture(status("0000000000002000"))).capIpcLock).toBe(false);
+    expect(gatherFacts(fixture({ "/proc/self/status": "Name:\tbun\n" })).capIpcLock).toBeUndefined();
+  });
+
+  test("an unlimited memlock has no figure; the memlock check then passes", () => {
+    const limits = LIMITS.replace(
+      /^Max locked memory .*$/m,
+      "Max locked memory         unlimited            unlimited            bytes     ",
+    );
+    const facts = gatherFacts(
+      fixture({ "/proc/self/limits": limits, "/proc/self/status": "CapEff:\t0000000000000000\n" }),
+    );
+    expect(facts.memlock).toEqual({ soft: undefined, hard: undefined, units: "bytes" });
+    expect(checkMemlock({ ...facts, uid: 1000 }).status).toBe("pass");
   });
 });
 

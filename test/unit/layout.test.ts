@@ -11,6 +11,7 @@ import * as iommufd from "../../src/uapi/iommufd.ts";
 import * as selftest from "../../src/uapi/iommufd-test.ts";
 import * as udmabuf from "../../src/uapi/udmabuf.ts";
 import * as vfio from "../../src/uapi/vfio.ts";
+import { isCI } from "../support/ci.ts";
 import { selftestHeaderDir, uapiIncludeDir } from "../support/headers.ts";
 
 interface Suite {
@@ -136,7 +137,7 @@ describe("UAPI layouts match the kernel headers", () => {
   });
 
   const selftestDir = selftestHeaderDir();
-  const needSelftest = process.env.CI === "true";
+  const needSelftest = isCI();
   test.skipIf(!selftestDir && !needSelftest)(
     "iommufd_test.h (selftest commands) matches the header kept with the test kernel" +
       (selftestDir ? "" : " [skipped: no test kernel built yet; run `bun run kernel`]"),

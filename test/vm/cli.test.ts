@@ -5,11 +5,14 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { chmodSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { bin, noGuest, processesMentioning, runCli } from "./support.ts";
+import { bin, noGuest, processesMentioning, removeMarkers, runCli } from "./support.ts";
 
 const vm = [process.execPath, bin, "vm"];
 const scratch = mkdtempSync(join(tmpdir(), "vm-cli-scratch-"));
-afterAll(() => rmSync(scratch, { recursive: true, force: true }));
+afterAll(() => {
+  rmSync(scratch, { recursive: true, force: true });
+  removeMarkers();
+});
 
 describe("bad input, caught before any guest boots", () => {
   test("an unknown device: usage error naming it and the known ones", async () => {

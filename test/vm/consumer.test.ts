@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { noGuest, processesMentioning, root, runCli } from "./support.ts";
+import { noGuest, processesMentioning, removeMarkers, root, runCli } from "./support.ts";
 
 const CONSUMER_TEST = `import { expect, test } from "bun:test";
 import { Iommufd, MemfdBuffer, VfioDevice } from "bun-iommufd";
@@ -71,6 +71,7 @@ beforeAll(async () => {
 }, 120_000);
 
 afterAll(() => {
+  removeMarkers();
   if (project) rmSync(project, { recursive: true, force: true });
   if (tarball) rmSync(dirname(tarball), { recursive: true, force: true });
 });

@@ -1,5 +1,5 @@
 // Running `bun-iommufd vm` as a user would, from the host, and checking it left nothing behind.
-import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { vmAvailability } from "../../vm/run.ts";
@@ -10,6 +10,12 @@ export const bin = join(root, "bin", "bun-iommufd.ts");
 const available = vmAvailability();
 /** Why the guest cannot run here, or undefined when it can. */
 export const noGuest: string | undefined = available.ok ? undefined : available.reason;
+
+const markers: string[] = [];
+/** Removes the private temp dirs of every run so far (call from afterAll). */
+export function removeMarkers(): void {
+  for (const dir of markers.splice(0)) rmSync(dir, { recursive: true, force: true });
+}
 
 export interface CliRun {
   code: number;
@@ -25,6 +31,7 @@ export async function runCli(
   options: { cwd?: string; env?: Record<string, string | undefined> } = {},
 ): Promise<CliRun> {
   const marker = mkdtempSync(join(tmpdir(), "vm-cli-test-"));
+  markers.push(marker);
   const env: Record<string, string | undefined> = { ...process.env, TMPDIR: marker, ...options.env };
   const proc = Bun.spawn(argv, { cwd: options.cwd ?? root, env, stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   const [stdout, stderr] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);

@@ -1,0 +1,103 @@
+/**
+ * Finding completions (NVMe Base 2.0 section 4.6): one poller per controller runs while any
+ * command is pending. It reads phase bits in heap memory (no system call), spins briefly when
+ * nothing is there, and lets the event loop run in between; when every queue with work raises
+ * MSI-X it sleeps on the interrupt instead.
+ */
+import type { QueuePair } from "./queue.ts";
+
+/** How long the poller spins on the completion queues before letting the event loop run. */
+const SPIN_MS = 0.25;
+/** How often the poller reads CSTS and checks deadlines when it finds nothing (an MMIO read is a VM exit). */
+export const HEALTH_CHECK_MS = 10;
+/** Continuations of a completed command run before the poller looks again (a few promise hops). */
+const HOPS_AFTER_COMPLETION = 4;
+
+/** What the poller needs from its controller. */
+export interface PollerOwner {
+  /** The admin queue first, then the I/O queue pairs. */
+  readonly queues: readonly QueuePair[];
+  /** False once the controller failed or closed: the poller stops. */
+  readonly usable: boolean;
+  /** Fatal status and deadlines; may fail the controller. */
+  checkHealth(now: number): void;
+  readonly lastHealthCheck: number;
+}
+
+export class CompletionPoller {
+  readonly #owner: PollerOwner;
+  #running = false;
+
+  constructor(owner: PollerOwner) {
+    this.#owner = owner;
+  }
+
+  /** Commands in flight or waiting for a slot, on every queue. */
+  pending(): number {
+    let n = 0;
+    for (const queue of this.#owner.queues) n += queue.inFlight + queue.waiting;
+    return n;
+  }
+
+  /** Start polling if nobody is. */
+  kick(): void {
+    if (this.#running) return;
+    this.#running = true;
+    void this.#loop();
+  }
+
+  #reapAll(): number {
+    let n = 0;
+    for (const queue of this.#owner.queues) n += queue.reap();
+    return n;
+  }
+
+  /**
+   * After completions it yields a few promise hops, so the callers' continuations can submit more
+   * before it looks again; when nothing comes it spins a short while, checks the controller's
+   * health now and then, and lets the event loop run.
+   */
+  async #loop(): Promise<void> {
+    const owner = this.#owner;
+    // Start after the current task: the caller may be submitting a whole batch.
+    await null;
+    try {
+      while (owner.usable && this.pending() > 0) {
+        let found = this.#reapAll();
+        const sleeper = found === 0 ? this.#interruptOnlyQueue() : undefined;
+        if (sleeper !== undefined) {
+          // Every queue with work raises interrupts: sleep in the event loop until one does.
+          await sleeper.interrupt();
+          continue;
+        }
+        if (found === 0) {
+          const until = performance.now() + SPIN_MS;
+          do found = this.#reapAll();
+          while (found === 0 && performance.now() < until);
+        }
+        if (found > 0) {
+          for (let i = 0; i < HOPS_AFTER_COMPLETION; i++) await null;
+          continue;
+        }
+        const now = performance.now();
+        if (now - owner.lastHealthCheck >= HEALTH_CHECK_MS) owner.checkHealth(now);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    } catch {
+      // A wait ended by close(): the pending commands were rejected there.
+    } finally {
+      this.#running = false;
+    }
+  }
+
+  /** The queue to sleep on when every queue with pending work is interrupt-driven (one, for now). */
+  #interruptOnlyQueue(): QueuePair | undefined {
+    let sleeper: QueuePair | undefined;
+    for (const queue of this.#owner.queues) {
+      if (queue.inFlight + queue.waiting === 0) continue;
+      if (queue.vector === undefined || sleeper !== undefined) return undefined;
+      sleeper = queue;
+    }
+    return sleeper;
+  }
+}

@@ -1,0 +1,189 @@
+/**
+ * The test command's own rules (scripts/test.ts, .ci/run): what counts as CI, how a bun test run is
+ * judged, and that .ci/run's last line is always the summary. A test command that miscounts can
+ * report green for a run that never happened.
+ */
+import { describe, expect, test } from "bun:test";
+import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { judgeRun, KERNEL_TEST_ARGS, parseBunTestSummary, skippedTests, UNIT_TEST_ARGS } from "../../scripts/test.ts";
+import { isCI } from "../support/ci.ts";
+
+const root = join(import.meta.dir, "../..");
+
+/** stderr of a bun test run, as bun 1.x prints it. */
+function bunOutput(
+  lines: string[],
+  summary: { pass: number; fail: number; skip?: number; todo?: number } | undefined,
+): string {
+  const tail = summary
+    ? [
+        "",
+        ` ${summary.pass} pass`,
+        ...(summary.skip ? [` ${summary.skip} skip`] : []),
+        ...(summary.todo ? [` ${summary.todo} todo`] : []),
+        ` ${summary.fail} fail`,
+        ` ${summary.pass * 2} expect() calls`,
+        `Ran ${summary.pass + summary.fail + (summary.skip ?? 0) + (summary.todo ?? 0)} tests across 1 file. [1.00s]`,
+      ]
+    : [];
+  return ["", "test/kernel/x.test.ts:", ...lines, ...tail, ""].join("\n");
+}
+
+describe("isCI: one rule for scripts/test.ts, layout.test.ts and the kernel tests", () => {
+  test.each([
+    ["true", true],
+    ["TRUE", true],
+    ["1", true],
+    ["yes", true],
+    ["woodpecker", true],
+    ["", false],
+    [" ", false],
+    ["0", false],
+    ["false", false],
+    ["False", false],
+    ["no", false],
+  ])("CI=%p -> %p", (value, expected) => {
+    expect(isCI({ CI: value })).toBe(expected);
+  });
+
+  test("unset is not CI", () => {
+    expect(isCI({})).toBe(false);
+  });
+
+  test("layout.test.ts and scripts/test.ts use it, and nothing else reads CI by hand", async () => {
+    const glob = new Bun.Glob("{scripts,test,vm,bench}/**/*.ts");
+    const readers: string[] = [];
+    for await (const file of glob.scan({ cwd: root })) {
+      if (file === "test/support/ci.ts") continue;
+      const text = await Bun.file(join(root, file)).text();
+      if (/process\.env\.CI\b|env\.CI\s*[=!]==?|\bCI\s*===\s*"/.test(text)) readers.push(file);
+    }
+    expect(readers).toEqual([]);
+    expect(await Bun.file(join(root, "test/unit/layout.test.ts")).text()).toContain("isCI()");
+    expect(await Bun.file(join(root, "scripts/test.ts")).text()).toContain("isCI()");
+  });
+});
+
+describe("judging a bun test run", () => {
+  test("a clean run passes", () => {
+    const out = bunOutput(["(pass) a", "(pass) b"], { pass: 2, fail: 0 });
+    expect(judgeRun("kernel tests", 0, out)).toEqual({ passed: 2, failed: 0, skipped: 0, problems: [] });
+  });
+
+  test("a run with no summary line fails even with exit status 0, and its per-test lines still count", () => {
+    const out = bunOutput(["(pass) a", "(pass) b", "(pass) c"], undefined);
+    const v = judgeRun("kernel tests", 0, out);
+    expect(v.passed).toBe(3);
+    expect(v.failed).toBe(1);
+    expect(v.problems.join("\n")).toContain("without its summary line");
+  });
+
+  test("a failed test counts, and a non-zero status without one counts once", () => {
+    expect(judgeRun("unit", 1, bunOutput(["(pass) a", "(fail) b"], { pass: 1, fail: 1 }))).toMatchObject({
+      passed: 1,
+      failed: 1,
+    });
+    const v = judgeRun("unit", 1, bunOutput(["(pass) a"], { pass: 1, fail: 0 }));
+    expect(v).toMatchObject({ passed: 1, failed: 1 });
+    expect(v.problems[0]).toContain("status 1");
+  });
+
+  test("a run that executed nothing fails", () => {
+    const v = judgeRun("kernel tests", 0, bunOutput(["(skip) a"], { pass: 0, fail: 0, skip: 1 }));
+    expect(v.failed).toBe(1);
+    expect(v.problems[0]).toContain("no test was executed");
+  });
+
+  test("skips are skips outside CI, and failures (with their names) for the kernel tests under CI", () => {
+    const out = bunOutput(["(pass) a", "(skip) needs root", "(todo) later"], { pass: 1, fail: 0, skip: 1, todo: 1 });
+    expect(judgeRun("kernel tests", 0, out)).toEqual({ passed: 1, failed: 0, skipped: 2, problems: [] });
+    const v = judgeRun("kernel tests", 0, out, { skipsFail: true });
+    expect(v).toMatchObject({ passed: 1, failed: 2, skipped: 0 });
+    expect(v.problems[0]).toContain("2 test(s) skipped under CI");
+    expect(v.problems[0]).toContain("the test guest provides everything");
+    expect(v.problems[0]).toContain("needs root; later");
+  });
+
+  test("numbers a test prints do not count; ANSI colours do not hide the summary", () => {
+    const out = `\x1b[32m 4 pass\x1b[0m\n 0 fail\n`;
+    expect(parseBunTestSummary(out)).toMatchObject({ pass: 4, fail: 0, found: true });
+    expect(parseBunTestSummary("pass 4\nRan 4 tests")).toMatchObject({ found: false, pass: 0 });
+    expect(skippedTests("(skip) x [0.1ms]\n(pass) y\n(todo) z")).toEqual(["x [0.1ms]", "z"]);
+  });
+});
+
+describe("time limits", () => {
+  test("the limit the test command passes really holds: a 5.5 s test passes (bun's default stops it at 5 s)", () => {
+    const dir = mkdtempSync(join(tmpdir(), "timeout-"));
+    try {
+      writeFileSync(
+        join(dir, "slow.test.ts"),
+        `import { test } from "bun:test";\ntest("slow", () => Bun.sleepSync(5500));\n`,
+      );
+      const withLimit = Bun.spawnSync([process.execPath, "test", ...UNIT_TEST_ARGS, "./slow.test.ts"], {
+        cwd: dir,
+        stderr: "pipe",
+      });
+      expect(parseBunTestSummary(withLimit.stderr.toString())).toMatchObject({ pass: 1, fail: 0, found: true });
+      expect(Number(KERNEL_TEST_ARGS[1])).toBeGreaterThanOrEqual(60_000);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 20_000);
+});
+
+describe(".ci/run", () => {
+  /** Runs a copy of .ci/run with a fake install step and a fake `bun` on PATH. */
+  function ciRun(install: string, bunScript: string): { status: number; lines: string[] } {
+    const dir = mkdtempSync(join(tmpdir(), "ci-run-"));
+    try {
+      mkdirSync(join(dir, ".ci"));
+      mkdirSync(join(dir, "scripts"));
+      mkdirSync(join(dir, "bin"));
+      copyFileSync(join(root, ".ci/run"), join(dir, ".ci/run"));
+      writeFileSync(join(dir, "scripts/install.sh"), `${install}\n`);
+      writeFileSync(join(dir, "bin/bun"), `#!/bin/sh\n${bunScript}\n`);
+      chmodSync(join(dir, "bin/bun"), 0o755);
+      const run = Bun.spawnSync(["bash", join(dir, ".ci/run")], {
+        env: { PATH: `${join(dir, "bin")}:${process.env.PATH}`, HOME: dir },
+        stdout: "pipe",
+        stderr: "pipe",
+      });
+      return { status: run.exitCode ?? -1, lines: run.stdout.toString().trimEnd().split("\n") };
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  test("green run: the test command's summary is the last line, status 0", () => {
+    const r = ciRun("true", `echo "7 passed, 0 failed"`);
+    expect(r).toMatchObject({ status: 0 });
+    expect(r.lines.at(-1)).toBe("7 passed, 0 failed");
+  });
+
+  test("bun run's own line after a failing script does not push the summary up", () => {
+    const r = ciRun("true", `echo "3 passed, 1 failed"; echo 'error: script "test" exited with code 1'; exit 1`);
+    expect(r.status).toBe(1);
+    expect(r.lines.at(-1)).toBe("3 passed, 1 failed");
+  });
+
+  test("no summary line (grep finds nothing): the fallback is still printed last, even with status 0", () => {
+    const r = ciRun("true", `echo "something else"; exit 0`);
+    expect(r.status).not.toBe(0);
+    expect(r.lines.at(-1)).toBe("0 passed, 1 failed");
+  });
+
+  test("a failing install step still ends with a summary line", () => {
+    const r = ciRun("echo broken >&2; exit 3", `echo "7 passed, 0 failed"`);
+    expect(r.status).toBe(3);
+    expect(r.lines.at(-1)).toBe("0 passed, 1 failed");
+  });
+
+  test("a summary with failures but status 0 is not a green run", () => {
+    const r = ciRun("true", `echo "7 passed, 2 failed"; exit 0`);
+    expect(r.status).toBe(1);
+    expect(r.lines.at(-1)).toBe("7 passed, 2 failed");
+  });
+});
