@@ -395,11 +395,14 @@ async function viaGuest(args: Args): Promise<number> {
       cwd: root,
       kernel,
       outDir,
+      // edu first (vfio0), then an NVMe controller for the nvme suite (its image is removed below).
+      devices: [{ kind: "edu" }, { kind: "nvme", size: 64 << 20 }],
       timeoutSeconds: args.tier === "full" ? 5400 : 1200,
       env: { BENCH_COLORS: useColors() ? "1" : "0" },
       onStdout: (chunk) => (jsonMode ? process.stderr : process.stdout).write(chunk),
       log: (line) => process.stderr.write(`${line}\n`),
     });
+    if (guest.diskDir) rmSync(guest.diskDir, { recursive: true, force: true });
     const file = join(outDir, MEASUREMENT_FILE);
     if (guest.exitCode !== 0 || !existsSync(file)) {
       say(`benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`);

@@ -6,3 +6,4 @@ import "./map.ts";
 import "./heap.ts";
 import "./irq.ts";
 import "./vmm.ts";
+import "./nvme.ts";

@@ -1,0 +1,78 @@
+/**
+ * The nvme suite: 4 KiB random reads and writes through bun-iommufd/nvme on QEMU's NVMe
+ * controller, at queue depth 1 and 32, polled and by MSI-X. IOPS are 1e9 / the time per op at
+ * QD1, and 32e9 / the time per op at QD32 (one op = 32 concurrent commands).
+ *
+ * There is no C side: the comparison that matters is with the kernel's own NVMe driver on the
+ * same controller, which needs the controller rebound between phases: `bun bench nvme`
+ * (bench/nvme.ts) runs that race.
+ */
+import { type Completion, NvmeController } from "../../src/nvme/index.ts";
+import { guestNvmeAddress } from "../nvme.ts";
+import { type BenchCase, defineSuite, KiB, Scope, type Tier } from "../suite.ts";
+
+type Workload = "read" | "write";
+
+const CASES: { workload: Workload; depth: number; completion: Completion; tier: Tier }[] = [
+  { workload: "read", depth: 1, completion: "poll", tier: "default" },
+  { workload: "read", depth: 32, completion: "poll", tier: "default" },
+  { workload: "write", depth: 1, completion: "poll", tier: "default" },
+  { workload: "write", depth: 32, completion: "poll", tier: "default" },
+  { workload: "read", depth: 1, completion: "interrupt", tier: "default" },
+  { workload: "read", depth: 32, completion: "interrupt", tier: "default" },
+];
+
+defineSuite({
+  name: "nvme",
+  description:
+    "4 KiB random I/O through the user-space NVMe driver (QEMU NVMe on vfio-pci); the kernel race is `bun bench nvme`",
+  cases(): Omit<BenchCase, "suite">[] {
+    const address = guestNvmeAddress();
+    return CASES.map(({ workload, depth, completion, tier }) => ({
+      id: `nvme/${workload}/4KiB/qd${depth}/${completion === "poll" ? "poll" : "msix"}`,
+      title:
+        depth === 1
+          ? `one 4 KiB random ${workload} awaited (${completion === "poll" ? "polled" : "MSI-X"} completion)`
+          : `${depth} concurrent 4 KiB random ${workload}s awaited together (${completion === "poll" ? "polled" : "MSI-X"})`,
+      bytes: depth * 4 * KiB,
+      k: depth === 1 ? 4 : 1,
+      tier,
+      tracked: true,
+      c: false,
+      skip: () => (address ? undefined : "no NVMe controller on vfio-pci (the guest needs --device nvme)"),
+      setup() {
+        const scope = new Scope();
+        try {
+          const controller = scope.keep(
+            NvmeController.open(address!, { heapSize: 4 << 20, queueDepth: 64, completion }),
+          );
+          const ns = controller.namespace(1);
+          const blocks = 4096 / ns.blockSize;
+          const slots = Math.floor(ns.blocks / blocks);
+          const buffer = controller.allocBuffer(depth * 4096);
+          buffer.bytes.fill(0xa5);
+          let seed = 0x2545f491;
+          const lba = () => {
+            seed ^= seed << 13;
+            seed ^= seed >>> 17;
+            seed ^= seed << 5;
+            return ((seed >>> 0) % slots) * blocks;
+          };
+          const one = (i: number) =>
+            workload === "read"
+              ? ns.read(lba(), blocks, buffer, { offset: i * 4096 })
+              : ns.write(lba(), blocks, buffer, { offset: i * 4096 });
+          const lib = depth === 1 ? () => one(0) : () => Promise.all(Array.from({ length: depth }, (_, i) => one(i)));
+          return { lib, close: () => scope.close() };
+        } catch (error) {
+          try {
+            scope.close();
+          } catch {
+            // the setup error is the one to report
+          }
+          throw error;
+        }
+      },
+    }));
+  },
+});
