@@ -143,6 +143,26 @@ export class Ioas {
     return !this.#alive;
   }
 
+  /**
+   * @internal Whether the mappings this object knows of (plain and prepared) cover
+   * `start..end` without a hole; undefined when it knows of none (an adopted IOAS, say).
+   */
+  coversRange(start: number, end: number): boolean | undefined {
+    const spans: [number, number][] = [];
+    for (const m of this.#mappings) spans.push([Number(m.iova), Number(m.iova) + m.length]);
+    for (const p of this.#prepared) if (p.mapped) spans.push([Number(p.iova), Number(p.iova) + p.length]);
+    if (spans.length === 0) return undefined;
+    spans.sort((a, b) => a[0] - b[0]);
+    let reached = start;
+    for (const [from, to] of spans) {
+      if (to <= reached) continue;
+      if (from > reached) break;
+      reached = to;
+      if (reached >= end) return true;
+    }
+    return reached >= end;
+  }
+
   /** Live mappings this object made (and has not seen unmapped). */
   get mappings(): readonly Mapping[] {
     return [...this.#mappings];

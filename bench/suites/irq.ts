@@ -6,6 +6,8 @@
  *
  * Idle-wait CPU time and where the awaited path's time goes: `bun bench/irq.ts` (library only).
  */
+import { dlopen, FFIType } from "bun:ffi";
+import { readFileSync, writeFileSync } from "node:fs";
 import { Edu } from "../../examples/edu.ts";
 import { Iommufd, VfioDevice } from "../../src/index.ts";
 import { type BenchCase, defineSuite, Scope, type Tier } from "../suite.ts";
@@ -20,6 +22,49 @@ const TITLE: Record<IrqPath, string> = {
 
 const TIER: Record<IrqPath, Tier> = { poll: "default", await: "quick", "await-epoll": "default" };
 
+const affinity = dlopen("libc.so.6", {
+  sched_getaffinity: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
+  sched_setaffinity: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
+}).symbols;
+
+/**
+ * Run this thread (and the C side it spawns) on CPU 0 and deliver edu's MSI there. The guest's
+ * vCPUs take turns on one host thread (TCG): an interrupt aimed at another vCPU than the one a
+ * spinning program runs on waits for the next turn (milliseconds), while a program that sleeps
+ * hands the turn over at once. Steering both to one CPU measures the interrupt path, not that
+ * schedule. Returns the undo.
+ */
+function steerToCpu0(address: string): () => void {
+  const previous = new BigUint64Array(16);
+  const one = new BigUint64Array(16);
+  one[0] = 1n;
+  if (affinity.sched_getaffinity(0, previous.byteLength, previous) !== 0) return () => {};
+  affinity.sched_setaffinity(0, one.byteLength, one);
+  const line = readFileSync("/proc/interrupts", "utf8")
+    .split("\n")
+    .find((l) => l.includes(`vfio-msi[0](${address})`));
+  const irq = line?.trim().split(":")[0];
+  let restoreIrq = () => {};
+  if (irq) {
+    const file = `/proc/irq/${irq}/smp_affinity_list`;
+    try {
+      const before = readFileSync(file, "utf8").trim();
+      writeFileSync(file, "0");
+      restoreIrq = () => writeFileSync(file, before);
+    } catch {
+      // not root, or the platform keeps the affinity: measure as it is
+    }
+  }
+  return () => {
+    affinity.sched_setaffinity(0, previous.byteLength, previous);
+    try {
+      restoreIrq();
+    } catch {
+      // the interrupt is gone with its set
+    }
+  };
+}
+
 /** edu on vfio-pci with MSI enabled; `op` is one raise -> count -> ack through `path`. */
 export function eduMsi(address: string, path: IrqPath) {
   const scope = new Scope();
@@ -32,6 +77,7 @@ export function eduMsi(address: string, path: IrqPath) {
     const edu = new Edu(device.mapRegion(0));
     const msi = scope.keep(device.enableIrq("msi"));
     const vector = msi.vectors[0]!;
+    scope.keep({ close: steerToCpu0(address) });
     let events = 0;
     let op: () => unknown;
     if (path === "poll") {

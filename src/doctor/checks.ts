@@ -187,13 +187,7 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
   }
   const code = probe.code ? ` [${probe.code}]` : "";
   if (probe.failedAt === "open") {
-    const fix =
-      probe.code === "EACCES" || probe.code === "EPERM"
-        ? `run as root, or give this user read-write access to ${path} (e.g. a udev rule: KERNEL=="iommu", ` +
-          `GROUP="<group>", MODE="0660")`
-        : probe.code === "ENODEV" || probe.code === "ENXIO"
-          ? "the iommufd driver behind the node is gone: reboot into a kernel with CONFIG_IOMMUFD=y"
-          : `check ${path} and the kernel log (dmesg)`;
+    const fix = IOMMU_OPEN_FIXES[probe.code ?? ""]?.(path) ?? `check ${path} and the kernel log (dmesg)`;
     return { ...base, status: "fail", summary: `cannot open ${path}${code}: ${probe.message ?? "unknown error"}`, fix };
   }
   return {
@@ -205,6 +199,23 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
         ? "free memory, or raise the memory cgroup limit"
         : "check the kernel log (dmesg) for iommufd errors",
   };
+}
+
+/** What to do when opening /dev/iommu fails, by errno code. */
+const IOMMU_OPEN_FIXES: Partial<Record<string, (path: string) => string>> = {
+  EACCES: (path) => noAccessFix(path),
+  EPERM: (path) => noAccessFix(path),
+  ENODEV: () => DRIVER_GONE_FIX,
+  ENXIO: () => DRIVER_GONE_FIX,
+};
+
+const DRIVER_GONE_FIX = "the iommufd driver behind the node is gone: reboot into a kernel with CONFIG_IOMMUFD=y";
+
+function noAccessFix(path: string): string {
+  return (
+    `run as root, or give this user read-write access to ${path} ` +
+    `(e.g. a udev rule: KERNEL=="iommu", GROUP="<group>", MODE="0660")`
+  );
 }
 
 /** RLIMIT_MEMLOCK against facts.mapBytes; CAP_IPC_LOCK makes the limit moot. */

@@ -431,7 +431,7 @@ export class IrqVector implements AsyncIterable<number> {
    * Resolves with the number of interrupts since the last read (at least 1). The thread stays
    * free: timers, I/O and other promises run while it waits. One wait at a time per vector.
    */
-  wait(options: WaitOptions = {}): Promise<number> {
+  wait(options?: WaitOptions): Promise<number> {
     const op = "IrqVector.wait";
     if (this.#fd < 0) return Promise.reject(closedError(op, this.#what()));
     if (this.#waiter) {

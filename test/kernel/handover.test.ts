@@ -15,6 +15,7 @@ import {
   Iommufd,
   MemfdBuffer,
   PRIVILEGED_HANDOVER_WARNING,
+  VfioDevice,
 } from "../../src/index.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
 import { EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
@@ -116,6 +117,18 @@ describe("IOMMU_IOAS_CHANGE_PROCESS in-process", () => {
     const iommufd = scope.keep(Iommufd.open());
     expectIommufdError(() => MemfdBuffer.fromFd(iommufd.fd), "EINVAL", "MemfdBuffer.fromFd", "fd");
     expectIommufdError(() => MemfdBuffer.fromFd(9999), "EBADF", "MemfdBuffer.fromFd", "fd");
+    expectIommufdError(
+      () => VfioDevice.fromFd(iommufd.fd, { iommufd, deviceId: 1 }),
+      "EINVAL",
+      "VfioDevice.fromFd",
+      "fd",
+    );
+    expectIommufdError(
+      () => VfioDevice.fromFd(iommufd.fd, { iommufd, deviceId: 0 }),
+      "EINVAL",
+      "VfioDevice.fromFd",
+      "options.deviceId",
+    );
     iommufd.close();
     expect(openFdCount()).toBe(fds);
   });

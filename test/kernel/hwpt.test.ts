@@ -332,6 +332,21 @@ describe("dirty tracking", () => {
     expect(e.message).toContain("4096");
   });
 
+  test("a range with an unmapped hole is refused: the kernel would drop every bit after the hole", () => {
+    const { iommufd, ioas, hwpt, buffer } = dirtySetup();
+    const beyond = MOCK_APERTURE_START + LENGTH + 64 * KiB;
+    ioas.mapFile(buffer, { iova: beyond });
+    const marks = new DirtyBitmap({ iova: beyond, length: LENGTH });
+    marks.bytes.fill(0xff);
+    expect(markMockDirty(hwpt, iommufd, marks)).toBe(LENGTH / 4096);
+    const across = new DirtyBitmap({ iova: MOCK_APERTURE_START, length: 2 * LENGTH + 64 * KiB });
+    const e = expectIommufdError(() => hwpt.readDirty(across), "EINVAL", "IOMMU_HWPT_GET_DIRTY_BITMAP", "bitmap");
+    expect(e.message).toContain("not mapped from end to end");
+    // Each mapped range on its own is exact.
+    const second = new DirtyBitmap({ iova: beyond, length: LENGTH });
+    expect(hwpt.readDirty(second).countDirty()).toBe(LENGTH / 4096);
+  });
+
   test("bitmap errors caught before the kernel: too small, page size, alignment", () => {
     expectIommufdError(
       () => new DirtyBitmap({ iova: MOCK_APERTURE_START, length: LENGTH, pageSize: 4096, storage: new Uint8Array(8) }),

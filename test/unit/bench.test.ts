@@ -10,8 +10,9 @@ import { join } from "node:path";
 import { BaselineError, buildBaseline, CProcess } from "../../bench/baseline.ts";
 import { plan, smokeProblems } from "../../bench/main.ts";
 import { compare, hostPaths, scrubbed, type Results } from "../../bench/results.ts";
-import { interval, type CaseResult, type Interval } from "../../bench/runner.ts";
-import { TIERS, type BenchEnv } from "../../bench/suite.ts";
+import { interval, runCase, runMode, type CaseResult, type Interval } from "../../bench/runner.ts";
+import { dlopen, FFIType } from "bun:ffi";
+import { type BenchCase, TIERS, type BenchEnv } from "../../bench/suite.ts";
 
 const env: BenchEnv = {
   mock: true,
@@ -165,6 +166,15 @@ describe("the C side", () => {
   afterAll(() => {
     for (const dir of made) rmSync(dir, { recursive: true, force: true });
   });
+  let shared: string | undefined;
+  /** One build for the tests that only need a binary. */
+  function built(): string {
+    shared ??= (() => {
+      const dir = copy();
+      return buildBaseline({ sourceDir: dir, buildDir: join(dir, "build") }).binary;
+    })();
+    return shared;
+  }
   function copy(): string {
     const dir = mkdtempSync(join(tmpdir(), "cbench-src-"));
     made.push(dir);
@@ -190,8 +200,7 @@ describe("the C side", () => {
   }, 60_000);
 
   test("receives the library side's descriptors and reports what the kernel said", async () => {
-    const dir = copy();
-    const { binary } = buildBaseline({ sourceDir: dir, buildDir: join(dir, "build") });
+    const binary = built();
     const fd = openSync("/dev/null", "r");
     try {
       // Two descriptors handed over: set-up succeeds; MAP_FILE on /dev/null is ENOTTY.
@@ -208,5 +217,63 @@ describe("the C side", () => {
     } finally {
       closeSync(fd);
     }
+  }, 60_000);
+
+  test("runs paired rounds: sides alternate, one ratio per round", async () => {
+    const binary = built();
+    const { symbols, close } = dlopen("libc.so.6", { getppid: { args: [], returns: FFIType.i32 } });
+    let closed = false;
+    const spec: BenchCase = {
+      id: "selftest/getppid",
+      suite: "selftest",
+      title: "getppid",
+      k: 16,
+      tier: "quick",
+      tracked: true,
+      c: true,
+      setup: () => ({
+        lib: () => symbols.getppid(),
+        c: { op: "syscall_getppid", fds: [], args: [] },
+        close: () => {
+          closed = true;
+        },
+      }),
+    };
+    const mode = { ...runMode("quick"), rounds: 4, minMs: 5 };
+    const r = await runCase(spec, env, mode, binary, () => {}, false);
+    close();
+    expect(r.errors).toEqual([]);
+    expect(closed).toBe(true);
+    expect(r.rounds.map((x) => x.order.join(","))).toEqual(["c,lib", "lib,c", "c,lib", "lib,c"]);
+    for (const round of r.rounds) expect(round.ratio).toBeCloseTo(round.lib.p50 / round.c!.p50, 9);
+    expect(r.ratio?.n).toBe(4);
+    expect(r.ratio!.lo).toBeLessThanOrEqual(r.ratio!.median);
+    expect(r.ratio!.median).toBeLessThanOrEqual(r.ratio!.hi);
+    expect(r.warmupOps.c).toBeGreaterThan(0);
+  }, 60_000);
+
+  test("a case whose C side fails reports the error, closes, and fails the smoke test", async () => {
+    const binary = built();
+    let closed = false;
+    const spec: BenchCase = {
+      id: "selftest/broken",
+      suite: "selftest",
+      title: "broken",
+      k: 1,
+      tier: "quick",
+      tracked: true,
+      c: true,
+      setup: () => ({
+        lib: () => 0,
+        c: { op: "no_such_op", fds: [], args: [] },
+        close: () => {
+          closed = true;
+        },
+      }),
+    };
+    const r = await runCase(spec, env, { ...runMode("quick"), minMs: 5 }, binary, () => {}, false);
+    expect(closed).toBe(true);
+    expect(r.errors.join()).toContain("no op named no_such_op");
+    expect(smokeProblems({ planned: [spec.id], cases: [r], skipped: [] }, false).length).toBeGreaterThan(0);
   }, 60_000);
 });
