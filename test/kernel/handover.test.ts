@@ -23,6 +23,7 @@ import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../s
 
 const root = join(import.meta.dir, "../..");
 const isRoot = process.getuid?.() === 0;
+const rootOnly = isRoot ? "" : " [skipped: needs root to hold CAP_IPC_LOCK and to drop to another user]";
 let eduAddress = "";
 
 beforeAll(() => {
@@ -88,7 +89,7 @@ describe("IOMMU_IOAS_CHANGE_PROCESS in-process", () => {
     changeProcess(iommufd, { warnIfPrivileged: false });
   });
 
-  test.skipIf(!isRoot)("a privileged caller gets a warning naming the kernel's accounting bug", async () => {
+  test.skipIf(!isRoot)(`a privileged caller gets a warning naming the kernel's accounting bug${rootOnly}`, async () => {
     expect(hasIpcLock()).toBe(true);
     const iommufd = scope.keep(Iommufd.open());
     const warnings: string[] = [];
@@ -134,7 +135,7 @@ describe("IOMMU_IOAS_CHANGE_PROCESS in-process", () => {
   });
 });
 
-describe.skipIf(!isRoot)("hand-over between processes", () => {
+describe.skipIf(!isRoot)(`hand-over between processes${rootOnly}`, () => {
   test("examples/handover.ts as nobody: DMA works across the switch and pinned memory moves to the new process", async () => {
     const { code, stdout } = await withOpenNodes(["/dev/iommu", bindToVfioPci(eduAddress)], () =>
       example("handover.ts", { asNobody: true }),
