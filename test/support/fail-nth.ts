@@ -152,6 +152,8 @@ export interface SweepReport {
   errnos: Record<string, number>;
   /** Injected faults after which the call still succeeded (the kernel fell back or retried). */
   tolerated: number;
+  /** Whole sweeps run: more than 1 when a pass saw no injected fault surface as an error. */
+  passes: number;
   cannotFail?: string;
 }
 
@@ -174,7 +176,50 @@ export function sweep<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepRe
     c.release?.(env, result);
     c.dispose(env);
   }
-  const report: SweepReport = { name: c.name, points: 0, errnos: {}, tolerated: 0, cannotFail: c.cannotFail };
+  // A pass in which no injected fault surfaced is tried again before it counts against the
+  // operation: the armed point can be taken by another allocation of this thread that the kernel
+  // tolerates (a user page fault, Bun's own heap), which hides the ioctl's failing point that once.
+  let report = sweepPass(failNth, c);
+  for (
+    let attempt = 2;
+    attempt <= SWEEP_PASSES && c.cannotFail === undefined && surfacedErrors(report) === 0;
+    attempt++
+  ) {
+    report = { ...sweepPass(failNth, c), passes: attempt };
+  }
+  sweepReports.push(report);
+  const surfaced = surfacedErrors(report);
+  if (c.cannotFail === undefined && surfaced === 0) {
+    throw new Error(
+      `${c.name}: none of its ${report.points} fault point(s) surfaced as an error (${report.tolerated} tolerated) ` +
+        `in ${report.passes} pass(es), so the sweep proved nothing about failure: make it reach a fault point that fails, ` +
+        "or set cannotFail naming the kernel function that shows why it cannot",
+    );
+  }
+  if (c.cannotFail !== undefined && surfaced > 0) {
+    throw new Error(
+      `${c.name}: claims it cannot fail (${c.cannotFail}), but ${JSON.stringify(report.errnos)} surfaced`,
+    );
+  }
+  return report;
+}
+
+/** Passes a sweep may take to see one injected fault surface as an error. */
+const SWEEP_PASSES = 3;
+
+function surfacedErrors(report: SweepReport): number {
+  return Object.values(report.errnos).reduce((a, b) => a + b, 0);
+}
+
+function sweepPass<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepReport {
+  const report: SweepReport = {
+    name: c.name,
+    points: 0,
+    errnos: {},
+    tolerated: 0,
+    passes: 1,
+    cannotFail: c.cannotFail,
+  };
   const maxPoints = c.maxPoints ?? 400;
   for (let n = 1; n <= maxPoints; n++) {
     const beforeSetup = usage();
@@ -229,19 +274,6 @@ export function sweep<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepRe
     else report.tolerated++;
     if (n === maxPoints) throw new Error(`${c.name}: still hitting fault points after ${maxPoints}`);
   }
-  sweepReports.push(report);
-  const surfaced = Object.values(report.errnos).reduce((a, b) => a + b, 0);
-  if (c.cannotFail === undefined && surfaced === 0) {
-    throw new Error(
-      `${c.name}: none of its ${report.points} fault point(s) surfaced as an error (${report.tolerated} tolerated), ` +
-        "so the sweep proved nothing about failure: make it reach a fault point that fails, or set cannotFail naming the kernel function that shows why it cannot",
-    );
-  }
-  if (c.cannotFail !== undefined && surfaced > 0) {
-    throw new Error(
-      `${c.name}: claims it cannot fail (${c.cannotFail}), but ${JSON.stringify(report.errnos)} surfaced`,
-    );
-  }
   return report;
 }
 
@@ -257,6 +289,7 @@ export function formatSweepReports(reports: readonly SweepReport[] = sweepReport
             .join(", ") || "-"
         }` +
         (r.tolerated ? `  (tolerated by the kernel: ${r.tolerated})` : "") +
+        (r.passes > 1 ? `  (${r.passes} passes)` : "") +
         (r.cannotFail ? `  [cannot fail: ${r.cannotFail}]` : ""),
     )
     .join("\n");

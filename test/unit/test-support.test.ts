@@ -71,6 +71,28 @@ describe("sweep", () => {
     );
   });
 
+  test("a pass whose fault was taken elsewhere and tolerated is tried again, up to 3 passes", () => {
+    // The first pass's only point is tolerated (as when a user page fault takes the armed fault),
+    // the second pass's is fatal: the sweep passes, and says it needed two passes.
+    let pass = 0;
+    const flaky = simulatedKernel(1, [1]);
+    const tolerated = simulatedKernel(1, []);
+    const injector: FaultInjector = {
+      arm: (n) => (pass <= 2 ? tolerated : flaky).injector.arm(n),
+      hit: () => (pass <= 2 ? tolerated : flaky).injector.hit(),
+    };
+    const call = () => (pass <= 2 ? tolerated : flaky).call();
+    const report = sweep(injector, simulatedCase(call, { setup: () => ({ pass: ++pass }) }));
+    expect(report).toMatchObject({ points: 1, errnos: { ENOMEM: 1 }, passes: 2 });
+    // Never failing in any pass still fails, after three.
+    const never = simulatedKernel(1, []);
+    let setups = 0;
+    expect(() => sweep(never.injector, simulatedCase(never.call, { setup: () => ({ n: ++setups }) }))).toThrow(
+      /in 3 pass\(es\)/,
+    );
+    expect(setups).toBe(1 + 3 * 2); // warm-up, then two setups (point 1 hit, point 2 not) per pass
+  });
+
   test("an operation with no fault point at all fails unless it says why it cannot fail", () => {
     const k = simulatedKernel(0, []);
     expect(() => sweep(k.injector, simulatedCase(k.call))).toThrow(/proved nothing/);
