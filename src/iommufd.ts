@@ -42,7 +42,11 @@ const DESTROY_ERRORS: ErrnoTable = {
 
 const OPTION_ERRORS: ErrnoTable = {
   EPERM: "changing this option needs CAP_SYS_RESOURCE",
-  EBUSY: "the option cannot change while pages are pinned",
+  // iommufd_option_rlimit_mode() refuses once the iommufd holds any object, pinned pages or not.
+  EBUSY: ({ cmd }) =>
+    cmd!.get("option_id") === IOMMU_OPTION_RLIMIT_MODE
+      ? "the rlimit mode can change only while this iommufd holds no object (IOAS, device, page table): set it first"
+      : "the kernel refuses to change this option while its object is in use",
   ENOENT: ({ cmd }) => `object ${cmd!.get("object_id")} does not exist`,
 };
 

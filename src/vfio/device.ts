@@ -107,7 +107,14 @@ export interface ExportDmaBufOptions {
 
 const BIND_ERRORS: ErrnoTable = {
   EBUSY: "the device is already bound to an iommufd",
-  EPERM: "binding needs the device's IOMMU group to be viable",
+  // iommufd refuses a device whose MSIs the IOMMU cannot isolate (no interrupt remapping, e.g.
+  // virtio-iommu) as well as one whose group is not viable: both answer EPERM.
+  EPERM: {
+    message: "the kernel refused to bind: the device's IOMMU group is not viable, or its IOMMU cannot isolate its MSIs",
+    hint:
+      "check that every device of the group is bound to vfio-pci; without interrupt remapping (virtio-iommu, " +
+      "intel-iommu without intremap) boot with iommufd.allow_unsafe_interrupts=1 if you accept the risk",
+  },
 };
 
 const ATTACH_ERRORS: ErrnoTable = {

@@ -61,7 +61,7 @@ describe("Iommufd", () => {
     expect(iommufd.rlimitMode).toBe("user");
     iommufd.createIoas();
     const e = expectIommufdError(() => (iommufd.rlimitMode = "process"), "EBUSY", "IOMMU_OPTION");
-    expect(e.message).toContain("cannot change");
+    expect(e.message).toContain("only while this iommufd holds no object");
     expect(iommufd.rlimitMode).toBe("user");
   });
 });
