@@ -4,7 +4,7 @@
  * needs a device) is covered by test/kernel/irq.test.ts; the set here only carries the index.
  */
 import { afterEach, expect, test } from "bun:test";
-import { readdirSync } from "node:fs";
+import { readdirSync, readlinkSync } from "node:fs";
 import { type IrqSet, IrqVector } from "../../src/vfio/irq.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
@@ -24,7 +24,27 @@ function vector(): { vector: IrqVector; signal: () => void } {
   return { vector: v, signal: () => void libc().write(fd, one, 8) };
 }
 
-const fdCount = () => readdirSync("/proc/self/fd").length;
+/** Open eventfds of this process (Bun closes its stream duplicates on another thread, later). */
+const eventfdCount = () =>
+  readdirSync("/proc/self/fd").filter((fd) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${fd}`) === "anon_inode:[eventfd]";
+    } catch {
+      return false; // closed between the listing and the read
+    }
+  }).length;
+
+/** The eventfd count once earlier tests' duplicates have finished closing (stable for 50 ms). */
+async function settledEventfdCount(): Promise<number> {
+  let last = eventfdCount();
+  for (let stable = 0, i = 0; stable < 5 && i < 200; i++) {
+    await Bun.sleep(10);
+    const now = eventfdCount();
+    stable = now === last ? stable + 1 : 0;
+    last = now;
+  }
+  return last;
+}
 
 afterEach(() => {
   for (const v of open.splice(0)) v.release();
@@ -98,7 +118,7 @@ test("one waiter at a time: a second wait is EBUSY; an aborted wait frees the sl
 });
 
 test("release rejects a pending wait with EBADF, closes the eventfd (and Bun's duplicate)", async () => {
-  const before = fdCount();
+  const before = await settledEventfdCount();
   const { vector: v } = vector();
   const pending = v.wait(); // hands the eventfd to the event loop (Bun reads a duplicate)
   await Bun.sleep(5);
@@ -106,6 +126,6 @@ test("release rejects a pending wait with EBADF, closes the eventfd (and Bun's d
   await expect(pending).rejects.toMatchObject({ code: "EBADF", operation: "IrqVector.wait" });
   expect(() => v.poll()).toThrow(/closed/);
   await expect(v.wait()).rejects.toMatchObject({ code: "EBADF" });
-  for (let i = 0; i < 100 && fdCount() !== before; i++) await Bun.sleep(10);
-  expect(fdCount()).toBe(before);
+  for (let i = 0; i < 100 && eventfdCount() !== before; i++) await Bun.sleep(10);
+  expect(eventfdCount()).toBe(before);
 });
