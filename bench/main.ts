@@ -397,6 +397,9 @@ async function viaGuest(args: Args): Promise<number> {
       outDir,
       // edu first (vfio0), then an NVMe controller for the nvme suite (its image is removed below).
       devices: [{ kind: "edu" }, { kind: "nvme", size: 64 << 20 }],
+      // One vCPU: TCG runs a guest's vCPUs in turns on one host thread, so a side that migrated
+      // to the other vCPU waited for its turn; per-round times then split in two modes (~2x apart).
+      cpus: 1,
       timeoutSeconds: args.tier === "full" ? 5400 : 1200,
       env: { BENCH_COLORS: useColors() ? "1" : "0" },
       onStdout: (chunk) => (jsonMode ? process.stderr : process.stdout).write(chunk),
