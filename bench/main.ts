@@ -275,7 +275,8 @@ function finish(
     schema: 2,
     date: new Date().toISOString(),
     commit: git(["rev-parse", "--short", "HEAD"]) || "unknown",
-    dirty: git(["status", "--porcelain", "--", "src", "bench"]) !== "",
+    // Saved results are not code: a run right after another (its file still untracked) is not dirty.
+    dirty: git(["status", "--porcelain", "--", "src", "bench", ":!bench/results"]) !== "",
     mode: args.tier,
     filter: args.filterSource,
     ...m,

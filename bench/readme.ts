@@ -7,7 +7,7 @@
  * only those blocks change. Every block names the results file it came from. --check exits 1
  * when a block differs from what the file gives (for CI or review), writing nothing.
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { formatNs } from "./baseline.ts";
 import { layoutNote } from "./layout.ts";
@@ -105,6 +105,22 @@ function replaceBlock(text: string, name: string, body: string, path: string): s
   return `${text.slice(0, a + begin.length)}\n${body}\n${text.slice(b)}`;
 }
 
+/**
+ * The text as `bun run format` would leave it (Biome pads Markdown tables), so that a generated
+ * README passes the lint step and `--check` compares like with like.
+ */
+function formatLikeTheRepository(text: string, path: string): string {
+  const biome = join(root, "node_modules", ".bin", "biome");
+  if (!existsSync(biome)) return text;
+  const run = Bun.spawnSync([biome, "format", `--stdin-file-path=${path}`], {
+    cwd: root,
+    stdin: new TextEncoder().encode(text),
+    stderr: "pipe",
+  });
+  if (run.exitCode !== 0) throw new Error(`biome could not format ${path}: ${run.stderr.toString().trim()}`);
+  return run.stdout.toString();
+}
+
 export function render(results: Results, file: string): Record<string, Record<string, string>> {
   return {
     "README.md": { summary: summaryBlock(results, file) },
@@ -131,6 +147,7 @@ if (import.meta.main) {
     const before = readFileSync(full, "utf8");
     let after = before;
     for (const [name, body] of Object.entries(blocks)) after = replaceBlock(after, name, body, readme);
+    after = formatLikeTheRepository(after, readme);
     if (after === before) continue;
     stale++;
     if (check) console.error(`${readme}: figures differ from ${basename(path)}`);
