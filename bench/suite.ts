@@ -154,4 +154,13 @@ export class Scope {
     }
     if (errors.length) throw new AggregateError(errors, `bench: ${errors.length} teardown error(s)`);
   }
+  /** For a setup that failed half-way: releases what it kept and gives back the setup's error to throw. */
+  abandon(error: unknown): unknown {
+    try {
+      this.close();
+    } catch {
+      // the setup error is the one to report
+    }
+    return error;
+  }
 }

@@ -53,12 +53,7 @@ function heapCase(size: number, tier: Tier): Omit<BenchCase, "suite"> {
           close: () => scope.close(),
         };
       } catch (error) {
-        try {
-          scope.close();
-        } catch {
-          // the setup error is the one to report
-        }
-        throw error;
+        throw scope.abandon(error);
       }
     },
   };

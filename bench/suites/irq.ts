@@ -104,12 +104,7 @@ export function eduMsi(address: string, path: IrqPath) {
     }
     return { scope, device, edu, vector, op, bar0, events: () => events };
   } catch (error) {
-    try {
-      scope.close();
-    } catch {
-      // the setup error is the one to report
-    }
-    throw error;
+    throw scope.abandon(error);
   }
 }
 

@@ -194,12 +194,7 @@ function setup(p: Plan, env: BenchEnv): CaseInstance {
     }
     return { lib, c, layout, close: () => scope.close() };
   } catch (error) {
-    try {
-      scope.close();
-    } catch {
-      // the setup error is the one to report
-    }
-    throw error;
+    throw scope.abandon(error);
   }
 }
 

@@ -65,12 +65,7 @@ defineSuite({
           const lib = depth === 1 ? () => one(0) : () => Promise.all(Array.from({ length: depth }, (_, i) => one(i)));
           return { lib, close: () => scope.close() };
         } catch (error) {
-          try {
-            scope.close();
-          } catch {
-            // the setup error is the one to report
-          }
-          throw error;
+          throw scope.abandon(error);
         }
       },
     }));
