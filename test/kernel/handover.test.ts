@@ -10,7 +10,6 @@ import {
   adoptIoas,
   bindToVfioPci,
   changeProcess,
-  findPciDevices,
   hasIpcLock,
   Iommufd,
   MemfdBuffer,
@@ -18,7 +17,7 @@ import {
   VfioDevice,
 } from "../../src/index.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
-import { EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
+import { requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
 
 const root = join(import.meta.dir, "../..");
@@ -28,8 +27,7 @@ let eduAddress = "";
 
 beforeAll(() => {
   requireIommufd();
-  eduAddress = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0] ?? "";
-  if (!eduAddress) throw new Error("no edu device (1234:11e8): the VM must be started with -device edu");
+  eduAddress = requireEduAddress();
 });
 
 const scope = testScope();

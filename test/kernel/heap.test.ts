@@ -3,10 +3,10 @@ import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DmaHeap, findPciDevices, Iommufd, VfioDevice } from "../../src/index.ts";
+import { DmaHeap, Iommufd, VfioDevice } from "../../src/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
-import { Edu, EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
+import { Edu, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
 import { straceSummary, syscallsBetween } from "../support/strace.ts";
 
@@ -144,8 +144,7 @@ describe("DmaHeap", () => {
   });
 
   test("edu DMA into a heap buffer at buffer.iova lands in buffer.bytes", () => {
-    const address = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0];
-    if (!address) throw new Error("no edu device in this VM");
+    const address = requireEduAddress();
     const iommufd = Iommufd.open();
     cleanup.push(iommufd);
     const ioas = iommufd.createIoas();

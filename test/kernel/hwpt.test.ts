@@ -9,7 +9,6 @@ import {
   DirtyBitmap,
   explainNoDirtyTracking,
   FaultQueue,
-  findPciDevices,
   HwPageTable,
   Iommufd,
   MemfdBuffer,
@@ -19,7 +18,7 @@ import {
 } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { markMockDirty, MOCK_APERTURE_START, MOCK_PAGE_SIZE, MockDomain } from "../../src/selftest.ts";
-import { Edu, EDU_DEVICE, EDU_VENDOR } from "../support/edu.ts";
+import { Edu, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd, testScope } from "../support/kernel.ts";
 
 const KiB = 1024;
@@ -28,8 +27,7 @@ let eduAddress = "";
 
 beforeAll(() => {
   requireIommufd();
-  eduAddress = findPciDevices(EDU_VENDOR, EDU_DEVICE)[0] ?? "";
-  if (!eduAddress) throw new Error("no edu device (1234:11e8): the VM must be started with -device edu");
+  eduAddress = requireEduAddress();
 });
 
 const scope = testScope();

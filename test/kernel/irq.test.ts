@@ -5,19 +5,10 @@
  */
 import { afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
-import {
-  bindToVfioPci,
-  findPciDevices,
-  Iommufd,
-  IommufdError,
-  IrqSet,
-  MemfdBuffer,
-  VfioDevice,
-  type Ioas,
-} from "../../src/index.ts";
+import { bindToVfioPci, Iommufd, IommufdError, IrqSet, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { libc } from "../../src/sys/libc.ts";
-import { Edu, EDU_DEVICE, EDU_IRQ_DMA, EDU_VENDOR } from "../support/edu.ts";
+import { Edu, EDU_IRQ_DMA, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
 
 const F_DUPFD_CLOEXEC = 1030;
@@ -25,9 +16,7 @@ let eduAddress = "";
 
 beforeAll(() => {
   requireIommufd();
-  const found = findPciDevices(EDU_VENDOR, EDU_DEVICE);
-  if (found.length === 0) throw new Error("no edu device (1234:11e8): the VM must be started with -device edu");
-  eduAddress = found[0]!;
+  eduAddress = requireEduAddress();
 });
 
 const scope = testScope();

@@ -3,10 +3,10 @@
  * emulated Intel IOMMU. Every DMA here is real: edu reads and writes guest RAM through the IOMMU.
  */
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { createUdmabuf, DmaBuf, findPciDevices, Iommufd, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
+import { createUdmabuf, DmaBuf, Iommufd, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { revokeSelftestDmaBuf, selftestDmaBuf } from "../../src/selftest.ts";
-import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
+import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, kernelLog, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
 
 const KiB = 1024;
@@ -14,9 +14,7 @@ let eduAddress = "";
 
 beforeAll(() => {
   requireIommufd();
-  const found = findPciDevices(EDU_VENDOR, EDU_DEVICE);
-  if (found.length === 0) throw new Error("no edu device (1234:11e8): the VM must be started with -device edu");
-  eduAddress = found[0]!;
+  eduAddress = requireEduAddress();
 });
 
 // Everything a test opens is released after it, so a failing test cannot leak into the next.
