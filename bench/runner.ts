@@ -57,14 +57,8 @@ export interface Interval {
   n: number;
 }
 
-export interface CaseResult {
-  id: string;
-  suite: string;
-  title: string;
-  bytes?: number;
-  k: number;
-  tier: Tier;
-  tracked: boolean;
+/** What a run saved of one case: its plan's identity, then what was measured. */
+export interface CaseResult extends Pick<BenchCase, "id" | "suite" | "title" | "bytes" | "k" | "tier" | "tracked"> {
   /** Whether the plan had a C side / a reference side for this case. */
   cPlanned: boolean;
   refPlanned: boolean;
