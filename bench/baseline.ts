@@ -148,7 +148,7 @@ export function buildBaseline(where: { sourceDir?: string; buildDir?: string; pa
   return { binary: binaryPath, how: "built", ...info };
 }
 
-/** One sample of one side: per-operation times in ns, as mitata reports them per iteration / k. */
+/** One side's figures over a round: per-operation times in ns. */
 export interface Sample {
   p50: number;
   avg: number;
@@ -157,8 +157,26 @@ export interface Sample {
   p75: number;
   p99: number;
   max: number;
+  /** Timed samples, and the operations they covered. */
   samples: number;
   ticks: number;
+}
+
+/** Sample statistics of per-operation times (nearest-rank quantiles of the sorted values). */
+export function summarize(times: number[], opsPerSample: number): Sample {
+  const s = [...times].sort((a, b) => a - b);
+  const at = (q: number) => s[Math.round(q * (s.length - 1))]!;
+  return {
+    p50: s.length % 2 ? s[s.length >> 1]! : (s[(s.length >> 1) - 1]! + s[s.length >> 1]!) / 2,
+    avg: s.reduce((a, b) => a + b, 0) / s.length,
+    min: s[0]!,
+    p25: at(0.25),
+    p75: at(0.75),
+    p99: at(0.99),
+    max: s[s.length - 1]!,
+    samples: s.length,
+    ticks: s.length * opsPerSample,
+  };
 }
 
 interface Reply {
@@ -166,6 +184,8 @@ interface Reply {
   error?: string;
   ready?: boolean;
   warmupOps?: number;
+  ms?: number;
+  times?: number[];
 }
 
 /**
@@ -183,8 +203,8 @@ export class CProcess {
     this.#lines = lines(proc.stdout);
   }
 
-  static async start(binary: string, counterpart: CCounterpart, k: number): Promise<CProcess> {
-    const proc = Bun.spawn([binary, counterpart.op, String(k), ...counterpart.args.map(String)], {
+  static async start(binary: string, counterpart: CCounterpart): Promise<CProcess> {
+    const proc = Bun.spawn([binary, counterpart.op, ...counterpart.args.map(String)], {
       stdio: ["pipe", "pipe", "pipe", ...counterpart.fds],
     }) as unknown as Bun.Subprocess<"pipe", "pipe", "pipe">;
     const c = new CProcess(proc, `cbench ${counterpart.op}`);
@@ -193,41 +213,35 @@ export class CProcess {
     return c;
   }
 
-  async #reply(): Promise<Reply & Partial<Sample>> {
+  async #reply(): Promise<Reply> {
     const next = await this.#lines.next();
     if (next.done) {
       const code = await this.#proc.exited;
       const stderr = (await new Response(this.#proc.stderr).text()).trim();
       throw new Error(`${this.#what} exited (status ${code})${stderr ? `: ${stderr}` : ""}`);
     }
-    const reply = JSON.parse(next.value) as Reply & Partial<Sample>;
+    const reply = JSON.parse(next.value) as Reply;
     if (!reply.ok) throw new Error(`${this.#what}: ${reply.error}`);
     return reply;
   }
 
-  async #command(line: string): Promise<Reply & Partial<Sample>> {
+  async #command(line: string): Promise<Reply> {
     this.#proc.stdin.write(`${line}\n`);
     await this.#proc.stdin.flush();
     return this.#reply();
   }
 
-  async warmUp(ops: number, ms: number, maxMs: number): Promise<number> {
-    return (await this.#command(`warmup ${ops} ${ms} ${maxMs}`)).warmupOps ?? 0;
+  /** Runs the op until `ops` runs and `ms` are done, or `maxMs` passed: how many ran, in how long. */
+  async warmUp(ops: number, ms: number, maxMs: number): Promise<{ ops: number; ms: number }> {
+    const r = await this.#command(`warmup ${ops} ${ms} ${maxMs}`);
+    return { ops: r.warmupOps ?? 0, ms: r.ms ?? 0 };
   }
 
-  async measure(minMs: number): Promise<Sample> {
-    const r = await this.#command(`measure ${minMs}`);
-    return {
-      p50: r.p50!,
-      avg: r.avg!,
-      min: r.min!,
-      p25: r.p25!,
-      p75: r.p75!,
-      p99: r.p99!,
-      max: r.max!,
-      samples: r.samples!,
-      ticks: r.ticks!,
-    };
+  /** One slice: an untimed run of `opsPerSample` ops when `warm`, then `samples` timed ones; ns per op each. */
+  async slice(samples: number, opsPerSample: number, warm: boolean): Promise<number[]> {
+    const r = await this.#command(`slice ${samples} ${opsPerSample} ${warm ? 1 : 0}`);
+    if (!r.times || r.times.length !== samples) throw new Error(`${this.#what}: slice gave no times`);
+    return r.times;
   }
 
   async close(): Promise<void> {

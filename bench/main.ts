@@ -218,8 +218,10 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
     bun: `${Bun.version} (${Bun.revision.slice(0, 9)})`,
     settings: {
       ...mode,
-      statistic: "median over the rounds of each round's median time per operation (mitata's p50; the same rule in C)",
-      order: "per case, sides alternate round by round: C, lib (, ref) then (ref,) lib, C, ...; a ratio per round",
+      statistic:
+        "time: median over the rounds of each round's median time per operation; ratio: median over the rounds of each round's median over its slice pairs of lib median / C median",
+      order:
+        "per case, rounds of short slices (about minMs / slices a side, samples of about 1 ms), the sides alternating slice by slice: C, lib (, ref) then (ref,) lib, C, ...",
       interval:
         "order-statistic interval of the median over rounds, confidence >= 95% where the round count allows (10 rounds: 2nd lowest..2nd highest, 97.9%)",
     },

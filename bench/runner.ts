@@ -1,20 +1,23 @@
 /**
  * Runs planned cases in paired rounds. Per case: set it up once, start its C process on the same
- * descriptors, warm every side up by the same rule, then alternate the sides round by round
- * (C, lib / lib, C / C, lib ...; with a reference side: C, lib, ref / ref, lib, C ...), so that
- * drift of the machine hits both sides of a ratio alike. Each round gives one ratio (lib / C) and
- * one speedup (ref / lib); the case reports their median with a distribution-free interval.
+ * descriptors, warm every side up by the same rule, then run rounds. A round is a train of short
+ * slices (about 12 ms a side), the sides alternating slice by slice (C, lib / lib, C / ...; with a
+ * reference side: C, lib, ref / ref, lib, C ...): the machine's speed drifts over tenths of a
+ * second (under TCG by up to 2x), so only sides measured milliseconds apart meet the same machine.
+ * A slice pair gives a ratio (lib / C) and a speedup (ref / lib); a round reports the median of
+ * its slice pairs, and the case the median of its rounds with a distribution-free interval.
  */
-import { measure } from "mitata";
-import { CProcess, formatNs, type Sample } from "./baseline.ts";
+import { CProcess, formatNs, type Sample, summarize } from "./baseline.ts";
 import type { BenchCase, BenchEnv, CaseInstance, Layout, Tier } from "./suite.ts";
 
 export interface RunMode {
   tier: Tier;
   /** Paired rounds per case. */
   rounds: number;
-  /** Timed budget per side per round (mitata's min_cpu_time; C applies the same rule). */
+  /** Timed budget per side per round, spread over `slices` slices. */
   minMs: number;
+  /** Slices per round (more when a sample is too long for 12 samples a side in this many). */
+  slices: number;
   /** Warm-up per side before round 1: at least `ops` operations and `ms`, or `maxMs` at most. */
   warmup: { ops: number; ms: number; maxMs: number };
   /** Extra warm-up of the first case's library side: a fresh Bun process under TCG is slow for seconds. */
@@ -24,27 +27,75 @@ export interface RunMode {
 export function runMode(tier: Tier): RunMode {
   switch (tier) {
     case "quick":
-      return { tier, rounds: 2, minMs: 30, warmup: { ops: 2000, ms: 0, maxMs: 200 }, processWarmupMs: 0 };
+      return { tier, rounds: 2, minMs: 30, slices: 4, warmup: { ops: 2000, ms: 0, maxMs: 200 }, processWarmupMs: 0 };
     case "default":
       // Many short rounds rather than a few long ones: the interval of 10 drops the most extreme
       // round on each side, so one round disturbed by the machine does not widen it.
-      return { tier, rounds: 10, minMs: 120, warmup: { ops: 40_000, ms: 500, maxMs: 2000 }, processWarmupMs: 6000 };
+      return {
+        tier,
+        rounds: 10,
+        minMs: 120,
+        slices: 10,
+        warmup: { ops: 40_000, ms: 500, maxMs: 2000 },
+        processWarmupMs: 6000,
+      };
     case "full":
-      return { tier, rounds: 16, minMs: 300, warmup: { ops: 40_000, ms: 2000, maxMs: 4000 }, processWarmupMs: 8000 };
+      return {
+        tier,
+        rounds: 16,
+        minMs: 300,
+        slices: 20,
+        warmup: { ops: 40_000, ms: 2000, maxMs: 4000 },
+        processWarmupMs: 8000,
+      };
   }
 }
 
 export type SideName = "c" | "lib" | "ref";
 
 export interface Round {
+  /** The sides' order in the round's first slice; the next slice runs them in reverse, and so on. */
   order: SideName[];
+  /** Each side's samples of the whole round. */
   lib: Sample;
   c?: Sample;
   ref?: Sample;
-  /** lib / C, from this round's medians. */
+  /** Per slice, each side's median time per operation (ns). */
+  slices: Partial<Record<SideName, number>>[];
+  /** lib / C: the median over the slices of each slice's lib median / C median. */
   ratio?: number;
-  /** ref / lib, from this round's medians. */
+  /** ref / lib, the same way. */
   speedup?: number;
+}
+
+/** How a case's rounds are cut: the same shape for every side. */
+export interface SlicePlan {
+  /** Operations per timed sample: k, or a multiple of it so that a sample lasts about 1 ms. */
+  opsPerSample: number;
+  samplesPerSlice: number;
+  slices: number;
+  /** An untimed sample opens each slice (after the other side ran) unless a sample is long enough not to care. */
+  warm: boolean;
+}
+
+const SAMPLE_TARGET_NS = 1e6;
+/** A sample this long gets no untimed run before it: caches refilled after the switch are noise in it. */
+const NO_WARM_SAMPLE_NS = 4e6;
+/** mitata's own minimum: fewer samples than this a side per round give no usable median. */
+const MIN_SAMPLES_PER_ROUND = 12;
+
+/** Cuts a round for an operation that takes about `opNs` on its slower side. */
+export function planSlices(opNs: number, k: number, mode: Pick<RunMode, "minMs" | "slices">): SlicePlan {
+  const iterationNs = Math.max(opNs, 1) * k;
+  const iterations = Math.max(1, Math.round(SAMPLE_TARGET_NS / iterationNs));
+  const sampleNs = iterationNs * iterations;
+  const samplesPerSlice = Math.max(1, Math.round((mode.minMs * 1e6) / mode.slices / sampleNs));
+  return {
+    opsPerSample: k * iterations,
+    samplesPerSlice,
+    slices: Math.max(mode.slices, Math.ceil(MIN_SAMPLES_PER_ROUND / samplesPerSlice)),
+    warm: sampleNs < NO_WARM_SAMPLE_NS,
+  };
 }
 
 /** A median over rounds with its interval. */
@@ -63,6 +114,8 @@ export interface CaseResult extends Pick<BenchCase, "id" | "suite" | "title" | "
   cPlanned: boolean;
   refPlanned: boolean;
   layout?: Layout;
+  /** How its rounds were cut into slices and samples. */
+  plan?: SlicePlan;
   /** Every round, in run order. */
   rounds: Round[];
   /** Time per operation in ns (the per-round medians' median and interval). */
@@ -130,7 +183,7 @@ async function warmUp(
   op: () => unknown,
   rule: RunMode["warmup"],
   maxMs: number,
-): Promise<{ ops: number; isAsync: boolean }> {
+): Promise<{ ops: number; ms: number; isAsync: boolean }> {
   const first = op();
   const isAsync = first instanceof Promise;
   if (isAsync) await first;
@@ -138,25 +191,45 @@ async function warmUp(
   let n = 1;
   for (;;) {
     const elapsed = performance.now() - start;
-    if ((n >= rule.ops && elapsed >= rule.ms) || elapsed >= maxMs) return { ops: n, isAsync };
+    if ((n >= rule.ops && elapsed >= rule.ms) || elapsed >= maxMs) return { ops: n, ms: elapsed, isAsync };
     if (isAsync) await op();
     else op();
     n++;
   }
 }
 
-async function measureLib(op: () => unknown, k: number, isAsync: boolean, minMs: number): Promise<Sample> {
-  const s = await measure(iteration(op, k, isAsync), { min_cpu_time: minMs * 1e6 });
-  return {
-    p50: s.p50 / k,
-    avg: s.avg / k,
-    min: s.min / k,
-    p25: s.p25 / k,
-    p75: s.p75 / k,
-    p99: s.p99 / k,
-    max: s.max / k,
-    samples: s.samples.length,
-    ticks: s.ticks * k,
+/**
+ * A library-side slice, the same loop as the C side's (bench/baseline/bench.c, `slice`): one
+ * untimed run when `warm`, then `samples` timed runs of `ops` operations. Not mitata's measure(): it compiles
+ * a new sampling function per call, 53 ms a call in the TCG guest, four times a slice's budget.
+ */
+export function slicer(
+  op: () => unknown,
+  ops: number,
+  isAsync: boolean,
+): (samples: number, warm: boolean) => Promise<number[]> {
+  const run = iteration(op, ops, isAsync);
+  if (isAsync) {
+    return async (samples, warm) => {
+      if (warm) await run();
+      const times = new Array<number>(samples);
+      for (let i = 0; i < samples; i++) {
+        const t0 = Bun.nanoseconds();
+        await run();
+        times[i] = (Bun.nanoseconds() - t0) / ops;
+      }
+      return times;
+    };
+  }
+  return async (samples, warm) => {
+    if (warm) run();
+    const times = new Array<number>(samples);
+    for (let i = 0; i < samples; i++) {
+      const t0 = Bun.nanoseconds();
+      run();
+      times[i] = (Bun.nanoseconds() - t0) / ops;
+    }
+    return times;
   };
 }
 
@@ -191,7 +264,7 @@ export async function runCase(
     result.layout = instance.layout;
     if (spec.c && !instance.c) result.errors.push("the case plans a C side but its setup gave none");
     // Without a binary (bun bench --no-c) the case runs its library side alone: no ratio.
-    if (instance.c && cBinary) c = await CProcess.start(cBinary, instance.c, spec.k);
+    if (instance.c && cBinary) c = await CProcess.start(cBinary, instance.c);
 
     const lib = instance.lib;
     const ref = instance.reference;
@@ -201,25 +274,50 @@ export async function runCase(
       firstCase ? Math.max(mode.warmup.maxMs, mode.processWarmupMs) : mode.warmup.maxMs,
     );
     result.warmupOps.lib = libWarm.ops;
-    let refWarm: { ops: number; isAsync: boolean } | undefined;
+    let refWarm: { ops: number; ms: number; isAsync: boolean } | undefined;
     if (ref) {
       refWarm = await warmUp(ref, mode.warmup, mode.warmup.maxMs);
       result.warmupOps.ref = refWarm.ops;
     }
-    if (c) result.warmupOps.c = await c.warmUp(mode.warmup.ops, mode.warmup.ms, mode.warmup.maxMs);
+    if (c) result.warmupOps.c = (await c.warmUp(mode.warmup.ops, mode.warmup.ms, mode.warmup.maxMs)).ops;
+    // Cut by the slowest side (a short slice of each, warm), so no side's slice runs much over its share.
+    // The least disturbed of 5 samples: a sample taken in a slow moment would shrink every slice.
+    const calibration = [Math.min(...(await slicer(lib, spec.k, libWarm.isAsync)(5, true)))];
+    if (ref) calibration.push(Math.min(...(await slicer(ref, spec.k, refWarm!.isAsync)(5, true))));
+    if (c) calibration.push(Math.min(...(await c.slice(5, spec.k, true))));
+    const plan = planSlices(Math.max(...calibration), spec.k, mode);
+    result.plan = plan;
 
+    const libSlice = slicer(lib, plan.opsPerSample, libWarm.isAsync);
+    const refSlice = ref ? slicer(ref, plan.opsPerSample, refWarm!.isAsync) : undefined;
+    const slice = (side: SideName): Promise<number[]> =>
+      side === "c"
+        ? c!.slice(plan.samplesPerSlice, plan.opsPerSample, plan.warm)
+        : side === "lib"
+          ? libSlice(plan.samplesPerSlice, plan.warm)
+          : refSlice!(plan.samplesPerSlice, plan.warm);
+    const sides: SideName[] = [...(c ? (["c"] as const) : []), "lib", ...(ref ? (["ref"] as const) : [])];
     for (let r = 0; r < mode.rounds; r++) {
-      const sides: SideName[] = [...(c ? (["c"] as const) : []), "lib", ...(ref ? (["ref"] as const) : [])];
-      const order = r % 2 === 0 ? sides : sides.reverse();
-      const round: Partial<Round> & { order: SideName[] } = { order };
-      for (const side of order) {
-        if (side === "c") round.c = await c!.measure(mode.minMs);
-        else if (side === "lib") round.lib = await measureLib(lib, spec.k, libWarm.isAsync, mode.minMs);
-        else round.ref = await measureLib(ref!, spec.k, refWarm!.isAsync, mode.minMs);
+      // Garbage of the last round is collected outside the timed slices, as mitata does per run.
+      Bun.gc(true);
+      const order = r % 2 === 0 ? sides : [...sides].reverse();
+      const times: Record<SideName, number[]> = { c: [], lib: [], ref: [] };
+      const slices: Partial<Record<SideName, number>>[] = [];
+      for (let i = 0; i < plan.slices; i++) {
+        const sliceMedians: Partial<Record<SideName, number>> = {};
+        for (const side of i % 2 === 0 ? order : [...order].reverse()) {
+          const t = await slice(side);
+          times[side].push(...t);
+          sliceMedians[side] = median(t);
+        }
+        slices.push(sliceMedians);
       }
-      if (round.c) round.ratio = round.lib!.p50 / round.c.p50;
-      if (round.ref) round.speedup = round.ref.p50 / round.lib!.p50;
-      result.rounds.push(round as Round);
+      const round: Round = { order, lib: summarize(times.lib, plan.opsPerSample), slices };
+      if (c) round.c = summarize(times.c, plan.opsPerSample);
+      if (ref) round.ref = summarize(times.ref, plan.opsPerSample);
+      if (c) round.ratio = median(slices.map((x) => x.lib! / x.c!));
+      if (ref) round.speedup = median(slices.map((x) => x.ref! / x.lib!));
+      result.rounds.push(round);
     }
     const rounds = result.rounds;
     result.lib = interval(rounds.map((x) => x.lib.p50));

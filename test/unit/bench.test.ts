@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { BaselineError, buildBaseline, CProcess } from "../../bench/baseline.ts";
 import { plan, smokeProblems } from "../../bench/main.ts";
 import { compare, hostPaths, scrubbed, type Results } from "../../bench/results.ts";
-import { interval, runCase, runMode, type CaseResult, type Interval } from "../../bench/runner.ts";
+import { interval, planSlices, runCase, runMode, type CaseResult, type Interval } from "../../bench/runner.ts";
 import { dlopen, FFIType } from "bun:ffi";
 import { type BenchCase, TIERS, type BenchEnv } from "../../bench/suite.ts";
 
@@ -64,6 +64,23 @@ describe("interval of the median", () => {
     expect(i.confidence).toBeGreaterThanOrEqual(0.95);
   });
   test("no rounds, no interval", () => expect(interval([])).toBeUndefined());
+});
+
+describe("slices of a round", () => {
+  const mode = runMode("default");
+  test("a fast op is batched to about 1 ms a sample and 12 ms a slice", () => {
+    // 1 us an op, 32 ops an iteration: 31 iterations (992 ops) a sample, 12 samples a slice.
+    expect(planSlices(1000, 32, mode)).toEqual({ opsPerSample: 992, samplesPerSlice: 12, slices: 10, warm: true });
+  });
+  test("an op longer than a slice gets one sample a slice and at least 12 slices", () => {
+    // No untimed run before a 40 ms sample: it would double the case's time for nothing.
+    expect(planSlices(40e6, 1, mode)).toEqual({ opsPerSample: 1, samplesPerSlice: 1, slices: 12, warm: false });
+  });
+  test("a sample is never less than one iteration of k ops", () => {
+    const p = planSlices(100e3, 128, mode);
+    expect(p.opsPerSample).toBe(128);
+    expect(p.samplesPerSlice * p.slices).toBeGreaterThanOrEqual(12);
+  });
 });
 
 describe("regressions only when the intervals part", () => {
@@ -204,14 +221,14 @@ describe("the C side", () => {
     const fd = openSync("/dev/null", "r");
     try {
       // Two descriptors handed over: set-up succeeds; MAP_FILE on /dev/null is ENOTTY.
-      const c = await CProcess.start(binary, { op: "map_file", fds: [fd, fd], args: [1, 4096, 1 << 24] }, 1);
+      const c = await CProcess.start(binary, { op: "map_file", fds: [fd, fd], args: [1, 4096, 1 << 24] });
       await expect(c.warmUp(10, 0, 100)).rejects.toThrow(/errno 25/);
       await c.close();
       // One missing: the C side says which.
-      await expect(CProcess.start(binary, { op: "map_file", fds: [fd], args: [1, 4096, 1 << 24] }, 1)).rejects.toThrow(
+      await expect(CProcess.start(binary, { op: "map_file", fds: [fd], args: [1, 4096, 1 << 24] })).rejects.toThrow(
         /fd 4/,
       );
-      await expect(CProcess.start(binary, { op: "nonsense", fds: [], args: [] }, 1)).rejects.toThrow(
+      await expect(CProcess.start(binary, { op: "nonsense", fds: [], args: [] })).rejects.toThrow(
         /no op named nonsense/,
       );
     } finally {
@@ -245,7 +262,19 @@ describe("the C side", () => {
     expect(r.errors).toEqual([]);
     expect(closed).toBe(true);
     expect(r.rounds.map((x) => x.order.join(","))).toEqual(["c,lib", "lib,c", "c,lib", "lib,c"]);
-    for (const round of r.rounds) expect(round.ratio).toBeCloseTo(round.lib.p50 / round.c!.p50, 9);
+    const plan = r.plan!;
+    expect(plan.slices).toBeGreaterThanOrEqual(mode.slices);
+    expect(plan.opsPerSample % spec.k).toBe(0);
+    for (const round of r.rounds) {
+      // Every slice has both sides; the round's ratio is the median of the slice pairs' ratios.
+      expect(round.slices.length).toBe(plan.slices);
+      const ratios = round.slices.map((x) => x.lib! / x.c!).sort((a, b) => a - b);
+      const mid = ratios.length >> 1;
+      expect(round.ratio).toBeCloseTo(ratios.length % 2 ? ratios[mid]! : (ratios[mid - 1]! + ratios[mid]!) / 2, 9);
+      expect(round.c!.samples).toBe(plan.slices * plan.samplesPerSlice);
+      expect(round.lib.samples).toBe(plan.slices * plan.samplesPerSlice);
+      expect(round.lib.ticks).toBe(round.lib.samples * plan.opsPerSample);
+    }
     expect(r.ratio?.n).toBe(4);
     expect(r.ratio!.lo).toBeLessThanOrEqual(r.ratio!.median);
     expect(r.ratio!.median).toBeLessThanOrEqual(r.ratio!.hi);
