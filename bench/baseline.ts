@@ -237,9 +237,9 @@ export class CProcess {
     return { ops: r.warmupOps ?? 0, ms: r.ms ?? 0 };
   }
 
-  /** One slice: an untimed run of `opsPerSample` ops when `warm`, then `samples` timed ones; ns per op each. */
-  async slice(samples: number, opsPerSample: number, warm: boolean): Promise<number[]> {
-    const r = await this.#command(`slice ${samples} ${opsPerSample} ${warm ? 1 : 0}`);
+  /** One slice: an untimed run of `opsPerSample` ops, then `samples` timed ones; ns per op each. */
+  async slice(samples: number, opsPerSample: number): Promise<number[]> {
+    const r = await this.#command(`slice ${samples} ${opsPerSample}`);
     if (!r.times || r.times.length !== samples) throw new Error(`${this.#what}: slice gave no times`);
     return r.times;
   }

@@ -74,13 +74,9 @@ export interface SlicePlan {
   opsPerSample: number;
   samplesPerSlice: number;
   slices: number;
-  /** An untimed sample opens each slice (after the other side ran) unless a sample is long enough not to care. */
-  warm: boolean;
 }
 
 const SAMPLE_TARGET_NS = 1e6;
-/** A sample this long gets no untimed run before it: caches refilled after the switch are noise in it. */
-const NO_WARM_SAMPLE_NS = 4e6;
 /** mitata's own minimum: fewer samples than this a side per round give no usable median. */
 const MIN_SAMPLES_PER_ROUND = 12;
 
@@ -94,7 +90,6 @@ export function planSlices(opNs: number, k: number, mode: Pick<RunMode, "minMs" 
     opsPerSample: k * iterations,
     samplesPerSlice,
     slices: Math.max(mode.slices, Math.ceil(MIN_SAMPLES_PER_ROUND / samplesPerSlice)),
-    warm: sampleNs < NO_WARM_SAMPLE_NS,
   };
 }
 
@@ -200,18 +195,16 @@ async function warmUp(
 
 /**
  * A library-side slice, the same loop as the C side's (bench/baseline/bench.c, `slice`): one
- * untimed run when `warm`, then `samples` timed runs of `ops` operations. Not mitata's measure(): it compiles
+ * untimed run, then `samples` timed runs of `ops` operations. The untimed run is not optional:
+ * the first run after the other side's slice pays for the switch (in the guest: 2x, more for
+ * the C side), and a plan with one or two samples a slice then moved a ratio by 15-30%. Not mitata's measure(): it compiles
  * a new sampling function per call, 53 ms a call in the TCG guest, four times a slice's budget.
  */
-export function slicer(
-  op: () => unknown,
-  ops: number,
-  isAsync: boolean,
-): (samples: number, warm: boolean) => Promise<number[]> {
+export function slicer(op: () => unknown, ops: number, isAsync: boolean): (samples: number) => Promise<number[]> {
   const run = iteration(op, ops, isAsync);
   if (isAsync) {
-    return async (samples, warm) => {
-      if (warm) await run();
+    return async (samples) => {
+      await run();
       const times = new Array<number>(samples);
       for (let i = 0; i < samples; i++) {
         const t0 = Bun.nanoseconds();
@@ -221,8 +214,8 @@ export function slicer(
       return times;
     };
   }
-  return async (samples, warm) => {
-    if (warm) run();
+  return async (samples) => {
+    run();
     const times = new Array<number>(samples);
     for (let i = 0; i < samples; i++) {
       const t0 = Bun.nanoseconds();
@@ -282,9 +275,9 @@ export async function runCase(
     if (c) result.warmupOps.c = (await c.warmUp(mode.warmup.ops, mode.warmup.ms, mode.warmup.maxMs)).ops;
     // Cut by the slowest side (a short slice of each, warm), so no side's slice runs much over its share.
     // The least disturbed of 5 samples: a sample taken in a slow moment would shrink every slice.
-    const calibration = [Math.min(...(await slicer(lib, spec.k, libWarm.isAsync)(5, true)))];
-    if (ref) calibration.push(Math.min(...(await slicer(ref, spec.k, refWarm!.isAsync)(5, true))));
-    if (c) calibration.push(Math.min(...(await c.slice(5, spec.k, true))));
+    const calibration = [Math.min(...(await slicer(lib, spec.k, libWarm.isAsync)(5)))];
+    if (ref) calibration.push(Math.min(...(await slicer(ref, spec.k, refWarm!.isAsync)(5))));
+    if (c) calibration.push(Math.min(...(await c.slice(5, spec.k))));
     const plan = planSlices(Math.max(...calibration), spec.k, mode);
     result.plan = plan;
 
@@ -292,10 +285,10 @@ export async function runCase(
     const refSlice = ref ? slicer(ref, plan.opsPerSample, refWarm!.isAsync) : undefined;
     const slice = (side: SideName): Promise<number[]> =>
       side === "c"
-        ? c!.slice(plan.samplesPerSlice, plan.opsPerSample, plan.warm)
+        ? c!.slice(plan.samplesPerSlice, plan.opsPerSample)
         : side === "lib"
-          ? libSlice(plan.samplesPerSlice, plan.warm)
-          : refSlice!(plan.samplesPerSlice, plan.warm);
+          ? libSlice(plan.samplesPerSlice)
+          : refSlice!(plan.samplesPerSlice);
     const sides: SideName[] = [...(c ? (["c"] as const) : []), "lib", ...(ref ? (["ref"] as const) : [])];
     for (let r = 0; r < mode.rounds; r++) {
       // Garbage of the last round is collected outside the timed slices, as mitata does per run.

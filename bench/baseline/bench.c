@@ -8,7 +8,7 @@
  * answers one JSON line per command read from stdin:
  *
  *	warmup OPS MS MAX_MS     run the op until OPS runs and MS ms are done, or MAX_MS passed
- *	slice SAMPLES OPS WARM   (if WARM) one untimed run of OPS ops, then SAMPLES timed samples of OPS ops each
+ *	slice SAMPLES OPS        one untimed run of OPS ops, then SAMPLES timed samples of OPS ops each
  *
  * and tears the op down at end of input. Times are per op, in ns, from CLOCK_MONOTONIC.
  *
@@ -88,13 +88,13 @@ static int run_ops(const struct bench_op *op, struct bench_ctx *c, long n)
 	return 0;
 }
 
-static void slice(const struct bench_op *op, struct bench_ctx *c, int count, long per_sample, int warm)
+static void slice(const struct bench_op *op, struct bench_ctx *c, int count, long per_sample)
 {
 	if (count < 1 || count > MAX_SAMPLES || per_sample < 1) {
 		reply_error("slice wants 1..4096 samples of at least 1 op");
 		return;
 	}
-	if (warm && run_ops(op, c, per_sample)) goto error;
+	if (run_ops(op, c, per_sample)) goto error;
 	for (int n = 0; n < count; n++) {
 		double t0 = now_ns();
 		if (run_ops(op, c, per_sample)) goto error;
@@ -154,10 +154,10 @@ int main(int argc, char **argv)
 	fflush(stdout);
 	while (fgets(line, sizeof(line), stdin)) {
 		long ops_wanted;
-		int count, warm;
+		int count;
 		double a, b;
 		if (sscanf(line, "warmup %ld %lf %lf", &ops_wanted, &a, &b) == 3) warmup(op, &c, ops_wanted, a, b);
-		else if (sscanf(line, "slice %d %ld %d", &count, &ops_wanted, &warm) == 3) slice(op, &c, count, ops_wanted, warm);
+		else if (sscanf(line, "slice %d %ld", &count, &ops_wanted) == 2) slice(op, &c, count, ops_wanted);
 		else reply_error("unknown command");
 	}
 	if (op->teardown) op->teardown(&c);
