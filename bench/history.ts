@@ -8,7 +8,7 @@
 import { writeFileSync } from "node:fs";
 import { join, relative, resolve } from "node:path";
 import { formatNs } from "./baseline.ts";
-import { readResults, resultsDir, type Saved } from "./results.ts";
+import { readResults, resultsDir, type Saved, type Schema } from "./results.ts";
 import type { CaseResult, Interval } from "./runner.ts";
 
 const root = resolve(import.meta.dir, "..");
@@ -65,7 +65,7 @@ export function seriesOf(runs: Saved[]): Series[] {
   const order: string[] = [];
   const metricOf = new Map<string, Metric>();
   // Once runs with paired rounds exist, their tracked cases are the rows; older ids stay out.
-  const paired = runs.filter((r) => r.results.schema === 2);
+  const paired = runs.filter((r) => r.results.schema >= 2);
   for (const r of [...(paired.length ? paired : runs)].reverse()) {
     for (const c of r.results.cases as (CaseResult | LegacyCase)[]) {
       if (!tracked(c) || metricOf.has(c.id)) continue;
@@ -86,6 +86,13 @@ export function seriesOf(runs: Saved[]): Series[] {
   }));
 }
 
+/** How each schema's figures were formed, as the history names it. */
+const METHOD: Record<Schema, string> = {
+  1: "schema 1 (unpaired best-of)",
+  2: "paired rounds",
+  3: "interleaved slices",
+};
+
 export function historyTable(runs: Saved[]): string {
   const lines: string[] = [];
   lines.push("runs:");
@@ -94,7 +101,7 @@ export function historyTable(runs: Saved[]): string {
     const reg = (res.changes ?? []).filter((c) => c.kind === "regression").length;
     const wall = res.wallSeconds !== undefined ? `${res.wallSeconds.toFixed(0)} s` : "";
     lines.push(
-      `  #${String(i + 1).padEnd(3)} ${runLabel(r).padEnd(25)} ${res.mode.padEnd(8)} ${res.schema === 2 ? "paired" : "schema 1 (unpaired best-of)"}  ${wall}  ${res.schema === 2 ? `${reg} regression(s)` : ""}  ${r.file}`,
+      `  #${String(i + 1).padEnd(3)} ${runLabel(r).padEnd(25)} ${res.mode.padEnd(8)} ${METHOD[res.schema].padEnd(27)}  ${wall}  ${res.schema >= 2 ? `${reg} regression(s)` : ""}  ${r.file}`,
     );
   });
   lines.push("");
@@ -242,7 +249,7 @@ function sizeSvg(run: Saved): string {
 export function historyHtml(runs: Saved[]): string {
   const labels = runs.map(runLabel);
   const series = seriesOf(runs);
-  const latest = [...runs].reverse().find((r) => r.results.schema === 2);
+  const latest = [...runs].reverse().find((r) => r.results.schema >= 2);
   const style = `body{font:14px system-ui,sans-serif;margin:24px;color:#222}h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 svg{background:#fff;border:1px solid #ddd;margin:4px}.t{font:600 12px sans-serif}.a{font:11px sans-serif;fill:#555}
 .g{stroke:#eee}.one{stroke:#999;stroke-dasharray:3 3}.e{stroke:#1f77b4;stroke-width:2;opacity:.45}.p{fill:#1f77b4}
@@ -251,7 +258,7 @@ td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}td:first-child,th:f
   const rows = runs
     .map(
       (r, i) =>
-        `<tr><td>#${i + 1}</td><td>${esc(labels[i]!)}</td><td>${esc(r.results.mode)}</td><td>${r.results.schema === 2 ? "paired rounds" : "schema 1"}</td><td>${r.results.wallSeconds !== undefined ? `${r.results.wallSeconds.toFixed(0)} s` : ""}</td><td>${esc(r.file)}</td></tr>`,
+        `<tr><td>#${i + 1}</td><td>${esc(labels[i]!)}</td><td>${esc(r.results.mode)}</td><td>${METHOD[r.results.schema]}</td><td>${r.results.wallSeconds !== undefined ? `${r.results.wallSeconds.toFixed(0)} s` : ""}</td><td>${esc(r.file)}</td></tr>`,
     )
     .join("");
   return `<!doctype html><html><head><meta charset="utf-8"><title>bun-iommufd bench history</title><style>${style}</style></head><body>

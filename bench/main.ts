@@ -36,6 +36,7 @@ import {
   machine,
   previousResults,
   ratioPlot,
+  SCHEMA,
   save,
   tables,
   THRESHOLD,
@@ -223,7 +224,7 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
       order:
         "per case, rounds of short slices (about minMs / slices a side, samples of about 1 ms), the sides alternating slice by slice: C, lib (, ref) then (ref,) lib, C, ...",
       interval:
-        "order-statistic interval of the median over rounds, confidence >= 95% where the round count allows (10 rounds: 2nd lowest..2nd highest, 97.9%)",
+        "min..max of the rounds (covers the median with 1 - 2/2^n: 99.8% for 10 rounds; spans the machine's states during the run)",
     },
     env: {
       mock: env.mock,
@@ -274,7 +275,7 @@ function finish(
   extra: { host?: Results["host"]; build?: Build; bootSeconds?: number },
 ): number {
   const results: Results = {
-    schema: 2,
+    schema: SCHEMA,
     date: new Date().toISOString(),
     commit: git(["rev-parse", "--short", "HEAD"]) || "unknown",
     // Saved results are not code: a run right after another (its file still untracked) is not dirty.

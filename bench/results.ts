@@ -51,8 +51,15 @@ export interface Change {
   text: string;
 }
 
+/**
+ * 1: unpaired best-of rounds (no interval). 2: paired rounds of 120 ms a side. 3: rounds of
+ * interleaved slices, interval min..max. Runs are compared only with runs of the same schema.
+ */
+export type Schema = 1 | 2 | 3;
+export const SCHEMA = 3;
+
 export interface Results extends Measurement {
-  schema: 2;
+  schema: Schema;
   date: string;
   commit: string;
   dirty: boolean;
@@ -121,8 +128,7 @@ export function readResults(dir = resultsDir): Saved[] {
     const path = join(dir, name);
     try {
       const results = JSON.parse(readFileSync(path, "utf8")) as Results;
-      if ((results.schema === 2 || (results.schema as number) === 1) && Array.isArray(results.cases))
-        out.push({ file: name, path, results });
+      if ([1, 2, 3].includes(results.schema) && Array.isArray(results.cases)) out.push({ file: name, path, results });
     } catch {
       // not ours, or half written
     }
@@ -130,12 +136,14 @@ export function readResults(dir = resultsDir): Saved[] {
   return out.sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
 }
 
-/** The newest earlier schema-2 results of the same mode (and of a whole run, unless filtered). */
+/** The newest earlier results of the same schema and mode (and of a whole run, unless filtered). */
 export function previousResults(results: Results): Saved | undefined {
   const dirs = results.mode === "quick" ? [quickSavedDir, scratchDir] : [resultsDir, scratchDir];
   return dirs
     .flatMap((d) => readResults(d))
-    .filter((r) => r.results.schema === 2 && r.results.mode === results.mode && r.results.date < results.date)
+    .filter(
+      (r) => r.results.schema === results.schema && r.results.mode === results.mode && r.results.date < results.date,
+    )
     .filter((r) => results.filter !== undefined || r.results.filter === undefined)
     .sort((a, b) => (a.results.date < b.results.date ? 1 : -1))[0];
 }
