@@ -6,7 +6,7 @@
  *   bun bench history [--out FILE]
  *   bun bench nvme [--seconds S] [--rounds N]
  *
- *   (default)  the cases a user tracks, 10 paired rounds each (a few minutes in the TCG guest)
+ *   (default)  the cases a user tracks, 10 rounds each (about 5 minutes in the TCG guest)
  *   --full     every case, 16 rounds
  *   --quick    CI's smoke test: small cases, 2 rounds; fails when a planned case did not report,
  *              lacks its C side or ratio (or, under CI=true, was skipped). Results go to a scratch
