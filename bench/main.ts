@@ -404,6 +404,8 @@ async function viaGuest(args: Args): Promise<number> {
       // One vCPU: TCG runs a guest's vCPUs in turns on one host thread, so a side that migrated
       // to the other vCPU waited for its turn; per-round times then split in two modes (~2x apart).
       cpus: 1,
+      // --full maps 1 GiB twice: once scattered (needs 3 GiB available), once from 1 GiB of huge pages.
+      ...(args.tier === "full" ? { memory: "7G", hugepages: 640 } : {}),
       timeoutSeconds: args.tier === "full" ? 5400 : 1200,
       env: { BENCH_COLORS: useColors() ? "1" : "0" },
       onStdout: (chunk) => (jsonMode ? process.stderr : process.stdout).write(chunk),
