@@ -202,7 +202,7 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
   const { cases, skipped } = plan(env, args.tier, args.filter);
   for (const s of skipped) say(`skipped ${s.id}: ${s.reason}`);
   if (!cBinary) say("no C side in this run: no ratios");
-  say(`${cases.length} case(s), ${mode.rounds} paired rounds each (${mode.tier} run)`);
+  say(`${cases.length} case(s), ${mode.rounds} rounds of interleaved slices each (${mode.tier} run)`);
   const results: CaseResult[] = [];
   let suite = "";
   for (const [i, spec] of cases.entries()) {
