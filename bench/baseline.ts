@@ -162,29 +162,11 @@ export interface Sample {
   ticks: number;
 }
 
-/** Sample statistics of per-operation times (nearest-rank quantiles of the sorted values). */
-export function summarize(times: number[], opsPerSample: number): Sample {
-  const s = [...times].sort((a, b) => a - b);
-  const at = (q: number) => s[Math.round(q * (s.length - 1))]!;
-  return {
-    p50: s.length % 2 ? s[s.length >> 1]! : (s[(s.length >> 1) - 1]! + s[s.length >> 1]!) / 2,
-    avg: s.reduce((a, b) => a + b, 0) / s.length,
-    min: s[0]!,
-    p25: at(0.25),
-    p75: at(0.75),
-    p99: at(0.99),
-    max: s[s.length - 1]!,
-    samples: s.length,
-    ticks: s.length * opsPerSample,
-  };
-}
-
 interface Reply {
   ok: boolean;
   error?: string;
   ready?: boolean;
   warmupOps?: number;
-  ms?: number;
   times?: number[];
 }
 
@@ -231,10 +213,9 @@ export class CProcess {
     return this.#reply();
   }
 
-  /** Runs the op until `ops` runs and `ms` are done, or `maxMs` passed: how many ran, in how long. */
-  async warmUp(ops: number, ms: number, maxMs: number): Promise<{ ops: number; ms: number }> {
-    const r = await this.#command(`warmup ${ops} ${ms} ${maxMs}`);
-    return { ops: r.warmupOps ?? 0, ms: r.ms ?? 0 };
+  /** Runs the op until `ops` runs and `ms` are done, or `maxMs` passed: how many ran. */
+  async warmUp(ops: number, ms: number, maxMs: number): Promise<number> {
+    return (await this.#command(`warmup ${ops} ${ms} ${maxMs}`)).warmupOps ?? 0;
   }
 
   /** One slice: an untimed run of `opsPerSample` ops, then `samples` timed ones; ns per op each. */

@@ -7,7 +7,7 @@
  * A slice pair gives a ratio (lib / C) and a speedup (ref / lib); a round reports the median of
  * its slice pairs, and the case the median of its rounds with a distribution-free interval.
  */
-import { CProcess, formatNs, type Sample, summarize } from "./baseline.ts";
+import { CProcess, formatNs, type Sample } from "./baseline.ts";
 import type { BenchCase, BenchEnv, CaseInstance, Layout, Tier } from "./suite.ts";
 
 export interface RunMode {
@@ -29,8 +29,8 @@ export function runMode(tier: Tier): RunMode {
     case "quick":
       return { tier, rounds: 2, minMs: 30, slices: 4, warmup: { ops: 2000, ms: 0, maxMs: 200 }, processWarmupMs: 0 };
     case "default":
-      // Many short rounds rather than a few long ones: the interval of 10 drops the most extreme
-      // round on each side, so one round disturbed by the machine does not widen it.
+      // Each round a train of short slices: a disturbance of the machine moves a slice or two, which
+      // the round's median over its slices leaves out.
       return {
         tier,
         rounds: 10,
@@ -134,6 +134,23 @@ export function median(values: number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
+/** Sample statistics of per-operation times (nearest-rank quantiles of the sorted values). */
+export function summarize(times: number[], opsPerSample: number): Sample {
+  const s = [...times].sort((a, b) => a - b);
+  const at = (q: number) => s[Math.round(q * (s.length - 1))]!;
+  return {
+    p50: median(s),
+    avg: s.reduce((a, b) => a + b, 0) / s.length,
+    min: s[0]!,
+    p25: at(0.25),
+    p75: at(0.75),
+    p99: at(0.99),
+    max: s[s.length - 1]!,
+    samples: s.length,
+    ticks: s.length * opsPerSample,
+  };
+}
+
 /**
  * The median of the rounds and their whole range, min..max. As an interval of the median it
  * covers it with probability 1 - 2 / 2^n (99.8% for 10 rounds); more to the point it spans every
@@ -168,7 +185,7 @@ async function warmUp(
   op: () => unknown,
   rule: RunMode["warmup"],
   maxMs: number,
-): Promise<{ ops: number; ms: number; isAsync: boolean }> {
+): Promise<{ ops: number; isAsync: boolean }> {
   const first = op();
   const isAsync = first instanceof Promise;
   if (isAsync) await first;
@@ -176,7 +193,7 @@ async function warmUp(
   let n = 1;
   for (;;) {
     const elapsed = performance.now() - start;
-    if ((n >= rule.ops && elapsed >= rule.ms) || elapsed >= maxMs) return { ops: n, ms: elapsed, isAsync };
+    if ((n >= rule.ops && elapsed >= rule.ms) || elapsed >= maxMs) return { ops: n, isAsync };
     if (isAsync) await op();
     else op();
     n++;
@@ -257,12 +274,12 @@ export async function runCase(
       firstCase ? Math.max(mode.warmup.maxMs, mode.processWarmupMs) : mode.warmup.maxMs,
     );
     result.warmupOps.lib = libWarm.ops;
-    let refWarm: { ops: number; ms: number; isAsync: boolean } | undefined;
+    let refWarm: { ops: number; isAsync: boolean } | undefined;
     if (ref) {
       refWarm = await warmUp(ref, mode.warmup, mode.warmup.maxMs);
       result.warmupOps.ref = refWarm.ops;
     }
-    if (c) result.warmupOps.c = (await c.warmUp(mode.warmup.ops, mode.warmup.ms, mode.warmup.maxMs)).ops;
+    if (c) result.warmupOps.c = await c.warmUp(mode.warmup.ops, mode.warmup.ms, mode.warmup.maxMs);
     // Cut by the slowest side (a short slice of each, warm), so no side's slice runs much over its share.
     // The least disturbed of 5 samples: a sample taken in a slow moment would shrink every slice.
     const calibration = [Math.min(...(await slicer(lib, spec.k, libWarm.isAsync)(5)))];
