@@ -112,12 +112,16 @@ kernel_key() {
   out="$cache/kernels/$key"
 }
 
+# IOMMUFD_TEST_KERNEL names a bzImage to use as it is: print it (false when unset; dies when missing).
+given_kernel() {
+  [[ -n "${IOMMUFD_TEST_KERNEL:-}" ]] || return 1
+  [[ -f "$IOMMUFD_TEST_KERNEL" ]] || die "IOMMUFD_TEST_KERNEL=$IOMMUFD_TEST_KERNEL does not exist"
+  echo "$IOMMUFD_TEST_KERNEL"
+}
+
 # Prints the cached bzImage's path, or exits 3 when none is cached (builds nothing).
 cmd_cached() {
-  if [[ -n "${IOMMUFD_TEST_KERNEL:-}" ]]; then
-    [[ -f "$IOMMUFD_TEST_KERNEL" ]] || die "IOMMUFD_TEST_KERNEL=$IOMMUFD_TEST_KERNEL does not exist"
-    echo "$IOMMUFD_TEST_KERNEL"; return
-  fi
+  given_kernel && return
   local pkg ver key out
   kernel_key
   [[ -f "$out/bzImage" ]] || { say "no cached kernel for $key"; exit 3; }
@@ -125,10 +129,7 @@ cmd_cached() {
 }
 
 cmd_build() {
-  if [[ -n "${IOMMUFD_TEST_KERNEL:-}" ]]; then
-    [[ -f "$IOMMUFD_TEST_KERNEL" ]] || die "IOMMUFD_TEST_KERNEL=$IOMMUFD_TEST_KERNEL does not exist"
-    echo "$IOMMUFD_TEST_KERNEL"; return
-  fi
+  given_kernel && return
   local pkg ver key out
   kernel_key
   if [[ -f "$out/bzImage" ]]; then
