@@ -235,6 +235,19 @@ describe("the C side", () => {
     }
   }, 60_000);
 
+  test("a slice outside 1..4096 samples of at least 1 op is refused by name", async () => {
+    const c = await CProcess.start(built(), { op: "syscall_getppid", fds: [], args: [] });
+    try {
+      await expect(c.slice(0, 1)).rejects.toThrow(/slice wants 1\.\.4096 samples of at least 1 op/);
+      await expect(c.slice(4097, 1)).rejects.toThrow(/slice wants/);
+      await expect(c.slice(3, 0)).rejects.toThrow(/slice wants/);
+      // The process is still there and answers a good slice with one time per sample.
+      expect((await c.slice(3, 8)).length).toBe(3);
+    } finally {
+      await c.close();
+    }
+  }, 60_000);
+
   test("runs paired rounds: sides alternate, one ratio per round", async () => {
     const binary = built();
     const { symbols, close } = dlopen("libc.so.6", { getppid: { args: [], returns: FFIType.i32 } });
