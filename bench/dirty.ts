@@ -8,7 +8,7 @@
  * One timed operation: zero the 32 KiB bitmap and read (and clear) the dirty bits of the range.
  */
 import { DirtyBitmap, HwPageTable, Iommufd, MemfdBuffer } from "../src/index.ts";
-import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../src/selftest.ts";
+import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../src/testing/selftest.ts";
 
 export const DIRTY_LABEL = "GET_DIRTY_BITMAP of 1 GiB IOVA at 4 KiB (mock domain, 32 KiB bitmap zeroed first)";
 

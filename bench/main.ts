@@ -26,7 +26,7 @@ import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync, writeFileS
 import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { findPciDevices, Iommufd } from "../src/index.ts";
-import { MockDomain } from "../src/selftest.ts";
+import { MockDomain } from "../src/testing/selftest.ts";
 import { isCI as isCIRun } from "../test/support/ci.ts";
 import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";

@@ -17,7 +17,7 @@ import {
   VfioDevice,
   bindToVfioPci,
 } from "../src/index.ts";
-import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../src/selftest.ts";
+import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../src/testing/selftest.ts";
 import { EDU_DEVICE, EDU_VENDOR } from "./edu.ts";
 
 const PAGE = 4096;

@@ -7,7 +7,7 @@
  *   bun run vm -- bun examples/fault-queue.ts
  */
 import { FaultQueue, HwPageTable, Iommufd } from "../src/index.ts";
-import { MockDomain } from "../src/selftest.ts";
+import { MockDomain } from "../src/testing/selftest.ts";
 
 using iommufd = Iommufd.open();
 using ioas = iommufd.createIoas();

@@ -14,7 +14,7 @@ import {
   VfioDevice,
   type HwInfo,
 } from "../src/index.ts";
-import { MockDomain } from "../src/selftest.ts";
+import { MockDomain } from "../src/testing/selftest.ts";
 import { EDU_DEVICE, EDU_VENDOR } from "./edu.ts";
 
 function show(label: string, info: HwInfo): void {

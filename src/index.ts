@@ -11,7 +11,7 @@
  * buffer.bytes.set([1, 2, 3]); // the device sees these bytes at mapping.iova
  * ```
  */
-export { Iommufd, DEFAULT_IOMMU_PATH, type RlimitMode } from "./iommufd.ts";
+export { Iommufd, DEFAULT_IOMMU_PATH, type RlimitMode } from "./iommufd/iommufd.ts";
 export {
   Ioas,
   Mapping,
@@ -24,8 +24,8 @@ export {
   type MappableFile,
   type MapSource,
   type RangeOptions,
-} from "./ioas.ts";
-export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions, type MemfdSeals } from "./memfd.ts";
+} from "./iommufd/ioas.ts";
+export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions, type MemfdSeals } from "./memory/memfd.ts";
 export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
 export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";
 export {
@@ -47,11 +47,11 @@ export {
 } from "./vfio/irq.ts";
 export { RegionMapping } from "./vfio/region.ts";
 export { bindToVfioPci, findPciDevices } from "./vfio/pci.ts";
-export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./dmabuf.ts";
+export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./memory/dmabuf.ts";
 export { DmaHeap, DmaBuffer, AddressRule, type DmaHeapOptions, type DmaHeapStats } from "./heap/dma-heap.ts";
 export { OffsetAllocator, type OffsetAllocatorOptions, type OffsetAllocatorStats } from "./heap/allocator.ts";
-export { HwPageTable, DirtyBitmap, type HwPageTableOptions, type DirtyBitmapOptions } from "./hwpt.ts";
-export { FaultQueue, type PageFault, type PageResponseCode } from "./fault-queue.ts";
+export { HwPageTable, DirtyBitmap, type HwPageTableOptions, type DirtyBitmapOptions } from "./vmm/hwpt.ts";
+export { FaultQueue, type PageFault, type PageResponseCode } from "./vmm/fault-queue.ts";
 export {
   readHwInfo,
   decodeVtd,
@@ -62,12 +62,12 @@ export {
   type VtdHwInfo,
   type VtdCapabilities,
   type VtdExtendedCapabilities,
-} from "./hw-info.ts";
-export type { BoundDevice } from "./device-ref.ts";
+} from "./vmm/hw-info.ts";
+export type { BoundDevice } from "./vmm/device-ref.ts";
 export {
   changeProcess,
   adoptIoas,
   hasIpcLock,
   PRIVILEGED_HANDOVER_WARNING,
   type ChangeProcessOptions,
-} from "./handover.ts";
+} from "./vmm/handover.ts";

@@ -6,7 +6,7 @@
  */
 import { DmaHeap, Iommufd, MemfdBuffer } from "../../src/index.ts";
 import { OffsetAllocator } from "../../src/heap/allocator.ts";
-import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
+import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { defineSuite, KiB, MiB, Scope, sizeLabel, type BenchCase, type Tier } from "../suite.ts";
 
 /** Allocations kept alive while the heap is timed, so it works on a real free list. */

@@ -3,7 +3,7 @@
  * the same ioctls in C (bench/baseline/ops_map.c) on the same iommufd, IOAS and memfd/dma-buf.
  */
 import { Iommufd, type MemfdBuffer, VfioDevice, type Ioas, type MappableFile } from "../../src/index.ts";
-import { MockDomain } from "../../src/selftest.ts";
+import { MockDomain } from "../../src/testing/selftest.ts";
 import { layoutBuffer } from "../layout.ts";
 import { rawMapFilePair } from "../rawffi.ts";
 import {

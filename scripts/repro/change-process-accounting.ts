@@ -22,8 +22,8 @@
  */
 import { readFileSync } from "node:fs";
 import { changeProcess, hasIpcLock, Iommufd, MemfdBuffer } from "../../src/index.ts";
-import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
-import { adoptIoas } from "../../src/handover.ts";
+import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
+import { adoptIoas } from "../../src/vmm/handover.ts";
 
 const SIZE = 1 << 20;
 const vmPin = () => Number(/^VmPin:\s+(-?\d+)/m.exec(readFileSync("/proc/self/status", "utf8"))?.[1]);

@@ -7,7 +7,7 @@ import { lstatSync, readdirSync, readFileSync, readlinkSync, statSync } from "no
 import { machine, release } from "node:os";
 import { basename, join } from "node:path";
 import { gunzipSync } from "node:zlib";
-import { Iommufd } from "../iommufd.ts";
+import { Iommufd } from "../iommufd/iommufd.ts";
 import { IommufdError } from "../sys/error.ts";
 import { errnoCode } from "../sys/errno.ts";
 import { VfioDevice } from "../vfio/device.ts";

@@ -15,8 +15,8 @@
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError } from "../sys/error.ts";
 import { hex, type Iova } from "../sys/validate.ts";
-import type { Ioas, Mapping } from "../ioas.ts";
-import { MemfdBuffer, type HugePageSize } from "../memfd.ts";
+import type { Ioas, Mapping } from "../iommufd/ioas.ts";
+import { MemfdBuffer, type HugePageSize } from "../memory/memfd.ts";
 import { OffsetAllocator, type OffsetAllocatorStats } from "./allocator.ts";
 
 export interface DmaHeapOptions {

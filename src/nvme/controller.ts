@@ -6,8 +6,8 @@
  * All DMA memory (rings, PRP lists, data buffers) comes from one DmaHeap mapped once into the
  * IOAS, so reads and writes make no system call.
  */
-import { Iommufd } from "../iommufd.ts";
-import type { Ioas } from "../ioas.ts";
+import { Iommufd } from "../iommufd/iommufd.ts";
+import type { Ioas } from "../iommufd/ioas.ts";
 import { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError } from "../sys/error.ts";

@@ -7,8 +7,8 @@
  * The bytes are reached from the CPU through the owning device's BAR mapping, one aligned 32-bit
  * access at a time (wider or narrower loads of device memory are not guaranteed to work).
  */
-import type { DmaBuf } from "../dmabuf.ts";
-import type { Mapping } from "../ioas.ts";
+import type { DmaBuf } from "../memory/dmabuf.ts";
+import type { Mapping } from "../iommufd/ioas.ts";
 import { argumentError, closedError } from "../sys/error.ts";
 import type { RegionMapping } from "../vfio/device.ts";
 

@@ -4,9 +4,9 @@
  * bus mastering, reset and dma-buf export of BAR slices.
  */
 import { readlinkSync } from "node:fs";
-import { DmaBuf } from "../dmabuf.ts";
-import { Ioas } from "../ioas.ts";
-import type { Iommufd } from "../iommufd.ts";
+import { DmaBuf } from "../memory/dmabuf.ts";
+import { Ioas } from "../iommufd/ioas.ts";
+import type { Iommufd } from "../iommufd/iommufd.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
 import { closeFd, fdFinalizer, openPath, preadInto, pwriteFrom, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";

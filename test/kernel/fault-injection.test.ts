@@ -21,7 +21,7 @@ import {
   type PreparedMapping,
   type RegionMapping,
 } from "../../src/index.ts";
-import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
+import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
 import {
   FailNth,

@@ -16,7 +16,7 @@ import {
   PRIVILEGED_HANDOVER_WARNING,
   VfioDevice,
 } from "../../src/index.ts";
-import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
+import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
 

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DmaHeap, Iommufd, VfioDevice } from "../../src/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
-import { MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
+import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { Edu, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
 import { straceSummary, syscallsBetween } from "../support/strace.ts";

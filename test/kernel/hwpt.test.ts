@@ -17,7 +17,7 @@ import {
   type Ioas,
 } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
-import { markMockDirty, MOCK_APERTURE_START, MOCK_PAGE_SIZE, MockDomain } from "../../src/selftest.ts";
+import { markMockDirty, MOCK_APERTURE_START, MOCK_PAGE_SIZE, MockDomain } from "../../src/testing/selftest.ts";
 import { Edu, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd, testScope } from "../support/kernel.ts";
 

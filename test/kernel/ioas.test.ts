@@ -5,7 +5,7 @@
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { Iommufd, IommufdError, MemfdBuffer, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
-import { MOCK_APERTURE_LAST, MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
+import { MOCK_APERTURE_LAST, MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd, testScope } from "../support/kernel.ts";
 
 const KiB = 1024;

@@ -5,7 +5,7 @@
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { createUdmabuf, DmaBuf, Iommufd, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
-import { revokeSelftestDmaBuf, selftestDmaBuf } from "../../src/selftest.ts";
+import { revokeSelftestDmaBuf, selftestDmaBuf } from "../../src/testing/selftest.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, kernelLog, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
 

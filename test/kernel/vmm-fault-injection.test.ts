@@ -15,7 +15,7 @@ import {
   readHwInfo,
   type Ioas,
 } from "../../src/index.ts";
-import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../../src/selftest.ts";
+import { markMockDirty, MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { FailNth, formatSweepReports, type SweepReport, sweep } from "../support/fail-nth.ts";
 import { requireIommufd } from "../support/kernel.ts";
 

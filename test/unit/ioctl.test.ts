@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { Ioas } from "../../src/ioas.ts";
+import { Ioas } from "../../src/iommufd/ioas.ts";
 import { Iommufd, MemfdBuffer } from "../../src/index.ts";
 import { ERRNO } from "../../src/sys/errno.ts";
 import { IommufdError } from "../../src/sys/error.ts";

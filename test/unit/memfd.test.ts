@@ -1,6 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { readdirSync, readFileSync } from "node:fs";
-import { MemfdBuffer } from "../../src/memfd.ts";
+import { MemfdBuffer } from "../../src/memory/memfd.ts";
 import { IommufdError } from "../../src/sys/error.ts";
 import { isCloseOnExec, preadInto, pwriteFrom } from "../../src/sys/fd.ts";
 import { F_GET_SEALS, F_SEAL_SHRINK, lastErrno, libc } from "../../src/sys/libc.ts";

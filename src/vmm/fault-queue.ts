@@ -7,13 +7,13 @@
  *   using hwpt = HwPageTable.allocate(ioas, device, { faultQueue: faults });
  *   for (const fault of await faults.read()) { ...map the page...; faults.respond(fault, "success"); }
  */
-import type { Iommufd } from "./iommufd.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
-import { closeFd, fdFinalizer } from "./sys/fd.ts";
-import type { ErrnoTable } from "./sys/ioctl.ts";
-import { lastErrno, libc, O_CLOEXEC } from "./sys/libc.ts";
-import { getU64 } from "./uapi/codec.ts";
+import type { Iommufd } from "../iommufd/iommufd.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
+import { closeFd, fdFinalizer } from "../sys/fd.ts";
+import type { ErrnoTable } from "../sys/ioctl.ts";
+import { lastErrno, libc, O_CLOEXEC } from "../sys/libc.ts";
+import { getU64 } from "../uapi/codec.ts";
 import {
   IOMMU_FAULT_QUEUE_ALLOC,
   IOMMU_PGFAULT_FLAGS_LAST_PAGE,
@@ -27,7 +27,7 @@ import {
   iommu_fault_alloc,
   iommu_hwpt_page_response,
   iommu_hwpt_pgfault,
-} from "./uapi/iommufd.ts";
+} from "../uapi/iommufd.ts";
 import type { WaitAnswer } from "./fault-poller.ts";
 
 /** One decoded struct iommu_hwpt_pgfault. */

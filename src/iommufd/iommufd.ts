@@ -2,11 +2,11 @@
  * Iommufd: an open /dev/iommu. It owns the fd; every object created through it (IOAS, hw page
  * tables) dies with it, which the kernel guarantees and the library mirrors by marking them closed.
  */
-import { argumentError, closedError } from "./sys/error.ts";
-import { closeFd, fdFinalizer, openPath, requireOpenFd, setCloseOnExec } from "./sys/fd.ts";
-import { type ErrnoTable, ioctl } from "./sys/ioctl.ts";
-import { O_RDWR } from "./sys/libc.ts";
-import type { StructBuffer } from "./uapi/codec.ts";
+import { argumentError, closedError } from "../sys/error.ts";
+import { closeFd, fdFinalizer, openPath, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
+import { type ErrnoTable, ioctl } from "../sys/ioctl.ts";
+import { O_RDWR } from "../sys/libc.ts";
+import type { StructBuffer } from "../uapi/codec.ts";
 import {
   IOMMU_DESTROY,
   IOMMU_IOAS_ALLOC,
@@ -17,7 +17,7 @@ import {
   iommu_destroy,
   iommu_ioas_alloc,
   iommu_option,
-} from "./uapi/iommufd.ts";
+} from "../uapi/iommufd.ts";
 import { Ioas } from "./ioas.ts";
 
 export const DEFAULT_IOMMU_PATH = "/dev/iommu";

@@ -3,14 +3,14 @@
  * device BAR exported with VFIO_DEVICE_FEATURE_DMA_BUF, for peer-to-peer DMA); other dma-bufs
  * still exist here so that the refusal comes back as a clear error.
  */
-import type { MappableFile } from "./ioas.ts";
+import type { MappableFile } from "../iommufd/ioas.ts";
 import type { MemfdBuffer } from "./memfd.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { closedError } from "./sys/error.ts";
-import { closeFd, fdFinalizer, fstat, openPath } from "./sys/fd.ts";
-import { type ErrnoTable, ioctl } from "./sys/ioctl.ts";
-import { O_RDWR } from "./sys/libc.ts";
-import { UDMABUF_CREATE, UDMABUF_FLAGS_CLOEXEC, udmabuf_create } from "./uapi/udmabuf.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { closedError } from "../sys/error.ts";
+import { closeFd, fdFinalizer, fstat, openPath } from "../sys/fd.ts";
+import { type ErrnoTable, ioctl } from "../sys/ioctl.ts";
+import { O_RDWR } from "../sys/libc.ts";
+import { UDMABUF_CREATE, UDMABUF_FLAGS_CLOEXEC, udmabuf_create } from "../uapi/udmabuf.ts";
 
 /** Where a dma-buf came from; decides what a refusal from iommufd means. */
 export type DmaBufOrigin = "vfio" | "udmabuf" | "selftest" | "external";

@@ -5,8 +5,8 @@
  */
 import { ptr } from "bun:ffi";
 import { deviceIdOf, type BoundDevice } from "./device-ref.ts";
-import type { Iommufd } from "./iommufd.ts";
-import type { ErrnoTable } from "./sys/ioctl.ts";
+import type { Iommufd } from "../iommufd/iommufd.ts";
+import type { ErrnoTable } from "../sys/ioctl.ts";
 import {
   IOMMU_GET_HW_INFO,
   IOMMU_HW_CAP_DIRTY_TRACKING,
@@ -21,8 +21,8 @@ import {
   IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17,
   iommu_hw_info,
   iommu_hw_info_vtd,
-} from "./uapi/iommufd.ts";
-import { IOMMU_HW_INFO_TYPE_SELFTEST, iommu_test_hw_info } from "./uapi/iommufd-test.ts";
+} from "../uapi/iommufd.ts";
+import { IOMMU_HW_INFO_TYPE_SELFTEST, iommu_test_hw_info } from "../uapi/iommufd-test.ts";
 
 export type HwInfoType = "none" | "intel-vtd" | "arm-smmuv3" | "tegra241-cmdqv" | "amd" | "selftest" | "unknown";
 

@@ -14,14 +14,14 @@ import {
   MAP_FILE_ERRORS,
   readIovaRanges,
   UNMAP_ERRORS,
-} from "./ioas-errors.ts";
+} from "./ioctls.ts";
 import type { Iommufd } from "./iommufd.ts";
 import { Mapping, MappingList, PreparedMapping } from "./mapping.ts";
-import { MemfdBuffer } from "./memfd.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { argumentError, IommufdError } from "./sys/error.ts";
-import { fstat, requireOpenFd } from "./sys/fd.ts";
-import { ioctl, isErrno } from "./sys/ioctl.ts";
+import { MemfdBuffer } from "../memory/memfd.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { argumentError, IommufdError } from "../sys/error.ts";
+import { fstat, requireOpenFd } from "../sys/fd.ts";
+import { ioctl, isErrno } from "../sys/ioctl.ts";
 import {
   hex,
   type Iova,
@@ -31,8 +31,8 @@ import {
   rangeOffset,
   U64_MAX,
   u64,
-} from "./sys/validate.ts";
-import { getU64, putU64 } from "./uapi/codec.ts";
+} from "../sys/validate.ts";
+import { getU64, putU64 } from "../uapi/codec.ts";
 import {
   IOMMU_IOAS_ALLOW_IOVAS,
   IOMMU_IOAS_COPY,
@@ -51,7 +51,7 @@ import {
   iommu_ioas_map_file,
   iommu_ioas_unmap,
   iommu_iova_range,
-} from "./uapi/iommufd.ts";
+} from "../uapi/iommufd.ts";
 
 export { Mapping, PreparedMapping } from "./mapping.ts";
 export type { Iova, IovaRange, IovaRanges };

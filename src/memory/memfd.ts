@@ -4,10 +4,10 @@
  * writes is what JS reads. No copy anywhere.
  */
 import { toArrayBuffer, type Pointer } from "bun:ffi";
-import { ERRNO } from "./sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "./sys/error.ts";
-import { closeFd, cString, fdFinalizer, fstat, requireOpenFd, setCloseOnExec } from "./sys/fd.ts";
-import { hex } from "./sys/validate.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
+import { closeFd, cString, fdFinalizer, fstat, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
+import { hex } from "../sys/validate.ts";
 import {
   F_ADD_SEALS,
   F_GET_SEALS,
@@ -26,7 +26,7 @@ import {
   PROT_WRITE,
   S_IFMT,
   S_IFREG,
-} from "./sys/libc.ts";
+} from "../sys/libc.ts";
 
 export type HugePageSize = "2MB" | "1GB";
 

@@ -2,7 +2,7 @@
  * How the VMM-side calls (hw info, hw page tables) name a device bound to an iommufd: its device
  * id, or any object that knows it (a bound VfioDevice, a selftest MockDomain).
  */
-import { argumentError } from "./sys/error.ts";
+import { argumentError } from "../sys/error.ts";
 
 export type BoundDevice = number | { readonly deviceId: number | undefined };
 

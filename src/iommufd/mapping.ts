@@ -3,14 +3,14 @@
  * IOAS's list of live mappings) and PreparedMapping (a MAP_FILE encoded once, mapped and unmapped
  * over and over).
  */
-import { MAP_FILE_ERRORS, UNMAP_ERRORS } from "./ioas-errors.ts";
+import { MAP_FILE_ERRORS, UNMAP_ERRORS } from "./ioctls.ts";
 import type { Ioas, MappableFile } from "./ioas.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { argumentError, IommufdError } from "./sys/error.ts";
-import { ioctl } from "./sys/ioctl.ts";
-import { addIova, hex, type Iova } from "./sys/validate.ts";
-import { getU64, putU64 } from "./uapi/codec.ts";
-import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_map_file, iommu_ioas_unmap } from "./uapi/iommufd.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { argumentError, IommufdError } from "../sys/error.ts";
+import { ioctl } from "../sys/ioctl.ts";
+import { addIova, hex, type Iova } from "../sys/validate.ts";
+import { getU64, putU64 } from "../uapi/codec.ts";
+import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_map_file, iommu_ioas_unmap } from "../uapi/iommufd.ts";
 
 /**
  * The live mappings of one IOAS, linked through the Mappings themselves. A Set costs a hashed

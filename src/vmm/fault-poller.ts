@@ -5,7 +5,7 @@
  * when the queue fd is readable or the wake eventfd was written (close).
  */
 import { ptr } from "bun:ffi";
-import { lastErrno, libc } from "./sys/libc.ts";
+import { lastErrno, libc } from "../sys/libc.ts";
 
 declare const self: Worker;
 

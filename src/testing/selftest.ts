@@ -3,16 +3,16 @@
  * can be checked against this process's pages, and a test dma-buf exporter. For tests and
  * benchmarks on kernels built with the option; real systems do not have it.
  */
-import { DmaBuf } from "./dmabuf.ts";
-import { argumentError, closedError } from "./sys/error.ts";
-import { type ErrnoTable, isErrno } from "./sys/ioctl.ts";
-import { O_CLOEXEC } from "./sys/libc.ts";
-import { IOMMU_TEST_CMD, IOMMU_TEST_OP, iommu_test_cmd, MOCK_FLAGS_DEVICE_NO_DIRTY } from "./uapi/iommufd-test.ts";
-import type { DirtyBitmap, HwPageTable } from "./hwpt.ts";
-import type { Iommufd } from "./iommufd.ts";
-import type { Ioas, Iova } from "./ioas.ts";
+import { DmaBuf } from "../memory/dmabuf.ts";
+import { argumentError, closedError } from "../sys/error.ts";
+import { type ErrnoTable, isErrno } from "../sys/ioctl.ts";
+import { O_CLOEXEC } from "../sys/libc.ts";
+import { IOMMU_TEST_CMD, IOMMU_TEST_OP, iommu_test_cmd, MOCK_FLAGS_DEVICE_NO_DIRTY } from "../uapi/iommufd-test.ts";
+import type { DirtyBitmap, HwPageTable } from "../vmm/hwpt.ts";
+import type { Iommufd } from "../iommufd/iommufd.ts";
+import type { Ioas, Iova } from "../iommufd/ioas.ts";
 
-export { MOCK_APERTURE_LAST, MOCK_APERTURE_START, MOCK_HUGE_PAGE_SIZE, MOCK_PAGE_SIZE } from "./uapi/iommufd-test.ts";
+export { MOCK_APERTURE_LAST, MOCK_APERTURE_START, MOCK_HUGE_PAGE_SIZE, MOCK_PAGE_SIZE } from "../uapi/iommufd-test.ts";
 
 const cmd = iommu_test_cmd.create();
 

@@ -10,13 +10,13 @@
 import { ptr } from "bun:ffi";
 import { deviceIdOf, type BoundDevice } from "./device-ref.ts";
 import type { FaultQueue } from "./fault-queue.ts";
-import type { Ioas } from "./ioas.ts";
-import type { Iommufd } from "./iommufd.ts";
-import { ERRNO } from "./sys/errno.ts";
-import { argumentError, IommufdError } from "./sys/error.ts";
-import { type ErrnoTable, ioctl, type IoctlFailure } from "./sys/ioctl.ts";
-import { hex, type Iova, normaliseIova, u64 } from "./sys/validate.ts";
-import { putU64, type StructBuffer } from "./uapi/codec.ts";
+import type { Ioas } from "../iommufd/ioas.ts";
+import type { Iommufd } from "../iommufd/iommufd.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { argumentError, IommufdError } from "../sys/error.ts";
+import { type ErrnoTable, ioctl, type IoctlFailure } from "../sys/ioctl.ts";
+import { hex, type Iova, normaliseIova, u64 } from "../sys/validate.ts";
+import { putU64, type StructBuffer } from "../uapi/codec.ts";
 import {
   IOMMU_HWPT_ALLOC,
   IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
@@ -30,7 +30,7 @@ import {
   iommu_hwpt_alloc,
   iommu_hwpt_get_dirty_bitmap,
   iommu_hwpt_set_dirty_tracking,
-} from "./uapi/iommufd.ts";
+} from "../uapi/iommufd.ts";
 
 export interface HwPageTableOptions {
   /** Let the IOMMU record DMA writes (IOMMU_HWPT_ALLOC_DIRTY_TRACKING); needs hardware support. */

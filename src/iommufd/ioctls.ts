@@ -4,15 +4,15 @@
  * same whichever path issued it. The values come from the command the kernel refused.
  */
 import { ptr } from "bun:ffi";
-import { type ErrnoTable, type ErrnoText, type IoctlFailure, ioctl, isErrno } from "./sys/ioctl.ts";
-import { addIova, hex, type Iova, normaliseIova } from "./sys/validate.ts";
-import { getU64, type StructBuffer } from "./uapi/codec.ts";
+import { type ErrnoTable, type ErrnoText, type IoctlFailure, ioctl, isErrno } from "../sys/ioctl.ts";
+import { addIova, hex, type Iova, normaliseIova } from "../sys/validate.ts";
+import { getU64, type StructBuffer } from "../uapi/codec.ts";
 import {
   IOMMU_IOAS_IOVA_RANGES,
   IOMMU_IOAS_MAP_FIXED_IOVA,
   iommu_ioas_iova_ranges,
   iommu_iova_range,
-} from "./uapi/iommufd.ts";
+} from "../uapi/iommufd.ts";
 
 export interface IovaRange {
   start: Iova;
