@@ -1,6 +1,6 @@
 /**
  * Dirty-bitmap read of 1 GiB of IOVA at 4 KiB granularity (IOMMU_HWPT_GET_DIRTY_BITMAP), the
- * library against bench/baseline/dirty_bench.c doing the same ioctl in the same guest session.
+ * library against bench/baseline/ops_vmm.c doing the same ioctl in the same guest session.
  *
  * Setup on both sides: an IOAS with huge pages off, the selftest mock device, a 64 MiB memfd
  * mapped 16 times back to back from IOVA 1 << 24 (1 GiB of IOVA over 64 MiB of memory), a
