@@ -78,6 +78,19 @@ export function registerHotPathBenchmarks(): void {
         }
       });
 
+      bench("library prepared map+unmap", function* () {
+        const { buffer, ioases, release } = fakeIoases(1);
+        const prepared = ioases[0]!.prepareMapFile(buffer, { iova: BENCH_IOVA });
+        try {
+          yield warm(() => {
+            prepared.map();
+            prepared.unmap();
+          });
+        } finally {
+          release();
+        }
+      });
+
       bench("library map(VA)+unmap", function* () {
         const { buffer, ioases, release } = fakeIoases(1);
         const options = { iova: BENCH_IOVA };
