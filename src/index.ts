@@ -12,19 +12,8 @@
  * ```
  */
 export { Iommufd, DEFAULT_IOMMU_PATH, type RlimitMode } from "./iommufd/iommufd.ts";
-export {
-  Ioas,
-  Mapping,
-  PreparedMapping,
-  type CopyOptions,
-  type Iova,
-  type IovaRange,
-  type IovaRanges,
-  type MapOptions,
-  type MappableFile,
-  type MapSource,
-  type RangeOptions,
-} from "./iommufd/ioas.ts";
+export { Ioas, Mapping, PreparedMapping, type Iova, type IovaRange, type IovaRanges } from "./iommufd/ioas.ts";
+export type { CopyOptions, MapOptions, MappableFile, MapSource, RangeOptions } from "./iommufd/map-arguments.ts";
 export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions, type MemfdSeals } from "./memory/memfd.ts";
 export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
 export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";

@@ -4,124 +4,56 @@
  * The library's view of what is mapped follows the kernel's answers only: a Mapping is forgotten
  * when an unmap succeeded (or the IOAS/iommufd went away), never because an unmap failed.
  */
-import { ptr } from "bun:ffi";
-import {
-  ALLOW_IOVAS_ERRORS,
-  COPY_ERRORS,
-  type IovaRange,
-  type IovaRanges,
-  MAP_ERRORS,
-  MAP_FILE_ERRORS,
-  readIovaRanges,
-  UNMAP_ERRORS,
-} from "./ioctls.ts";
-import type { Iommufd } from "./iommufd.ts";
-import { Mapping, MappingList, PreparedMapping } from "./mapping.ts";
 import { MemfdBuffer } from "../memory/memfd.ts";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, IommufdError } from "../sys/error.ts";
-import { fstat, requireOpenFd } from "../sys/fd.ts";
+import { argumentError, closedError, stateError } from "../sys/error.ts";
 import { ioctl, isErrno } from "../sys/ioctl.ts";
+import { hex, type Iova, positiveLength, rangeLength, rangeOffset, U64_MAX, u64 } from "../sys/validate.ts";
 import {
-  hex,
-  type Iova,
-  normaliseIova,
-  positiveLength,
-  rangeLength,
-  rangeOffset,
-  U64_MAX,
-  u64,
-} from "../sys/validate.ts";
-import { getU64, putU64 } from "../uapi/codec.ts";
-import {
-  IOMMU_IOAS_ALLOW_IOVAS,
-  IOMMU_IOAS_COPY,
   IOMMU_IOAS_MAP,
   IOMMU_IOAS_MAP_FILE,
-  IOMMU_IOAS_MAP_FIXED_IOVA,
-  IOMMU_IOAS_MAP_READABLE,
-  IOMMU_IOAS_MAP_WRITEABLE,
   IOMMU_IOAS_UNMAP,
   IOMMU_OPTION_HUGE_PAGES,
   IOMMU_OPTION_OP_GET,
   IOMMU_OPTION_OP_SET,
-  iommu_ioas_allow_iovas,
-  iommu_ioas_copy,
   iommu_ioas_map,
   iommu_ioas_map_file,
   iommu_ioas_unmap,
-  iommu_iova_range,
 } from "../uapi/iommufd.ts";
+import {
+  allowIovas,
+  encodeMap,
+  encodeMapFile,
+  encodeUnmap,
+  ioasCopy,
+  type IovaRange,
+  type IovaRanges,
+  MAP_ERRORS,
+  MAP_FILE_ERRORS,
+  mappedIova,
+  readIovaRanges,
+  UNMAP_ERRORS,
+  unmappedBytes,
+} from "./ioctls.ts";
+import type { Iommufd } from "./iommufd.ts";
+import {
+  type CopyOptions,
+  fixedIova,
+  mapFlags,
+  type MapSource,
+  type MappableFile,
+  type RangeOptions,
+  resolveFile,
+  resolveMemory,
+} from "./map-arguments.ts";
+import { Mapping, MappingList, PreparedMapping } from "./mapping.ts";
 
 export { Mapping, PreparedMapping } from "./mapping.ts";
 export type { Iova, IovaRange, IovaRanges };
 
-/** Options shared by map(), mapFile() and copy(). */
-export interface MapOptions {
-  /** Fixed IOVA. Without it the kernel picks one (inside the allowed ranges, if any). */
-  iova?: number | bigint;
-  /** Device may read (DMA to device). Default true. */
-  readable?: boolean;
-  /** Device may write (DMA from device). Default true. */
-  writable?: boolean;
-}
-
-export interface RangeOptions extends MapOptions {
-  /** Byte offset into the source. Default 0. */
-  offset?: number;
-  /** Bytes to map. Default: from offset to the end of the source. */
-  length?: number;
-}
-
-/** Memory mapped by its address in this process (IOMMU_IOAS_MAP). */
-export type MapSource = ArrayBuffer | ArrayBufferView | MemfdBuffer | { address: number; length: number };
-
-/** A file mapped by fd (IOMMU_IOAS_MAP_FILE): a MemfdBuffer, a DmaBuf, or anything with fd and size. */
-export interface MappableFile {
-  readonly fd: number;
-  readonly size: number;
-  /** Explains EOPNOTSUPP/ENODEV in the file's own terms (dma-bufs). */
-  describeMapError?(errno: number): string | undefined;
-}
-
-export interface CopyOptions extends MapOptions {
-  srcIova: number | bigint;
-  length: number;
-}
-
+// The 4 KiB path encodes into these and allocates nothing; see src/iommufd/ioctls.ts.
 const mapCmd = iommu_ioas_map.create();
 const mapFileCmd = iommu_ioas_map_file.create();
 const unmapCmd = iommu_ioas_unmap.create();
-const copyCmd = iommu_ioas_copy.create();
-const allowCmd = iommu_ioas_allow_iovas.create();
-
-// Hot paths write the command words directly: no object, no field lookup, no BigInt per call.
-const MAP = iommu_ioas_map.words;
-const COPY = iommu_ioas_copy.words;
-const UNMAP = iommu_ioas_unmap.words;
-
-/**
- * struct iommu_ioas_map and iommu_ioas_map_file have one layout (the layout test proves both
- * against the header): the fourth word is MAP_FILE's fd (MAP's reserved zero) and the first u64
- * MAP_FILE's file offset (MAP's user address). One encoder writes either.
- */
-function encodeMap(
-  w: Uint32Array,
-  flags: number,
-  ioasId: number,
-  fd: number,
-  start: number,
-  length: number,
-  iova: Iova | undefined,
-): void {
-  w[MAP.size] = iommu_ioas_map.size;
-  w[MAP.flags] = flags;
-  w[MAP.ioas_id] = ioasId;
-  w[MAP.__reserved] = fd;
-  putU64(w, MAP.user_va, start);
-  putU64(w, MAP.length, length);
-  putU64(w, MAP.iova, iova ?? 0);
-}
 
 export class Ioas {
   readonly iommufd: Iommufd;
@@ -170,13 +102,7 @@ export class Ioas {
 
   /** @internal Throws EBADF once the IOAS or its Iommufd is gone; the iommufd's fd otherwise. */
   assertOpen(operation: string): number {
-    if (!this.#alive) {
-      throw new IommufdError({
-        operation,
-        errno: ERRNO.EBADF,
-        message: `IOAS ${this.id} ${this.#goneBecause}; it cannot be used any more`,
-      });
-    }
+    if (!this.#alive) throw closedError(operation, `IOAS ${this.id}`, this.#goneBecause);
     return this.iommufd.assertOpen(operation);
   }
 
@@ -188,9 +114,9 @@ export class Ioas {
     const offset = rangeOffset(options, size, op, "source");
     const length = rangeLength(options, offset, size, op, "source");
     const iova = fixedIova(options, op);
-    encodeMap(mapCmd.u32, mapFlags(options, op, iova), this.id, 0, address + offset, length, iova);
+    encodeMap(mapCmd, mapFlags(options, op, iova), this.id, address + offset, length, iova);
     ioctl(fd, IOMMU_IOAS_MAP, mapCmd, op, MAP_ERRORS);
-    return this.#record(getU64(mapCmd.u32, MAP.iova), length, source);
+    return this.#record(mappedIova(mapCmd), length, source);
   }
 
   /** Map a file range by fd (IOMMU_IOAS_MAP_FILE): a MemfdBuffer, a VFIO dma-buf, or a raw fd. */
@@ -212,9 +138,9 @@ export class Ioas {
     const offset = rangeOffset(options, size, op, "file");
     const length = rangeLength(options, offset, size, op, "file");
     const iova = fixedIova(options, op);
-    encodeMap(mapFileCmd.u32, mapFlags(options, op, iova), this.id, fd, offset, length, iova);
+    encodeMapFile(mapFileCmd, mapFlags(options, op, iova), this.id, fd, offset, length, iova);
     ioctl(iommufdFd, IOMMU_IOAS_MAP_FILE, mapFileCmd, op, MAP_FILE_ERRORS, file);
-    return this.#record(getU64(mapFileCmd.u32, MAP.iova), length, file);
+    return this.#record(mappedIova(mapFileCmd), length, file);
   }
 
   /**
@@ -263,16 +189,8 @@ export class Ioas {
     const srcIova = u64(options.srcIova, op, "options.srcIova");
     const length = positiveLength(options.length, op, "options.length");
     const iova = fixedIova(options, op);
-    const w = copyCmd.u32;
-    w[COPY.size] = iommu_ioas_copy.size;
-    w[COPY.flags] = mapFlags(options, op, iova);
-    w[COPY.dst_ioas_id] = this.id;
-    w[COPY.src_ioas_id] = from.id;
-    putU64(w, COPY.length, length);
-    putU64(w, COPY.dst_iova, iova ?? 0);
-    putU64(w, COPY.src_iova, srcIova);
-    ioctl(fd, IOMMU_IOAS_COPY, copyCmd, op, COPY_ERRORS);
-    return this.#record(getU64(w, COPY.dst_iova), length, from);
+    const at = ioasCopy(fd, mapFlags(options, op, iova), this.id, from.id, length, iova, srcIova, op);
+    return this.#record(at, length, from);
   }
 
   /**
@@ -319,24 +237,16 @@ export class Ioas {
   }
 
   #unmapRaw(fd: number, iova: Iova, length: number | bigint, op: string): number {
-    const w = unmapCmd.u32;
-    w[UNMAP.size] = iommu_ioas_unmap.size;
-    w[UNMAP.ioas_id] = this.id;
-    putU64(w, UNMAP.iova, iova);
-    putU64(w, UNMAP.length, length);
+    encodeUnmap(unmapCmd, this.id, iova, length);
     ioctl(fd, IOMMU_IOAS_UNMAP, unmapCmd, op, UNMAP_ERRORS);
-    return Number(getU64(w, UNMAP.length));
+    return unmappedBytes(unmapCmd);
   }
 
   /** @internal Unmap one Mapping exactly. */
   unmapMapping(mapping: Mapping): void {
     const op = "Mapping.unmap";
     if (!this.#mappings.has(mapping)) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.ENOENT,
-        message: `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`,
-      });
+      throw stateError(op, "ENOENT", `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`);
     }
     this.#unmapRaw(this.assertOpen(op), mapping.iova, mapping.length, op);
     this.#forget(mapping);
@@ -361,22 +271,13 @@ export class Ioas {
     const op = "IOMMU_IOAS_ALLOW_IOVAS";
     const fd = this.assertOpen(op);
     if (!Array.isArray(ranges)) throw argumentError(op, "ranges", "expected an array of { start, last }");
-    const array = new Uint8Array(Math.max(1, ranges.length) * iommu_iova_range.size);
-    const view = new DataView(array.buffer);
-    ranges.forEach((range, i) => {
+    const checked = ranges.map((range, i) => {
       const start = BigInt(u64(range?.start, op, `ranges[${i}].start`));
       const last = BigInt(u64(range?.last, op, `ranges[${i}].last`));
       if (last < start) throw argumentError(op, `ranges[${i}]`, `last ${hex(last)} is below start ${hex(start)}`);
-      view.setBigUint64(i * 16, start, true);
-      view.setBigUint64(i * 16 + 8, last, true);
+      return { start, last };
     });
-    allowCmd.fill({
-      size: iommu_ioas_allow_iovas.size,
-      ioas_id: this.id,
-      num_iovas: ranges.length,
-      allowed_iovas: ptr(array),
-    });
-    ioctl(fd, IOMMU_IOAS_ALLOW_IOVAS, allowCmd, op, ALLOW_IOVAS_ERRORS);
+    allowIovas(fd, this.id, checked, op);
   }
 
   /** Whether the kernel may use huge IOMMU pages for this IOAS (IOMMU_OPTION_HUGE_PAGES). */
@@ -424,58 +325,4 @@ export class Ioas {
   #forget(mapping: Mapping): void {
     this.#mappings.delete(mapping);
   }
-}
-
-function fixedIova(options: MapOptions, op: string): Iova | undefined {
-  return options.iova === undefined ? undefined : normaliseIova(u64(options.iova, op, "options.iova"));
-}
-
-function mapFlags(options: MapOptions, op: string, iova: Iova | undefined): number {
-  const readable = options.readable ?? true;
-  const writable = options.writable ?? true;
-  if (!readable && !writable) {
-    throw argumentError(op, "options", "a mapping must be readable, writable or both");
-  }
-  return (
-    (readable ? IOMMU_IOAS_MAP_READABLE : 0) |
-    (writable ? IOMMU_IOAS_MAP_WRITEABLE : 0) |
-    (iova === undefined ? 0 : IOMMU_IOAS_MAP_FIXED_IOVA)
-  );
-}
-
-function resolveMemory(source: MapSource, op: string): { address: number; size: number } {
-  if (source instanceof MemfdBuffer) {
-    source.assertOpen(op);
-    return { address: source.address, size: source.size };
-  }
-  if (source instanceof ArrayBuffer) {
-    if (source.byteLength === 0) throw argumentError(op, "source", "the ArrayBuffer is empty (or detached)");
-    return { address: ptr(new Uint8Array(source)), size: source.byteLength };
-  }
-  if (ArrayBuffer.isView(source)) {
-    if (source.byteLength === 0) throw argumentError(op, "source", "the view is empty (or its buffer is detached)");
-    return { address: ptr(source as Uint8Array), size: source.byteLength };
-  }
-  if (source && typeof source === "object" && "address" in source && "length" in source) {
-    const address = u64(source.address, op, "source.address");
-    if (typeof address !== "number" || address === 0) throw argumentError(op, "source.address", "not a valid address");
-    return { address, size: positiveLength(source.length, op, "source.length") };
-  }
-  throw argumentError(op, "source", "expected an ArrayBuffer, a typed array, a MemfdBuffer or { address, length }");
-}
-
-function resolveFile(file: MappableFile | number, op: string): { fd: number; size: number | undefined } {
-  if (typeof file === "number") {
-    requireOpenFd(file, op, "file");
-    const stat = fstat(file, op);
-    return { fd: file, size: stat.size > 0 ? stat.size : undefined };
-  }
-  if (file instanceof MemfdBuffer) {
-    file.assertOpen(op);
-    return { fd: file.fd, size: file.size };
-  }
-  if (file && typeof file === "object" && "fd" in file) {
-    return { fd: file.fd, size: file.size };
-  }
-  throw argumentError(op, "file", "expected a MemfdBuffer, a DmaBuf or a file descriptor");
 }

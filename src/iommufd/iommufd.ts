@@ -7,48 +7,14 @@ import { closeFd, fdFinalizer, openPath, requireOpenFd, setCloseOnExec } from ".
 import { type ErrnoTable, ioctl } from "../sys/ioctl.ts";
 import { O_RDWR } from "../sys/libc.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
-import {
-  IOMMU_DESTROY,
-  IOMMU_IOAS_ALLOC,
-  IOMMU_OPTION,
-  IOMMU_OPTION_OP_GET,
-  IOMMU_OPTION_OP_SET,
-  IOMMU_OPTION_RLIMIT_MODE,
-  iommu_destroy,
-  iommu_ioas_alloc,
-  iommu_option,
-} from "../uapi/iommufd.ts";
+import { IOMMU_OPTION_OP_GET, IOMMU_OPTION_OP_SET, IOMMU_OPTION_RLIMIT_MODE } from "../uapi/iommufd.ts";
 import { Ioas } from "./ioas.ts";
+import { allocIoas, destroyObject, option } from "./ioctls.ts";
 
 export const DEFAULT_IOMMU_PATH = "/dev/iommu";
 
 /** How pinned pages are charged against RLIMIT_MEMLOCK (IOMMU_OPTION_RLIMIT_MODE). */
 export type RlimitMode = "user" | "process";
-
-const destroyCmd = iommu_destroy.create();
-const ioasAllocCmd = iommu_ioas_alloc.create();
-const optionCmd = iommu_option.create();
-
-const IOAS_ALLOC_ERRORS: ErrnoTable = { ENOMEM: "the kernel is out of memory for a new IOAS" };
-
-const DESTROY_ERRORS: ErrnoTable = {
-  EBUSY: ({ cmd }) => ({
-    message: `object ${cmd!.get("id")} is still in use (a device or hw page table is attached to it; detach first)`,
-    argument: "id",
-  }),
-  ENOENT: ({ cmd }) => ({ message: `no object with id ${cmd!.get("id")} exists in this iommufd`, argument: "id" }),
-  otherwise: { argument: "id" },
-};
-
-const OPTION_ERRORS: ErrnoTable = {
-  EPERM: "changing this option needs CAP_SYS_RESOURCE",
-  // iommufd_option_rlimit_mode() refuses once the iommufd holds any object, pinned pages or not.
-  EBUSY: ({ cmd }) =>
-    cmd!.get("option_id") === IOMMU_OPTION_RLIMIT_MODE
-      ? "the rlimit mode can change only while this iommufd holds no object (IOAS, device, page table): set it first"
-      : "the kernel refuses to change this option while its object is in use",
-  ENOENT: ({ cmd }) => `object ${cmd!.get("object_id")} does not exist`,
-};
 
 /** Something the Iommufd must mark dead when it closes. */
 interface Owned {
@@ -128,17 +94,15 @@ export class Iommufd {
 
   /** Allocate an I/O address space (IOMMU_IOAS_ALLOC). */
   createIoas(): Ioas {
-    ioasAllocCmd.fill({ size: iommu_ioas_alloc.size });
-    this.ioctl(IOMMU_IOAS_ALLOC, ioasAllocCmd, "IOMMU_IOAS_ALLOC", IOAS_ALLOC_ERRORS);
-    const ioas = new Ioas(this, ioasAllocCmd.get("out_ioas_id"));
+    const op = "IOMMU_IOAS_ALLOC";
+    const ioas = new Ioas(this, allocIoas(this.assertOpen(op), op));
     this.track(ioas);
     return ioas;
   }
 
   /** IOMMU_DESTROY of any object id (IOAS, hw page table, ...). */
   destroyObject(id: number, operation = "IOMMU_DESTROY"): void {
-    destroyCmd.fill({ size: iommu_destroy.size, id });
-    this.ioctl(IOMMU_DESTROY, destroyCmd, operation, DESTROY_ERRORS);
+    destroyObject(this.assertOpen(operation), id, operation);
   }
 
   /** IOMMU_OPTION RLIMIT_MODE: how this process's pinned pages are charged to RLIMIT_MEMLOCK. */
@@ -156,9 +120,7 @@ export class Iommufd {
 
   /** @internal IOMMU_OPTION get/set; returns val64. */
   option(optionId: number, objectId: number, op: number, value: bigint): bigint {
-    optionCmd.fill({ size: iommu_option.size, option_id: optionId, op, object_id: objectId, val64: value });
-    this.ioctl(IOMMU_OPTION, optionCmd, "IOMMU_OPTION", OPTION_ERRORS);
-    return optionCmd.getBig("val64");
+    return option(this.assertOpen("IOMMU_OPTION"), optionId, objectId, op, value);
   }
 
   /** Close the iommufd. The kernel destroys every object in it; the library marks them closed. */

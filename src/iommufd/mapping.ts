@@ -3,14 +3,13 @@
  * IOAS's list of live mappings) and PreparedMapping (a MAP_FILE encoded once, mapped and unmapped
  * over and over).
  */
-import { MAP_FILE_ERRORS, UNMAP_ERRORS } from "./ioctls.ts";
-import type { Ioas, MappableFile } from "./ioas.ts";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, IommufdError } from "../sys/error.ts";
-import { ioctl } from "../sys/ioctl.ts";
+import { argumentError, stateError } from "../sys/error.ts";
 import { addIova, hex, type Iova } from "../sys/validate.ts";
-import { getU64, putU64 } from "../uapi/codec.ts";
+import { ioctl } from "../sys/ioctl.ts";
 import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_map_file, iommu_ioas_unmap } from "../uapi/iommufd.ts";
+import type { Ioas } from "./ioas.ts";
+import { encodeMapFile, encodeUnmap, MAP_FILE_ERRORS, mappedIova, UNMAP_ERRORS } from "./ioctls.ts";
+import type { MappableFile } from "./map-arguments.ts";
 
 /**
  * The live mappings of one IOAS, linked through the Mappings themselves. A Set costs a hashed
@@ -139,16 +138,8 @@ export class PreparedMapping {
     this.#fixed = iova !== undefined;
     this.#iova = iova;
     this.#isClosed = () => file.closed;
-    this.#map.fill({
-      size: iommu_ioas_map_file.size,
-      flags,
-      ioas_id: ioas.id,
-      fd,
-      start: offset,
-      length,
-      iova: iova ?? 0,
-    });
-    this.#unmap.fill({ size: iommu_ioas_unmap.size, ioas_id: ioas.id, iova: iova ?? 0, length });
+    encodeMapFile(this.#map, flags, ioas.id, fd, offset, length, iova);
+    encodeUnmap(this.#unmap, ioas.id, iova ?? 0, length);
   }
 
   get mapped(): boolean {
@@ -164,19 +155,17 @@ export class PreparedMapping {
   map(): Iova {
     const op = "PreparedMapping.map";
     if (this.#mapped) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EEXIST,
-        message: `already mapped at IOVA ${hex(this.#iova!)}; unmap it first`,
-      });
+      throw stateError(op, "EEXIST", `already mapped at IOVA ${hex(this.#iova!)}; unmap it first`);
     }
     // The fd number of a closed file may already belong to another file: never map it blindly.
-    if (this.#isClosed()) throw closedFileError(op);
+    if (this.#isClosed()) {
+      throw argumentError(op, "file", "the prepared file was closed; prepare again with an open one", "EBADF");
+    }
     ioctl(this.ioas.assertOpen(op), IOMMU_IOAS_MAP_FILE, this.#map, op, MAP_FILE_ERRORS, this.file);
     if (!this.#fixed) {
-      const at = getU64(this.#map.u32, iommu_ioas_map_file.words.iova);
+      const at = mappedIova(this.#map);
       this.#iova = at;
-      putU64(this.#unmap.u32, iommu_ioas_unmap.words.iova, at);
+      encodeUnmap(this.#unmap, this.ioas.id, at, this.length);
     }
     this.#mapped = true;
     return this.#iova!;
@@ -185,7 +174,7 @@ export class PreparedMapping {
   /** IOMMU_IOAS_UNMAP of exactly this mapping. On failure it stays mapped and can be retried. */
   unmap(): void {
     const op = "PreparedMapping.unmap";
-    if (!this.#mapped) throw new IommufdError({ operation: op, errno: ERRNO.ENOENT, message: "not mapped" });
+    if (!this.#mapped) throw stateError(op, "ENOENT", "not mapped");
     ioctl(this.ioas.assertOpen(op), IOMMU_IOAS_UNMAP, this.#unmap, op, UNMAP_ERRORS);
     this.#mapped = false;
   }
@@ -204,8 +193,4 @@ export class PreparedMapping {
   [Symbol.dispose](): void {
     this.release();
   }
-}
-
-function closedFileError(operation: string): IommufdError {
-  return argumentError(operation, "file", "the prepared file was closed; prepare again with an open one", "EBADF");
 }

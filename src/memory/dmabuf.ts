@@ -3,7 +3,7 @@
  * device BAR exported with VFIO_DEVICE_FEATURE_DMA_BUF, for peer-to-peer DMA); other dma-bufs
  * still exist here so that the refusal comes back as a clear error.
  */
-import type { MappableFile } from "../iommufd/ioas.ts";
+import type { MappableFile } from "../iommufd/map-arguments.ts";
 import type { MemfdBuffer } from "./memfd.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { closedError } from "../sys/error.ts";

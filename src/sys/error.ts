@@ -61,11 +61,34 @@ export function argumentError(
   return new IommufdError({ operation, errno: ERRNO[code], message, argument, hint });
 }
 
-/** Use of an object after close()/destroy(): EBADF, like the kernel says for a closed fd. */
-export function closedError(operation: string, what: string): IommufdError {
-  return new IommufdError({
-    operation,
-    errno: ERRNO.EBADF,
-    message: `${what} is closed; it cannot be used any more`,
-  });
+/**
+ * The one "still open?" refusal: use of an object after close()/destroy() or after its parent went
+ * away. EBADF, like the kernel says for a closed fd. `state` says how it went: "was destroyed",
+ * "is gone: its Iommufd was closed".
+ */
+export function closedError(operation: string, what: string, state = "is closed"): IommufdError {
+  return new IommufdError({ operation, errno: ERRNO.EBADF, message: `${what} ${state}; it cannot be used any more` });
+}
+
+/**
+ * A call the object's present state refuses (already bound, not mapped, one waiter at a time),
+ * with the errno the kernel gives for the same refusal.
+ */
+export function stateError(
+  operation: string,
+  code: ErrnoCode,
+  message: string,
+  extra: Pick<Partial<IommufdErrorDetails>, "argument" | "hint"> = {},
+): IommufdError {
+  return new IommufdError({ operation, errno: ERRNO[code], message, ...extra });
+}
+
+/** ETIMEDOUT: what was awaited did not happen before the deadline. */
+export function timeoutError(operation: string, message: string): IommufdError {
+  return new IommufdError({ operation, errno: ERRNO.ETIMEDOUT, message });
+}
+
+/** EIO: a transfer came up short or a step under the call failed (`cause` keeps the original). */
+export function ioError(operation: string, message: string, cause?: unknown): IommufdError {
+  return new IommufdError({ operation, errno: ERRNO.EIO, message, cause });
 }

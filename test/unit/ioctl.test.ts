@@ -1,10 +1,21 @@
+import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { describe, expect, test } from "bun:test";
 import { Ioas } from "../../src/iommufd/ioas.ts";
 import { Iommufd, MemfdBuffer } from "../../src/index.ts";
 import { ERRNO } from "../../src/sys/errno.ts";
 import { IommufdError } from "../../src/sys/error.ts";
 import { counters, type ErrnoTable, ioctl, isErrno } from "../../src/sys/ioctl.ts";
-import { IOMMU_DESTROY, iommu_destroy, iommu_ioas_map, iommu_ioas_map_file } from "../../src/uapi/iommufd.ts";
+import { libc } from "../../src/sys/libc.ts";
+import {
+  IOMMU_DESTROY,
+  IOMMU_IOAS_MAP_FILE,
+  IOMMU_IOAS_MAP_FIXED_IOVA,
+  IOMMU_IOAS_MAP_READABLE,
+  IOMMU_IOAS_UNMAP,
+  iommu_destroy,
+  iommu_ioas_map_file,
+  iommu_ioas_unmap,
+} from "../../src/uapi/iommufd.ts";
 
 // A memfd is no iommufd: any iommufd ioctl on it fails with ENOTTY, a real kernel answer that
 // needs no /dev/iommu.
@@ -91,24 +102,61 @@ describe("Ioas on a closed MemfdBuffer", () => {
   });
 });
 
-describe("one encoder for MAP and MAP_FILE", () => {
-  test("the two commands have one layout, field for field", () => {
-    const pairs = [
-      ["size", "size"],
-      ["flags", "flags"],
-      ["ioas_id", "ioas_id"],
-      ["__reserved", "fd"],
-      ["user_va", "start"],
-      ["length", "length"],
-      ["iova", "iova"],
-    ] as const;
-    expect(iommu_ioas_map.size).toBe(iommu_ioas_map_file.size);
-    for (const [map, mapFile] of pairs) {
-      expect([map, iommu_ioas_map.fields[map].offset, iommu_ioas_map.fields[map].size]).toEqual([
-        map,
-        iommu_ioas_map_file.fields[mapFile].offset,
-        iommu_ioas_map_file.fields[mapFile].size,
-      ]);
+describe("one encoder per map ioctl", () => {
+  type Symbols = { ioctl: (fd: number, request: number, arg: Pointer) => number };
+
+  /** The commands `body` hands the kernel, each copied at the call (libc's ioctl swapped for a recorder). */
+  function commandsOf(body: () => void): { request: number; bytes: number[] }[] {
+    const symbols = libc() as unknown as Symbols;
+    const real = symbols.ioctl;
+    const seen: { request: number; bytes: number[] }[] = [];
+    symbols.ioctl = (_fd, request, arg) => {
+      const size = request === IOMMU_IOAS_UNMAP ? iommu_ioas_unmap.size : iommu_ioas_map_file.size;
+      seen.push({ request, bytes: [...new Uint8Array(toArrayBuffer(arg, 0, size))] });
+      return 0;
+    };
+    try {
+      body();
+    } finally {
+      symbols.ioctl = real;
     }
+    return seen;
+  }
+
+  test("Ioas.mapFile and PreparedMapping hand the kernel the same MAP_FILE and UNMAP, field for field", () => {
+    using buffer = MemfdBuffer.create(3 * 4096);
+    using iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
+    const ioas = new Ioas(iommufd, 7);
+    const options = { iova: 0x40_0000, offset: 4096, length: 8192, writable: false };
+    const direct = commandsOf(() => ioas.mapFile(buffer, options).unmap());
+    const prepared = ioas.prepareMapFile(buffer, options);
+    const viaPrepared = commandsOf(() => {
+      prepared.map();
+      prepared.unmap();
+    });
+    expect(viaPrepared).toEqual(direct);
+    expect(direct.map((c) => c.request)).toEqual([IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP]);
+    const mapFile = iommu_ioas_map_file.create();
+    mapFile.bytes.set(direct[0]!.bytes);
+    const fields = Object.fromEntries(
+      (["size", "flags", "ioas_id", "fd", "start", "length", "iova"] as const).map((f) => [f, mapFile.get(f)]),
+    );
+    expect(fields).toEqual({
+      size: iommu_ioas_map_file.size,
+      flags: IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_FIXED_IOVA,
+      ioas_id: 7,
+      fd: buffer.fd,
+      start: 4096,
+      length: 8192,
+      iova: 0x40_0000,
+    });
+    const unmap = iommu_ioas_unmap.create();
+    unmap.bytes.set(direct[1]!.bytes);
+    expect([unmap.get("size"), unmap.get("ioas_id"), unmap.get("iova"), unmap.get("length")]).toEqual([
+      iommu_ioas_unmap.size,
+      7,
+      0x40_0000,
+      8192,
+    ]);
   });
 });
