@@ -48,8 +48,7 @@
  * - Metadata: 32 bytes per block (blocks <= 2 * liveAllocations + 1), plus 4 bytes per granule of
  *   capacity for the direct table, or 24 to 48 bytes per live allocation for the hash table.
  */
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, IommufdError } from "../sys/error.ts";
+import { argumentError, type IommufdError, ioError } from "../sys/error.ts";
 import { hex } from "../sys/validate.ts";
 
 export interface OffsetAllocatorOptions {
@@ -359,11 +358,7 @@ export class OffsetAllocator {
    */
   checkConsistency(): void {
     const fail = (what: string): never => {
-      throw new IommufdError({
-        operation: `${this.operationPrefix}.checkConsistency`,
-        errno: ERRNO.EIO,
-        message: `allocator state is inconsistent: ${what}`,
-      });
+      throw ioError(`${this.operationPrefix}.checkConsistency`, `allocator state is inconsistent: ${what}`);
     };
     const f = this.f;
     const ints = this.i;

@@ -12,8 +12,7 @@
  * larger heap or a second one. (Growing in place would need a second region at a non-contiguous
  * address, which breaks the one-rule translation this design is for.)
  */
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, IommufdError } from "../sys/error.ts";
+import { argumentError, closedError, stateError } from "../sys/error.ts";
 import { hex, type Iova } from "../sys/validate.ts";
 import type { Ioas, Mapping } from "../iommufd/ioas.ts";
 import { MemfdBuffer, type HugePageSize } from "../memory/memfd.ts";
@@ -121,11 +120,7 @@ export class DmaHeap {
     this.pageSize = region.pageSize;
     this.note = note;
     if (typeof mapping.iova !== "number") {
-      throw new IommufdError({
-        operation: "DmaHeap.create",
-        errno: ERRNO.ERANGE,
-        message: "the heap's IOVA must lie below 2^53",
-      });
+      throw stateError("DmaHeap.create", "ERANGE", "the heap's IOVA must lie below 2^53");
     }
     this.rule = new AddressRule(mapping.iova, region.size);
     this.#allocator = new OffsetAllocator(region.size, {

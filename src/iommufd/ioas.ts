@@ -100,9 +100,12 @@ export class Ioas {
     return [...this.#mappings];
   }
 
-  /** @internal Throws EBADF once the IOAS or its Iommufd is gone; the iommufd's fd otherwise. */
-  assertOpen(operation: string): number {
-    if (!this.#alive) throw closedError(operation, `IOAS ${this.id}`, this.#goneBecause);
+  /**
+   * @internal Throws EBADF once the IOAS or its Iommufd is gone (naming `argument`, when the IOAS
+   * was one); the iommufd's fd otherwise.
+   */
+  assertOpen(operation: string, argument?: string): number {
+    if (!this.#alive) throw closedError(operation, `IOAS ${this.id}`, this.#goneBecause, argument);
     return this.iommufd.assertOpen(operation);
   }
 

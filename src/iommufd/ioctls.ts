@@ -12,7 +12,8 @@
  * pair went from about 5 ns to 25-50 ns of library time.
  */
 import { ptr } from "bun:ffi";
-import { type ErrnoTable, type ErrnoText, type IoctlFailure, ioctl, isErrno } from "../sys/ioctl.ts";
+import type { ErrnoTable, ErrnoText, CallFailure } from "../sys/errno-table.ts";
+import { ioctl, isErrno } from "../sys/ioctl.ts";
 import { addIova, hex, type Iova, normaliseIova } from "../sys/validate.ts";
 import { getU64, putU64, type StructBuffer } from "../uapi/codec.ts";
 import {
@@ -229,7 +230,7 @@ function explainInvalid(fd: number, { ioasId, iova, length }: MapRequest): strin
 
 /** The table shared by MAP, MAP_FILE and COPY; `iovaField`/`ioasField` name the destination. */
 function mapErrors<Context>(iovaField: string, ioasField: string): ErrnoTable<Context> {
-  const request = (f: IoctlFailure<Context>) => mapRequest(f.cmd!, iovaField, ioasField);
+  const request = (f: CallFailure<Context>) => mapRequest(f.cmd!, iovaField, ioasField);
   return {
     EEXIST: (f) => ({ message: `${request(f).where} overlaps an existing mapping`, argument: "options.iova" }),
     ENOSPC: (f) => {
@@ -279,7 +280,7 @@ export function encodeMap(
 // --- IOMMU_IOAS_MAP_FILE ------------------------------------------------------------------------
 
 /** A dma-buf explains EOPNOTSUPP and ENODEV in its own terms (the context is the mapped file). */
-function fileSays(f: IoctlFailure<unknown>): ErrnoText | undefined {
+function fileSays(f: CallFailure<unknown>): ErrnoText | undefined {
   const file = f.context as ExplainsMapErrors | number | undefined;
   const special = typeof file === "object" ? file.describeMapError?.(f.errno) : undefined;
   return special === undefined ? undefined : { message: special, argument: "file" };
@@ -354,7 +355,7 @@ export function ioasCopy(
 
 // --- IOMMU_IOAS_UNMAP ---------------------------------------------------------------------------
 
-function unmapRange({ cmd }: IoctlFailure<unknown>): string {
+function unmapRange({ cmd }: CallFailure<unknown>): string {
   return `${hex(getU64(cmd!.u32, UNMAP.iova))}..+${hex(getU64(cmd!.u32, UNMAP.length))}`;
 }
 

@@ -4,7 +4,8 @@
  */
 import { argumentError, closedError } from "../sys/error.ts";
 import { closeFd, fdFinalizer, openPath, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
-import { type ErrnoTable, ioctl } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
+import { ioctl } from "../sys/ioctl.ts";
 import { O_RDWR } from "../sys/libc.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
 import { IOMMU_OPTION_OP_GET, IOMMU_OPTION_OP_SET, IOMMU_OPTION_RLIMIT_MODE } from "../uapi/iommufd.ts";
@@ -35,9 +36,11 @@ export class Iommufd {
   /** Open the iommufd character device (close-on-exec). */
   static open(path: string = DEFAULT_IOMMU_PATH): Iommufd {
     const fd = openPath(path, O_RDWR, "Iommufd.open", {
-      ENOENT: "the running kernel has no iommufd: it needs CONFIG_IOMMUFD=y (run `bunx bun-iommufd doctor`)",
-      EACCES: `no permission to open ${path}: run as root, or give this user access to the device node`,
-      EPERM: `not permitted to open ${path}: check the device node's permissions and any security module policy`,
+      ENOENT: { hint: "the running kernel has no iommufd: it needs CONFIG_IOMMUFD=y (run `bunx bun-iommufd doctor`)" },
+      EACCES: { hint: `no permission to open ${path}: run as root, or give this user access to the device node` },
+      EPERM: {
+        hint: `not permitted to open ${path}: check the device node's permissions and any security module policy`,
+      },
     });
     return new Iommufd(fd, true);
   }

@@ -8,7 +8,8 @@ import type { MemfdBuffer } from "./memfd.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { closedError } from "../sys/error.ts";
 import { closeFd, fdFinalizer, fstat, openPath } from "../sys/fd.ts";
-import { type ErrnoTable, ioctl } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
+import { ioctl } from "../sys/ioctl.ts";
 import { O_RDWR } from "../sys/libc.ts";
 import { UDMABUF_CREATE, UDMABUF_FLAGS_CLOEXEC, udmabuf_create } from "../uapi/udmabuf.ts";
 
@@ -97,7 +98,7 @@ export function createUdmabuf(
   const offset = options.offset ?? 0;
   const size = options.size ?? memfd.size - offset;
   const dev = openPath(options.device ?? "/dev/udmabuf", O_RDWR, op, {
-    ENOENT: "the kernel has no udmabuf device (CONFIG_UDMABUF)",
+    ENOENT: { hint: "the kernel has no udmabuf device (CONFIG_UDMABUF)" },
   });
   try {
     const cmd = udmabuf_create.create().fill({ memfd: memfd.fd, flags: UDMABUF_FLAGS_CLOEXEC, offset, size });

@@ -66,8 +66,9 @@ export function argumentError(
  * away. EBADF, like the kernel says for a closed fd. `state` says how it went: "was destroyed",
  * "is gone: its Iommufd was closed".
  */
-export function closedError(operation: string, what: string, state = "is closed"): IommufdError {
-  return new IommufdError({ operation, errno: ERRNO.EBADF, message: `${what} ${state}; it cannot be used any more` });
+export function closedError(operation: string, what: string, state = "is closed", argument?: string): IommufdError {
+  const message = `${what} ${state}; it cannot be used any more`;
+  return new IommufdError({ operation, errno: ERRNO.EBADF, message, argument });
 }
 
 /**

@@ -3,8 +3,9 @@
  * Every fd the library opens is close-on-exec.
  */
 import { ptr, type Pointer } from "bun:ffi";
-import { ERRNO } from "./errno.ts";
-import { argumentError, IommufdError, syscallError } from "./error.ts";
+import { errnoMeaning } from "./errno.ts";
+import { type ErrnoTable, explainFailure } from "./errno-table.ts";
+import { argumentError, syscallError } from "./error.ts";
 import {
   F_GETFD,
   F_SETFD,
@@ -26,15 +27,6 @@ export function cString(text: string): Uint8Array {
   return bytes;
 }
 
-export interface OpenHints {
-  /** Sentence for ENOENT, e.g. "the kernel lacks CONFIG_IOMMUFD". */
-  ENOENT?: string;
-  EACCES?: string;
-  EPERM?: string;
-  ENODEV?: string;
-  EBUSY?: string;
-}
-
 /**
  * The safety net for every fd an object owns: register the owner with its fd (and itself as the
  * unregister token); close() unregisters it. Closing is the contract, collection only a fallback.
@@ -43,37 +35,29 @@ export const fdFinalizer = new FinalizationRegistry<number>((fd) => {
   libc().close(fd);
 });
 
-/** open(2) with O_CLOEXEC always added. */
-export function openPath(path: string, flags: number, operation: string, hints: OpenHints = {}): number {
+/** What open(2)'s errnos mean for any path; a caller's table adds hints (or a sentence) of its own. */
+const OPEN_ERRORS: ErrnoTable<string> = {
+  ENOENT: (f) => `cannot open ${f.context}: no such file or device node`,
+  EACCES: (f) => `cannot open ${f.context}: permission denied`,
+  EPERM: (f) => `cannot open ${f.context}: operation not permitted`,
+  ENODEV: (f) => `cannot open ${f.context}: no device behind this node`,
+  EBUSY: (f) => `cannot open ${f.context}: the device is busy (already opened or bound elsewhere)`,
+  otherwise: (f) => `cannot open ${f.context}: ${errnoMeaning(f.errno)}`,
+};
+
+/**
+ * open(2) of `path` with O_CLOEXEC always added. `errors` (keyed by errno, like an ioctl's table)
+ * words what this path's refusal means: usually a hint, e.g. `{ ENOENT: { hint: "needs CONFIG_IOMMUFD" } }`.
+ */
+export function openPath(path: string, flags: number, operation: string, errors: ErrnoTable<string> = {}): number {
   const fd = libc().open(cString(path), flags | O_CLOEXEC, 0);
   if (fd < 0) {
-    const errno = lastErrno();
-    const code = (Object.keys(hints) as (keyof OpenHints)[]).find((k) => ERRNO[k] === errno);
-    throw syscallError(operation, errno, `cannot open ${path}: ${describeOpenErrno(errno)}`, {
-      argument: "path",
-      hint: code ? hints[code] : undefined,
-    });
+    const failure = { operation, errno: lastErrno(), fd: -1, cmd: null, context: path };
+    const own = explainFailure(failure, errors);
+    const message = own.message ?? explainFailure(failure, OPEN_ERRORS).message;
+    throw syscallError(operation, failure.errno, message, { argument: own.argument ?? "path", hint: own.hint });
   }
   return fd;
-}
-
-function describeOpenErrno(errno: number): string {
-  switch (errno) {
-    case ERRNO.ENOENT:
-      return "no such file or device node";
-    case ERRNO.EACCES:
-      return "permission denied";
-    case ERRNO.EPERM:
-      return "operation not permitted";
-    case ERRNO.ENODEV:
-      return "no device behind this node";
-    case ERRNO.EBUSY:
-      return "the device is busy (already opened or bound elsewhere)";
-    default:
-      return syscallError("open", errno)
-        .message.replace(/^open: /, "")
-        .replace(/ \[E\w+\]$/, "");
-  }
 }
 
 /** close(2). Errors are reported, never swallowed: EBADF means a double close somewhere. */
@@ -135,7 +119,7 @@ export function requireOpenFd(fd: number, operation: string, argument: string): 
     throw argumentError(operation, argument, `${fd} is not a file descriptor`, "EBADF");
   }
   if (libc().fcntl(fd, F_GETFD, 0) < 0) {
-    throw new IommufdError({ operation, errno: lastErrno(), argument, message: `fd ${fd} is not open` });
+    throw syscallError(operation, lastErrno(), `fd ${fd} is not open`, { argument });
   }
 }
 

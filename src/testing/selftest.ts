@@ -5,7 +5,8 @@
  */
 import { DmaBuf } from "../memory/dmabuf.ts";
 import { argumentError, closedError } from "../sys/error.ts";
-import { type ErrnoTable, isErrno } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
+import { isErrno } from "../sys/ioctl.ts";
 import { O_CLOEXEC } from "../sys/libc.ts";
 import { IOMMU_TEST_CMD, IOMMU_TEST_OP, iommu_test_cmd, MOCK_FLAGS_DEVICE_NO_DIRTY } from "../uapi/iommufd-test.ts";
 import type { DirtyBitmap, HwPageTable } from "../vmm/hwpt.ts";

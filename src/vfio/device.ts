@@ -7,10 +7,10 @@ import { readlinkSync } from "node:fs";
 import { DmaBuf } from "../memory/dmabuf.ts";
 import { Ioas } from "../iommufd/ioas.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
+import { argumentError, closedError, IommufdError, ioError, stateError, syscallError } from "../sys/error.ts";
 import { closeFd, fdFinalizer, openPath, preadInto, pwriteFrom, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
-import { type ErrnoTable, ioctl, isErrno } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
+import { ioctl, isErrno } from "../sys/ioctl.ts";
 import { lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "../sys/libc.ts";
 import { hex, u64 } from "../sys/validate.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
@@ -184,10 +184,11 @@ export class VfioDevice {
       pciAddress = pciAddressOfCdev(path);
     }
     const fd = openPath(path, O_RDWR, op, {
-      ENOENT:
-        "no such VFIO device node: is the device bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?",
-      EACCES: "no permission on the VFIO device node",
-      EBUSY: "the device is already open through its VFIO group or another cdev user",
+      ENOENT: {
+        hint: "no such VFIO device node: is the device bound to vfio-pci and the kernel built with CONFIG_VFIO_DEVICE_CDEV?",
+      },
+      EACCES: { hint: "no permission on the VFIO device node" },
+      EBUSY: { hint: "the device is already open through its VFIO group or another cdev user" },
     });
     return new VfioDevice(fd, path, pciAddress);
   }
@@ -253,11 +254,11 @@ export class VfioDevice {
 
   #assertBound(operation: string): void {
     if (this.#deviceId === undefined) {
-      throw new IommufdError({
+      throw stateError(
         operation,
-        errno: ERRNO.EINVAL,
-        message: `${this.path} is not bound to an iommufd yet: call device.bind(iommufd) first`,
-      });
+        "EINVAL",
+        `${this.path} is not bound to an iommufd yet: call device.bind(iommufd) first`,
+      );
     }
   }
 
@@ -265,11 +266,7 @@ export class VfioDevice {
   bind(iommufd: Iommufd): number {
     const op = "VFIO_DEVICE_BIND_IOMMUFD";
     if (this.#deviceId !== undefined) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EBUSY,
-        message: `${this.path} is already bound (device id ${this.#deviceId})`,
-      });
+      throw stateError(op, "EBUSY", `${this.path} is already bound (device id ${this.#deviceId})`);
     }
     const cmd = vfio_device_bind_iommufd.create().fill({
       argsz: vfio_device_bind_iommufd.size,
@@ -287,13 +284,7 @@ export class VfioDevice {
    */
   attach(target: Ioas | number): number {
     const op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
-    if (this.#deviceId === undefined) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EINVAL,
-        message: "bind the device to an iommufd first (device.bind(iommufd))",
-      });
-    }
+    this.#assertBound(op);
     const ptId = target instanceof Ioas ? target.id : target;
     if (target instanceof Ioas && target.iommufd !== this.#iommufd) {
       throw argumentError(op, "target", "the IOAS belongs to another iommufd than the one the device is bound to");
@@ -400,12 +391,7 @@ export class VfioDevice {
     checkConfigRange(op, offset, length);
     const out = new Uint8Array(length);
     const n = preadInto(this.fd, out, this.#config(op) + offset, op);
-    if (n !== length)
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EIO,
-        message: `read ${n} of ${length} config bytes at ${hex(offset)}`,
-      });
+    if (n !== length) throw ioError(op, `read ${n} of ${length} config bytes at ${hex(offset)}`);
     return out;
   }
 
@@ -414,12 +400,7 @@ export class VfioDevice {
     const op = "VfioDevice.writeConfig";
     checkConfigRange(op, offset, bytes.length);
     const n = pwriteFrom(this.fd, bytes, this.#config(op) + offset, op);
-    if (n !== bytes.length)
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EIO,
-        message: `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}`,
-      });
+    if (n !== bytes.length) throw ioError(op, `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}`);
   }
 
   readConfig16(offset: number): number {
@@ -479,11 +460,7 @@ export class VfioDevice {
   reset(): void {
     const op = "VFIO_DEVICE_RESET";
     if (!this.info().canReset) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EINVAL,
-        message: `${this.path} does not support reset (no FLR, PM or bus reset)`,
-      });
+      throw stateError(op, "EINVAL", `${this.path} does not support reset (no FLR, PM or bus reset)`);
     }
     this.ioctl(VFIO_DEVICE_RESET, null, op);
   }

@@ -9,9 +9,10 @@
  */
 import { ptr } from "bun:ffi";
 import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
+import { argumentError, closedError, ioError, stateError, syscallError } from "../sys/error.ts";
 import { fdFinalizer } from "../sys/fd.ts";
-import { type ErrnoTable, isErrno } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
+import { isErrno } from "../sys/ioctl.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, lastErrno, libc } from "../sys/libc.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
 import {
@@ -179,12 +180,7 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
   const info = irqInfoOrNone(device, index);
   const name = describe(index);
   if (info.count === 0) {
-    throw new IommufdError({
-      operation: op,
-      errno: ERRNO.EINVAL,
-      argument: "kind",
-      message: `${device.path} has no ${name} interrupt (the kernel reports 0 vectors)`,
-    });
+    throw argumentError(op, "kind", `${device.path} has no ${name} interrupt (the kernel reports 0 vectors)`);
   }
   if (vectors > info.count) {
     throw argumentError(
@@ -196,26 +192,23 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
   const sets = enabledSets.get(device) ?? new Map<number, IrqSet>();
   const existing = sets.get(index);
   if (existing) {
-    throw new IommufdError({
-      operation: op,
-      errno: ERRNO.EBUSY,
-      argument: "kind",
-      message:
-        `${name} is already enabled on ${device.path} (${existing.vectors.length} vectors): ` +
-        "close that IrqSet first",
-    });
+    throw stateError(
+      op,
+      "EBUSY",
+      `${name} is already enabled on ${device.path} (${existing.vectors.length} vectors): close that IrqSet first`,
+      { argument: "kind" },
+    );
   }
   const exclusive = [VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX];
   const other = exclusive.includes(index) ? exclusive.find((i) => i !== index && sets.has(i)) : undefined;
   if (other !== undefined) {
-    throw new IommufdError({
-      operation: op,
-      errno: ERRNO.EBUSY,
-      argument: "kind",
-      message:
-        `${describe(other)} is enabled on ${device.path}; a device runs one of INTx, MSI and MSI-X ` +
+    throw stateError(
+      op,
+      "EBUSY",
+      `${describe(other)} is enabled on ${device.path}; a device runs one of INTx, MSI and MSI-X ` +
         "at a time: close that IrqSet first",
-    });
+      { argument: "kind" },
+    );
   }
   // An MSI is a memory write by the device: with bus mastering off SET_IRQS succeeds and no
   // interrupt ever arrives.
@@ -436,11 +429,7 @@ export class IrqVector implements AsyncIterable<number> {
     if (this.#fd < 0) return Promise.reject(closedError(op, this.#what()));
     if (this.#waiter) {
       return Promise.reject(
-        new IommufdError({
-          operation: op,
-          errno: ERRNO.EBUSY,
-          message: `another wait() on ${this.#what()} is still pending: one waiter per vector`,
-        }),
+        stateError(op, "EBUSY", `another wait() on ${this.#what()} is still pending: one waiter per vector`),
       );
     }
     let count: number;
@@ -487,11 +476,11 @@ export class IrqVector implements AsyncIterable<number> {
     const op = "IrqVector.unmask";
     if (this.#fd < 0) throw closedError(op, this.#what());
     if (!this.set.info.maskable) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EINVAL,
-        message: `${describe(this.set.index)} cannot be masked or unmasked by VFIO (only INTx can)`,
-      });
+      throw stateError(
+        op,
+        "EINVAL",
+        `${describe(this.set.index)} cannot be masked or unmasked by VFIO (only INTx can)`,
+      );
     }
     this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, this.vector, 1, op);
   }
@@ -528,14 +517,7 @@ export class IrqVector implements AsyncIterable<number> {
         if (this.#reader !== reader) return;
         this.#reader = undefined;
         const waiter = this.#takeWaiter();
-        waiter?.reject(
-          new IommufdError({
-            operation: "IrqVector.wait",
-            errno: ERRNO.EIO,
-            message: `reading the eventfd of ${this.#what()} failed`,
-            cause: error,
-          }),
-        );
+        waiter?.reject(ioError("IrqVector.wait", `reading the eventfd of ${this.#what()} failed`, error));
       },
     );
   }

@@ -5,7 +5,7 @@
 import { existsSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { ERRNO } from "../sys/errno.ts";
-import { argumentError, IommufdError } from "../sys/error.ts";
+import { argumentError, syscallError } from "../sys/error.ts";
 
 /** A full PCI address: domain:bus:device.function (0000:00:03.0). */
 export const PCI_ADDRESS = /^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/i;
@@ -72,12 +72,12 @@ export function bindToVfioPci(pciAddress: string, options: { timeoutMs?: number 
       writeFileSync(path, value);
     } catch (error) {
       const errno = (error as { errno?: number }).errno;
-      throw new IommufdError({
-        operation: op,
-        errno: errno !== undefined ? Math.abs(errno) : ERRNO.EIO,
-        message: `writing "${value}" to ${path} failed: ${(error as Error).message}`,
-        hint: "binding drivers needs root, and vfio-pci must be built in or loaded",
-      });
+      throw syscallError(
+        op,
+        errno !== undefined ? Math.abs(errno) : ERRNO.EIO,
+        `writing "${value}" to ${path} failed: ${(error as Error).message}`,
+        { hint: "binding drivers needs root, and vfio-pci must be built in or loaded" },
+      );
     }
   };
   if (driverOf(address) !== "vfio-pci") {

@@ -9,9 +9,10 @@
  */
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "../sys/error.ts";
+import { argumentError, closedError, ioError, stateError, syscallError, timeoutError } from "../sys/error.ts";
 import { closeFd, fdFinalizer } from "../sys/fd.ts";
-import type { ErrnoTable } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
+import { isErrno } from "../sys/ioctl.ts";
 import { lastErrno, libc, O_CLOEXEC } from "../sys/libc.ts";
 import { getU64 } from "../uapi/codec.ts";
 import {
@@ -152,13 +153,7 @@ export class FaultQueue {
 
   #waitReadable(op: string, deadline: number): Promise<WaitAnswer> {
     if (this.#waiting) {
-      return Promise.reject(
-        new IommufdError({
-          operation: op,
-          errno: ERRNO.EBUSY,
-          message: `another read() of fault queue ${this.id} is already waiting`,
-        }),
-      );
+      return Promise.reject(stateError(op, "EBUSY", `another read() of fault queue ${this.id} is already waiting`));
     }
     const poller = this.#startPoller(op);
     return new Promise<WaitAnswer>((resolve, reject) => {
@@ -185,13 +180,7 @@ export class FaultQueue {
             // Wake the poller so it is free for the next read; this wait ends now.
             this.#wake();
             const waiting = this.#waiting;
-            waiting?.reject(
-              new IommufdError({
-                operation: op,
-                errno: ERRNO.ETIMEDOUT,
-                message: `no fault arrived on queue ${this.id} in time`,
-              }),
-            );
+            waiting?.reject(timeoutError(op, `no fault arrived on queue ${this.id} in time`));
           },
           Math.max(0, deadline - Date.now()),
         );
@@ -212,13 +201,7 @@ export class FaultQueue {
       this.#waiting?.resolve(event.data);
     };
     poller.onerror = (event) => {
-      this.#waiting?.reject(
-        new IommufdError({
-          operation: op,
-          errno: ERRNO.EIO,
-          message: `the fault-queue poller failed: ${event.message}`,
-        }),
-      );
+      this.#waiting?.reject(ioError(op, `the fault-queue poller failed: ${event.message}`));
     };
     poller.unref();
     this.#poller = poller;
@@ -316,7 +299,7 @@ export class FaultQueue {
         this.iommufd.destroyObject(this.id, "FaultQueue.close");
       } catch (error) {
         // EBUSY: a hw page table still refers to it; HwPageTable.destroy() finishes the job.
-        if (!(error instanceof IommufdError && error.errno === ERRNO.EBUSY)) throw error;
+        if (!isErrno(error, "EBUSY")) throw error;
         this.#destroyPending = true;
       }
     }

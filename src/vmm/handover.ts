@@ -16,7 +16,7 @@ import { readFileSync } from "node:fs";
 import { Ioas } from "../iommufd/ioas.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import { argumentError } from "../sys/error.ts";
-import type { ErrnoTable } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
 import { IOMMU_IOAS_CHANGE_PROCESS, iommu_ioas_change_process } from "../uapi/iommufd.ts";
 
 const CAP_IPC_LOCK = 14n;

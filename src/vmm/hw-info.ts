@@ -6,7 +6,7 @@
 import { ptr } from "bun:ffi";
 import { deviceIdOf, type BoundDevice } from "./device-ref.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
-import type { ErrnoTable } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
 import {
   IOMMU_GET_HW_INFO,
   IOMMU_HW_CAP_DIRTY_TRACKING,

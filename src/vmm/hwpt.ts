@@ -12,9 +12,9 @@ import { deviceIdOf, type BoundDevice } from "./device-ref.ts";
 import type { FaultQueue } from "./fault-queue.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, IommufdError } from "../sys/error.ts";
-import { type ErrnoTable, ioctl, type IoctlFailure } from "../sys/ioctl.ts";
+import { argumentError, closedError } from "../sys/error.ts";
+import type { ErrnoTable, CallFailure } from "../sys/errno-table.ts";
+import { ioctl } from "../sys/ioctl.ts";
 import { hex, type Iova, normaliseIova, u64 } from "../sys/validate.ts";
 import { putU64, type StructBuffer } from "../uapi/codec.ts";
 import {
@@ -79,13 +79,7 @@ export class HwPageTable {
    */
   static allocate(ioas: Ioas, device: BoundDevice, options: HwPageTableOptions = {}): HwPageTable {
     const op = "IOMMU_HWPT_ALLOC";
-    if (ioas.destroyed)
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EBADF,
-        argument: "ioas",
-        message: `IOAS ${ioas.id} is destroyed`,
-      });
+    ioas.assertOpen(op, "ioas");
     const devId = deviceIdOf(device, op);
     if (options.faultQueue && options.nestParent) {
       throw argumentError(
@@ -139,13 +133,7 @@ export class HwPageTable {
 
   /** @internal */
   assertOpen(operation: string): number {
-    if (!this.#alive) {
-      throw new IommufdError({
-        operation,
-        errno: ERRNO.EBADF,
-        message: `hw page table ${this.id} ${this.#goneBecause}; it cannot be used any more`,
-      });
-    }
+    if (!this.#alive) throw closedError(operation, `hw page table ${this.id}`, this.#goneBecause);
     return this.iommufd.assertOpen(operation);
   }
 
@@ -229,7 +217,7 @@ export class HwPageTable {
   }
 }
 
-function allocUnsupported({ context: options, cmd }: IoctlFailure<HwPageTableOptions>) {
+function allocUnsupported({ context: options, cmd }: CallFailure<HwPageTableOptions>) {
   const wanted = [
     options.dirtyTracking && "dirty tracking",
     options.nestParent && "nesting",
@@ -261,7 +249,7 @@ interface DirtyContext {
   bitmap: DirtyBitmap | undefined;
 }
 
-function cannotTrack({ context: { hwpt } }: IoctlFailure<DirtyContext>) {
+function cannotTrack({ context: { hwpt } }: CallFailure<DirtyContext>) {
   return {
     message: `hw page table ${hwpt.id} cannot track dirty pages`,
     hint: hwpt.dirtyTrackingCapable

@@ -1,7 +1,15 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { ERRNO, errnoCode, errnoMeaning } from "../../src/sys/errno.ts";
-import { argumentError, closedError, IommufdError, syscallError } from "../../src/sys/error.ts";
+import {
+  argumentError,
+  closedError,
+  IommufdError,
+  ioError,
+  stateError,
+  syscallError,
+  timeoutError,
+} from "../../src/sys/error.ts";
 import { openPath } from "../../src/sys/fd.ts";
 import { lastErrno, libc, O_RDWR } from "../../src/sys/libc.ts";
 import { normaliseIova, positiveLength, u64 } from "../../src/sys/validate.ts";
@@ -58,11 +66,21 @@ describe("IommufdError", () => {
     const arg = argumentError("Ioas.map", "length", "length is 0", "EINVAL");
     expect([arg.code, arg.argument]).toEqual(["EINVAL", "length"]);
     expect(closedError("Ioas.map", "IOAS 3").code).toBe("EBADF");
+    const gone = closedError("Ioas.map", "IOAS 3", "was destroyed", "ioas");
+    expect([gone.message, gone.argument]).toEqual([
+      "Ioas.map (ioas): IOAS 3 was destroyed; it cannot be used any more [EBADF]",
+      "ioas",
+    ]);
+    const busy = stateError("IrqVector.wait", "EBUSY", "one waiter per vector", { argument: "kind" });
+    expect([busy.code, busy.argument]).toEqual(["EBUSY", "kind"]);
+    expect(timeoutError("FaultQueue.read", "no fault").code).toBe("ETIMEDOUT");
+    const cause = new Error("short");
+    expect([ioError("readConfig", "read 2 of 4", cause).code, ioError("x", "y", cause).cause]).toEqual(["EIO", cause]);
   });
 
   test("a real open failure: ENOENT with the path, and the hint the caller gave", () => {
     try {
-      openPath("/nonexistent/iommu", O_RDWR, "Iommufd.open", { ENOENT: "needs CONFIG_IOMMUFD" });
+      openPath("/nonexistent/iommu", O_RDWR, "Iommufd.open", { ENOENT: { hint: "needs CONFIG_IOMMUFD" } });
       throw new Error("not thrown");
     } catch (error) {
       const e = error as IommufdError;

@@ -4,7 +4,8 @@ import { Ioas } from "../../src/iommufd/ioas.ts";
 import { Iommufd, MemfdBuffer } from "../../src/index.ts";
 import { ERRNO } from "../../src/sys/errno.ts";
 import { IommufdError } from "../../src/sys/error.ts";
-import { counters, type ErrnoTable, ioctl, isErrno } from "../../src/sys/ioctl.ts";
+import type { ErrnoTable } from "../../src/sys/errno-table.ts";
+import { counters, ioctl, isErrno } from "../../src/sys/ioctl.ts";
 import { libc } from "../../src/sys/libc.ts";
 import {
   IOMMU_DESTROY,
