@@ -17,6 +17,7 @@ import {
   F_SEAL_WRITE,
   lastErrno,
   libc,
+  PAGE_SIZE,
   MAP_SHARED,
   MFD_ALLOW_SEALING,
   MFD_CLOEXEC,
@@ -53,7 +54,6 @@ export interface MemfdSeals {
   final: boolean;
 }
 
-const PAGE_SIZE = 4096;
 const HUGE_PAGE_BYTES: Record<HugePageSize, number> = { "2MB": 2 << 20, "1GB": 1 << 30 };
 const HUGE_PAGE_SHIFT: Record<HugePageSize, number> = { "2MB": 21, "1GB": 30 };
 /** x86-64 user address space: nothing larger can be mapped. */

@@ -11,7 +11,7 @@ import { argumentError, closedError, IommufdError, ioError, stateError, syscallE
 import { closeFd, fdFinalizer, openPath, preadInto, pwriteFrom, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
 import type { ErrnoTable } from "../sys/errno-table.ts";
 import { ioctl, isErrno } from "../sys/ioctl.ts";
-import { lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PROT_READ, PROT_WRITE } from "../sys/libc.ts";
+import { lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PAGE_SIZE, PROT_READ, PROT_WRITE } from "../sys/libc.ts";
 import { hex, u64 } from "../sys/validate.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
 import {
@@ -62,7 +62,6 @@ import { RegionMapping } from "./region.ts";
 
 export { RegionMapping } from "./region.ts";
 
-const PAGE_SIZE = 4096;
 const PCI_COMMAND = 0x04;
 const PCI_COMMAND_MASTER = 0x4;
 

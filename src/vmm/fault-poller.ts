@@ -5,15 +5,10 @@
  * when the queue fd is readable or the wake eventfd was written (close).
  */
 import { ptr } from "bun:ffi";
-import { lastErrno, libc } from "../sys/libc.ts";
+import { ERRNO } from "../sys/errno.ts";
+import { lastErrno, libc, POLLERR, POLLHUP, POLLIN, POLLNVAL } from "../sys/libc.ts";
 
 declare const self: Worker;
-
-const POLLIN = 0x1;
-const POLLERR = 0x8;
-const POLLHUP = 0x10;
-const POLLNVAL = 0x20;
-const EINTR = 4;
 
 /** Two struct pollfd { int fd; short events; short revents; }. */
 const fds = new Uint8Array(16);
@@ -44,13 +39,14 @@ self.onmessage = (event: MessageEvent<WaitRequest>) => {
     const rc = libc().poll(address, 2, -1);
     if (rc < 0) {
       const errno = lastErrno();
-      if (errno === EINTR) continue;
+      if (errno === ERRNO.EINTR) continue;
       self.postMessage({ readable: false, woken: false, errno } satisfies WaitAnswer);
       return;
     }
     const queue = view.getInt16(6, true);
     const wake = view.getInt16(14, true);
-    const broken = queue & (POLLERR | POLLHUP | POLLNVAL) ? 9 : 0;
+    // The queue fd closed or broke under poll: report it as the kernel would a read on it.
+    const broken = queue & (POLLERR | POLLHUP | POLLNVAL) ? ERRNO.EBADF : 0;
     self.postMessage({ readable: (queue & POLLIN) !== 0, woken: wake !== 0, errno: broken } satisfies WaitAnswer);
     return;
   }

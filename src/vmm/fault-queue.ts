@@ -13,7 +13,7 @@ import { argumentError, closedError, ioError, stateError, syscallError, timeoutE
 import { closeFd, fdFinalizer } from "../sys/fd.ts";
 import type { ErrnoTable } from "../sys/errno-table.ts";
 import { isErrno } from "../sys/ioctl.ts";
-import { lastErrno, libc, O_CLOEXEC } from "../sys/libc.ts";
+import { EFD_CLOEXEC, EFD_NONBLOCK, lastErrno, libc } from "../sys/libc.ts";
 import { getU64 } from "../uapi/codec.ts";
 import {
   IOMMU_FAULT_QUEUE_ALLOC,
@@ -62,8 +62,6 @@ const allocCmd = iommu_fault_alloc.create();
 const FAULT_ALLOC_ERRORS: ErrnoTable = { ENOTTY: "this kernel's iommufd has no fault queues (it predates Linux 6.11)" };
 const RECORD = iommu_hwpt_pgfault.size;
 const F = iommu_hwpt_pgfault.fields;
-const EFD_CLOEXEC = O_CLOEXEC;
-const EFD_NONBLOCK = 0o4000;
 
 export class FaultQueue {
   readonly iommufd: Iommufd;

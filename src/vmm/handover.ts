@@ -13,13 +13,12 @@
  * process's memory and makes the call fail with EINVAL.
  */
 import { readFileSync } from "node:fs";
+import { CAP_IPC_LOCK, hasCapability, parseCapEff } from "../doctor/parse.ts";
 import { Ioas } from "../iommufd/ioas.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import { argumentError } from "../sys/error.ts";
 import type { ErrnoTable } from "../sys/errno-table.ts";
 import { IOMMU_IOAS_CHANGE_PROCESS, iommu_ioas_change_process } from "../uapi/iommufd.ts";
-
-const CAP_IPC_LOCK = 14n;
 
 const cmd = iommu_ioas_change_process.create();
 
@@ -47,8 +46,8 @@ export interface ChangeProcessOptions {
 
 /** Whether this process holds CAP_IPC_LOCK in its effective set (iommufd then charges no rlimit). */
 export function hasIpcLock(): boolean {
-  const line = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync("/proc/self/status", "utf8"));
-  return line ? ((BigInt(`0x${line[1]}`) >> CAP_IPC_LOCK) & 1n) === 1n : false;
+  const capEff = parseCapEff(readFileSync("/proc/self/status", "utf8"));
+  return capEff !== undefined && hasCapability(capEff, CAP_IPC_LOCK);
 }
 
 export const PRIVILEGED_HANDOVER_WARNING =

@@ -13,6 +13,7 @@ import type { FaultQueue } from "./fault-queue.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import { argumentError, closedError } from "../sys/error.ts";
+import { PAGE_SIZE } from "../sys/libc.ts";
 import type { ErrnoTable, CallFailure } from "../sys/errno-table.ts";
 import { ioctl } from "../sys/ioctl.ts";
 import { hex, type Iova, normaliseIova, u64 } from "../sys/validate.ts";
@@ -316,7 +317,7 @@ export class DirtyBitmap {
   readonly command: StructBuffer;
 
   /** Bytes a bitmap of `length` IOVA bytes at `pageSize` needs: whole 64-bit words. */
-  static bytesFor(length: number, pageSize = 4096): number {
+  static bytesFor(length: number, pageSize = PAGE_SIZE): number {
     return Math.ceil(Math.ceil(length / pageSize) / 64) * 8;
   }
 
@@ -324,7 +325,7 @@ export class DirtyBitmap {
     const op = "DirtyBitmap";
     if (!options || typeof options !== "object")
       throw argumentError(op, "options", "expected { iova, length, pageSize }");
-    const pageSize = options.pageSize ?? 4096;
+    const pageSize = options.pageSize ?? PAGE_SIZE;
     if (!Number.isSafeInteger(pageSize) || pageSize <= 0 || (pageSize & (pageSize - 1)) !== 0 || pageSize > 2 ** 30) {
       throw argumentError(op, "options.pageSize", `${pageSize} is not a power of two between 1 and 1 GiB`);
     }
