@@ -17,14 +17,9 @@ export type { CopyOptions, MapOptions, MappableFile, MapSource, RangeOptions } f
 export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions, type MemfdSeals } from "./memory/memfd.ts";
 export { IommufdError, type IommufdErrorDetails } from "./sys/error.ts";
 export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";
-export {
-  VfioDevice,
-  type DeviceInfo,
-  type DmaBufRange,
-  type ExportDmaBufOptions,
-  type RegionCapability,
-  type RegionInfo,
-} from "./vfio/device.ts";
+export { VfioDevice, type DeviceInfo } from "./vfio/device.ts";
+export type { DmaBufRange, ExportDmaBufOptions } from "./vfio/dma-buf-export.ts";
+export type { RegionCapability, RegionInfo } from "./vfio/region.ts";
 export {
   type EnableIrqOptions,
   IRQ_INDEX,

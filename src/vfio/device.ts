@@ -1,51 +1,32 @@
 /**
  * VfioDevice: a VFIO device opened through its cdev (/dev/vfio/devices/vfioN), bound to an
- * iommufd and attached to an IOAS, with region info, BAR mmap for registers, config space,
- * bus mastering, reset and dma-buf export of BAR slices.
+ * iommufd and attached to an IOAS, and the public face of what it owns: its regions and BAR
+ * mappings (region.ts), config space and bus mastering (config.ts), dma-buf export of BAR slices
+ * (dma-buf-export.ts) and interrupts (irq.ts). It keeps the fd, the binding, reset and close.
  */
 import { readlinkSync } from "node:fs";
-import { DmaBuf } from "../memory/dmabuf.ts";
+import type { DmaBuf } from "../memory/dmabuf.ts";
 import { Ioas } from "../iommufd/ioas.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
-import { argumentError, closedError, IommufdError, ioError, stateError, syscallError } from "../sys/error.ts";
-import { closeFd, fdFinalizer, openPath, preadInto, pwriteFrom, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
+import { argumentError, closedError, IommufdError, stateError } from "../sys/error.ts";
+import { closeFd, fdFinalizer, openPath, requireOpenFd, setCloseOnExec } from "../sys/fd.ts";
 import type { ErrnoTable } from "../sys/errno-table.ts";
-import { ioctl, isErrno } from "../sys/ioctl.ts";
-import { lastErrno, libc, MAP_SHARED, O_CLOEXEC, O_RDWR, PAGE_SIZE, PROT_READ, PROT_WRITE } from "../sys/libc.ts";
-import { hex, u64 } from "../sys/validate.ts";
+import { ioctl } from "../sys/ioctl.ts";
+import { O_RDWR } from "../sys/libc.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
 import {
   VFIO_DEVICE_ATTACH_IOMMUFD_PT,
   VFIO_DEVICE_BIND_IOMMUFD,
   VFIO_DEVICE_DETACH_IOMMUFD_PT,
-  VFIO_DEVICE_FEATURE,
-  VFIO_DEVICE_FEATURE_BUS_MASTER,
-  VFIO_DEVICE_FEATURE_CLEAR_MASTER,
-  VFIO_DEVICE_FEATURE_DMA_BUF,
-  VFIO_DEVICE_FEATURE_GET,
-  VFIO_DEVICE_FEATURE_PROBE,
-  VFIO_DEVICE_FEATURE_SET,
-  VFIO_DEVICE_FEATURE_SET_MASTER,
   VFIO_DEVICE_FLAGS_PCI,
   VFIO_DEVICE_FLAGS_RESET,
   VFIO_DEVICE_GET_INFO,
-  VFIO_DEVICE_GET_REGION_INFO,
   VFIO_DEVICE_RESET,
   VFIO_PCI_CONFIG_REGION_INDEX,
-  VFIO_REGION_INFO_FLAG_CAPS,
-  VFIO_REGION_INFO_FLAG_MMAP,
-  VFIO_REGION_INFO_FLAG_READ,
-  VFIO_REGION_INFO_FLAG_WRITE,
   vfio_device_attach_iommufd_pt,
   vfio_device_bind_iommufd,
   vfio_device_detach_iommufd_pt,
-  vfio_device_feature,
-  vfio_device_feature_bus_master,
-  vfio_device_feature_dma_buf,
   vfio_device_info,
-  vfio_info_cap_header,
-  vfio_region_dma_range,
-  vfio_region_info,
 } from "../uapi/vfio.ts";
 import { PCI_ADDRESS, pciAddressOfCdev, vfioCdevOf } from "./pci.ts";
 import {
@@ -58,12 +39,11 @@ import {
   irqInfoOrNone,
   releaseIrqs,
 } from "./irq.ts";
-import { RegionMapping } from "./region.ts";
+import { busMasterOn, readConfig, setBusMaster, writeConfig } from "./config.ts";
+import { type ExportDmaBufOptions, exportDmaBuf, probeDmaBuf } from "./dma-buf-export.ts";
+import { mapRegion, type RegionMapping, type RegionInfo, readRegionInfo } from "./region.ts";
 
 export { RegionMapping } from "./region.ts";
-
-const PCI_COMMAND = 0x04;
-const PCI_COMMAND_MASTER = 0x4;
 
 export interface DeviceInfo {
   flags: number;
@@ -72,36 +52,6 @@ export interface DeviceInfo {
   isPci: boolean;
   /** The device supports VFIO_DEVICE_RESET. */
   canReset: boolean;
-}
-
-export interface RegionCapability {
-  id: number;
-  version: number;
-  /** Offset of the capability inside the region-info reply. */
-  offset: number;
-}
-
-export interface RegionInfo {
-  index: number;
-  size: number;
-  /** Offset of the region in the device fd (for pread/pwrite/mmap). */
-  offset: number;
-  flags: number;
-  readable: boolean;
-  writable: boolean;
-  mmappable: boolean;
-  capabilities: RegionCapability[];
-}
-
-export interface DmaBufRange {
-  offset: number;
-  length: number;
-}
-
-export interface ExportDmaBufOptions {
-  /** Region index (BAR number for PCI). */
-  region: number;
-  ranges: readonly DmaBufRange[];
 }
 
 const BIND_ERRORS: ErrnoTable = {
@@ -123,29 +73,6 @@ const ATTACH_ERRORS: ErrnoTable = {
   }),
   ENOENT: ({ cmd }) => ({ message: `no IOAS or hw page table with id ${cmd!.get("pt_id")}`, argument: "target" }),
   otherwise: { argument: "target" },
-};
-
-const REGION_INFO_ERRORS: ErrnoTable = {
-  EINVAL: ({ cmd }) => ({ message: `the device has no region ${cmd!.get("index")}`, argument: "index" }),
-  otherwise: { argument: "index" },
-};
-
-/** The region index of a VFIO_DEVICE_FEATURE_DMA_BUF command (its payload follows the header). */
-function dmaBufRegion(cmd: StructBuffer): number {
-  return cmd.view.getUint32(vfio_device_feature.size + vfio_device_feature_dma_buf.fields.region_index.offset, true);
-}
-
-const DMA_BUF_UNSUPPORTED =
-  "this kernel or device cannot export dma-bufs (needs CONFIG_VFIO_PCI_DMABUF and an mmappable BAR)";
-
-const EXPORT_DMA_BUF_ERRORS: ErrnoTable = {
-  ENOTTY: { message: DMA_BUF_UNSUPPORTED, argument: "options" },
-  EOPNOTSUPP: { message: DMA_BUF_UNSUPPORTED, argument: "options" },
-  EINVAL: ({ cmd }) => ({
-    message: `the kernel refused the ranges of region ${dmaBufRegion(cmd!)}`,
-    argument: "options",
-  }),
-  otherwise: { argument: "options" },
 };
 
 export class VfioDevice {
@@ -321,52 +248,12 @@ export class VfioDevice {
 
   /** VFIO_DEVICE_GET_REGION_INFO, with the capability chain when the kernel reports one. */
   region(index: number): RegionInfo {
-    const op = "VFIO_DEVICE_GET_REGION_INFO";
-    if (!Number.isInteger(index) || index < 0) throw argumentError(op, "index", `${index} is not a region index`);
-    let extra = 0;
-    for (;;) {
-      const cmd = vfio_region_info.create(extra).fill({ argsz: vfio_region_info.size + extra, index });
-      this.ioctl(VFIO_DEVICE_GET_REGION_INFO, cmd, op, REGION_INFO_ERRORS);
-      const flags = cmd.get("flags");
-      const wanted = cmd.get("argsz");
-      // The kernel asks for a larger buffer (argsz) when the capability chain does not fit.
-      if (flags & VFIO_REGION_INFO_FLAG_CAPS && wanted > vfio_region_info.size + extra) {
-        extra = wanted - vfio_region_info.size;
-        continue;
-      }
-      const capabilities: RegionCapability[] = [];
-      let at = flags & VFIO_REGION_INFO_FLAG_CAPS ? cmd.get("cap_offset") : 0;
-      while (at && at + vfio_info_cap_header.size <= cmd.bytes.length && capabilities.length < 64) {
-        const id = cmd.view.getUint16(at, true);
-        const version = cmd.view.getUint16(at + 2, true);
-        capabilities.push({ id, version, offset: at });
-        at = cmd.view.getUint32(at + 4, true);
-      }
-      return {
-        index,
-        size: cmd.get("size"),
-        offset: cmd.get("offset"),
-        flags,
-        readable: (flags & VFIO_REGION_INFO_FLAG_READ) !== 0,
-        writable: (flags & VFIO_REGION_INFO_FLAG_WRITE) !== 0,
-        mmappable: (flags & VFIO_REGION_INFO_FLAG_MMAP) !== 0,
-        capabilities,
-      };
-    }
+    return readRegionInfo(this, index);
   }
 
   /** mmap a region (a BAR) for register access: one aligned 32- or 64-bit access per call. */
   mapRegion(index: number): RegionMapping {
-    const op = "VfioDevice.mapRegion";
-    const info = this.region(index);
-    if (!info.mmappable) throw argumentError(op, "index", `region ${index} cannot be mmapped`);
-    if (info.size === 0) throw argumentError(op, "index", `region ${index} is empty`);
-    const prot = (info.readable ? PROT_READ : 0) | (info.writable ? PROT_WRITE : 0);
-    const address = Number(libc().mmap(null, info.size, prot, MAP_SHARED, this.assertOpen(op), info.offset) ?? -1);
-    if (address === -1 || address === 0 || address >= 2 ** 64 - 1) {
-      throw syscallError("mmap", lastErrno(), `cannot map region ${index} (${info.size} bytes) of ${this.path}`);
-    }
-    const mapping = new RegionMapping(this, index, address, info.size);
+    const mapping = mapRegion(this, index);
     this.#regions.add(mapping);
     return mapping;
   }
@@ -376,30 +263,23 @@ export class VfioDevice {
     this.#regions.delete(mapping);
   }
 
-  #configOffset: number | undefined;
-
-  #config(operation: string): number {
+  /** @internal Where config space starts in the device fd (the config region's offset). */
+  configOffset(operation: string): number {
     this.#configOffset ??= this.region(VFIO_PCI_CONFIG_REGION_INDEX).offset;
     this.assertOpen(operation);
     return this.#configOffset;
   }
 
+  #configOffset: number | undefined;
+
   /** Read PCI config space bytes. */
   readConfig(offset: number, length: number): Uint8Array {
-    const op = "VfioDevice.readConfig";
-    checkConfigRange(op, offset, length);
-    const out = new Uint8Array(length);
-    const n = preadInto(this.fd, out, this.#config(op) + offset, op);
-    if (n !== length) throw ioError(op, `read ${n} of ${length} config bytes at ${hex(offset)}`);
-    return out;
+    return readConfig(this, offset, length);
   }
 
   /** Write PCI config space bytes (the kernel filters what user space may change). */
   writeConfig(offset: number, bytes: Uint8Array): void {
-    const op = "VfioDevice.writeConfig";
-    checkConfigRange(op, offset, bytes.length);
-    const n = pwriteFrom(this.fd, bytes, this.#config(op) + offset, op);
-    if (n !== bytes.length) throw ioError(op, `wrote ${n} of ${bytes.length} config bytes at ${hex(offset)}`);
+    writeConfig(this, offset, bytes);
   }
 
   readConfig16(offset: number): number {
@@ -427,32 +307,12 @@ export class VfioDevice {
    * VFIO_DEVICE_FEATURE_BUS_MASTER feature where the kernel has it, else the PCI command register.
    */
   setBusMaster(enabled: boolean): void {
-    const op = "VFIO_DEVICE_FEATURE_BUS_MASTER";
-    const payload = vfio_device_feature_bus_master.size;
-    const cmd = vfio_device_feature.create(payload);
-    cmd.fill({
-      argsz: vfio_device_feature.size + payload,
-      flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_BUS_MASTER,
-    });
-    cmd.view.setUint32(
-      vfio_device_feature.size,
-      enabled ? VFIO_DEVICE_FEATURE_SET_MASTER : VFIO_DEVICE_FEATURE_CLEAR_MASTER,
-      true,
-    );
-    try {
-      this.ioctl(VFIO_DEVICE_FEATURE, cmd, op);
-      return;
-    } catch (error) {
-      // Kernels without the feature: fall back to the command register below.
-      if (!isErrno(error, "ENOTTY") && !isErrno(error, "EINVAL") && !isErrno(error, "EOPNOTSUPP")) throw error;
-    }
-    const command = this.readConfig16(PCI_COMMAND);
-    this.writeConfig16(PCI_COMMAND, enabled ? command | PCI_COMMAND_MASTER : command & ~PCI_COMMAND_MASTER);
+    setBusMaster(this, enabled);
   }
 
   /** Whether bus mastering is on, from the PCI command register. */
   get busMaster(): boolean {
-    return (this.readConfig16(PCI_COMMAND) & PCI_COMMAND_MASTER) !== 0;
+    return busMasterOn(this);
   }
 
   /** VFIO_DEVICE_RESET. Devices without reset support get EINVAL saying so. */
@@ -483,11 +343,7 @@ export class VfioDevice {
    * dma-bufs of this device, throws the kernel's answer otherwise (the doctor reports its errno).
    */
   probeDmaBuf(): void {
-    const cmd = vfio_device_feature.create().fill({
-      argsz: vfio_device_feature.size,
-      flags: VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
-    });
-    this.ioctl(VFIO_DEVICE_FEATURE, cmd, "VFIO_DEVICE_FEATURE_DMA_BUF");
+    probeDmaBuf(this);
   }
 
   /**
@@ -495,53 +351,7 @@ export class VfioDevice {
    * maps the result only when it has exactly one range.
    */
   exportDmaBuf(options: ExportDmaBufOptions): DmaBuf {
-    const op = "VFIO_DEVICE_FEATURE_DMA_BUF";
-    const { region, ranges } = options ?? ({} as ExportDmaBufOptions);
-    if (!Array.isArray(ranges) || ranges.length === 0)
-      throw argumentError(op, "options.ranges", "give at least one { offset, length } range");
-    const info = this.region(region);
-    ranges.forEach((range, i) => {
-      const offset = u64(range?.offset, op, `options.ranges[${i}].offset`) as number;
-      const length = u64(range?.length, op, `options.ranges[${i}].length`) as number;
-      if (length === 0) throw argumentError(op, `options.ranges[${i}].length`, "length is 0");
-      if (offset % PAGE_SIZE || length % PAGE_SIZE) {
-        throw argumentError(
-          op,
-          `options.ranges[${i}]`,
-          `offset ${hex(offset)} and length ${hex(length)} must be multiples of the page size`,
-        );
-      }
-      if (offset + length > info.size) {
-        throw argumentError(
-          op,
-          `options.ranges[${i}]`,
-          `${hex(offset)}..+${hex(length)} runs past the end of region ${region} (${hex(info.size)} bytes)`,
-        );
-      }
-    });
-    const payload = vfio_device_feature_dma_buf.size + ranges.length * vfio_region_dma_range.size;
-    const cmd = vfio_device_feature.create(payload);
-    cmd.fill({
-      argsz: vfio_device_feature.size + payload,
-      flags: VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF,
-    });
-    const base = vfio_device_feature.size;
-    cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.region_index.offset, region, true);
-    cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.open_flags.offset, O_RDWR | O_CLOEXEC, true);
-    cmd.view.setUint32(base + vfio_device_feature_dma_buf.fields.nr_ranges.offset, ranges.length, true);
-    ranges.forEach((range, i) => {
-      const at = base + vfio_device_feature_dma_buf.size + i * vfio_region_dma_range.size;
-      cmd.view.setBigUint64(at + vfio_region_dma_range.fields.offset.offset, BigInt(range.offset), true);
-      cmd.view.setBigUint64(at + vfio_region_dma_range.fields.length.offset, BigInt(range.length), true);
-    });
-    const fd = this.ioctl(VFIO_DEVICE_FEATURE, cmd, op, EXPORT_DMA_BUF_ERRORS);
-    const size = ranges.reduce((sum, r) => sum + r.length, 0);
-    const where = ranges.map((r) => `[${hex(r.offset)}, +${hex(r.length)})`).join(" ");
-    return new DmaBuf(fd, {
-      origin: "vfio",
-      size,
-      description: `dma-buf of ${this.pciAddress ?? this.path} region ${region} ${where}`,
-    });
+    return exportDmaBuf(this, options);
   }
 
   /** VFIO_DEVICE_GET_IRQ_INFO of one interrupt index ("intx", "msi", "msix", "err", "req" or a number). */
@@ -580,13 +390,5 @@ export class VfioDevice {
 
   [Symbol.dispose](): void {
     this.close();
-  }
-}
-
-function checkConfigRange(op: string, offset: number, length: number): void {
-  if (!Number.isInteger(offset) || offset < 0 || offset > 4095)
-    throw argumentError(op, "offset", `${offset} is outside PCI config space`);
-  if (!Number.isInteger(length) || length <= 0 || offset + length > 4096) {
-    throw argumentError(op, "length", `${length} bytes at ${hex(offset)} do not fit in PCI config space`);
   }
 }
