@@ -20,15 +20,8 @@ export { ERRNO, errnoCode, type ErrnoCode } from "./sys/errno.ts";
 export { VfioDevice, type DeviceInfo } from "./vfio/device.ts";
 export type { DmaBufRange, ExportDmaBufOptions } from "./vfio/dma-buf-export.ts";
 export type { RegionCapability, RegionInfo } from "./vfio/region.ts";
-export {
-  type EnableIrqOptions,
-  IRQ_INDEX,
-  type IrqInfo,
-  type IrqKind,
-  IrqSet,
-  IrqVector,
-  type WaitOptions,
-} from "./vfio/irq.ts";
+export { type EnableIrqOptions, IRQ_INDEX, type IrqInfo, type IrqKind, IrqSet } from "./vfio/irq.ts";
+export { IrqVector, type WaitOptions } from "./vfio/irq-vector.ts";
 export { RegionMapping } from "./vfio/region.ts";
 export { bindToVfioPci, findPciDevices } from "./vfio/pci.ts";
 export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./memory/dmabuf.ts";

@@ -1,16 +1,10 @@
 /**
- * VFIO interrupts as eventfds a Bun program awaits: `device.enableIrq("msi")` gives an IrqSet
- * that owns one close-on-exec, non-blocking eventfd per vector and keeps the kernel's
- * VFIO_DEVICE_SET_IRQS state in step with them.
- *
- * Waiting never blocks the thread. A vector first tries a non-blocking read(2) (an interrupt that
- * already arrived costs one syscall and no trip through the event loop); only when nothing is
- * pending does it hand the eventfd to Bun's own epoll loop through `Bun.file(fd).stream()`.
+ * VFIO interrupts as eventfds a Bun program awaits: the interrupt indexes of a device and their
+ * info, and `device.enableIrq("msi")`, which gives an IrqSet that owns one close-on-exec,
+ * non-blocking eventfd per vector and keeps the kernel's VFIO_DEVICE_SET_IRQS state in step with
+ * them. The vectors themselves (reading and waiting) are in irq-vector.ts.
  */
-import { ptr } from "bun:ffi";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, ioError, stateError, syscallError } from "../sys/error.ts";
-import { fdFinalizer } from "../sys/fd.ts";
+import { argumentError, closedError, stateError, syscallError } from "../sys/error.ts";
 import type { ErrnoTable } from "../sys/errno-table.ts";
 import { isErrno } from "../sys/ioctl.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, lastErrno, libc } from "../sys/libc.ts";
@@ -23,7 +17,6 @@ import {
   VFIO_IRQ_INFO_MASKABLE,
   VFIO_IRQ_INFO_NORESIZE,
   VFIO_IRQ_SET_ACTION_TRIGGER,
-  VFIO_IRQ_SET_ACTION_UNMASK,
   VFIO_IRQ_SET_DATA_EVENTFD,
   VFIO_IRQ_SET_DATA_NONE,
   VFIO_PCI_ERR_IRQ_INDEX,
@@ -34,6 +27,10 @@ import {
   vfio_irq_info,
   vfio_irq_set,
 } from "../uapi/vfio.ts";
+import { IrqVector } from "./irq-vector.ts";
+
+// An IrqSet hands out its vectors: their class and options are part of this module's surface.
+export { IrqVector, type WaitOptions } from "./irq-vector.ts";
 
 /** The PCI interrupt indexes of vfio-pci. */
 export type IrqKind = "intx" | "msi" | "msix" | "err" | "req";
@@ -77,11 +74,6 @@ export interface EnableIrqOptions {
   vectors?: number;
 }
 
-export interface WaitOptions {
-  /** Abandon the wait: the promise rejects with the signal's reason. */
-  signal?: AbortSignal;
-}
-
 /** What the interrupt code needs from a VfioDevice (kept narrow so the device stays the owner). */
 export interface IrqDevice {
   readonly path: string;
@@ -106,7 +98,8 @@ function indexOf(kind: IrqKind | number, operation: string): number {
   );
 }
 
-function describe(index: number): string {
+/** "MSI-X", "INTx", or "interrupt index 7": how messages name an index. */
+export function irqName(index: number): string {
   const kind = KIND_OF_INDEX[index];
   return kind ? DESCRIPTION[kind] : `interrupt index ${index}`;
 }
@@ -115,7 +108,7 @@ const IRQ_INFO_ERRORS: ErrnoTable = {
   EINVAL: ({ cmd }) => {
     const index = cmd!.get("index");
     const why = index === VFIO_PCI_ERR_IRQ_INDEX ? " (ERR exists only on PCI Express devices)" : "";
-    return { message: `the device has no ${describe(index)} interrupt${why}`, argument: "kind" };
+    return { message: `the device has no ${irqName(index)} interrupt${why}`, argument: "kind" };
   },
 };
 
@@ -178,7 +171,7 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
   if (!Number.isInteger(vectors) || vectors < 1)
     throw argumentError(op, "options.vectors", `${vectors} is not a vector count (1 or more)`);
   const info = irqInfoOrNone(device, index);
-  const name = describe(index);
+  const name = irqName(index);
   if (info.count === 0) {
     throw argumentError(op, "kind", `${device.path} has no ${name} interrupt (the kernel reports 0 vectors)`);
   }
@@ -205,7 +198,7 @@ export function enableIrq(device: IrqDevice, kind: IrqKind, options: EnableIrqOp
     throw stateError(
       op,
       "EBUSY",
-      `${describe(other)} is enabled on ${device.path}; a device runs one of INTx, MSI and MSI-X ` +
+      `${irqName(other)} is enabled on ${device.path}; a device runs one of INTx, MSI and MSI-X ` +
         "at a time: close that IrqSet first",
       { argument: "kind" },
     );
@@ -297,7 +290,7 @@ export class IrqSet implements Disposable {
 
   /** @internal SET_IRQS with no data (trigger, unmask, disable); throws on failure. */
   control(flags: number, start: number, count: number, operation: string, errors?: ErrnoTable): void {
-    if (this.#closed) throw closedError(operation, `${describe(this.index)} interrupt set of ${this.#device.path}`);
+    if (this.#closed) throw closedError(operation, `${irqName(this.index)} interrupt set of ${this.#device.path}`);
     this.#control.fill({ argsz: vfio_irq_set.size, flags, index: this.index, start, count });
     this.#device.ioctl(VFIO_DEVICE_SET_IRQS, this.#control, operation, errors);
   }
@@ -332,238 +325,5 @@ export class IrqSet implements Disposable {
 
   [Symbol.dispose](): void {
     this.close();
-  }
-}
-
-const TWO_32 = 2 ** 32;
-
-/** Sum of the u64 counters in a chunk of eventfd reads (the loop may join several reads). */
-function sumCounters(chunk: Uint8Array): number {
-  const view = new DataView(chunk.buffer, chunk.byteOffset, chunk.byteLength);
-  let total = 0;
-  for (let at = 0; at + 8 <= chunk.byteLength; at += 8)
-    total += view.getUint32(at + 4, true) * TWO_32 + view.getUint32(at, true);
-  return total;
-}
-
-interface EventfdReader {
-  read(): Promise<{ done: boolean; value?: Uint8Array }>;
-  cancel(): Promise<void>;
-}
-
-interface Waiter {
-  resolve(count: number): void;
-  reject(error: unknown): void;
-  signal: AbortSignal | undefined;
-  onAbort: (() => void) | undefined;
-}
-
-/**
- * One interrupt vector and its eventfd. Every count is delivered once: by poll(), by wait(), or
- * by the async iterator, whichever reads first.
- */
-export class IrqVector implements AsyncIterable<number> {
-  readonly set: IrqSet;
-  /** Sub-index inside the set's interrupt index. */
-  readonly vector: number;
-  #fd: number;
-  // The vector holds the buffer for its whole life, so the address taken once stays valid.
-  readonly #word = new Uint32Array(new ArrayBuffer(8));
-  readonly #wordAddress = ptr(this.#word);
-  /** Counted by the event loop's reader but not yet handed out. */
-  #pending = 0;
-  #waiter: Waiter | undefined;
-  #reader: EventfdReader | undefined;
-  #stopPending = false;
-
-  /** @internal */
-  constructor(set: IrqSet, vector: number, fd: number) {
-    this.set = set;
-    this.vector = vector;
-    this.#fd = fd;
-    fdFinalizer.register(this, fd, this);
-  }
-
-  /** The eventfd (for users who poll it themselves; the vector still owns and closes it). */
-  get fd(): number {
-    if (this.#fd < 0) throw closedError("IrqVector.fd", this.#what());
-    return this.#fd;
-  }
-
-  get closed(): boolean {
-    return this.#fd < 0;
-  }
-
-  #what(): string {
-    return `${describe(this.set.index)} vector ${this.vector}`;
-  }
-
-  /**
-   * Interrupts since the last read, without waiting: one non-blocking read(2) of the eventfd
-   * (plus whatever the event loop already took in). 0 when none arrived.
-   */
-  poll(): number {
-    const fd = this.#fd;
-    if (fd < 0) throw closedError("IrqVector.poll", this.#what());
-    let count = this.#pending;
-    this.#pending = 0;
-    const n = libc().read(fd, this.#wordAddress, 8);
-    if (n === 8) {
-      count += this.#word[1]! * TWO_32 + this.#word[0]!;
-    } else if (n < 0) {
-      const errno = lastErrno();
-      if (errno !== ERRNO.EAGAIN) {
-        this.#pending = count;
-        throw syscallError("read", errno, `cannot read the eventfd of ${this.#what()}`);
-      }
-    }
-    return count;
-  }
-
-  /**
-   * Resolves with the number of interrupts since the last read (at least 1). The thread stays
-   * free: timers, I/O and other promises run while it waits. One wait at a time per vector.
-   */
-  wait(options?: WaitOptions): Promise<number> {
-    const op = "IrqVector.wait";
-    if (this.#fd < 0) return Promise.reject(closedError(op, this.#what()));
-    if (this.#waiter) {
-      return Promise.reject(
-        stateError(op, "EBUSY", `another wait() on ${this.#what()} is still pending: one waiter per vector`),
-      );
-    }
-    let count: number;
-    try {
-      count = this.poll();
-    } catch (error) {
-      return Promise.reject(error);
-    }
-    if (count > 0) return Promise.resolve(count);
-    const signal = options?.signal;
-    if (signal?.aborted) return Promise.reject(signal.reason);
-    return new Promise<number>((resolve, reject) => {
-      const waiter: Waiter = { resolve, reject, signal, onAbort: undefined };
-      if (signal) {
-        waiter.onAbort = () => {
-          if (this.#waiter !== waiter) return;
-          this.#waiter = undefined;
-          reject(signal.reason);
-          this.#stopWhenIdle();
-        };
-        signal.addEventListener("abort", waiter.onAbort, { once: true });
-      }
-      this.#waiter = waiter;
-      this.#listen();
-    });
-  }
-
-  /** Yields the count of each batch of interrupts; ends when the vector is closed. */
-  async *[Symbol.asyncIterator](): AsyncIterator<number> {
-    while (this.#fd >= 0) {
-      let count: number;
-      try {
-        count = await this.wait();
-      } catch (error) {
-        if (this.#fd < 0) return;
-        throw error;
-      }
-      yield count;
-    }
-  }
-
-  /** Re-arm an automasked INTx line after acknowledging the interrupt on the device. */
-  unmask(): void {
-    const op = "IrqVector.unmask";
-    if (this.#fd < 0) throw closedError(op, this.#what());
-    if (!this.set.info.maskable) {
-      throw stateError(
-        op,
-        "EINVAL",
-        `${describe(this.set.index)} cannot be masked or unmasked by VFIO (only INTx can)`,
-      );
-    }
-    this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, this.vector, 1, op);
-  }
-
-  /** Signal this vector's eventfd from the kernel, as the device would (loopback test of the wiring). */
-  trigger(): void {
-    const op = "IrqVector.trigger";
-    if (this.#fd < 0) throw closedError(op, this.#what());
-    this.set.control(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, this.vector, 1, op);
-  }
-
-  /**
-   * Hand the eventfd to Bun's event loop while someone waits. A read is always pending on the
-   * reader, so Bun hands over every chunk as soon as it reads it: nothing sits in the stream's
-   * queue, and stopping the reader (once no wait follows) loses no count.
-   */
-  #listen(): void {
-    if (this.#reader) return;
-    const reader: EventfdReader = Bun.file(this.#fd).stream().getReader();
-    this.#reader = reader;
-    this.#readNext(reader);
-  }
-
-  #readNext(reader: EventfdReader): void {
-    reader.read().then(
-      ({ done, value }) => {
-        // Counted even from a reader being stopped: Bun read it from the eventfd.
-        if (value && this.#fd >= 0) this.#pending += sumCounters(value);
-        if (done || this.#reader !== reader) return;
-        this.#readNext(reader);
-        this.#deliver();
-      },
-      (error: unknown) => {
-        if (this.#reader !== reader) return;
-        this.#reader = undefined;
-        const waiter = this.#takeWaiter();
-        waiter?.reject(ioError("IrqVector.wait", `reading the eventfd of ${this.#what()} failed`, error));
-      },
-    );
-  }
-
-  /**
-   * Stop the reader when no wait() follows within this turn of the event loop: a loop of awaits
-   * keeps one reader, an idle vector holds none (and does not keep the process alive).
-   */
-  #stopWhenIdle(): void {
-    if (this.#stopPending || !this.#reader) return;
-    this.#stopPending = true;
-    setImmediate(() => {
-      this.#stopPending = false;
-      if (this.#waiter || !this.#reader) return;
-      const reader = this.#reader;
-      this.#reader = undefined;
-      reader.cancel().catch(() => {});
-    });
-  }
-
-  #takeWaiter(): Waiter | undefined {
-    const waiter = this.#waiter;
-    this.#waiter = undefined;
-    if (waiter?.signal && waiter.onAbort) waiter.signal.removeEventListener("abort", waiter.onAbort);
-    return waiter;
-  }
-
-  #deliver(): void {
-    if (!this.#waiter || this.#pending === 0) return;
-    const count = this.#pending;
-    this.#pending = 0;
-    this.#takeWaiter()!.resolve(count);
-    this.#stopWhenIdle();
-  }
-
-  /** @internal Called by the set once the kernel no longer signals the eventfd. */
-  release(): void {
-    if (this.#fd < 0) return;
-    const fd = this.#fd;
-    this.#fd = -1;
-    const reader = this.#reader;
-    this.#reader = undefined;
-    // Bun reads a duplicate of the fd; cancelling closes that duplicate (on Bun's own schedule).
-    reader?.cancel().catch(() => {});
-    this.#takeWaiter()?.reject(closedError("IrqVector.wait", this.#what()));
-    fdFinalizer.unregister(this);
-    libc().close(fd);
   }
 }

@@ -5,7 +5,8 @@
  */
 import { afterEach, expect, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
-import { type IrqSet, IrqVector } from "../../src/vfio/irq.ts";
+import type { IrqSet } from "../../src/vfio/irq.ts";
+import { IrqVector } from "../../src/vfio/irq-vector.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
 
