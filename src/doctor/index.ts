@@ -10,10 +10,20 @@
  * process.exitCode = report.exitCode;
  * ```
  */
-import { evaluate, type CheckResult, type CheckStatus } from "./checks.ts";
+import {
+  type CheckResult,
+  type CheckStatus,
+  checkConfig,
+  checkHugePages,
+  checkIommufd,
+  checkKernel,
+  checkMemlock,
+} from "./checks.ts";
+import { checkDmaBuf, checkIommu, checkVfio } from "./device-checks.ts";
 import { gatherFacts, realSystem, type DoctorFacts, type DoctorSystem, type GatherOptions } from "./facts.ts";
 
 export * from "./checks.ts";
+export * from "./device-checks.ts";
 export * from "./facts.ts";
 export * from "./parse.ts";
 
@@ -36,6 +46,20 @@ export interface DoctorReport {
 export interface DoctorOptions extends GatherOptions {
   /** Replace the real machine (tests). */
   system?: DoctorSystem;
+}
+
+/** All checks, in the order they are printed. */
+export function evaluate(facts: DoctorFacts): CheckResult[] {
+  return [
+    checkKernel(facts),
+    checkConfig(facts),
+    checkIommufd(facts),
+    checkMemlock(facts),
+    checkIommu(facts),
+    checkVfio(facts),
+    checkHugePages(facts),
+    checkDmaBuf(facts),
+  ];
 }
 
 /** Build a report from facts; pure. */
