@@ -318,7 +318,7 @@ export function encodeMapFile(
 
 /** The IOVA a MAP or MAP_FILE command holds: the kernel's choice once it succeeded. */
 export function mappedIova(cmd: StructBuffer): Iova {
-  return getU64(cmd.u32, cmd.layout.words.iova!);
+  return getU64(cmd.u32, cmd.layout === iommu_ioas_map ? MAP.iova : MAP_FILE.iova);
 }
 
 // --- IOMMU_IOAS_COPY ----------------------------------------------------------------------------
