@@ -28,7 +28,9 @@ import { basename, join, resolve } from "node:path";
 import { findPciDevices, Iommufd } from "../src/index.ts";
 import { MockDomain } from "../src/testing/selftest.ts";
 import { isCI as isCIRun } from "../test/support/ci.ts";
-import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
+import { vmAvailability } from "../vm/host.ts";
+import { kernelImage } from "../vm/images.ts";
+import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { runCase, runMode, type CaseResult } from "./runner.ts";
 import {

@@ -14,7 +14,9 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { isCI } from "../test/support/ci.ts";
 import type { DeviceSpec } from "../vm/devices.ts";
-import { kernelImage, runInGuest, vmAvailability } from "../vm/run.ts";
+import { vmAvailability } from "../vm/host.ts";
+import { kernelImage } from "../vm/images.ts";
+import { runInGuest } from "../vm/run.ts";
 
 /** The guest's devices for the kernel tests (see /work/coord/vm-api.md or vm/devices.ts). */
 export const KERNEL_TEST_DEVICES: DeviceSpec[] = [

@@ -1,10 +1,12 @@
 // The command line of the test guest: `bunx bun-iommufd vm [options] -- <command...>`, also
-// `bun vm/run.ts` and `bun run vm` in this repository. Parses options, checks the host, runs.
+// `bun run vm` and `bun vm/cli.ts` in this repository. Parses options, checks the host, runs.
 
 import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { DeviceSpecError, type DeviceSpec, IOMMU_MODELS, type IommuModel, parseDeviceSpec } from "./devices.ts";
-import { cacheDir, EXIT_TIMEOUT, EXIT_VM_FAILURE, type GuestOptions, hostCheck, runInGuest } from "./run.ts";
+import { hostCheck } from "./host.ts";
+import { cacheDir } from "./images.ts";
+import { EXIT_TIMEOUT, EXIT_VM_FAILURE, type GuestOptions, runInGuest } from "./run.ts";
 
 export function usage(program = "bun-iommufd vm"): string {
   return `usage: ${program} [options] -- <command...>
@@ -185,3 +187,5 @@ export async function main(argv: string[], program = "bun-iommufd vm"): Promise<
   const result = await runInGuest(opts);
   return result.exitCode;
 }
+
+if (import.meta.main) process.exitCode = await main(process.argv.slice(2));

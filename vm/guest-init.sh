@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# PID 1 of the test guest (vm/run.ts packs it into a busybox initramfs). Everything that varies per
+# PID 1 of the test guest (vm/images.ts packs it into a busybox initramfs). Everything that varies per
 # run comes from the host through the results share (/results): `config` (shell variables),
 # `devices` (one line per device) and `cmd.sh` (the command). The initramfs is cached by the hash
 # of this file and busybox, so a change here rebuilds it.

@@ -13,7 +13,7 @@ import {
   placeDevices,
   prepareDisks,
 } from "../../vm/devices.ts";
-import { workShare } from "../../vm/run.ts";
+import { workShare } from "../../vm/guest-script.ts";
 
 describe("--device", () => {
   test("edu and nvme with size, cmb, name, file, driver", () => {

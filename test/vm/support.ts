@@ -2,7 +2,7 @@
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { vmAvailability } from "../../vm/run.ts";
+import { vmAvailability } from "../../vm/host.ts";
 
 export const root = resolve(import.meta.dir, "../..");
 export const bin = join(root, "bin", "bun-iommufd.ts");
