@@ -48,7 +48,7 @@ export function lastLines(path: string, n: number): string {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-export interface Attempt {
+interface Attempt {
   outcome: "done" | "early-death" | "refused" | "setup" | "died" | "timeout";
   exitCode?: number;
   bootSeconds: number;
