@@ -12,6 +12,7 @@
  * ```
  */
 export { Iommufd, DEFAULT_IOMMU_PATH, type RlimitMode } from "./iommufd/iommufd.ts";
+export { FEATURE_COMMANDS, type IommufdFeature, type IommufdFeatures } from "./iommufd/features.ts";
 export { Ioas, Mapping, PreparedMapping, type Iova, type IovaRange, type IovaRanges } from "./iommufd/ioas.ts";
 export type { CopyOptions, MapOptions, MappableFile, MapSource, RangeOptions } from "./iommufd/map-arguments.ts";
 export { MemfdBuffer, type HugePageSize, type MemfdBufferOptions, type MemfdSeals } from "./memory/memfd.ts";

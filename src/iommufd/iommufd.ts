@@ -9,6 +9,7 @@ import { ioctl } from "../sys/ioctl.ts";
 import { O_RDWR } from "../sys/libc.ts";
 import type { StructBuffer } from "../uapi/codec.ts";
 import { IOMMU_OPTION_OP_GET, IOMMU_OPTION_OP_SET, IOMMU_OPTION_RLIMIT_MODE } from "../uapi/iommufd.ts";
+import { type IommufdFeatures, probeFeatures } from "./features.ts";
 import { Ioas } from "./ioas.ts";
 import { allocIoas, destroyObject, option } from "./ioctls.ts";
 
@@ -26,6 +27,7 @@ export class Iommufd {
   #fd: number;
   readonly #owned = new Set<Owned>();
   readonly #closeOnDispose: boolean;
+  #features: IommufdFeatures | undefined;
 
   private constructor(fd: number, owned: boolean) {
     this.#fd = fd;
@@ -93,6 +95,15 @@ export class Iommufd {
     context?: Context,
   ): number {
     return ioctl(this.assertOpen(operation), request, cmd, operation, errors, context);
+  }
+
+  /**
+   * Which optional iommufd commands the running kernel knows (MAP_FILE, HWPT, dirty tracking, fault
+   * queues, change-process), asked of the kernel once, on first use.
+   */
+  get features(): IommufdFeatures {
+    this.#features ??= probeFeatures(this.assertOpen("Iommufd.features"));
+    return this.#features;
   }
 
   /** Allocate an I/O address space (IOMMU_IOAS_ALLOC). */
