@@ -7,6 +7,8 @@
  * smaller than the command's struct. A command whose size is 0 therefore tells "known" (EINVAL)
  * from "unknown" (ENOTTY) without the kernel doing anything else.
  */
+import { ERRNO } from "../sys/errno.ts";
+import { type IommufdError, syscallError } from "../sys/error.ts";
 import { isErrno, ioctl } from "../sys/ioctl.ts";
 import {
   IOMMU_FAULT_QUEUE_ALLOC,
@@ -65,4 +67,14 @@ export function knowsCommand(fd: number, request: number, name: string): boolean
 export function missingFeatureText(feature: IommufdFeature): string {
   const command = FEATURE_COMMANDS[feature];
   return `the running kernel's iommufd does not know ${command.name} (added in ${command.since}; the kernel answers ENOTTY)`;
+}
+
+/**
+ * The error for an operation that needs a command this kernel lacks: ENOTTY, as the kernel itself
+ * answers, with the command, the release that brought it, and `why` no fallback applies.
+ */
+export function missingFeatureError(operation: string, feature: IommufdFeature, why: string): IommufdError {
+  return syscallError(operation, ERRNO.ENOTTY, `${missingFeatureText(feature)}; ${why}`, {
+    hint: "run `bunx bun-iommufd doctor` to see what this kernel has",
+  });
 }

@@ -34,6 +34,7 @@ import {
   UNMAP_ERRORS,
   unmappedBytes,
 } from "./ioctls.ts";
+import { missingFeatureError } from "./features.ts";
 import type { Iommufd } from "./iommufd.ts";
 import {
   type CopyOptions,
@@ -54,6 +55,20 @@ export type { Iova, IovaRange, IovaRanges };
 const mapCmd = iommu_ioas_map.create();
 const mapFileCmd = iommu_ioas_map_file.create();
 const unmapCmd = iommu_ioas_unmap.create();
+
+/** The operation a mapFile names when the kernel lacks MAP_FILE and the buffer is mapped by address. */
+const MAP_BY_ADDRESS = "IOMMU_IOAS_MAP (mapFile on a kernel without IOMMU_IOAS_MAP_FILE)";
+
+/** The address to MAP instead of a file: only a MemfdBuffer has one in this process. */
+function addressForMap(file: MappableFile | number, operation: string): number {
+  if (file instanceof MemfdBuffer) return file.address;
+  const what = typeof file === "number" ? "a bare fd" : "a dma-buf";
+  throw missingFeatureError(
+    operation,
+    "mapFile",
+    `${what} has no address in this process to map instead (a MemfdBuffer would be mapped by address)`,
+  );
+}
 
 export class Ioas {
   readonly iommufd: Iommufd;
@@ -141,7 +156,15 @@ export class Ioas {
     const offset = rangeOffset(options, size, op, "file");
     const length = rangeLength(options, offset, size, op, "file");
     const iova = fixedIova(options, op);
-    encodeMapFile(mapFileCmd, mapFlags(options, op, iova), this.id, fd, offset, length, iova);
+    const flags = mapFlags(options, op, iova);
+    if (!this.iommufd.features.mapFile) {
+      // Before Linux 6.13: a MemfdBuffer is mapped into this process anyway, and MAP of that
+      // mapping pins the very pages MAP_FILE would, so the caller gets the same Mapping.
+      encodeMap(mapCmd, flags, this.id, addressForMap(file, op) + offset, length, iova);
+      ioctl(iommufdFd, IOMMU_IOAS_MAP, mapCmd, MAP_BY_ADDRESS, MAP_ERRORS);
+      return this.#record(mappedIova(mapCmd), length, file);
+    }
+    encodeMapFile(mapFileCmd, flags, this.id, fd, offset, length, iova);
     ioctl(iommufdFd, IOMMU_IOAS_MAP_FILE, mapFileCmd, op, MAP_FILE_ERRORS, file);
     return this.#record(mappedIova(mapFileCmd), length, file);
   }
@@ -167,7 +190,8 @@ export class Ioas {
     const iova = fixedIova(options, op);
     const flags = mapFlags(options, op, iova);
     const closable = file as MappableFile & { readonly closed: boolean };
-    const prepared = new PreparedMapping(this, closable, fd, offset, length, flags, iova);
+    const byAddress = this.iommufd.features.mapFile ? undefined : addressForMap(file, op) + offset;
+    const prepared = new PreparedMapping(this, closable, fd, offset, length, flags, iova, byAddress);
     this.#prepared.add(prepared);
     return prepared;
   }

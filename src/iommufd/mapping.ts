@@ -6,9 +6,24 @@
 import { argumentError, stateError } from "../sys/error.ts";
 import { addIova, hex, type Iova } from "../sys/validate.ts";
 import { ioctl } from "../sys/ioctl.ts";
-import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_map_file, iommu_ioas_unmap } from "../uapi/iommufd.ts";
+import {
+  IOMMU_IOAS_MAP,
+  IOMMU_IOAS_MAP_FILE,
+  IOMMU_IOAS_UNMAP,
+  iommu_ioas_map,
+  iommu_ioas_map_file,
+  iommu_ioas_unmap,
+} from "../uapi/iommufd.ts";
 import type { Ioas } from "./ioas.ts";
-import { encodeMapFile, encodeUnmap, MAP_FILE_ERRORS, mappedIova, UNMAP_ERRORS } from "./ioctls.ts";
+import {
+  encodeMap,
+  encodeMapFile,
+  encodeUnmap,
+  MAP_ERRORS,
+  MAP_FILE_ERRORS,
+  mappedIova,
+  UNMAP_ERRORS,
+} from "./ioctls.ts";
 import type { MappableFile } from "./map-arguments.ts";
 
 /**
@@ -118,7 +133,9 @@ export class PreparedMapping {
   #mapped = false;
   #iova: Iova | undefined;
   readonly #fixed: boolean;
-  readonly #map = iommu_ioas_map_file.create();
+  readonly #map;
+  /** Mapped with IOMMU_IOAS_MAP of the buffer's address: the kernel lacks MAP_FILE. */
+  readonly #byAddress: boolean;
   readonly #unmap = iommu_ioas_unmap.create();
   readonly #isClosed: () => boolean;
 
@@ -131,6 +148,7 @@ export class PreparedMapping {
     length: number,
     flags: number,
     iova: Iova | undefined,
+    byAddress?: number,
   ) {
     this.ioas = ioas;
     this.file = file;
@@ -138,7 +156,15 @@ export class PreparedMapping {
     this.#fixed = iova !== undefined;
     this.#iova = iova;
     this.#isClosed = () => file.closed;
-    encodeMapFile(this.#map, flags, ioas.id, fd, offset, length, iova);
+    if (byAddress === undefined) {
+      this.#map = iommu_ioas_map_file.create();
+      this.#byAddress = false;
+      encodeMapFile(this.#map, flags, ioas.id, fd, offset, length, iova);
+    } else {
+      this.#map = iommu_ioas_map.create();
+      this.#byAddress = true;
+      encodeMap(this.#map, flags, ioas.id, byAddress, length, iova);
+    }
     encodeUnmap(this.#unmap, ioas.id, iova ?? 0, length);
   }
 
@@ -151,7 +177,7 @@ export class PreparedMapping {
     return this.#iova;
   }
 
-  /** IOMMU_IOAS_MAP_FILE with the prepared command. Returns the IOVA. */
+  /** The prepared IOMMU_IOAS_MAP_FILE (or MAP by address: see the constructor). Returns the IOVA. */
   map(): Iova {
     const op = "PreparedMapping.map";
     if (this.#mapped) {
@@ -161,7 +187,9 @@ export class PreparedMapping {
     if (this.#isClosed()) {
       throw argumentError(op, "file", "the prepared file was closed; prepare again with an open one", "EBADF");
     }
-    ioctl(this.ioas.assertOpen(op), IOMMU_IOAS_MAP_FILE, this.#map, op, MAP_FILE_ERRORS, this.file);
+    const fd = this.ioas.assertOpen(op);
+    if (this.#byAddress) ioctl(fd, IOMMU_IOAS_MAP, this.#map, op, MAP_ERRORS);
+    else ioctl(fd, IOMMU_IOAS_MAP_FILE, this.#map, op, MAP_FILE_ERRORS, this.file);
     if (!this.#fixed) {
       const at = mappedIova(this.#map);
       this.#iova = at;

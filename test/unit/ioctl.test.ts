@@ -9,11 +9,13 @@ import { counters, ioctl, isErrno } from "../../src/sys/ioctl.ts";
 import { libc } from "../../src/sys/libc.ts";
 import {
   IOMMU_DESTROY,
+  IOMMU_IOAS_MAP,
   IOMMU_IOAS_MAP_FILE,
   IOMMU_IOAS_MAP_FIXED_IOVA,
   IOMMU_IOAS_MAP_READABLE,
   IOMMU_IOAS_UNMAP,
   iommu_destroy,
+  iommu_ioas_map,
   iommu_ioas_map_file,
   iommu_ioas_unmap,
 } from "../../src/uapi/iommufd.ts";
@@ -128,6 +130,9 @@ describe("one encoder per map ioctl", () => {
     using buffer = MemfdBuffer.create(3 * 4096);
     using iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
     const ioas = new Ioas(iommufd, 7);
+    // The recorder answers every feature probe with success: a kernel that knows MAP_FILE.
+    expect(commandsOf(() => iommufd.features).length).toBeGreaterThan(0);
+    expect(iommufd.features.mapFile).toBe(true);
     const options = { iova: 0x40_0000, offset: 4096, length: 8192, writable: false };
     const direct = commandsOf(() => ioas.mapFile(buffer, options).unmap());
     const prepared = ioas.prepareMapFile(buffer, options);
@@ -159,5 +164,43 @@ describe("one encoder per map ioctl", () => {
       0x40_0000,
       8192,
     ]);
+  });
+
+  test("without MAP_FILE, mapFile and PreparedMapping map the MemfdBuffer's own address with MAP instead", () => {
+    using buffer = MemfdBuffer.create(3 * 4096);
+    // A memfd answers every iommufd command with ENOTTY, as a kernel before 6.13 does MAP_FILE.
+    using iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
+    expect(iommufd.features.mapFile).toBe(false);
+    const ioas = new Ioas(iommufd, 7);
+    const options = { iova: 0x40_0000, offset: 4096, length: 8192, writable: false };
+    const direct = commandsOf(() => ioas.mapFile(buffer, options).unmap());
+    const prepared = ioas.prepareMapFile(buffer, options);
+    const viaPrepared = commandsOf(() => {
+      prepared.map();
+      prepared.unmap();
+    });
+    expect(direct.map((c) => c.request)).toEqual([IOMMU_IOAS_MAP, IOMMU_IOAS_UNMAP]);
+    expect(viaPrepared).toEqual(direct);
+    const map = iommu_ioas_map.create();
+    map.bytes.set(direct[0]!.bytes.slice(0, iommu_ioas_map.size));
+    expect([map.get("ioas_id"), map.get("user_va"), map.get("length"), map.get("iova")]).toEqual([
+      7,
+      buffer.address + 4096,
+      8192,
+      0x40_0000,
+    ]);
+  });
+
+  test("without MAP_FILE, a dma-buf or a bare fd is ENOTTY naming the missing command, before any MAP", () => {
+    using buffer = MemfdBuffer.create(4096);
+    using iommufd = Iommufd.fromFd(buffer.fd, { takeOwnership: false });
+    const ioas = new Ioas(iommufd, 7);
+    iommufd.features;
+    const before = counters.ioctls;
+    const e = thrownBy(() => ioas.mapFile(buffer.fd, { length: 4096 }));
+    expect({ code: e.code, operation: e.operation }).toEqual({ code: "ENOTTY", operation: "IOMMU_IOAS_MAP_FILE" });
+    expect(e.message).toContain("does not know IOMMU_IOAS_MAP_FILE (added in Linux 6.13");
+    expect(e.message).toContain("a bare fd has no address in this process");
+    expect(counters.ioctls).toBe(before);
   });
 });
