@@ -4,7 +4,6 @@
  * every wait.
  */
 import { ERRNO } from "../sys/errno.ts";
-import { IommufdError } from "../sys/error.ts";
 import {
   ACQ,
   AQA,
@@ -23,6 +22,7 @@ import {
   CSTS_SHST_COMPLETE,
   CSTS_SHST_MASK,
 } from "./registers.ts";
+import { controllerError } from "./status.ts";
 
 export type Step = "enable" | "disable" | "shutdown";
 
@@ -38,19 +38,19 @@ export function waitStatus(
   for (;;) {
     const csts = regs.read32(CSTS);
     if (csts === 0xffffffff) {
-      throw new IommufdError({
-        operation: `NvmeController.${step}`,
-        errno: ERRNO.ENODEV,
-        message: "CSTS reads all ones: the controller is gone from the bus",
-      });
+      throw controllerError(
+        `NvmeController.${step}`,
+        ERRNO.ENODEV,
+        "CSTS reads all ones: the controller is gone from the bus",
+      );
     }
     if (done(csts)) return;
     if (performance.now() > deadline) {
-      throw new IommufdError({
-        operation: `NvmeController.${step}`,
-        errno: ERRNO.ETIMEDOUT,
-        message: `CSTS did not reach the expected state within CAP.TO (${limit} ms); CSTS = 0x${csts.toString(16)}`,
-      });
+      throw controllerError(
+        `NvmeController.${step}`,
+        ERRNO.ETIMEDOUT,
+        `CSTS did not reach the expected state within CAP.TO (${limit} ms); CSTS = 0x${csts.toString(16)}`,
+      );
     }
     Bun.sleepSync(1);
   }
@@ -80,11 +80,11 @@ export function enableController(
   regs.write32(CC, CC_IOSQES_64 | CC_IOCQES_16 | CC_EN);
   waitStatus(regs, caps, "enable", (csts) => (csts & CSTS_RDY) !== 0 || (csts & CSTS_CFS) !== 0);
   if (regs.read32(CSTS) & CSTS_CFS) {
-    throw new IommufdError({
-      operation: "NvmeController.enable",
-      errno: ERRNO.EIO,
-      message: "the controller reported fatal status (CSTS.CFS) while enabling",
-    });
+    throw controllerError(
+      "NvmeController.enable",
+      ERRNO.EIO,
+      "the controller reported fatal status (CSTS.CFS) while enabling",
+    );
   }
 }
 

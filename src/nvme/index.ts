@@ -22,7 +22,7 @@ export {
 export { Namespace, type DataBuffer, type IoOptions } from "./namespace.ts";
 export { QueuePair, type QueueStats } from "./queue.ts";
 export { PeerBuffer } from "./peer.ts";
-export { decodeStatus, type DecodedStatus } from "./status.ts";
+export { decodeStatus, NvmeStatusError, type DecodedStatus } from "./status.ts";
 export { AdminOpcode, IoOpcode, IdentifyCns, type Command } from "./commands.ts";
 export type { ControllerIdentity, NamespaceIdentity } from "./identify.ts";
 export type { Capabilities } from "./registers.ts";

@@ -1,6 +1,7 @@
 /**
- * A submission/completion queue pair (NVMe Base 2.0 sections 3.3 and 4.6): rings and PRP list
- * pages in the controller's DmaHeap, doorbells in BAR0, command ids as the unit of back-pressure.
+ * A submission/completion queue pair (NVMe Base 2.0 sections 3.3 and 4.6) as the driver uses it:
+ * its two rings (rings.ts), its command tracker (tracker.ts), one PRP list page per command id,
+ * all in the controller's DmaHeap, and its MSI-X vector when its completions raise one.
  *
  * Nothing here makes a system call: an entry is written into heap memory, the doorbell is one
  * 32-bit store into the mmapped BAR, and completions are found by their phase bit.
@@ -8,26 +9,13 @@
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import type { IrqVector } from "../vfio/irq.ts";
 import { ERRNO } from "../sys/errno.ts";
-import { IommufdError } from "../sys/error.ts";
-import { commandName, describeCommand, encodeCommand, type Command } from "./commands.ts";
+import type { IommufdError } from "../sys/error.ts";
+import { commandName, type Command } from "./commands.ts";
 import { prp2For } from "./prp.ts";
-import { DOORBELLS, PAGE_SIZE, type ControllerRegisters } from "./registers.ts";
-import { statusError } from "./status.ts";
-
-const SQ_ENTRY = 64;
-const CQ_ENTRY = 16;
-
-type Resolve = (dw0: number) => void;
-type Reject = (error: IommufdError) => void;
-
-interface Waiter {
-  command: Command;
-  iova: number;
-  length: number;
-  resolve: Resolve;
-  reject: Reject;
-  timeoutMs: number;
-}
+import { PAGE_SIZE, type ControllerRegisters } from "./registers.ts";
+import { CompletionRing, CQ_ENTRY_BYTES, SQ_ENTRY_BYTES, SubmissionRing } from "./rings.ts";
+import { controllerError } from "./status.ts";
+import { CommandTracker, type Reject, type Resolve } from "./tracker.ts";
 
 /** What a queue needs from its controller. */
 export interface QueueOwner {
@@ -66,25 +54,11 @@ export class QueuePair {
   readonly #memory: DmaBuffer[];
   readonly sqIova: number;
   readonly cqIova: number;
-  readonly #sq: Uint32Array;
-  readonly #cq: Uint32Array;
+  readonly #submissions: SubmissionRing;
+  readonly #completions: CompletionRing;
+  readonly #tracker: CommandTracker;
   readonly #prpLists: Uint32Array;
   readonly #prpListsIova: number;
-  readonly #sqDoorbell: number;
-  readonly #cqDoorbell: number;
-  #sqTail = 0;
-  #cqHead = 0;
-  #phase = 1;
-  readonly #freeIds: number[] = [];
-  readonly #resolve: (Resolve | undefined)[];
-  readonly #reject: (Reject | undefined)[];
-  readonly #commands: (Command | undefined)[];
-  readonly #deadlines: Float64Array;
-  readonly #waiters: Waiter[] = [];
-  #waiterHead = 0;
-  #submitted = 0;
-  #completed = 0;
-  #maxWaiting = 0;
 
   constructor(owner: QueueOwner, heap: DmaHeap, id: number, depth: number, admin: boolean, vector?: IrqVector) {
     this.#owner = owner;
@@ -94,38 +68,25 @@ export class QueuePair {
     this.depth = depth;
     this.admin = admin;
     const slots = depth - 1;
-    const sq = heap.alloc(depth * SQ_ENTRY, { align: PAGE_SIZE });
-    const cq = heap.alloc(depth * CQ_ENTRY, { align: PAGE_SIZE });
+    const sq = heap.alloc(depth * SQ_ENTRY_BYTES, { align: PAGE_SIZE });
+    const cq = heap.alloc(depth * CQ_ENTRY_BYTES, { align: PAGE_SIZE });
     const lists = heap.alloc(slots * PAGE_SIZE, { align: PAGE_SIZE });
     this.#memory = [sq, cq, lists];
     this.sqIova = sq.iova;
     this.cqIova = cq.iova;
-    this.#sq = new Uint32Array(sq.bytes.buffer, sq.bytes.byteOffset, (depth * SQ_ENTRY) / 4);
-    this.#cq = new Uint32Array(cq.bytes.buffer, cq.bytes.byteOffset, (depth * CQ_ENTRY) / 4);
+    this.#submissions = new SubmissionRing(sq.bytes, depth, owner.registers, id, owner.doorbellStride);
+    this.#completions = new CompletionRing(cq.bytes, depth, owner.registers, id, owner.doorbellStride);
+    this.#tracker = new CommandTracker(slots, admin);
     this.#prpLists = new Uint32Array(lists.bytes.buffer, lists.bytes.byteOffset, (slots * PAGE_SIZE) / 4);
     this.#prpListsIova = lists.iova;
-    this.#sqDoorbell = DOORBELLS + 2 * id * owner.doorbellStride;
-    this.#cqDoorbell = DOORBELLS + (2 * id + 1) * owner.doorbellStride;
-    this.#resolve = new Array(slots).fill(undefined);
-    this.#reject = new Array(slots).fill(undefined);
-    this.#commands = new Array(slots).fill(undefined);
-    this.#deadlines = new Float64Array(slots);
     this.clear();
   }
 
   /** Back to the state of a freshly created queue (after a controller reset). Pending work must be failed first. */
   clear(): void {
-    this.#sqTail = 0;
-    this.#cqHead = 0;
-    this.#phase = 1;
-    this.#cq.fill(0);
-    this.#freeIds.length = 0;
-    for (let cid = this.depth - 2; cid >= 0; cid--) this.#freeIds.push(cid);
-    this.#resolve.fill(undefined);
-    this.#reject.fill(undefined);
-    this.#commands.fill(undefined);
-    this.#waiters.length = 0;
-    this.#waiterHead = 0;
+    this.#submissions.clear();
+    this.#completions.clear();
+    this.#tracker.clear();
   }
 
   /**
@@ -141,20 +102,21 @@ export class QueuePair {
   }
 
   get inFlight(): number {
-    return this.depth - 1 - this.#freeIds.length;
+    return this.#tracker.inFlight;
   }
 
   get waiting(): number {
-    return this.#waiters.length - this.#waiterHead;
+    return this.#tracker.waiting;
   }
 
   stats(): QueueStats {
+    const tracker = this.#tracker;
     return {
-      submitted: this.#submitted,
-      completed: this.#completed,
-      inFlight: this.inFlight,
-      waiting: this.waiting,
-      maxWaiting: this.#maxWaiting,
+      submitted: tracker.submitted,
+      completed: tracker.completed,
+      inFlight: tracker.inFlight,
+      waiting: tracker.waiting,
+      maxWaiting: tracker.maxWaiting,
     };
   }
 
@@ -171,13 +133,9 @@ export class QueuePair {
       }
     }
     return new Promise<number>((resolve, reject) => {
-      if (this.#freeIds.length === 0) {
-        this.#waiters.push({ command, iova, length, resolve, reject, timeoutMs });
-        const waiting = this.#waiters.length - this.#waiterHead;
-        if (waiting > this.#maxWaiting) this.#maxWaiting = waiting;
-      } else {
-        this.#issue(this.#freeIds.pop()!, command, iova, length, resolve, reject, timeoutMs);
-      }
+      const cid = this.#tracker.take();
+      if (cid < 0) this.#tracker.wait({ command, iova, length, resolve, reject, timeoutMs });
+      else this.#issue(cid, command, iova, length, resolve, reject, timeoutMs);
       this.#owner.kick();
     });
   }
@@ -186,18 +144,15 @@ export class QueuePair {
   submitAndWait(command: Command, iova: number, length: number, timeoutMs: number, poll: () => void): number {
     const name = commandName(this.admin, command.opcode);
     this.#owner.assertUsable(name);
-    if (this.#freeIds.length === 0) {
-      throw new IommufdError({
-        operation: `NVMe ${name}`,
-        errno: ERRNO.EBUSY,
-        message: `queue ${this.id} has no free slot for a synchronous command`,
-      });
+    const cid = this.#tracker.take();
+    if (cid < 0) {
+      throw controllerError(`NVMe ${name}`, ERRNO.EBUSY, `queue ${this.id} has no free slot for a synchronous command`);
     }
     let done = false;
     let result = 0;
     let failure: IommufdError | undefined;
     this.#issue(
-      this.#freeIds.pop()!,
+      cid,
       command,
       iova,
       length,
@@ -229,103 +184,35 @@ export class QueuePair {
       length > 0
         ? prp2For(iova, length, this.#prpLists, cid * (PAGE_SIZE / 4), this.#prpListsIova + cid * PAGE_SIZE)
         : 0;
-    encodeCommand(this.#sq, this.#sqTail, cid, command, iova, prp2);
-    this.#resolve[cid] = resolve;
-    this.#reject[cid] = reject;
-    this.#commands[cid] = command;
-    this.#deadlines[cid] = performance.now() + timeoutMs;
-    this.#sqTail = this.#sqTail + 1 === this.depth ? 0 : this.#sqTail + 1;
-    this.#submitted++;
-    // The entry is in memory before the doorbell store (x86 keeps stores in order).
-    this.#owner.registers.write32(this.#sqDoorbell, this.#sqTail);
+    this.#submissions.post(cid, command, iova, prp2);
+    this.#tracker.track(cid, command, resolve, reject, timeoutMs);
+    this.#submissions.ringDoorbell();
   }
 
   /** Handle every completion the controller has posted; returns how many. */
   reap(): number {
-    const cq = this.#cq;
-    let head = this.#cqHead;
-    let phase = this.#phase;
+    const ring = this.#completions;
+    const tracker = this.#tracker;
     let count = 0;
-    for (;;) {
-      const dw3 = cq[head * 4 + 3]!;
-      if (((dw3 >>> 16) & 1) !== phase) break;
-      const dw0 = cq[head * 4]!;
-      const cid = dw3 & 0xffff;
-      const status = (dw3 >>> 17) & 0x7fff;
-      head++;
-      if (head === this.depth) {
-        head = 0;
-        phase ^= 1;
-      }
+    while (ring.next()) {
       count++;
-      this.#complete(cid, dw0, status);
+      const cid = ring.cid;
+      const next = tracker.complete(cid, ring.dw0, ring.status);
+      if (next !== undefined)
+        this.#issue(cid, next.command, next.iova, next.length, next.resolve, next.reject, next.timeoutMs);
     }
-    if (count > 0) {
-      this.#cqHead = head;
-      this.#phase = phase;
-      this.#owner.registers.write32(this.#cqDoorbell, head);
-    }
+    if (count > 0) ring.updateHead();
     return count;
-  }
-
-  #complete(cid: number, dw0: number, status: number): void {
-    const resolve = this.#resolve[cid];
-    const reject = this.#reject[cid];
-    const command = this.#commands[cid];
-    if (resolve === undefined || reject === undefined || command === undefined) return; // not ours: a stale entry
-    this.#resolve[cid] = undefined;
-    this.#reject[cid] = undefined;
-    this.#commands[cid] = undefined;
-    this.#completed++;
-    // Hand the slot straight to the oldest waiter, so back-pressure is first come, first served.
-    if (this.#waiterHead < this.#waiters.length) {
-      const next = this.#waiters[this.#waiterHead]!;
-      this.#waiters[this.#waiterHead++] = undefined as unknown as Waiter;
-      if (this.#waiterHead === this.#waiters.length) {
-        this.#waiters.length = 0;
-        this.#waiterHead = 0;
-      }
-      this.#issue(cid, next.command, next.iova, next.length, next.resolve, next.reject, next.timeoutMs);
-    } else {
-      this.#freeIds.push(cid);
-    }
-    if (status === 0) resolve(dw0);
-    else reject(statusError(commandName(this.admin, command.opcode), describeCommand(this.admin, command), status));
   }
 
   /** The command that has waited longest past its deadline, if any. */
   overdue(now: number): { name: string; detail: string } | undefined {
-    for (let cid = 0; cid < this.#deadlines.length; cid++) {
-      const command = this.#commands[cid];
-      if (command !== undefined && this.#deadlines[cid]! < now) {
-        return { name: commandName(this.admin, command.opcode), detail: describeCommand(this.admin, command) };
-      }
-    }
-    return undefined;
+    return this.#tracker.overdue(now);
   }
 
   /** Reject everything in flight and waiting, each with an error naming its own command. */
   failAll(why: (command: string, detail: string) => IommufdError): number {
-    let failed = 0;
-    for (let cid = 0; cid < this.#commands.length; cid++) {
-      const command = this.#commands[cid];
-      const reject = this.#reject[cid];
-      if (command === undefined || reject === undefined) continue;
-      this.#resolve[cid] = undefined;
-      this.#reject[cid] = undefined;
-      this.#commands[cid] = undefined;
-      this.#freeIds.push(cid);
-      reject(why(commandName(this.admin, command.opcode), describeCommand(this.admin, command)));
-      failed++;
-    }
-    for (let i = this.#waiterHead; i < this.#waiters.length; i++) {
-      const waiter = this.#waiters[i]!;
-      waiter.reject(why(commandName(this.admin, waiter.command.opcode), describeCommand(this.admin, waiter.command)));
-      failed++;
-    }
-    this.#waiters.length = 0;
-    this.#waiterHead = 0;
-    return failed;
+    return this.#tracker.failAll(why);
   }
 
   /** Give the rings and list pages back to the heap. */

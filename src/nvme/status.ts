@@ -1,6 +1,7 @@
 /**
- * NVMe completion status (Status Code Type and Status Code, NVMe Base 2.0 section 4.6.1.2) turned
- * into the library's one error class, with the command named in the operation.
+ * What the driver reports: a completion's status (Status Code Type and Status Code, NVMe Base 2.0
+ * section 4.6.1.2) as an NvmeStatusError naming the command, and the controller's own failures
+ * (gone from the bus, fatal status, timeouts, exhausted queues) as IommufdErrors of one shape.
  */
 import { ERRNO, type ErrnoCode } from "../sys/errno.ts";
 import { IommufdError } from "../sys/error.ts";
@@ -82,14 +83,30 @@ export function decodeStatus(status: number): DecodedStatus {
   return { type, code, name, doNotRetry: ((status >>> 14) & 1) === 1, errno: ERRNO[known?.[1] ?? "EIO"] };
 }
 
-/** The error for a command that completed with a non-zero status. */
-export function statusError(command: string, detail: string, status: number): IommufdError {
-  const decoded = decodeStatus(status);
-  const error = new IommufdError({
-    operation: `NVMe ${command}`,
-    errno: decoded.errno,
-    message: `${detail}: the controller answered ${decoded.name} (SCT ${decoded.type}, SC 0x${decoded.code.toString(16).padStart(2, "0")}${decoded.doNotRetry ? ", do not retry" : ""})`,
-  });
-  Object.defineProperty(error, "nvmeStatus", { value: decoded, enumerable: true });
-  return error;
+/**
+ * A command the controller completed with a non-zero status. An IommufdError like every other
+ * failure (`instanceof IommufdError`, `code`, `operation` keep working), with the decoded status.
+ */
+export class NvmeStatusError extends IommufdError {
+  /** SCT, SC, DNR and the spec's name of the status. */
+  readonly nvmeStatus: DecodedStatus;
+
+  constructor(command: string, detail: string, status: number) {
+    const decoded = decodeStatus(status);
+    const code = decoded.code.toString(16).padStart(2, "0");
+    super({
+      operation: `NVMe ${command}`,
+      errno: decoded.errno,
+      message: `${detail}: the controller answered ${decoded.name} (SCT ${decoded.type}, SC 0x${code}${decoded.doNotRetry ? ", do not retry" : ""})`,
+    });
+    this.nvmeStatus = decoded;
+  }
+}
+
+/**
+ * The controller (not the caller's arguments, not a system call) cannot do what was asked: it is
+ * gone, failed, out of queues or vectors, or a command of it was aborted.
+ */
+export function controllerError(operation: string, errno: number, message: string, hint?: string): IommufdError {
+  return new IommufdError({ operation, errno, message, hint });
 }

@@ -11,7 +11,8 @@ import {
 import { parseControllerIdentity, parseNamespaceIdentity, parseNamespaceList } from "../../src/nvme/identify.ts";
 import { MAX_PRP_TRANSFER, prp2For } from "../../src/nvme/prp.ts";
 import { decodeCapabilities } from "../../src/nvme/registers.ts";
-import { decodeStatus, statusError } from "../../src/nvme/status.ts";
+import { decodeStatus, NvmeStatusError } from "../../src/nvme/index.ts";
+import { CommandTracker } from "../../src/nvme/tracker.ts";
 import { IommufdError } from "../../src/sys/error.ts";
 
 describe("status", () => {
@@ -35,13 +36,94 @@ describe("status", () => {
     expect(decodeStatus(0x7ff)).toMatchObject({ type: 7, code: 0xff, errno: 5 });
   });
 
-  test("the error names the command and what it was asked", () => {
-    const error = statusError("Read", "namespace 1, LBA 999999, 1 block(s)", 0x80);
+  test("NvmeStatusError is an IommufdError naming the command, what it was asked, and the decoded status", () => {
+    const error = new NvmeStatusError("Read", "namespace 1, LBA 999999, 1 block(s)", 0x4080);
+    expect(error).toBeInstanceOf(NvmeStatusError);
     expect(error).toBeInstanceOf(IommufdError);
     expect(error.operation).toBe("NVMe Read");
     expect(error.code).toBe("ERANGE");
+    expect(error.errno).toBe(34);
     expect(error.message).toContain("LBA 999999");
-    expect(error.message).toContain("LBA Out of Range (SCT 0, SC 0x80)");
+    expect(error.message).toContain("LBA Out of Range (SCT 0, SC 0x80, do not retry)");
+    expect(error.nvmeStatus).toEqual({ type: 0, code: 0x80, name: "LBA Out of Range", doNotRetry: true, errno: 34 });
+    // Spread into logs and JSON like any own field.
+    expect(Object.keys(error)).toContain("nvmeStatus");
+  });
+});
+
+describe("command tracker", () => {
+  const read = readWrite(IoOpcode.Read, 1, 7, 1);
+
+  test("ids come from a free stack; a completion settles its own command only, once", async () => {
+    const tracker = new CommandTracker(3, false);
+    const results: (number | string)[] = [];
+    const ids = [tracker.take(), tracker.take(), tracker.take()];
+    expect(ids).toEqual([0, 1, 2]);
+    expect(tracker.take()).toBe(-1);
+    for (const cid of ids)
+      tracker.track(
+        cid,
+        read,
+        (dw0) => results.push(dw0),
+        (e) => results.push(e.code),
+        1000,
+      );
+    expect(tracker.inFlight).toBe(3);
+    expect(tracker.complete(1, 0xabc, 0)).toBeUndefined();
+    expect(tracker.complete(1, 0xabc, 0)).toBeUndefined(); // stale: already settled
+    expect(tracker.complete(2, 0, 0x80)).toBeUndefined();
+    expect(results).toEqual([0xabc, "ERANGE"]);
+    expect(tracker.inFlight).toBe(1);
+    expect(tracker.take()).toBe(2);
+    expect({ submitted: tracker.submitted, completed: tracker.completed }).toEqual({ submitted: 3, completed: 2 });
+  });
+
+  test("a freed id goes to the oldest waiter first; failAll rejects in flight and waiting", () => {
+    const tracker = new CommandTracker(1, false);
+    const rejected: string[] = [];
+    tracker.track(
+      tracker.take(),
+      read,
+      () => {},
+      (e) => rejected.push(`in flight: ${e.message}`),
+      1000,
+    );
+    const waiter = (name: string) => ({
+      command: read,
+      iova: 0,
+      length: 0,
+      resolve: () => {},
+      reject: (e: IommufdError) => rejected.push(`${name}: ${e.message}`),
+      timeoutMs: 1000,
+    });
+    const first = waiter("first");
+    tracker.wait(first);
+    tracker.wait(waiter("second"));
+    expect(tracker.waiting).toBe(2);
+    expect(tracker.complete(0, 0, 0)).toBe(first);
+    expect(tracker.take()).toBe(-1); // the id went to the waiter, not to the free stack
+    tracker.track(0, first.command, first.resolve, first.reject, 1000);
+    const failed = tracker.failAll((name, detail) => new IommufdError({ operation: name, errno: 5, message: detail }));
+    expect(failed).toBe(2);
+    expect(rejected).toHaveLength(2);
+    expect(rejected[1]).toBe("second: Read: namespace 1, LBA 7, 1 block(s) [EIO]");
+    expect(tracker.inFlight).toBe(0);
+    expect(tracker.waiting).toBe(0);
+    expect(tracker.maxWaiting).toBe(2);
+  });
+
+  test("overdue names a command past its deadline", () => {
+    const tracker = new CommandTracker(2, true);
+    tracker.track(
+      tracker.take(),
+      { opcode: AdminOpcode.Identify, cdw10: 1 },
+      () => {},
+      () => {},
+      50,
+    );
+    const now = performance.now();
+    expect(tracker.overdue(now)).toBeUndefined();
+    expect(tracker.overdue(now + 100)?.name).toBe("Identify");
   });
 });
 

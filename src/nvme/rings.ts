@@ -1,0 +1,100 @@
+/**
+ * The two rings of a queue pair (NVMe Base 2.0 sections 3.3.1 and 4.6) and their doorbells:
+ * the host writes submission entries at the tail and tells the controller by the SQ tail
+ * doorbell; the controller posts completion entries, found by their phase bit, and the host
+ * hands the slots back by the CQ head doorbell.
+ *
+ * Host-side only: the controller learns of a ring by Create I/O Submission/Completion Queue
+ * (admin.ts) or, for the admin queue, by ASQ and ACQ (bringup.ts). Nothing here makes a system
+ * call: entries are heap memory, a doorbell is one 32-bit store into the mmapped BAR.
+ */
+import { encodeCommand, type Command } from "./commands.ts";
+import { DOORBELLS, type ControllerRegisters } from "./registers.ts";
+
+export const SQ_ENTRY_BYTES = 64;
+export const CQ_ENTRY_BYTES = 16;
+
+export class SubmissionRing {
+  readonly #entries: Uint32Array;
+  readonly #depth: number;
+  readonly #registers: ControllerRegisters;
+  readonly #doorbell: number;
+  #tail = 0;
+
+  /** `memory`: depth * 64 bytes of the heap; `doorbellStride` from CAP.DSTRD. */
+  constructor(memory: Uint8Array, depth: number, registers: ControllerRegisters, qid: number, doorbellStride: number) {
+    this.#entries = new Uint32Array(memory.buffer, memory.byteOffset, (depth * SQ_ENTRY_BYTES) / 4);
+    this.#depth = depth;
+    this.#registers = registers;
+    this.#doorbell = DOORBELLS + 2 * qid * doorbellStride;
+  }
+
+  /** Write the entry at the tail and move the tail on; the controller sees it at the next doorbell. */
+  post(cid: number, command: Command, prp1: number, prp2: number): void {
+    encodeCommand(this.#entries, this.#tail, cid, command, prp1, prp2);
+    this.#tail = this.#tail + 1 === this.#depth ? 0 : this.#tail + 1;
+  }
+
+  /** Tell the controller the tail. The entries are in memory before this store (x86 keeps stores in order). */
+  ringDoorbell(): void {
+    this.#registers.write32(this.#doorbell, this.#tail);
+  }
+
+  /** Empty, as after Create I/O Submission Queue or a controller reset. */
+  clear(): void {
+    this.#tail = 0;
+  }
+}
+
+export class CompletionRing {
+  readonly #entries: Uint32Array;
+  readonly #depth: number;
+  readonly #registers: ControllerRegisters;
+  readonly #doorbell: number;
+  #head = 0;
+  #phase = 1;
+  /** The entry last taken by next(). */
+  cid = 0;
+  dw0 = 0;
+  /** The 15-bit status field (DW3 bits 31:17). */
+  status = 0;
+
+  /** `memory`: depth * 16 bytes of the heap. */
+  constructor(memory: Uint8Array, depth: number, registers: ControllerRegisters, qid: number, doorbellStride: number) {
+    this.#entries = new Uint32Array(memory.buffer, memory.byteOffset, (depth * CQ_ENTRY_BYTES) / 4);
+    this.#depth = depth;
+    this.#registers = registers;
+    this.#doorbell = DOORBELLS + (2 * qid + 1) * doorbellStride;
+  }
+
+  /**
+   * Take the entry at the head if the controller has posted it (its phase bit is the current
+   * phase) into `cid`, `dw0` and `status`; false when there is none. The controller may reuse the
+   * slot only after updateHead().
+   */
+  next(): boolean {
+    const at = this.#head * 4;
+    const dw3 = this.#entries[at + 3]!;
+    if (((dw3 >>> 16) & 1) !== this.#phase) return false;
+    this.dw0 = this.#entries[at]!;
+    this.cid = dw3 & 0xffff;
+    this.status = (dw3 >>> 17) & 0x7fff;
+    if (++this.#head === this.#depth) {
+      this.#head = 0;
+      this.#phase ^= 1;
+    }
+    return true;
+  }
+
+  /** Hand the slots taken so far back to the controller. */
+  updateHead(): void {
+    this.#registers.write32(this.#doorbell, this.#head);
+  }
+
+  /** Empty with phase 1 and every entry zero, as after creation or a controller reset. */
+  clear(): void {
+    this.#head = 0;
+    this.#phase = 1;
+    this.#entries.fill(0);
+  }
+}
