@@ -12,14 +12,10 @@
  * await ns.read(0, 4096 / ns.blockSize, buffer);
  * ```
  */
-export {
-  NvmeController,
-  type CommandOptions,
-  type Completion,
-  type NvmeControllerOptions,
-  type ShutdownResult,
-} from "./controller.ts";
-export { Namespace, type DataBuffer, type IoOptions } from "./namespace.ts";
+export { NvmeController } from "./controller.ts";
+export type { CommandOptions, Completion, NvmeControllerOptions, ShutdownResult } from "./options.ts";
+export { Namespace, type IoOptions } from "./namespace.ts";
+export type { DataBuffer } from "./data-buffer.ts";
 export { QueuePair, type QueueStats } from "./queue.ts";
 export { PeerBuffer } from "./peer.ts";
 export { decodeStatus, NvmeStatusError, type DecodedStatus } from "./status.ts";

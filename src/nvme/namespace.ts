@@ -3,14 +3,10 @@
  * Promise. A transfer larger than the controller's limit (MDTS) is split into several commands.
  */
 import { argumentError } from "../sys/error.ts";
-import type { DmaBuffer } from "../heap/dma-heap.ts";
 import { flush, IoOpcode, readWrite } from "./commands.ts";
+import type { DataBuffer } from "./data-buffer.ts";
 import type { NamespaceIdentity } from "./identify.ts";
-import type { PeerBuffer } from "./peer.ts";
 import type { QueuePair } from "./queue.ts";
-
-/** Memory a command can move data to or from: a buffer of the controller's heap or a peer buffer. */
-export type DataBuffer = DmaBuffer | PeerBuffer;
 
 export interface IoOptions {
   /** Byte offset into the buffer (a multiple of 4). Default 0. */

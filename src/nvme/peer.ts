@@ -6,11 +6,52 @@
  *
  * The bytes are reached from the CPU through the owning device's BAR mapping, one aligned 32-bit
  * access at a time (wider or narrower loads of device memory are not guaranteed to work).
+ *
+ * An NVMe controller offers such memory as its Controller Memory Buffer (CMB, NVMe Base 2.0
+ * section 8.2.1), located by CMBLOC.
  */
 import type { DmaBuf } from "../memory/dmabuf.ts";
-import type { Mapping } from "../iommufd/ioas.ts";
+import type { Ioas, Mapping } from "../iommufd/ioas.ts";
 import { argumentError, closedError } from "../sys/error.ts";
-import type { RegionMapping } from "../vfio/device.ts";
+import type { RegionMapping, VfioDevice } from "../vfio/device.ts";
+import { type Capabilities, CMBLOC, CMBMSC, CMBMSC_CRE, type ControllerRegisters } from "./registers.ts";
+
+/**
+ * The BAR holding a controller's memory buffer (CMBLOC.BIR), or undefined when it has none.
+ * Sets CMBMSC.CRE first: controllers of NVMe 1.4 and later report CMBLOC only then.
+ */
+export function memoryBufferRegion(registers: ControllerRegisters, capabilities: Capabilities): number | undefined {
+  if (!capabilities.controllerMemoryBuffer) return undefined;
+  registers.write32(CMBMSC, CMBMSC_CRE);
+  return registers.read32(CMBLOC) & 0x7;
+}
+
+/**
+ * Export `length` bytes at `offset` of region `region` of `device` as a dma-buf and map it into
+ * `ioas` for the controller `owner`. On failure nothing stays mapped or open.
+ */
+export function mapPeerMemory(
+  owner: object,
+  ioas: Ioas,
+  device: VfioDevice,
+  region: number,
+  offset: number,
+  length: number | undefined,
+): PeerBuffer {
+  const info = device.region(region);
+  const size = length ?? info.size - offset;
+  const dmabuf = device.exportDmaBuf({ region, ranges: [{ offset, length: size }] });
+  let mapping: Mapping | undefined;
+  try {
+    mapping = ioas.mapFile(dmabuf);
+    const bar = device.mapRegion(region);
+    return new PeerBuffer(owner, dmabuf, mapping, bar, offset, size);
+  } catch (error) {
+    if (mapping?.mapped) mapping.unmap();
+    dmabuf.close();
+    throw error;
+  }
+}
 
 export class PeerBuffer {
   /** The controller whose commands may use this buffer. */

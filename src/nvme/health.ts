@@ -1,0 +1,133 @@
+/**
+ * Whether a controller takes commands, and why not: controller fatal status (CSTS.CFS, NVMe Base
+ * 2.0 section 3.1.4.6), a controller gone from the bus (CSTS reads all ones), or a command past
+ * its deadline. Any of them fails the controller and rejects everything pending on every queue;
+ * reset() brings it back. Polling finds these on its way; with interrupts a timer looks.
+ */
+import { ERRNO } from "../sys/errno.ts";
+import { closedError, IommufdError } from "../sys/error.ts";
+import { HEALTH_CHECK_MS } from "./completion.ts";
+import type { QueuePair } from "./queue.ts";
+import { CSTS, CSTS_CFS, type ControllerRegisters } from "./registers.ts";
+import { controllerError } from "./status.ts";
+
+type State = "ready" | "failed" | "closed";
+
+/** Builds the error a pending command is rejected with, from its name and what it was asked. */
+export type Why = (command: string, detail: string) => IommufdError;
+
+const RESET_HINT = "controller.reset() brings it back";
+/** How often the timer looks while interrupt-driven commands are pending. */
+const TIMER_MS = 100;
+
+export class ControllerHealth {
+  readonly #registers: ControllerRegisters;
+  /** The admin queue first, then the I/O queue pairs (the controller's own list). */
+  readonly #queues: readonly QueuePair[];
+  #state: State = "ready";
+  #failure: IommufdError | undefined;
+  #lastCheck = 0;
+  #timer: ReturnType<typeof setInterval> | undefined;
+
+  constructor(registers: ControllerRegisters, queues: readonly QueuePair[]) {
+    this.#registers = registers;
+    this.#queues = queues;
+  }
+
+  get usable(): boolean {
+    return this.#state === "ready";
+  }
+
+  get closed(): boolean {
+    return this.#state === "closed";
+  }
+
+  /** Why the controller stopped taking commands, until reset(). */
+  get failure(): IommufdError | undefined {
+    return this.#failure;
+  }
+
+  get lastCheck(): number {
+    return this.#lastCheck;
+  }
+
+  /** Throws when the controller cannot take `command`: closed (EBADF) or failed (the failure's errno). */
+  assertUsable(command: string): void {
+    if (this.#state === "ready") return;
+    if (this.#state === "closed") throw closedError(`NVMe ${command}`, "the NVMe controller");
+    throw controllerError(
+      `NVMe ${command}`,
+      this.#failure?.errno ?? ERRNO.EIO,
+      `the controller stopped taking commands: ${this.#failure?.message ?? "it failed"}`,
+      RESET_HINT,
+    );
+  }
+
+  /** Read CSTS and the deadlines; fail the controller on fatal status, absence or a late command. */
+  check(now: number): void {
+    this.#lastCheck = now;
+    if (this.#state !== "ready") return;
+    const csts = this.#registers.read32(CSTS);
+    if (csts === 0xffffffff) {
+      this.#fail(ERRNO.ENODEV, "CSTS reads all ones: the controller is gone from the bus");
+      return;
+    }
+    if (csts & CSTS_CFS) {
+      this.#fail(ERRNO.EIO, "the controller reported fatal status (CSTS.CFS)");
+      return;
+    }
+    for (const queue of this.#queues) {
+      const late = queue.overdue(now);
+      if (late) {
+        this.#fail(ERRNO.ETIMEDOUT, `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
+        return;
+      }
+    }
+  }
+
+  /** check(), unless the last one is more recent than HEALTH_CHECK_MS (an MMIO read is a VM exit). */
+  checkIfDue(now: number): void {
+    if (now - this.#lastCheck >= HEALTH_CHECK_MS) this.check(now);
+  }
+
+  #fail(errno: number, reason: string): void {
+    this.#state = "failed";
+    this.#failure = controllerError("NvmeController", errno, reason, RESET_HINT);
+    this.failAll((name, detail) =>
+      controllerError(`NVMe ${name}`, errno, `${detail}: not completed: ${reason}`, RESET_HINT),
+    );
+  }
+
+  /** Reject everything pending on every queue. */
+  failAll(why: Why): void {
+    for (const queue of this.#queues) queue.failAll(why);
+  }
+
+  /** Look every TIMER_MS while `pending()` says commands are out: interrupts never tell of a fatal status or a lost command. */
+  startTimer(pending: () => number): void {
+    if (this.#timer !== undefined) return;
+    this.#timer = setInterval(() => {
+      if (pending() > 0) this.check(performance.now());
+    }, TIMER_MS);
+    this.#timer.unref?.();
+  }
+
+  /** Taking commands again (a reset is bringing the controller up). */
+  markReady(): void {
+    this.#state = "ready";
+    this.#failure = undefined;
+  }
+
+  /** Failed by `error` (a reset that did not bring the controller up, a bring-up that failed). */
+  markFailed(error: unknown, operation: string): void {
+    this.#state = "failed";
+    this.#failure = error instanceof IommufdError ? error : controllerError(operation, ERRNO.EIO, String(error));
+  }
+
+  /** Closed for good: the timer stops. */
+  markClosed(): void {
+    this.#state = "closed";
+    if (this.#timer !== undefined) clearInterval(this.#timer);
+    this.#timer = undefined;
+  }
+}

@@ -1,0 +1,45 @@
+/**
+ * What a user chooses when opening an NVMe controller and sending commands, and what close()
+ * reports: the public configuration of controller.ts, kept apart so the composition reads alone.
+ */
+import type { Iommufd } from "../iommufd/iommufd.ts";
+import type { Ioas } from "../iommufd/ioas.ts";
+import type { DataBuffer } from "./data-buffer.ts";
+
+export interface NvmeControllerOptions {
+  /** Use this iommufd (default: open one, owned by the controller). */
+  iommufd?: Iommufd;
+  /** Attach to this IOAS (default: a new one, owned by the controller). Must belong to `iommufd`. */
+  ioas?: Ioas;
+  /** Bytes of the DMA heap for queues and data buffers. Default 16 MiB. */
+  heapSize?: number;
+  /** Huge pages for the heap: as DmaHeap's option. Default "auto". */
+  hugePages?: "auto" | "2MB" | false;
+  /** Admin queue entries. Default 32. */
+  adminQueueDepth?: number;
+  /** Entries of the first I/O queue pair. Default 64. */
+  queueDepth?: number;
+  /** I/O queue pairs to ask the controller for (Set Features, Number of Queues). Default 8. */
+  maxQueuePairs?: number;
+  /** A command not completed after this long fails the controller. Default 10 000 ms. */
+  commandTimeoutMs?: number;
+  /** How the first I/O queue pair's completions are found: "poll" (default) or "interrupt" (MSI-X). */
+  completion?: Completion;
+}
+
+/**
+ * "poll": the poller spins on the phase bit (lowest latency, one CPU busy while I/O is pending).
+ * "interrupt": the queue raises an MSI-X vector; the poller sleeps in the event loop until it fires.
+ */
+export type Completion = "poll" | "interrupt";
+
+export interface CommandOptions {
+  /** A heap buffer the command transfers (PRPs are built for `length` bytes of it). */
+  buffer?: DataBuffer;
+  /** Bytes transferred. Default: the buffer's size. */
+  length?: number;
+  timeoutMs?: number;
+}
+
+/** How close() left the controller. */
+export type ShutdownResult = "complete" | "timed out" | "skipped: the controller had failed" | "not closed";
