@@ -9,7 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, te
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { DmaHeap, Iommufd, IommufdError, VfioDevice } from "../../src/index.ts";
-import { AdminOpcode, NvmeController, PeerBuffer, type Namespace } from "../../src/nvme/index.ts";
+import { AdminOpcode, NvmeController, NvmeStatusError, PeerBuffer, type Namespace } from "../../src/nvme/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
 import { FailNth, sweep } from "../support/fail-nth.ts";
 import { openFdCount, requireIommufd } from "../support/kernel.ts";
@@ -261,6 +261,8 @@ describe("errors", () => {
     const e = await rejected(ns.read(ns.blocks - 2, 8, buffer), "ERANGE", "NVMe Read");
     expect(e.message).toContain(`LBA ${ns.blocks - 2}, 8 block(s)`);
     expect(e.message).toContain("LBA Out of Range");
+    expect(e).toBeInstanceOf(NvmeStatusError);
+    expect((e as NvmeStatusError).nvmeStatus).toMatchObject({ type: 0, code: 0x80, doNotRetry: true });
     // The controller is fine afterwards.
     await ns.read(0, 1, buffer);
   });
