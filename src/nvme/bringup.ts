@@ -3,7 +3,7 @@
  * CC.EN, CSTS.RDY, the admin queue registers, CC.SHN and CSTS.SHST, with CAP.TO as the bound of
  * every wait.
  */
-import { ERRNO } from "../sys/errno.ts";
+import { ioError, stateError, timeoutError } from "../sys/error.ts";
 import {
   ACQ,
   AQA,
@@ -22,7 +22,6 @@ import {
   CSTS_SHST_COMPLETE,
   CSTS_SHST_MASK,
 } from "./registers.ts";
-import { controllerError } from "./status.ts";
 
 export type Step = "enable" | "disable" | "shutdown";
 
@@ -38,17 +37,12 @@ export function waitStatus(
   for (;;) {
     const csts = regs.read32(CSTS);
     if (csts === 0xffffffff) {
-      throw controllerError(
-        `NvmeController.${step}`,
-        ERRNO.ENODEV,
-        "CSTS reads all ones: the controller is gone from the bus",
-      );
+      throw stateError(`NvmeController.${step}`, "ENODEV", "CSTS reads all ones: the controller is gone from the bus");
     }
     if (done(csts)) return;
     if (performance.now() > deadline) {
-      throw controllerError(
+      throw timeoutError(
         `NvmeController.${step}`,
-        ERRNO.ETIMEDOUT,
         `CSTS did not reach the expected state within CAP.TO (${limit} ms); CSTS = 0x${csts.toString(16)}`,
       );
     }
@@ -80,11 +74,7 @@ export function enableController(
   regs.write32(CC, CC_IOSQES_64 | CC_IOCQES_16 | CC_EN);
   waitStatus(regs, caps, "enable", (csts) => (csts & CSTS_RDY) !== 0 || (csts & CSTS_CFS) !== 0);
   if (regs.read32(CSTS) & CSTS_CFS) {
-    throw controllerError(
-      "NvmeController.enable",
-      ERRNO.EIO,
-      "the controller reported fatal status (CSTS.CFS) while enabling",
-    );
+    throw ioError("NvmeController.enable", "the controller reported fatal status (CSTS.CFS) while enabling");
   }
 }
 

@@ -12,8 +12,7 @@
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, type IommufdError } from "../sys/error.ts";
+import { argumentError, closedError, type IommufdError, ioError, stateError } from "../sys/error.ts";
 import { VfioDevice } from "../vfio/device.ts";
 import type { IrqSet } from "../vfio/irq.ts";
 import { AdminCommands } from "./admin.ts";
@@ -30,7 +29,6 @@ import { QueuePair, type QueueOwner, type QueueStats } from "./queue.ts";
 import { type Capabilities, CC, CC_EN, ControllerRegisters, PAGE_SIZE } from "./registers.ts";
 import { ControllerResources } from "./resources.ts";
 import type { CommandOptions, Completion, NvmeControllerOptions, ShutdownResult } from "./options.ts";
-import { controllerError } from "./status.ts";
 
 export class NvmeController implements QueueOwner, NamespaceOwner {
   readonly device: VfioDevice;
@@ -236,9 +234,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     let id = 1;
     while (used.has(id)) id++;
     if (id > this.#grantedQueuePairs) {
-      throw controllerError(
+      throw stateError(
         op,
-        ERRNO.ENOSPC,
+        "ENOSPC",
         `the controller granted ${this.#grantedQueuePairs} I/O queue pairs and all are in use`,
       );
     }
@@ -260,15 +258,14 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     if (this.#irqs === undefined) {
       const info = this.device.irqInfo("msix");
       const vectors = Math.min(info.count, this.#grantedQueuePairs + 1);
-      if (vectors < 2)
-        throw controllerError(op, ERRNO.EOPNOTSUPP, "the controller has no MSI-X vectors for I/O queues");
+      if (vectors < 2) throw stateError(op, "EOPNOTSUPP", "the controller has no MSI-X vectors for I/O queues");
       const irqs = this.device.enableIrq("msix", { vectors });
       this.#irqs = irqs;
       this.#resources.hold(() => irqs.close());
       this.#health.startTimer(() => this.#poller.pending());
     }
     if (id >= this.#irqs.vectors.length) {
-      throw controllerError(op, ERRNO.ENOSPC, `MSI-X vector ${id} is beyond the ${this.#irqs.vectors.length} enabled`);
+      throw stateError(op, "ENOSPC", `MSI-X vector ${id} is beyond the ${this.#irqs.vectors.length} enabled`);
     }
     return this.#irqs.vector(id);
   }
@@ -281,7 +278,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.assertUsable("Delete I/O Submission Queue");
     this.#admin.deleteIoQueuePair(queue);
     queue.reap();
-    queue.failAll((name, detail) => controllerError(`NVMe ${name}`, ERRNO.EIO, `${detail}: its queue was deleted`));
+    queue.failAll((name, detail) => ioError(`NVMe ${name}`, `${detail}: its queue was deleted`));
     this.#ioQueues.splice(index, 1);
     this.#allQueues.splice(this.#allQueues.indexOf(queue), 1);
     queue.release();
@@ -396,7 +393,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     const regs = this.registers;
     regs.write32(CC, regs.read32(CC) & ~CC_EN);
     health.failAll((name, detail) =>
-      controllerError(`NVMe ${name}`, ERRNO.EIO, `${detail}: the controller was reset before the command completed`),
+      ioError(`NVMe ${name}`, `${detail}: the controller was reset before the command completed`),
     );
     disableController(regs, this.capabilities);
     for (const queue of this.#allQueues) queue.clear();

@@ -4,12 +4,11 @@
  * its deadline. Any of them fails the controller and rejects everything pending on every queue;
  * reset() brings it back. Polling finds these on its way; with interrupts a timer looks.
  */
-import { ERRNO } from "../sys/errno.ts";
-import { closedError, IommufdError } from "../sys/error.ts";
+import type { ErrnoCode } from "../sys/errno.ts";
+import { closedError, IommufdError, ioError, stateError } from "../sys/error.ts";
 import { HEALTH_CHECK_MS } from "./completion.ts";
 import type { QueuePair } from "./queue.ts";
 import { CSTS, CSTS_CFS, type ControllerRegisters } from "./registers.ts";
-import { controllerError } from "./status.ts";
 
 type State = "ready" | "failed" | "closed";
 
@@ -55,11 +54,12 @@ export class ControllerHealth {
   assertUsable(command: string): void {
     if (this.#state === "ready") return;
     if (this.#state === "closed") throw closedError(`NVMe ${command}`, "the NVMe controller");
-    throw controllerError(
+    // The failure's own code: ENODEV when the controller is gone, ETIMEDOUT after a lost command.
+    throw stateError(
       `NVMe ${command}`,
-      this.#failure?.errno ?? ERRNO.EIO,
+      (this.#failure?.code ?? "EIO") as ErrnoCode,
       `the controller stopped taking commands: ${this.#failure?.message ?? "it failed"}`,
-      RESET_HINT,
+      { hint: RESET_HINT },
     );
   }
 
@@ -69,17 +69,17 @@ export class ControllerHealth {
     if (this.#state !== "ready") return;
     const csts = this.#registers.read32(CSTS);
     if (csts === 0xffffffff) {
-      this.#fail(ERRNO.ENODEV, "CSTS reads all ones: the controller is gone from the bus");
+      this.#fail("ENODEV", "CSTS reads all ones: the controller is gone from the bus");
       return;
     }
     if (csts & CSTS_CFS) {
-      this.#fail(ERRNO.EIO, "the controller reported fatal status (CSTS.CFS)");
+      this.#fail("EIO", "the controller reported fatal status (CSTS.CFS)");
       return;
     }
     for (const queue of this.#queues) {
       const late = queue.overdue(now);
       if (late) {
-        this.#fail(ERRNO.ETIMEDOUT, `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
+        this.#fail("ETIMEDOUT", `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
         return;
       }
     }
@@ -90,11 +90,11 @@ export class ControllerHealth {
     if (now - this.#lastCheck >= HEALTH_CHECK_MS) this.check(now);
   }
 
-  #fail(errno: number, reason: string): void {
+  #fail(code: ErrnoCode, reason: string): void {
     this.#state = "failed";
-    this.#failure = controllerError("NvmeController", errno, reason, RESET_HINT);
+    this.#failure = stateError("NvmeController", code, reason, { hint: RESET_HINT });
     this.failAll((name, detail) =>
-      controllerError(`NVMe ${name}`, errno, `${detail}: not completed: ${reason}`, RESET_HINT),
+      stateError(`NVMe ${name}`, code, `${detail}: not completed: ${reason}`, { hint: RESET_HINT }),
     );
   }
 
@@ -121,7 +121,7 @@ export class ControllerHealth {
   /** Failed by `error` (a reset that did not bring the controller up, a bring-up that failed). */
   markFailed(error: unknown, operation: string): void {
     this.#state = "failed";
-    this.#failure = error instanceof IommufdError ? error : controllerError(operation, ERRNO.EIO, String(error));
+    this.#failure = error instanceof IommufdError ? error : ioError(operation, String(error), error);
   }
 
   /** Closed for good: the timer stops. */

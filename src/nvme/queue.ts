@@ -8,13 +8,11 @@
  */
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import type { IrqVector } from "../vfio/irq.ts";
-import { ERRNO } from "../sys/errno.ts";
-import type { IommufdError } from "../sys/error.ts";
+import { type IommufdError, stateError } from "../sys/error.ts";
 import { commandName, type Command } from "./commands.ts";
 import { prp2For } from "./prp.ts";
 import { PAGE_SIZE, type ControllerRegisters } from "./registers.ts";
 import { CompletionRing, CQ_ENTRY_BYTES, SQ_ENTRY_BYTES, SubmissionRing } from "./rings.ts";
-import { controllerError } from "./status.ts";
 import { CommandTracker, type Reject, type Resolve } from "./tracker.ts";
 
 /** What a queue needs from its controller. */
@@ -146,7 +144,7 @@ export class QueuePair {
     this.#owner.assertUsable(name);
     const cid = this.#tracker.take();
     if (cid < 0) {
-      throw controllerError(`NVMe ${name}`, ERRNO.EBUSY, `queue ${this.id} has no free slot for a synchronous command`);
+      throw stateError(`NVMe ${name}`, "EBUSY", `queue ${this.id} has no free slot for a synchronous command`);
     }
     let done = false;
     let result = 0;

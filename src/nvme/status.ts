@@ -1,7 +1,6 @@
 /**
- * What the driver reports: a completion's status (Status Code Type and Status Code, NVMe Base 2.0
- * section 4.6.1.2) as an NvmeStatusError naming the command, and the controller's own failures
- * (gone from the bus, fatal status, timeouts, exhausted queues) as IommufdErrors of one shape.
+ * A completion's status (Status Code Type and Status Code, NVMe Base 2.0 section 4.6.1.2) decoded,
+ * and the NvmeStatusError a command that completed with one is rejected with.
  */
 import { ERRNO, type ErrnoCode } from "../sys/errno.ts";
 import { IommufdError } from "../sys/error.ts";
@@ -101,12 +100,4 @@ export class NvmeStatusError extends IommufdError {
     });
     this.nvmeStatus = decoded;
   }
-}
-
-/**
- * The controller (not the caller's arguments, not a system call) cannot do what was asked: it is
- * gone, failed, out of queues or vectors, or a command of it was aborted.
- */
-export function controllerError(operation: string, errno: number, message: string, hint?: string): IommufdError {
-  return new IommufdError({ operation, errno, message, hint });
 }
