@@ -87,6 +87,7 @@ export function decodeStatus(status: number): DecodedStatus {
  * failure (`instanceof IommufdError`, `code`, `operation` keep working), with the decoded status.
  */
 export class NvmeStatusError extends IommufdError {
+  override readonly name: string = "NvmeStatusError";
   /** SCT, SC, DNR and the spec's name of the status. */
   readonly nvmeStatus: DecodedStatus;
 

@@ -19,7 +19,7 @@ export interface IommufdErrorDetails {
  * is an IommufdError carrying the errno, its code, the operation and a readable message.
  */
 export class IommufdError extends Error {
-  override readonly name = "IommufdError";
+  override readonly name: string = "IommufdError";
   readonly errno: number;
   /** `EINVAL`, `EEXIST`, ... */
   readonly code: string;

@@ -39,6 +39,7 @@ describe("status", () => {
   test("NvmeStatusError is an IommufdError naming the command, what it was asked, and the decoded status", () => {
     const error = new NvmeStatusError("Read", "namespace 1, LBA 999999, 1 block(s)", 0x4080);
     expect(error).toBeInstanceOf(NvmeStatusError);
+    expect(error.name).toBe("NvmeStatusError");
     expect(error).toBeInstanceOf(IommufdError);
     expect(error.operation).toBe("NVMe Read");
     expect(error.code).toBe("ERANGE");
