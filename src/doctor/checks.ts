@@ -11,7 +11,16 @@ import { formatBytes, kernelAtLeast, parseKernelRelease } from "./parse.ts";
 export type CheckStatus = "pass" | "warn" | "fail";
 
 /** Stable check names, also the keys in the --json output. */
-export type CheckId = "kernel" | "config" | "iommufd" | "memlock" | "iommu" | "vfio" | "hugepages" | "dmabuf";
+export type CheckId =
+  | "kernel"
+  | "config"
+  | "iommufd"
+  | "features"
+  | "memlock"
+  | "iommu"
+  | "vfio"
+  | "hugepages"
+  | "dmabuf";
 
 export interface CheckResult {
   id: CheckId;
@@ -51,6 +60,10 @@ export function checkKernel(facts: DoctorFacts): CheckResult {
     };
   }
   const label = `Linux ${version.major}.${version.minor} (${version.release})`;
+  // Distribution kernels backport and leave out: once iommufd answers, its features are asked of it.
+  if (facts.iommufd?.features) {
+    return { ...base, status: "pass", summary: `${label}: what its iommufd can do is asked of it (see features)` };
+  }
   const features = Object.values(KERNEL_FEATURES);
   const missing = features.filter((f) => !kernelAtLeast(version, f.major, f.minor));
   if (missing.length === 0) {
@@ -212,6 +225,48 @@ function noAccessFix(path: string): string {
     `run as root, or give this user read-write access to ${path} ` +
     `(e.g. a udev rule: KERNEL=="iommu", GROUP="<group>", MODE="0660")`
   );
+}
+
+/** What each missing optional command costs the user, by IommufdFeature name. */
+const MISSING_FEATURE_COST: Record<string, string> = {
+  mapFile: "mapFile maps a MemfdBuffer by address instead; dma-bufs (peer-to-peer) cannot be mapped",
+  hwpt: "no HwPageTable (explicit page tables, nesting parents)",
+  hwInfo: "no readHwInfo",
+  dirtyTracking: "no dirty tracking",
+  faultQueue: "no FaultQueue (I/O page faults)",
+  changeProcess: "no changeProcess (hand-over of pinned memory to another process)",
+};
+
+/** The optional iommufd commands, as the kernel itself answered (iommufd.features). */
+export function checkFeatures(facts: DoctorFacts): CheckResult {
+  const base = { id: "features" as const, title: "iommufd features" };
+  const features = facts.iommufd?.features;
+  if (!features) {
+    return {
+      ...base,
+      status: "warn",
+      summary: "not asked: iommufd could not be opened",
+      fix: "see the /dev/iommu line above",
+    };
+  }
+  const names = Object.keys(features);
+  const missing = names.filter((name) => !features[name]);
+  const details = names.map((name) => `${name}: ${features[name] ? "yes" : "no"}`);
+  if (missing.length === 0) {
+    return {
+      ...base,
+      status: "pass",
+      summary: `the kernel knows every optional command (${names.join(", ")})`,
+      details,
+    };
+  }
+  return {
+    ...base,
+    status: "warn",
+    summary: `the kernel lacks ${missing.join(", ")}: ${missing.map((m) => MISSING_FEATURE_COST[m] ?? m).join("; ")}`,
+    fix: "boot a newer kernel (MAP_FILE and change-process came in Linux 6.13) to use every feature",
+    details,
+  };
 }
 
 /** RLIMIT_MEMLOCK against facts.mapBytes; CAP_IPC_LOCK makes the limit moot. */

@@ -43,6 +43,8 @@ export interface IommufdProbe {
   /** The step that failed. */
   failedAt?: "open" | "ioas";
   ioasId?: number;
+  /** Which optional commands the kernel knows (`iommufd.features`), when the open worked. */
+  features?: Record<string, boolean>;
   /** Usable IOVA ranges of the new IOAS, as hex `start..last`. */
   iovaRanges?: string[];
   errno?: number;
@@ -148,6 +150,8 @@ export function probeIommufd(path: string): IommufdProbe {
   try {
     using ioas = iommufd.createIoas();
     const result: IommufdProbe = { ok: true, ioasId: ioas.id };
+    const features = attempt(() => iommufd.features);
+    if (features) result.features = { ...features };
     const ranges = attempt(() => ioas.iovaRanges());
     if (ranges) result.iovaRanges = ranges.ranges.map((r) => `0x${r.start.toString(16)}..0x${r.last.toString(16)}`);
     return result;

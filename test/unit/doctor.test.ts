@@ -9,6 +9,7 @@ import {
   CAP_IPC_LOCK,
   checkDmaBuf,
   checkIommufd,
+  checkFeatures,
   checkKernel,
   checkMemlock,
   checkVfio,
@@ -164,7 +165,12 @@ function goodFacts(): DoctorFacts {
     config: {},
     iommuPath: "/dev/iommu",
     iommuNode: "char",
-    iommufd: { ok: true, ioasId: 1, iovaRanges: ["0x0..0xffffffffffffffff"] },
+    iommufd: {
+      ok: true,
+      ioasId: 1,
+      iovaRanges: ["0x0..0xffffffffffffffff"],
+      features: { mapFile: true, hwpt: true, hwInfo: true, dirtyTracking: true, faultQueue: true, changeProcess: true },
+    },
     memlock: { soft: undefined, hard: undefined, units: "bytes" },
     capIpcLock: true,
     mapBytes: 64 << 20,
@@ -195,6 +201,7 @@ describe("checks on hand-made facts", () => {
       ["kernel", "pass"],
       ["config", "pass"],
       ["iommufd", "pass"],
+      ["features", "pass"],
       ["memlock", "pass"],
       ["iommu", "pass"],
       ["vfio", "pass"],
@@ -264,12 +271,27 @@ describe("checks on hand-made facts", () => {
     );
   });
 
-  test("kernel versions: too old fails, pre-6.19 warns about dma-bufs", () => {
-    expect(checkKernel({ ...goodFacts(), kernelRelease: "6.1.0-28-amd64" }).status).toBe("fail");
-    const k = checkKernel({ ...goodFacts(), kernelRelease: "6.8.0-45-generic" });
+  test("kernel versions, when iommufd could not be asked: too old fails, pre-6.19 warns about dma-bufs", () => {
+    const unasked = { ...goodFacts(), iommufd: { ok: false, failedAt: "open" as const } };
+    expect(checkKernel({ ...unasked, kernelRelease: "6.1.0-28-amd64" }).status).toBe("fail");
+    const k = checkKernel({ ...unasked, kernelRelease: "6.8.0-45-generic" });
     expect(k.status).toBe("warn");
     expect(k.summary).toContain("IOMMU_IOAS_MAP_FILE (mapping a memfd by fd) needs 6.13");
-    expect(checkKernel({ ...goodFacts(), kernelRelease: "garbage" }).status).toBe("warn");
+    expect(checkKernel({ ...unasked, kernelRelease: "garbage" }).status).toBe("warn");
+  });
+
+  test("features: once iommufd answers, the version decides nothing; what it lacks is a warning that says the cost", () => {
+    const old = { ...goodFacts(), kernelRelease: "6.8.0-45-generic" };
+    expect(checkKernel(old).status).toBe("pass");
+    const facts = goodFacts();
+    facts.iommufd!.features = { ...facts.iommufd!.features!, mapFile: false, changeProcess: false };
+    const check = checkFeatures(facts);
+    expect(check.status).toBe("warn");
+    expect(check.summary).toContain("lacks mapFile, changeProcess");
+    expect(check.summary).toContain("maps a MemfdBuffer by address instead");
+    expect(check.details).toContain("mapFile: no");
+    expect(checkFeatures(goodFacts()).status).toBe("pass");
+    expect(checkFeatures({ ...goodFacts(), iommufd: { ok: false, failedAt: "open" } }).status).toBe("warn");
   });
 
   test("vfio: a device on vfio-pci without a cdev asks for CONFIG_VFIO_DEVICE_CDEV", () => {
@@ -331,7 +353,7 @@ describe("gathering never crashes", () => {
     const report = runDoctor({ system: empty });
     expect(report.exitCode).toBe(1);
     expect(report.kernel).toBe("unknown");
-    expect(report.checks).toHaveLength(8);
+    expect(report.checks).toHaveLength(9);
     for (const check of report.checks) {
       expect(check.summary.length).toBeGreaterThan(10);
       if (check.status !== "pass") expect(check.fix?.length ?? 0).toBeGreaterThan(10);
@@ -364,6 +386,7 @@ describe("this machine", () => {
       "kernel",
       "config",
       "iommufd",
+      "features",
       "memlock",
       "iommu",
       "vfio",
@@ -524,7 +547,7 @@ describe("the CLI", () => {
     const json = JSON.parse(stdout) as DoctorReport;
     expect(json.exitCode).toBe(code as 0 | 1);
     expect(json.kernel).toBe(release());
-    expect(json.checks).toHaveLength(8);
+    expect(json.checks).toHaveLength(9);
     for (const check of json.checks) expect(["pass", "warn", "fail"]).toContain(check.status);
     const iommufd = json.checks.find((c) => c.id === "iommufd")!;
     expect(code).toBe(iommufd.status === "pass" ? 0 : 1);
@@ -539,7 +562,7 @@ describe("the CLI", () => {
     const { code, stdout } = await run("doctor");
     const lines = stdout.split("\n");
     expect(lines[0]).toStartWith(`bun-iommufd doctor: Linux ${release()}`);
-    expect(lines.filter((l) => /^(PASS|WARN|FAIL) {2}\S/.test(l))).toHaveLength(8);
+    expect(lines.filter((l) => /^(PASS|WARN|FAIL) {2}\S/.test(l))).toHaveLength(9);
     expect(stdout).not.toContain("\x1b[");
     if (!existsSync("/dev/iommu")) {
       expect(code).toBe(1);
