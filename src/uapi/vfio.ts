@@ -1,5 +1,6 @@
 /**
- * linux/vfio.h (kernel 7.2), the cdev (iommufd) side only: ioctl numbers, flags and layouts.
+ * linux/vfio.h (kernel 7.2): the device ioctls both ways of opening a device share, the cdev
+ * (iommufd) binding, and the legacy container/group API with the type1 IOMMU at the end.
  * Data only; checked against the real header by test/unit/layout.test.ts.
  */
 import { IO, struct } from "./codec.ts";
@@ -254,4 +255,153 @@ export const VFIO_CONSTANTS: Record<string, number> = {
   VFIO_PCI_ERR_IRQ_INDEX,
   VFIO_PCI_REQ_IRQ_INDEX,
   VFIO_PCI_NUM_IRQS,
+};
+
+// The legacy API: a container (/dev/vfio/vfio) holds groups (/dev/vfio/<group>) and one IOMMU
+// model, here type1v2; devices come from their group once the container has its IOMMU.
+
+export const VFIO_API_VERSION = 0;
+export const VFIO_TYPE1_IOMMU = 1;
+export const VFIO_TYPE1v2_IOMMU = 3;
+/** Extension: VFIO_DMA_UNMAP_FLAG_ALL is understood. */
+export const VFIO_UNMAP_ALL = 9;
+
+export const VFIO_GET_API_VERSION = IO(VFIO_TYPE, VFIO_BASE + 0);
+export const VFIO_CHECK_EXTENSION = IO(VFIO_TYPE, VFIO_BASE + 1);
+export const VFIO_SET_IOMMU = IO(VFIO_TYPE, VFIO_BASE + 2);
+export const VFIO_GROUP_GET_STATUS = IO(VFIO_TYPE, VFIO_BASE + 3);
+export const VFIO_GROUP_SET_CONTAINER = IO(VFIO_TYPE, VFIO_BASE + 4);
+export const VFIO_GROUP_UNSET_CONTAINER = IO(VFIO_TYPE, VFIO_BASE + 5);
+export const VFIO_GROUP_GET_DEVICE_FD = IO(VFIO_TYPE, VFIO_BASE + 6);
+export const VFIO_IOMMU_GET_INFO = IO(VFIO_TYPE, VFIO_BASE + 12);
+export const VFIO_IOMMU_MAP_DMA = IO(VFIO_TYPE, VFIO_BASE + 13);
+export const VFIO_IOMMU_UNMAP_DMA = IO(VFIO_TYPE, VFIO_BASE + 14);
+
+export const VFIO_GROUP_FLAGS_VIABLE = 1 << 0;
+export const VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1;
+
+export const VFIO_IOMMU_INFO_PGSIZES = 1 << 0;
+export const VFIO_IOMMU_INFO_CAPS = 1 << 1;
+export const VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1;
+export const VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL = 3;
+
+export const VFIO_DMA_MAP_FLAG_READ = 1 << 0;
+export const VFIO_DMA_MAP_FLAG_WRITE = 1 << 1;
+export const VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1;
+
+export const vfio_group_status = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+  ],
+  { cName: "struct vfio_group_status" },
+);
+
+/** Followed by the capability chain when `flags` has VFIO_IOMMU_INFO_CAPS and argsz left room. */
+export const vfio_iommu_type1_info = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["iova_pgsizes", "u64"],
+    ["cap_offset", "u32"],
+    ["pad", "u32"],
+  ],
+  { cName: "struct vfio_iommu_type1_info" },
+);
+
+/** Followed by `nr_iovas` vfio_iova_range entries. */
+export const vfio_iommu_type1_info_cap_iova_range = struct(
+  [
+    ["header_id", "u16"],
+    ["header_version", "u16"],
+    ["header_next", "u32"],
+    ["nr_iovas", "u32"],
+    ["reserved", "u32"],
+  ],
+  {
+    cName: "struct vfio_iommu_type1_info_cap_iova_range",
+    cPath: { header_id: "header.id", header_version: "header.version", header_next: "header.next" },
+  },
+);
+
+/** One usable IOVA range; `end` is inclusive. */
+export const vfio_iova_range = struct(
+  [
+    ["start", "u64"],
+    ["end", "u64"],
+  ],
+  { cName: "struct vfio_iova_range" },
+);
+
+export const vfio_iommu_type1_info_dma_avail = struct(
+  [
+    ["header_id", "u16"],
+    ["header_version", "u16"],
+    ["header_next", "u32"],
+    ["avail", "u32"],
+  ],
+  {
+    cName: "struct vfio_iommu_type1_info_dma_avail",
+    cPath: { header_id: "header.id", header_version: "header.version", header_next: "header.next" },
+  },
+);
+
+export const vfio_iommu_type1_dma_map = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["vaddr", "u64"],
+    ["iova", "u64"],
+    ["size", "u64"],
+  ],
+  { cName: "struct vfio_iommu_type1_dma_map" },
+);
+
+export const vfio_iommu_type1_dma_unmap = struct(
+  [
+    ["argsz", "u32"],
+    ["flags", "u32"],
+    ["iova", "u64"],
+    ["size", "u64"],
+  ],
+  { cName: "struct vfio_iommu_type1_dma_unmap" },
+);
+
+export const VFIO_TYPE1_LAYOUTS = [
+  vfio_group_status,
+  vfio_iommu_type1_info,
+  vfio_iommu_type1_info_cap_iova_range,
+  vfio_iova_range,
+  vfio_iommu_type1_info_dma_avail,
+  vfio_iommu_type1_dma_map,
+  vfio_iommu_type1_dma_unmap,
+];
+
+export const VFIO_TYPE1_REQUESTS: Record<string, number> = {
+  VFIO_GET_API_VERSION,
+  VFIO_CHECK_EXTENSION,
+  VFIO_SET_IOMMU,
+  VFIO_GROUP_GET_STATUS,
+  VFIO_GROUP_SET_CONTAINER,
+  VFIO_GROUP_UNSET_CONTAINER,
+  VFIO_GROUP_GET_DEVICE_FD,
+  VFIO_IOMMU_GET_INFO,
+  VFIO_IOMMU_MAP_DMA,
+  VFIO_IOMMU_UNMAP_DMA,
+};
+
+export const VFIO_TYPE1_CONSTANTS: Record<string, number> = {
+  VFIO_API_VERSION,
+  VFIO_TYPE1_IOMMU,
+  VFIO_TYPE1v2_IOMMU,
+  VFIO_UNMAP_ALL,
+  VFIO_GROUP_FLAGS_VIABLE,
+  VFIO_GROUP_FLAGS_CONTAINER_SET,
+  VFIO_IOMMU_INFO_PGSIZES,
+  VFIO_IOMMU_INFO_CAPS,
+  VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+  VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL,
+  VFIO_DMA_MAP_FLAG_READ,
+  VFIO_DMA_MAP_FLAG_WRITE,
+  VFIO_DMA_UNMAP_FLAG_ALL,
 };

@@ -30,6 +30,12 @@ const SUITES: Suite[] = [
   },
   { header: "linux/vfio.h", layouts: vfio.VFIO_LAYOUTS, requests: vfio.VFIO_REQUESTS, constants: vfio.VFIO_CONSTANTS },
   {
+    header: "linux/vfio.h",
+    layouts: vfio.VFIO_TYPE1_LAYOUTS,
+    requests: vfio.VFIO_TYPE1_REQUESTS,
+    constants: vfio.VFIO_TYPE1_CONSTANTS,
+  },
+  {
     header: "linux/udmabuf.h",
     layouts: udmabuf.UDMABUF_LAYOUTS,
     requests: udmabuf.UDMABUF_REQUESTS,
