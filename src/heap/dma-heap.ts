@@ -3,8 +3,9 @@
  * kernel call on the I/O path.
  *
  * Three parts, each with one owner:
- * - the region: one MemfdBuffer (huge pages when the system has them), mapped once with
- *   IOMMU_IOAS_MAP_FILE at one contiguous IOVA range; owned by the heap;
+ * - the region: one MemfdBuffer (huge pages when the system has them), mapped once into a
+ *   DmaSpace (an iommufd IOAS by file, a VFIO type1 container by address) at one contiguous IOVA
+ *   range; owned by the heap;
  * - the address rule ({@link AddressRule}): offset <-> IOVA <-> view, by arithmetic only;
  * - the allocator ({@link OffsetAllocator}): offsets only, O(1) TLSF, knows nothing of memory.
  *
@@ -14,7 +15,7 @@
  */
 import { argumentError, closedError, stateError } from "../sys/error.ts";
 import { hex, type Iova } from "../sys/validate.ts";
-import type { Ioas, Mapping } from "../iommufd/ioas.ts";
+import type { DmaMapping, DmaSpace } from "../dma/space.ts";
 import { MemfdBuffer, type HugePageSize } from "../memory/memfd.ts";
 import { OffsetAllocator, type OffsetAllocatorStats } from "./allocator.ts";
 
@@ -26,7 +27,7 @@ export interface DmaHeapOptions {
    * "2MB"/"1GB": insist on huge pages. false: never.
    */
   hugePages?: "auto" | HugePageSize | false;
-  /** Fixed IOVA of the region; default: the kernel chooses. */
+  /** Fixed IOVA of the region; default: the space chooses (the kernel for an IOAS). */
   iova?: number | bigint;
   /** Allocation granule: every size is rounded up to it. Default 4096. */
   granule?: number;
@@ -104,17 +105,24 @@ export class DmaBuffer {
 }
 
 export class DmaHeap {
-  readonly ioas: Ioas;
+  /** Where the region is mapped: an Ioas or a VfioContainer. */
+  readonly space: DmaSpace;
   readonly rule: AddressRule;
   readonly pageSize: number;
   /** Why huge pages were not used, when "auto" fell back; undefined otherwise. */
   readonly note: string | undefined;
   #region: MemfdBuffer | undefined;
-  #mapping: Mapping | undefined;
+  #mapping: DmaMapping | undefined;
   readonly #allocator: OffsetAllocator;
 
-  private constructor(ioas: Ioas, region: MemfdBuffer, mapping: Mapping, granule: number, note: string | undefined) {
-    this.ioas = ioas;
+  private constructor(
+    space: DmaSpace,
+    region: MemfdBuffer,
+    mapping: DmaMapping,
+    granule: number,
+    note: string | undefined,
+  ) {
+    this.space = space;
     this.#region = region;
     this.#mapping = mapping;
     this.pageSize = region.pageSize;
@@ -130,8 +138,8 @@ export class DmaHeap {
     });
   }
 
-  /** Create the region, map it once into `ioas`, and set up the allocator. */
-  static create(ioas: Ioas, options: DmaHeapOptions): DmaHeap {
+  /** Create the region, map it once into `space` (an Ioas or a VfioContainer), and set up the allocator. */
+  static create(space: DmaSpace, options: DmaHeapOptions): DmaHeap {
     const op = "DmaHeap.create";
     const size = options?.size;
     if (typeof size !== "number" || !Number.isSafeInteger(size) || size <= 0) {
@@ -158,15 +166,15 @@ export class DmaHeap {
       }
     }
     region ??= MemfdBuffer.create(Math.ceil(size / 4096) * 4096, { name: options.name ?? "dma-heap" });
-    let mapping: Mapping;
+    let mapping: DmaMapping;
     try {
-      mapping = ioas.mapFile(region, options.iova === undefined ? {} : { iova: options.iova });
+      mapping = space.mapDma(region, options.iova === undefined ? {} : { iova: options.iova });
     } catch (error) {
       region.close();
       throw error;
     }
     try {
-      return new DmaHeap(ioas, region, mapping, granule, note);
+      return new DmaHeap(space, region, mapping, granule, note);
     } catch (error) {
       mapping.unmap();
       region.close();

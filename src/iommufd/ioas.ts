@@ -4,6 +4,7 @@
  * The library's view of what is mapped follows the kernel's answers only: a Mapping is forgotten
  * when an unmap succeeded (or the IOAS/iommufd went away), never because an unmap failed.
  */
+import type { DmaSpace } from "../dma/space.ts";
 import { MemfdBuffer } from "../memory/memfd.ts";
 import { argumentError, closedError, stateError } from "../sys/error.ts";
 import { ioctl, isErrno } from "../sys/ioctl.ts";
@@ -70,7 +71,8 @@ function addressForMap(file: MappableFile | number, operation: string): number {
   );
 }
 
-export class Ioas {
+export class Ioas implements DmaSpace {
+  readonly backend = "iommufd";
   readonly iommufd: Iommufd;
   readonly id: number;
   #alive = true;
@@ -167,6 +169,14 @@ export class Ioas {
     encodeMapFile(mapFileCmd, flags, this.id, fd, offset, length, iova);
     ioctl(iommufdFd, IOMMU_IOAS_MAP_FILE, mapFileCmd, op, MAP_FILE_ERRORS, file);
     return this.#record(mappedIova(mapFileCmd), length, file);
+  }
+
+  /**
+   * Map memory for device DMA (the DmaSpace seam): a MemfdBuffer by file, which pins the file's
+   * own pages whatever this process does with its view, and any other source by address.
+   */
+  mapDma(source: MapSource, options: RangeOptions = {}): Mapping {
+    return source instanceof MemfdBuffer ? this.mapFile(source, options) : this.map(source, options);
   }
 
   /**

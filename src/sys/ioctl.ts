@@ -35,3 +35,23 @@ export function ioctl<Context = undefined>(
 export function isErrno(error: unknown, code: ErrnoCode): error is IommufdError {
   return error instanceof IommufdError && error.errno === ERRNO[code];
 }
+
+/**
+ * ioctl(2) whose argument is a plain value rather than a command struct: the legacy VFIO calls
+ * take an integer (VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU) or the address of a string or an int
+ * (VFIO_GROUP_GET_DEVICE_FD, VFIO_GROUP_SET_CONTAINER). Same counting, same error path.
+ */
+export function ioctlWithArgument<Context = undefined>(
+  fd: number,
+  request: number,
+  argument: number,
+  operation: string,
+  errors?: ErrnoTable<Context>,
+  context?: Context,
+): number {
+  counters.ioctls++;
+  const rc = libc().ioctl(fd, request, argument as unknown as Pointer);
+  if (rc >= 0) return rc;
+  const errno = lastErrno();
+  throw ioctlError({ operation, errno, fd, cmd: null, context: context as Context }, errors);
+}
