@@ -53,5 +53,5 @@ export function ioctlWithArgument<Context = undefined>(
   const rc = libc().ioctl(fd, request, argument as unknown as Pointer);
   if (rc >= 0) return rc;
   const errno = lastErrno();
-  throw ioctlError({ operation, errno, fd, cmd: null, context: context as Context }, errors);
+  throw failureError({ operation, errno, fd, cmd: null, context: context as Context }, errors);
 }

@@ -42,6 +42,8 @@ import {
 import { busMasterOn, readConfig, setBusMaster, writeConfig } from "./config.ts";
 import { type ExportDmaBufOptions, exportDmaBuf, probeDmaBuf } from "./dma-buf-export.ts";
 import { mapRegion, type RegionMapping, type RegionInfo, readRegionInfo } from "./region.ts";
+import type { DmaBackend } from "../dma/space.ts";
+import type { VfioGroup } from "../type1/group.ts";
 
 export { RegionMapping } from "./region.ts";
 
@@ -82,6 +84,8 @@ export class VfioDevice {
   #iommufd: Iommufd | undefined;
   #deviceId: number | undefined;
   #attachedTo: number | undefined;
+  /** The group it was opened through (type1); undefined for a cdev. */
+  #group: VfioGroup | undefined;
   readonly #regions = new Set<RegionMapping>();
 
   private constructor(fd: number, path: string, pciAddress: string | undefined) {
@@ -117,6 +121,16 @@ export class VfioDevice {
       EBUSY: { hint: "the device is already open through its VFIO group or another cdev user" },
     });
     return new VfioDevice(fd, path, pciAddress);
+  }
+
+  /**
+   * @internal A device fd from VFIO_GROUP_GET_DEVICE_FD: usable at once, its DMA goes through the
+   * group's type1 container. Open one with `container.openDevice(pciAddress)`.
+   */
+  static fromGroup(fd: number, group: VfioGroup, pciAddress: string): VfioDevice {
+    const device = new VfioDevice(fd, group.path, pciAddress);
+    device.#group = group;
+    return device;
   }
 
   /**
@@ -157,6 +171,16 @@ export class VfioDevice {
     return this.#deviceId;
   }
 
+  /** The group the device was opened through (a VFIO type1 container's), or undefined for a cdev. */
+  get group(): VfioGroup | undefined {
+    return this.#group;
+  }
+
+  /** Whose IOMMU the device's DMA goes through: "iommufd" once bound, "type1" through a group. */
+  get backend(): DmaBackend | undefined {
+    return this.#group ? "type1" : this.#deviceId !== undefined ? "iommufd" : undefined;
+  }
+
   /** The hw page table id the device is attached to, or undefined. */
   get attachedTo(): number | undefined {
     return this.#attachedTo;
@@ -174,7 +198,7 @@ export class VfioDevice {
    */
   ioctl(request: number, cmd: StructBuffer | null, operation: string, errors?: ErrnoTable): number {
     const fd = this.assertOpen(operation);
-    if (request !== VFIO_DEVICE_BIND_IOMMUFD) this.#assertBound(operation);
+    if (request !== VFIO_DEVICE_BIND_IOMMUFD && this.#group === undefined) this.#assertBound(operation);
     return ioctl(fd, request, cmd, operation, errors);
   }
 
@@ -188,9 +212,22 @@ export class VfioDevice {
     }
   }
 
+  /** Binding and attaching are for cdevs: a device from a group has its DMA in the group's container. */
+  #refuseOnGroup(operation: string): void {
+    if (this.#group !== undefined) {
+      throw stateError(
+        operation,
+        "EOPNOTSUPP",
+        `${this.pciAddress} was opened through its VFIO group into a type1 container, which owns its DMA; ` +
+          "binding and attaching to iommufd need the device's cdev (VfioDevice.open)",
+      );
+    }
+  }
+
   /** VFIO_DEVICE_BIND_IOMMUFD: bind to an iommufd; returns the device id inside it. */
   bind(iommufd: Iommufd): number {
     const op = "VFIO_DEVICE_BIND_IOMMUFD";
+    this.#refuseOnGroup(op);
     if (this.#deviceId !== undefined) {
       throw stateError(op, "EBUSY", `${this.path} is already bound (device id ${this.#deviceId})`);
     }
@@ -210,6 +247,7 @@ export class VfioDevice {
    */
   attach(target: Ioas | number): number {
     const op = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
+    this.#refuseOnGroup(op);
     this.#assertBound(op);
     const ptId = target instanceof Ioas ? target.id : target;
     if (target instanceof Ioas && target.iommufd !== this.#iommufd) {
@@ -226,6 +264,7 @@ export class VfioDevice {
   /** VFIO_DEVICE_DETACH_IOMMUFD_PT. */
   detach(): void {
     const op = "VFIO_DEVICE_DETACH_IOMMUFD_PT";
+    this.#refuseOnGroup(op);
     const cmd = vfio_device_detach_iommufd_pt.create().fill({ argsz: vfio_device_detach_iommufd_pt.size });
     this.ioctl(VFIO_DEVICE_DETACH_IOMMUFD_PT, cmd, op);
     this.#attachedTo = undefined;
@@ -385,6 +424,7 @@ export class VfioDevice {
     this.#deviceId = undefined;
     this.#attachedTo = undefined;
     fdFinalizer.unregister(this);
+    this.#group?.forget(this);
     closeFd(fd, "VfioDevice.close");
   }
 

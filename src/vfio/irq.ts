@@ -78,7 +78,8 @@ export interface EnableIrqOptions {
 export interface IrqDevice {
   readonly path: string;
   readonly closed: boolean;
-  readonly deviceId: number | undefined;
+  /** Undefined while the device cannot take ioctls yet (a cdev before bind). */
+  readonly backend: "iommufd" | "type1" | undefined;
   readonly busMaster: boolean;
   setBusMaster(enabled: boolean): void;
   /** The device's ioctl path: EBADF once closed, EINVAL before bind, throws on failure. */
@@ -137,7 +138,7 @@ export function irqInfoOrNone(device: IrqDevice, index: number): IrqInfo {
     return irqInfo(device, index);
   } catch (error) {
     // Only the kernel's answer means "no such index": not the library's own bind-first EINVAL.
-    if (isErrno(error, "EINVAL") && device.deviceId !== undefined) return decodeInfo(index, 0, 0);
+    if (isErrno(error, "EINVAL") && device.backend !== undefined) return decodeInfo(index, 0, 0);
     throw error;
   }
 }
