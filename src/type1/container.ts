@@ -14,7 +14,7 @@ import { MemfdBuffer } from "../memory/memfd.ts";
 import { ERRNO } from "../sys/errno.ts";
 import { argumentError, closedError, IommufdError } from "../sys/error.ts";
 import { closeFd, fdFinalizer, openPath } from "../sys/fd.ts";
-import { ioctl, ioctlWithArgument } from "../sys/ioctl.ts";
+import { type ErrnoTable, ioctl, ioctlWithArgument } from "../sys/ioctl.ts";
 import { O_RDWR } from "../sys/libc.ts";
 import { hex, type Iova, normaliseIova, positiveLength, rangeLength, rangeOffset, u64 } from "../sys/validate.ts";
 import { getU64, putU64 } from "../uapi/codec.ts";
@@ -54,6 +54,10 @@ const UNMAP = vfio_iommu_type1_dma_unmap.words;
  */
 const openGroups = new Map<number, WeakRef<VfioContainer>>();
 
+const NOT_A_CONTAINER: ErrnoTable<string> = {
+  ENOTTY: ({ context }) => ({ message: `${context} is not a VFIO container`, argument: "path" }),
+};
+
 export class VfioContainer implements DmaSpace {
   readonly backend = "type1";
   readonly path: string;
@@ -85,7 +89,7 @@ export class VfioContainer implements DmaSpace {
       EACCES: "no permission on the VFIO container node",
     });
     try {
-      const version = ioctlWithArgument(fd, VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION");
+      const version = ioctlWithArgument(fd, VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION", NOT_A_CONTAINER, path);
       if (version !== VFIO_API_VERSION) {
         throw new IommufdError({
           operation: "VFIO_GET_API_VERSION",
