@@ -57,7 +57,7 @@ export interface DeviceInfo {
 }
 
 const BIND_ERRORS: ErrnoTable = {
-  EBUSY: "the device is already bound to an iommufd",
+  EBUSY: "the device is already bound to an iommufd, or open through its VFIO group (a type1 container)",
   // iommufd refuses a device whose MSIs the IOMMU cannot isolate (no interrupt remapping, e.g.
   // virtio-iommu) as well as one whose group is not viable: both answer EPERM.
   EPERM: {
