@@ -65,6 +65,8 @@ export class VfioContainer implements DmaSpace {
   readonly #groups = new Map<number, VfioGroup>();
   /** What VFIO_IOMMU_GET_INFO said last; undefined until the IOMMU is set (first group in). */
   #info: ContainerInfo | undefined;
+  /** type1's dma_entry_limit as it was when this container's IOMMU was set (the kernel reads it then). */
+  #dmaLimit: number | undefined;
   readonly #mappings = new Set<ContainerMapping>();
   readonly #allocator = new IovaAllocator();
   readonly #mapCmd = vfio_iommu_type1_dma_map.create();
@@ -131,6 +133,11 @@ export class VfioContainer implements DmaSpace {
     return [...this.#mappings];
   }
 
+  /** @internal How many mappings type1 allows this container (undefined where the kernel does not say). */
+  get dmaLimit(): number | undefined {
+    return this.#dmaLimit;
+  }
+
   /** @internal Throws EBADF once closed; the fd otherwise. */
   assertOpen(operation: string): number {
     if (this.#fd < 0) throw closedError(operation, `VFIO container ${this.path}`);
@@ -168,12 +175,13 @@ export class VfioContainer implements DmaSpace {
     }
     const group = VfioGroup.join(this, number, fd);
     try {
-      if (this.#info === undefined)
-        ioctlWithArgument(fd, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU, "VFIO_SET_IOMMU", SET_IOMMU_ERRORS);
+      const first = this.#info === undefined;
+      if (first) ioctlWithArgument(fd, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU, "VFIO_SET_IOMMU", SET_IOMMU_ERRORS);
       this.#groups.set(number, group);
       openGroups.set(number, new WeakRef(this));
       // A new group can narrow the usable ranges (its devices' reserved regions): read them again.
       this.#refreshInfo();
+      if (first) this.#dmaLimit = this.#info!.dmaAvailable;
     } catch (error) {
       group.close();
       throw error;

@@ -132,8 +132,8 @@ function explainInvalid({ cmd, context }: CallFailure<unknown>): string {
 }
 
 export const MAP_DMA_ERRORS: ErrnoTable<unknown> = {
-  ENOSPC: () => {
-    const limit = dmaEntryLimit();
+  ENOSPC: ({ context }) => {
+    const limit = (context as { dmaLimit?: number }).dmaLimit ?? dmaEntryLimit();
     return {
       message:
         `the container holds as many mappings as vfio_iommu_type1's dma_entry_limit allows` +

@@ -312,7 +312,8 @@ describe("refusals, each with its own error", () => {
       "ENOSPC",
       "VFIO_IOMMU_MAP_DMA",
     );
-    expect(e.message).toContain("dma_entry_limit");
+    // The sentence itself names the limit and its value, not only the hint.
+    expect(e.message.split(" Hint: ")[0]).toContain("vfio_iommu_type1's dma_entry_limit allows (4)");
     expect(e.hint).toContain("vfio_iommu_type1.dma_entry_limit=");
     // The failed map gave its IOVA back: after one unmap the next map lands there.
     const last = container.mappings.at(-1)!;
