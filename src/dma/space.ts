@@ -4,8 +4,7 @@
  * with the type1 IOMMU (`VfioContainer`). The heap and drivers ask for this and never for which
  * one they have; what only iommufd can do stays on `Ioas` and `Iommufd`.
  */
-import { ERRNO } from "../sys/errno.ts";
-import { IommufdError } from "../sys/error.ts";
+import { type IommufdError, stateError } from "../sys/error.ts";
 import type { Iova } from "../sys/validate.ts";
 import type { IovaRanges } from "../iommufd/ioctls.ts";
 import type { MapSource, RangeOptions } from "../iommufd/map-arguments.ts";
@@ -42,11 +41,13 @@ export interface DmaSpace {
  * its group: EOPNOTSUPP naming iommufd, never a wrong result.
  */
 export function iommufdOnlyError(operation: string, what: string, argument?: string): IommufdError {
-  return new IommufdError({
+  return stateError(
     operation,
-    errno: ERRNO.EOPNOTSUPP,
-    argument,
-    message: `${what} needs iommufd (/dev/iommu); a VFIO type1 container cannot do it`,
-    hint: "open the device through its cdev with an Iommufd (kernel 6.2+ with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV)",
-  });
+    "EOPNOTSUPP",
+    `${what} needs iommufd (/dev/iommu); a VFIO type1 container cannot do it`,
+    {
+      argument,
+      hint: "open the device through its cdev with an Iommufd (kernel 6.2+ with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV)",
+    },
+  );
 }

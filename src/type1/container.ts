@@ -11,10 +11,10 @@ import { type DmaSpace, iommufdOnlyError } from "../dma/space.ts";
 import type { IovaRange, IovaRanges } from "../iommufd/ioctls.ts";
 import { type MappableFile, type MapSource, type RangeOptions, resolveMemory } from "../iommufd/map-arguments.ts";
 import { MemfdBuffer } from "../memory/memfd.ts";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, IommufdError } from "../sys/error.ts";
+import { argumentError, closedError, stateError } from "../sys/error.ts";
 import { closeFd, fdFinalizer, openPath } from "../sys/fd.ts";
-import { type ErrnoTable, ioctl, ioctlWithArgument } from "../sys/ioctl.ts";
+import type { ErrnoTable } from "../sys/errno-table.ts";
+import { ioctl, ioctlWithArgument } from "../sys/ioctl.ts";
 import { O_RDWR } from "../sys/libc.ts";
 import { hex, type Iova, normaliseIova, positiveLength, rangeLength, rangeOffset, u64 } from "../sys/validate.ts";
 import { getU64, putU64 } from "../uapi/codec.ts";
@@ -93,20 +93,22 @@ export class VfioContainer implements DmaSpace {
     try {
       const version = ioctlWithArgument(fd, VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION", NOT_A_CONTAINER, path);
       if (version !== VFIO_API_VERSION) {
-        throw new IommufdError({
-          operation: "VFIO_GET_API_VERSION",
-          errno: ERRNO.EOPNOTSUPP,
-          message: `the kernel's VFIO API version is ${version}; this library speaks version ${VFIO_API_VERSION}`,
-        });
+        throw stateError(
+          "VFIO_GET_API_VERSION",
+          "EOPNOTSUPP",
+          `the kernel's VFIO API version is ${version}; this library speaks version ${VFIO_API_VERSION}`,
+        );
       }
       if (ioctlWithArgument(fd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU, "VFIO_CHECK_EXTENSION") <= 0) {
-        throw new IommufdError({
-          operation: "VFIO_CHECK_EXTENSION",
-          errno: ERRNO.EOPNOTSUPP,
-          argument: "VFIO_TYPE1v2_IOMMU",
-          message: "the kernel has no type1v2 IOMMU driver for VFIO containers",
-          hint: "it needs CONFIG_VFIO_IOMMU_TYPE1 (modprobe vfio_iommu_type1) and an IOMMU; or use iommufd",
-        });
+        throw stateError(
+          "VFIO_CHECK_EXTENSION",
+          "EOPNOTSUPP",
+          "the kernel has no type1v2 IOMMU driver for VFIO containers",
+          {
+            argument: "VFIO_TYPE1v2_IOMMU",
+            hint: "it needs CONFIG_VFIO_IOMMU_TYPE1 (modprobe vfio_iommu_type1) and an IOMMU; or use iommufd",
+          },
+        );
       }
     } catch (error) {
       closeFd(fd, op);
@@ -165,13 +167,12 @@ export class VfioContainer implements DmaSpace {
     const op = "VfioContainer.openDevice";
     const holder = openGroups.get(number)?.deref();
     if (holder !== undefined && holder !== this && !holder.closed) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.EBUSY,
-        argument: "pciAddress",
-        message: `IOMMU group ${number} is already in another VfioContainer of this process (a group can be in one)`,
-        hint: "open the device through that container, or close it first",
-      });
+      throw stateError(
+        op,
+        "EBUSY",
+        `IOMMU group ${number} is already in another VfioContainer of this process (a group can be in one)`,
+        { argument: "pciAddress", hint: "open the device through that container, or close it first" },
+      );
     }
     const group = VfioGroup.join(this, number, fd);
     try {
@@ -210,11 +211,11 @@ export class VfioContainer implements DmaSpace {
   #requireIommu(operation: string): ContainerInfo {
     this.assertOpen(operation);
     if (this.#info === undefined) {
-      throw new IommufdError({
+      throw stateError(
         operation,
-        errno: ERRNO.EINVAL,
-        message: "the container has no IOMMU yet: open a device through it first (container.openDevice)",
-      });
+        "EINVAL",
+        "the container has no IOMMU yet: open a device through it first (container.openDevice)",
+      );
     }
     return this.#info;
   }
@@ -272,12 +273,12 @@ export class VfioContainer implements DmaSpace {
     } else {
       const picked = this.#allocator.allocate(length);
       if (picked === undefined) {
-        throw new IommufdError({
-          operation: op,
-          errno: ERRNO.ENOSPC,
-          argument: "options.length",
-          message: `no free IOVA range of ${hex(length)} bytes is left in the container's usable ranges`,
-        });
+        throw stateError(
+          op,
+          "ENOSPC",
+          `no free IOVA range of ${hex(length)} bytes is left in the container's usable ranges`,
+          { argument: "options.length" },
+        );
       }
       iova = picked;
     }
@@ -360,20 +361,16 @@ export class VfioContainer implements DmaSpace {
   unmapMapping(mapping: ContainerMapping): void {
     const op = "ContainerMapping.unmap";
     if (!this.#mappings.has(mapping)) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.ENOENT,
-        message: `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`,
-      });
+      throw stateError(op, "ENOENT", `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`);
     }
     const unmapped = this.#unmapRaw(this.assertOpen(op), mapping.iova, mapping.length, 0, op);
     this.#forget(mapping);
     if (unmapped !== mapping.length) {
-      throw new IommufdError({
-        operation: op,
-        errno: ERRNO.ENOENT,
-        message: `the kernel unmapped ${hex(unmapped)} of ${hex(mapping.length)} bytes at IOVA ${hex(mapping.iova)}`,
-      });
+      throw stateError(
+        op,
+        "ENOENT",
+        `the kernel unmapped ${hex(unmapped)} of ${hex(mapping.length)} bytes at IOVA ${hex(mapping.iova)}`,
+      );
     }
   }
 

@@ -5,8 +5,7 @@
  */
 import { existsSync, readdirSync, readlinkSync } from "node:fs";
 import { basename, join } from "node:path";
-import { ERRNO } from "../sys/errno.ts";
-import { argumentError, closedError, IommufdError } from "../sys/error.ts";
+import { argumentError, closedError, stateError } from "../sys/error.ts";
 import { closeFd, cString, fdFinalizer, openPath, setCloseOnExec } from "../sys/fd.ts";
 import type { ErrnoTable } from "../sys/errno-table.ts";
 import { ioctl, ioctlWithArgument } from "../sys/ioctl.ts";
@@ -140,11 +139,8 @@ export class VfioGroup {
     try {
       const status = readStatus(fd);
       if (!status.viable) {
-        throw new IommufdError({
-          operation: op,
-          errno: ERRNO.EPERM,
+        throw stateError(op, "EPERM", explainNotViable(number, groupMembers(number)), {
           argument: "pciAddress",
-          message: explainNotViable(number, groupMembers(number)),
           hint: "bind every device of the group to vfio-pci (bindToVfioPci), or unbind it from its driver",
         });
       }
