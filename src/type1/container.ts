@@ -85,10 +85,12 @@ export class VfioContainer implements DmaSpace {
   static open(path: string = DEFAULT_CONTAINER_PATH): VfioContainer {
     const op = "VfioContainer.open";
     const fd = openPath(path, O_RDWR, op, {
-      ENOENT:
-        "the kernel has no VFIO container: it needs CONFIG_VFIO_CONTAINER (and vfio loaded: modprobe vfio-pci); " +
-        "with iommufd, use Iommufd.open() instead",
-      EACCES: "no permission on the VFIO container node",
+      ENOENT: {
+        hint:
+          "the kernel has no VFIO container: it needs CONFIG_VFIO_CONTAINER (and vfio loaded: modprobe vfio-pci); " +
+          "with iommufd, use Iommufd.open() instead",
+      },
+      EACCES: { hint: "no permission on the VFIO container node" },
     });
     try {
       const version = ioctlWithArgument(fd, VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION", NOT_A_CONTAINER, path);

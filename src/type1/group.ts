@@ -83,11 +83,14 @@ export function explainNotViable(group: number, members: readonly GroupMember[])
     : `IOMMU group ${group} is not viable: not every device in it is bound to vfio-pci`;
 }
 
-const OPEN_HINTS = {
-  ENOENT: "no VFIO group node: bind the device to vfio-pci first (bindToVfioPci), with CONFIG_VFIO_GROUP",
-  EACCES: "no permission on the VFIO group node",
-  EBUSY:
-    "a group can be open once: it is already open, in a container of another process (or held through a device's cdev)",
+const OPEN_ERRORS: ErrnoTable<string> = {
+  ENOENT: { hint: "no VFIO group node: bind the device to vfio-pci first (bindToVfioPci), with CONFIG_VFIO_GROUP" },
+  EACCES: { hint: "no permission on the VFIO group node" },
+  EBUSY: {
+    hint:
+      "a group can be open once: it is already open, in a container of another process, or a device of it is " +
+      "bound through its cdev",
+  },
 };
 
 const SET_CONTAINER_ERRORS: ErrnoTable<number> = {
@@ -135,7 +138,7 @@ export class VfioGroup {
   static join(container: VfioContainer, number: number, containerFd: number): VfioGroup {
     const op = "VfioGroup.open";
     const path = `/dev/vfio/${number}`;
-    const fd = openPath(path, O_RDWR, op, OPEN_HINTS);
+    const fd = openPath(path, O_RDWR, op, OPEN_ERRORS);
     try {
       const status = readStatus(fd);
       if (!status.viable) {
