@@ -43,7 +43,6 @@ import { busMasterOn, readConfig, setBusMaster, writeConfig } from "./config.ts"
 import { type ExportDmaBufOptions, exportDmaBuf, probeDmaBuf } from "./dma-buf-export.ts";
 import { mapRegion, type RegionMapping, type RegionInfo, readRegionInfo } from "./region.ts";
 import type { DmaBackend } from "../dma/space.ts";
-import type { VfioGroup } from "../type1/group.ts";
 
 export { RegionMapping } from "./region.ts";
 
@@ -77,6 +76,22 @@ const ATTACH_ERRORS: ErrnoTable = {
   otherwise: { argument: "target" },
 };
 
+/**
+ * The IOMMU group a device was opened through, as the device sees it (a VfioGroup of
+ * src/type1/group.ts; declared here so that vfio/ does not import the backend built on it).
+ */
+export interface DeviceGroup {
+  /** The IOMMU group number. */
+  readonly number: number;
+  /** /dev/vfio/<number>. */
+  readonly path: string;
+  readonly closed: boolean;
+  /** Close the group's devices, then the group (see VfioGroup.close). */
+  close(): void;
+  /** @internal The device was closed. */
+  forget(device: VfioDevice): void;
+}
+
 export class VfioDevice {
   readonly path: string;
   readonly pciAddress: string | undefined;
@@ -85,7 +100,7 @@ export class VfioDevice {
   #deviceId: number | undefined;
   #attachedTo: number | undefined;
   /** The group it was opened through (type1); undefined for a cdev. */
-  #group: VfioGroup | undefined;
+  #group: DeviceGroup | undefined;
   readonly #regions = new Set<RegionMapping>();
 
   private constructor(fd: number, path: string, pciAddress: string | undefined) {
@@ -127,7 +142,7 @@ export class VfioDevice {
    * @internal A device fd from VFIO_GROUP_GET_DEVICE_FD: usable at once, its DMA goes through the
    * group's type1 container. Open one with `container.openDevice(pciAddress)`.
    */
-  static fromGroup(fd: number, group: VfioGroup, pciAddress: string): VfioDevice {
+  static fromGroup(fd: number, group: DeviceGroup, pciAddress: string): VfioDevice {
     const device = new VfioDevice(fd, group.path, pciAddress);
     device.#group = group;
     return device;
@@ -172,7 +187,7 @@ export class VfioDevice {
   }
 
   /** The group the device was opened through (a VFIO type1 container's), or undefined for a cdev. */
-  get group(): VfioGroup | undefined {
+  get group(): DeviceGroup | undefined {
     return this.#group;
   }
 

@@ -56,12 +56,13 @@ describe("container and group", () => {
     expect(device.backend).toBe("type1");
     expect(device.pciAddress).toBe(eduAddress);
     expect(isCloseOnExec(device.fd)).toBe(true);
-    const group = device.group!;
+    expect(container.groups).toHaveLength(1);
+    const group = container.groups[0]!;
+    expect(device.group).toBe(group);
     expect(group.number).toBe(eduGroup);
     expect(group.path).toBe(`/dev/vfio/${eduGroup}`);
     expect(isCloseOnExec(group.fd)).toBe(true);
     expect(group.status()).toEqual({ viable: true, containerSet: true });
-    expect(container.groups).toEqual([group]);
     expect(group.devices).toEqual([device]);
   });
 
