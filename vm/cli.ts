@@ -5,7 +5,7 @@ import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { DeviceSpecError, type DeviceSpec, IOMMU_MODELS, type IommuModel, parseDeviceSpec } from "./devices.ts";
 import { hostCheck } from "./host.ts";
-import { cacheDir } from "./images.ts";
+import { cacheDir, isKernelName, KERNEL_NAMES } from "./images.ts";
 import { EXIT_TIMEOUT, EXIT_VM_FAILURE, type GuestOptions, runInGuest } from "./run.ts";
 
 export function usage(program = "bun-iommufd vm"): string {
@@ -17,7 +17,8 @@ you ask for, runs the command there as root in the current directory and exits w
 The guest sees the host's filesystem read-only, the current directory writable at the same path,
 and its own /tmp. The kernel is built once (about 15 min) and cached in ${cacheDir()}.
 
-devices (each bound to vfio-pci, first at PCI 0000:00:03.0 = /dev/vfio/devices/vfio0):
+devices (each bound to vfio-pci, first at PCI 0000:00:03.0 = /dev/vfio/devices/vfio0, or its
+group /dev/vfio/N on a kernel without VFIO cdevs):
   --device edu                 QEMU's edu (DMA engine, MSI); repeatable. Default: one edu
   --device nvme[,size=64M][,cmb=16M][,name=N][,file=PATH][,driver=vfio|kernel]
                                an NVMe controller with one namespace on a raw disk image
@@ -33,7 +34,14 @@ machine:
   --cpus N           virtual CPUs (default 2)
   --hugepages N      2 MiB huge pages to reserve (default 256, or IOMMUFD_VM_HUGEPAGES)
   --kvm              use KVM instead of TCG (or IOMMUFD_VM_KVM=1); only on hosts with real KVM
-  --kernel PATH      boot this bzImage instead of the cached one (or IOMMUFD_TEST_KERNEL)
+  --kernel NAME|PATH the guest's kernel (default 7.2; fetched or built once, then cached):
+                       7.2     our build: iommufd, MAP_FILE, dma-buf export, selftest hooks,
+                               fault injection (IOMMUFD_TEST_KERNEL replaces it)
+                       6.12    Debian's 6.12 LTS source, same build: iommufd without MAP_FILE
+                               or VFIO dma-buf export
+                       debian  the host's stock Debian kernel as shipped (Debian 12: 6.1, no
+                               iommufd, VFIO type1 container only; its modules are loaded)
+                     or a bzImage path (./debian for a file of that name)
 
 run:
   --timeout S        overall limit in seconds (default 1800); exit ${EXIT_TIMEOUT} when it runs out
@@ -46,10 +54,14 @@ run:
   --check            list what this host lacks to run the guest, and how to install it
   -h, --help         this text
 
-In the guest: IOMMUFD_IN_VM=1, HOME=/tmp, /dev/iommu, debugfs with fault injection, huge pages,
-ulimit -l unlimited, and the devices in IOMMUFD_VM_DEVICES (JSON: name, kind, addr, vfio node,
-NVMe size/cmb/disk) and IOMMUFD_VM_VFIO, IOMMUFD_VM_EDU, IOMMUFD_VM_NVME, IOMMUFD_VM_NVME_CMB,
-IOMMUFD_VM_NVME_KERNEL ("0000:00:03.0=/dev/vfio/devices/vfio0,...").
+In the guest: IOMMUFD_IN_VM=1, HOME=/tmp, debugfs, huge pages, ulimit -l unlimited;
+IOMMUFD_VM_KERNEL (what booted: 7.2.13, 6.12.118, debian-6.1.0-57-amd64, or \`uname -r\` of a
+path); IOMMUFD_VM_FEATURES, what that kernel has, of: iommufd (/dev/iommu), vfio-cdev
+(/dev/vfio/devices), vfio-container (/dev/vfio/vfio), iommufd-test (selftest hooks),
+fault-injection, udmabuf, hugepages; the devices in IOMMUFD_VM_DEVICES (JSON: name, kind, addr,
+driver, group (/dev/vfio/N), vfio (the cdev, where the kernel has them), NVMe size/cmb/disk) and
+IOMMUFD_VM_VFIO, IOMMUFD_VM_EDU, IOMMUFD_VM_NVME, IOMMUFD_VM_NVME_CMB, IOMMUFD_VM_NVME_KERNEL
+("0000:00:03.0=/dev/vfio/devices/vfio0,...": the cdev, else the group).
 
 exit status: the command's own; 127 if it does not exist; ${EXIT_TIMEOUT} on timeout; ${EXIT_VM_FAILURE} when the guest
 failed (no kernel, emulator fault, kernel panic) or the kernel logged a WARNING/BUG while the
@@ -114,10 +126,18 @@ export function parseArgs(argv: string[]): GuestOptions & { check?: boolean; hel
       case "--kvm":
         opts.kvm = true;
         break;
-      case "--kernel":
-        opts.kernel = resolve(value(++i, a));
-        if (!existsSync(opts.kernel)) throw new UsageError(`--kernel ${opts.kernel}: no such file`);
+      case "--kernel": {
+        const choice = value(++i, a);
+        if (isKernelName(choice)) {
+          opts.kernel = choice;
+          break;
+        }
+        opts.kernel = resolve(choice);
+        if (!existsSync(opts.kernel)) {
+          throw new UsageError(`--kernel ${choice}: neither a kernel name (${KERNEL_NAMES.join(", ")}) nor a file`);
+        }
         break;
+      }
       case "--cwd":
         opts.cwd = resolve(value(++i, a));
         break;

@@ -24,10 +24,18 @@ kmsg() { echo "<5>iommufd-vm: $*" > /dev/kmsg; }
 mount -t proc proc /proc || fatal "cannot mount /proc"
 mount -t sysfs sysfs /sys || fatal "cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || fatal "cannot mount devtmpfs"
+# A stock kernel has virtio, 9p and VFIO as modules: vm/kernel.sh packs them, with their load
+# order, into an archive the runner appends to this initramfs.
+if [ -f /modules/load ]; then
+  for m in $(cat /modules/load); do
+    insmod /modules/$m.ko || fatal "cannot load module $m ($(uname -r))"
+  done
+fi
 p9 rw results /results || fatal "cannot mount the results share (9p)"
 [ -f /results/config ] || fatal "no /results/config from the host"
 # Sets HUGEPAGES, SHARE (where the results share appears in the new root), WORK (host directory
-# shared writable at the same path, or empty).
+# shared writable at the same path, or empty), KERNEL_PREFIX (prefix of IOMMUFD_VM_KERNEL, e.g.
+# "debian", or empty).
 . /results/config
 # The host tree does not change during a run, so let the guest cache it: much faster bun startup.
 p9 ro,cache=loose hostroot /newroot || fatal "cannot mount the host root (9p)"
@@ -83,7 +91,34 @@ wait_for() {
   done
 }
 
+# Waits for a device node to appear (udev-less: devtmpfs makes it, a moment after the bind).
+appear() {
+  n=0
+  while [ ! -e $1 ]; do
+    [ $n -lt 300 ] || fatal "no $1 after 30 s"
+    n=$((n + 1))
+    usleep 100000
+  done
+}
+
+# What this kernel has, for the command (IOMMUFD_VM_FEATURES): the suites pick their cases by it.
+# 6.1 already has the vfio-dev class in sysfs, but character devices for it (VFIO_DEVICE_CDEV)
+# only came with iommufd: ask for the char region instead.
+CDEV=""
+grep -q ' vfio-dev$' /proc/devices && CDEV=1
+features=""
+have() { features="$features${features:+,}$1"; }
+[ -e /dev/iommu ] && have iommufd
+[ -n "$CDEV" ] && have vfio-cdev
+[ -e /dev/vfio/vfio ] && have vfio-container
+[ -e /sys/kernel/debug/fail_iommufd ] && have iommufd-test
+[ -d /sys/kernel/debug/failslab ] && [ -d /sys/kernel/debug/fail_page_alloc ] && have fault-injection
+[ -e /dev/udmabuf ] && have udmabuf
+[ "$got" -gt 0 ] 2>/dev/null && have hugepages
+
 mkdir -p /results/env
+printf '%s' "$features" > /results/env/IOMMUFD_VM_FEATURES
+printf '%s%s' "${KERNEL_PREFIX:+$KERNEL_PREFIX-}" "$(uname -r)" > /results/env/IOMMUFD_VM_KERNEL
 json=""
 if [ -f /results/devices ]; then
   while read -r addr kind name bind lists extra; do
@@ -94,15 +129,20 @@ if [ -f /results/devices ]; then
     case $bind in
       vfio)
         bind_vfio $addr || fatal "cannot bind $name ($addr) to vfio-pci (driver: $(driver_of $addr))"
-        v=$(wait_for "$dev/vfio-dev/vfio*") || fatal "$name ($addr) is on vfio-pci but has no /dev/vfio/devices node after 30 s"
-        node=/dev/vfio/devices/$v
-        n=0
-        while [ ! -e $node ]; do
-          [ $n -lt 300 ] || fatal "no $node after 30 s"
-          n=$((n + 1))
-          usleep 100000
-        done
-        entry="\"driver\":\"vfio-pci\",\"vfio\":\"$node\""
+        g=$(readlink $dev/iommu_group) || fatal "$name ($addr) is on vfio-pci but in no IOMMU group"
+        group=/dev/vfio/${g##*/}
+        appear $group
+        entry="\"driver\":\"vfio-pci\",\"group\":\"$group\""
+        # A kernel without VFIO_DEVICE_CDEV (Debian's 6.1) has only the group: the command uses
+        # the container API, and the device's node in the lists is its group.
+        if [ -n "$CDEV" ]; then
+          v=$(wait_for "$dev/vfio-dev/vfio*") || fatal "$name ($addr) is on vfio-pci but has no /dev/vfio/devices node after 30 s"
+          node=/dev/vfio/devices/$v
+          appear $node
+          entry="$entry,\"vfio\":\"$node\""
+        else
+          node=$group
+        fi
         ;;
       kernel)
         c=$(wait_for "$dev/nvme/nvme*") || fatal "$name ($addr) did not come up on the kernel's nvme driver"
@@ -125,7 +165,6 @@ if [ -f /results/devices ]; then
   done < /results/devices
 fi
 printf '[%s]' "$json" > /results/env/IOMMUFD_VM_DEVICES
-[ -e /dev/iommu ] || say "warning: no /dev/iommu"
 
 r=/newroot
 mount -t proc proc $r/proc || fatal "cannot mount proc in the new root"

@@ -60,6 +60,8 @@ export function commandScript(command: string[], cwd: string, env: Record<string
 
 export interface ShareContents {
   hugepages: number;
+  /** Prefix of IOMMUFD_VM_KERNEL in the guest (see GuestKernel in vm/images.ts), or "". */
+  kernelPrefix: string;
   /** Host directory shared writable at the same path in the guest, or "". */
   work: string;
   iommu: IommuModel;
@@ -76,7 +78,7 @@ export function writeShare(share: string, c: ShareContents): void {
   for (const list of DEVICE_LISTS) writeFileSync(join(share, "env", `IOMMUFD_VM_${list}`), "");
   writeFileSync(
     join(share, "config"),
-    `HUGEPAGES=${c.hugepages}\nSHARE=${shellQuote(guestShare)}\nWORK=${shellQuote(c.work)}\n`,
+    `HUGEPAGES=${c.hugepages}\nSHARE=${shellQuote(guestShare)}\nWORK=${shellQuote(c.work)}\nKERNEL_PREFIX=${shellQuote(c.kernelPrefix)}\n`,
   );
   writeFileSync(join(share, "devices"), guestDeviceTable(c.devices, c.iommu));
   writeFileSync(join(share, "cmd.sh"), c.script);

@@ -14,7 +14,7 @@ import { dirname, join, resolve } from "node:path";
 import { type DeviceSpec, type IommuModel, type PlacedDevice, placeDevices, prepareDisks } from "./devices.ts";
 import { commandScript, guestEnvironment, workShare } from "./guest-script.ts";
 import { vmAvailability } from "./host.ts";
-import { cacheDir, initramfs, kernelImage } from "./images.ts";
+import { cacheDir, type GuestKernel, guestKernel, initramfs } from "./images.ts";
 import { commandWindow, kernelWarnings } from "./kernel-log.ts";
 import { type AttemptConfig, attempt, lastLines } from "./qemu.ts";
 
@@ -52,7 +52,7 @@ export interface GuestOptions {
   allowKernelWarnings?: boolean;
   /** Boot with panic_on_warn=1: the first WARNING stops the guest at once (shows which test). */
   panicOnWarn?: boolean;
-  /** A bzImage to boot instead of the one vm/kernel.sh builds. */
+  /** A kernel of the matrix by name (7.2, 6.12, debian; see vm/images.ts) or a bzImage path. Default 7.2. */
   kernel?: string;
   /** Host directory that receives whatever the command wrote to $IOMMUFD_VM_OUT in the guest. */
   outDir?: string;
@@ -169,13 +169,13 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
     return fail("setup", (e as Error).message);
   }
 
-  let kernel: string;
+  let kernel: GuestKernel;
   try {
-    kernel = opts.kernel ?? (await kernelImage());
+    kernel = await guestKernel(opts.kernel);
   } catch (e) {
     return fail("kernel", (e as Error).message);
   }
-  const initrd = await initramfs();
+  const initrd = await initramfs(kernel.modules);
 
   const dir = mkdtempSync(join(tmpdir(), "iommufd-vm-"));
   const current: { proc?: Bun.Subprocess } = {};
@@ -188,7 +188,8 @@ export async function runInGuest(opts: GuestOptions): Promise<GuestResult> {
   process.on("SIGTERM", onSignal);
 
   const config: AttemptConfig = {
-    kernel,
+    kernel: kernel.image,
+    kernelPrefix: kernel.prefix,
     initrd,
     dir,
     script: commandScript(opts.command, cwd, env),

@@ -1,6 +1,7 @@
 // The test guest's device variables (vm/guest-init.sh) agree with what the guest kernel sees in
 // sysfs: every listed device is where the variable says, on the driver it says, with the node it
-// says, and the per-kind lists hold exactly the devices of that kind.
+// says (the VFIO cdev where the kernel has them, the IOMMU group always), and the per-kind lists
+// hold exactly the devices of that kind.
 import { describe, expect, test } from "bun:test";
 import { existsSync, readFileSync, readlinkSync } from "node:fs";
 import { basename } from "node:path";
@@ -10,6 +11,7 @@ interface GuestDevice {
   kind: "edu" | "nvme";
   addr: string;
   driver: string;
+  group?: string;
   vfio?: string;
   block?: string;
   size?: number;
@@ -21,6 +23,7 @@ const inGuest = process.env.IOMMUFD_IN_VM === "1" && process.env.IOMMUFD_VM_DEVI
 const devices: GuestDevice[] = inGuest ? JSON.parse(process.env.IOMMUFD_VM_DEVICES!) : [];
 const sysfs = (addr: string, file: string) => `/sys/bus/pci/devices/${addr}/${file}`;
 const IDS = { edu: "0x1234:0x11e8", nvme: "0x1b36:0x0010" };
+const features = (process.env.IOMMUFD_VM_FEATURES ?? "").split(",");
 
 function list(name: string): Map<string, string> {
   const text = process.env[`IOMMUFD_VM_${name}`];
@@ -37,9 +40,15 @@ describe.skipIf(!inGuest)("test guest devices (only in the guest of vm/run.ts, w
       const driver = basename(readlinkSync(sysfs(d.addr, "driver")));
       expect(driver).toBe(d.driver);
       if (d.driver === "vfio-pci") {
-        expect(d.vfio).toMatch(/^\/dev\/vfio\/devices\/vfio\d+$/);
-        expect(existsSync(d.vfio!)).toBe(true);
-        expect(existsSync(sysfs(d.addr, `vfio-dev/${basename(d.vfio!)}`))).toBe(true);
+        expect(d.group).toBe(`/dev/vfio/${basename(readlinkSync(sysfs(d.addr, "iommu_group")))}`);
+        expect(existsSync(d.group!)).toBe(true);
+        if (features.includes("vfio-cdev")) {
+          expect(d.vfio).toMatch(/^\/dev\/vfio\/devices\/vfio\d+$/);
+          expect(existsSync(d.vfio!)).toBe(true);
+          expect(existsSync(sysfs(d.addr, `vfio-dev/${basename(d.vfio!)}`))).toBe(true);
+        } else {
+          expect(d.vfio).toBeUndefined();
+        }
       }
       if (d.driver === "nvme") expect(existsSync(d.block!)).toBe(true);
     }
@@ -63,7 +72,7 @@ describe.skipIf(!inGuest)("test guest devices (only in the guest of vm/run.ts, w
   test("the per-kind lists hold exactly the devices of their kind", () => {
     const onVfio = devices.filter((d) => d.driver === "vfio-pci");
     const expected = (keep: (d: GuestDevice) => boolean) =>
-      new Map(onVfio.filter(keep).map((d) => [d.addr, d.vfio!] as [string, string]));
+      new Map(onVfio.filter(keep).map((d) => [d.addr, d.vfio ?? d.group!] as [string, string]));
     expect(list("VFIO")).toEqual(expected(() => true));
     expect(list("EDU")).toEqual(expected((d) => d.kind === "edu"));
     expect(list("NVME")).toEqual(expected((d) => d.kind === "nvme"));
