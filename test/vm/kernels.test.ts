@@ -20,12 +20,12 @@ interface Expected {
 const EXPECTED: Record<KernelName, Expected> = {
   "7.2": {
     kernel: /^7\.2\.\d+/,
-    has: ["iommufd", "vfio-cdev", "iommufd-test", "fault-injection", "udmabuf", "hugepages"],
+    has: ["iommufd", "vfio-cdev", "vfio-container", "iommufd-test", "fault-injection", "udmabuf", "hugepages"],
     lacks: [],
   },
   "6.12": {
     kernel: /^6\.12\.\d+/,
-    has: ["iommufd", "vfio-cdev", "iommufd-test", "fault-injection", "udmabuf", "hugepages"],
+    has: ["iommufd", "vfio-cdev", "vfio-container", "iommufd-test", "fault-injection", "udmabuf", "hugepages"],
     lacks: [],
   },
   // Debian 12's stock kernel: VFIO type1 only, nothing of the fragment's test options.
