@@ -2,7 +2,7 @@
 // (vmAvailability), and the full list with the apt-get line for `bun-iommufd vm --check`.
 
 import { existsSync, readFileSync } from "node:fs";
-import { cacheDir, cachedKernel, findBusybox } from "./images.ts";
+import { cacheDir, cachedKernel, DEFAULT_KERNEL, findBusybox, KERNEL_NAMES } from "./images.ts";
 import { qemuBinaryPath } from "./qemu.ts";
 
 // A dynamically linked busybox would find no libc in the initramfs and the guest would die at
@@ -115,6 +115,15 @@ export async function hostCheck(): Promise<{ ok: boolean; text: string; missing:
       ? `ok       kernel: ${kernel}`
       : `build    kernel: none cached in ${cacheDir()}/kernels; the first run builds one (10-15 min), or set IOMMUFD_TEST_KERNEL`,
   );
+  // The rest of the matrix is optional: say what --kernel NAME would cost.
+  for (const name of KERNEL_NAMES) {
+    if (name === DEFAULT_KERNEL || !Bun.which("bash")) continue;
+    const cached = await cachedKernel(name).catch(() => undefined);
+    const first = name === "debian" ? "downloads it (about 30 s)" : "builds it (10-15 min)";
+    lines.push(
+      cached ? `ok       kernel ${name}: ${cached}` : `info     kernel ${name}: not cached; --kernel ${name} ${first}`,
+    );
+  }
   const kvm = existsSync("/dev/kvm");
   lines.push(
     `info     /dev/kvm ${kvm ? "exists (--kvm may work on a real KVM host; TCG is the default)" : "absent: the guest runs under TCG emulation"}`,
