@@ -70,16 +70,31 @@ sid_apt() {
     -o Debug::NoLocking=1 -o APT::Sandbox::User=root "$@"
 }
 
-sid_update() {
-  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-  local stamp="$apt_dir/lists/.updated"
-  # Lists a day old are good enough; a fresh update costs seconds, not minutes.
-  if [[ -f "$stamp" && -n "$(find "$stamp" -mmin -1440 2>/dev/null)" ]]; then return; fi
+# True when the private lists in $1 are a day old at most: good enough, and a fresh update costs
+# seconds, not minutes.
+lists_fresh() { [[ -f "$1/lists/.updated" && -n "$(find "$1/lists/.updated" -mmin -1440 2>/dev/null)" ]]; }
+
+# Runs an update of the private apt state in $1 with the function $2, one run at a time: apt's
+# own lock is off (private state, no root needed), and two updates at once wreck each other's
+# partial downloads.
+locked_update() {
+  local dir=$1 update=$2
+  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+  lists_fresh "$dir" && return
+  (
+    flock 8
+    lists_fresh "$dir" && exit 0
+    "$update"
+    touch "$dir/lists/.updated"
+  ) 8>"$dir/update.lock"
+}
+
+sid_update() { locked_update "$apt_dir" sid_lists; }
+sid_lists() {
   local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
   printf 'deb [signed-by=%s] %s sid main\n' "$keyring" "$(machine_mirror)" >"$apt_dir/sources.list"
   say "updating the package lists of Debian sid (private apt state in $apt_dir)"
   sid_apt apt-get update >&2 || die "apt-get update for sid failed"
-  touch "$stamp"
 }
 
 candidate_version() { sid_apt apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}'; }
@@ -96,10 +111,8 @@ machine_apt() {
     -o Debug::NoLocking=1 -o APT::Sandbox::User=root "$@"
 }
 
-machine_update() {
-  mkdir -p "$machine_apt_dir/lists/partial" "$machine_apt_dir/cache/archives/partial"
-  local stamp="$machine_apt_dir/lists/.updated"
-  if [[ -f "$stamp" && -n "$(find "$stamp" -mmin -1440 2>/dev/null)" ]]; then return; fi
+machine_update() { locked_update "$machine_apt_dir" machine_lists; }
+machine_lists() {
   rm -rf "$machine_apt_dir/sources.list.d" && mkdir -p "$machine_apt_dir/sources.list.d"
   : >"$machine_apt_dir/sources.list"
   [[ -f /etc/apt/sources.list ]] && cp /etc/apt/sources.list "$machine_apt_dir/sources.list"
@@ -109,7 +122,6 @@ machine_update() {
   done
   say "updating the package lists of the machine's own apt sources (private apt state in $machine_apt_dir)"
   machine_apt apt-get update >&2 || die "apt-get update on the machine's sources failed"
-  touch "$stamp"
 }
 
 machine_version() { machine_apt apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}'; }
@@ -204,6 +216,14 @@ cmd_build() {
   given_kernel && return
   local pkg ver key out
   kernel_key
+  # Two runs asking for the same kernel at once (two test runs, a test run and a user) would
+  # unpack into one tree and wreck each other's build: the second waits, then finds it cached.
+  mkdir -p "$cache/build"
+  exec 9>"$cache/build/$key.lock"
+  if ! flock -n 9; then
+    say "another run is fetching or building $key: waiting for it"
+    flock 9
+  fi
   if [[ -f "$out/bzImage" ]]; then
     say "cached: $out/bzImage"
     echo "$out/bzImage"; return
