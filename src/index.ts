@@ -29,6 +29,17 @@ export { DmaBuf, createUdmabuf, type DmaBufOrigin } from "./memory/dmabuf.ts";
 export { VfioContainer, ContainerMapping, DEFAULT_CONTAINER_PATH, type ContainerInfo } from "./type1/container.ts";
 export { VfioGroup, type GroupStatus } from "./type1/group.ts";
 export type { DmaBackend, DmaMapping, DmaSpace } from "./dma/space.ts";
+export {
+  BACKEND_ENV,
+  chooseBackend,
+  requestedBackend,
+  type BackendChoice,
+  type BackendDecision,
+  type BackendFacts,
+  type BackendRequest,
+  type GivenBackend,
+} from "./dma/backend.ts";
+export { adoptDmaDevice, DmaDevice, openDmaDevice, type OpenDmaDeviceOptions } from "./dma/open-device.ts";
 export { DmaHeap, DmaBuffer, AddressRule, type DmaHeapOptions, type DmaHeapStats } from "./heap/dma-heap.ts";
 export { OffsetAllocator, type OffsetAllocatorOptions, type OffsetAllocatorStats } from "./heap/allocator.ts";
 export { HwPageTable, DirtyBitmap, type HwPageTableOptions, type DirtyBitmapOptions } from "./vmm/hwpt.ts";

@@ -22,19 +22,22 @@ function pciDeviceDir(pciAddress: string, operation: string, argument: string): 
 
 /** /dev/vfio/devices/vfioN of a PCI device bound to vfio-pci. */
 export function vfioCdevOf(pciAddress: string, op: string): string {
-  const dir = pciDeviceDir(pciAddress, op, "pathOrPciAddress");
-  const vfioDev = join(dir, "vfio-dev");
-  const nodes = existsSync(vfioDev) ? readdirSync(vfioDev).filter((n) => n.startsWith("vfio")) : [];
-  if (nodes.length === 0) {
+  pciDeviceDir(pciAddress, op, "pathOrPciAddress");
+  const cdev = vfioCdevIfAny(pciAddress);
+  if (cdev === undefined) {
+    const driver = driverOf(pciAddress);
     throw argumentError(
       op,
       "pathOrPciAddress",
-      `${pciAddress} has no VFIO cdev (driver: ${driverOf(pciAddress) ?? "none"})`,
+      `${pciAddress} has no VFIO cdev (driver: ${driver ?? "none"})`,
       "ENODEV",
-      `bind it to vfio-pci first: bindToVfioPci("${pciAddress}")`,
+      driver === "vfio-pci"
+        ? "this kernel gives VFIO devices no cdev (CONFIG_VFIO_DEVICE_CDEV unset): open it through its group, " +
+            'with a VfioContainer or the "type1" backend'
+        : `bind it to vfio-pci first: bindToVfioPci("${pciAddress}")`,
     );
   }
-  return join("/dev/vfio/devices", nodes[0]!);
+  return cdev;
 }
 
 /** The PCI address behind a VFIO cdev path, when it is a PCI device. */
@@ -63,7 +66,26 @@ function driverOf(pciAddress: string): string | undefined {
  */
 export function bindToVfioPci(pciAddress: string, options: { timeoutMs?: number } = {}): string {
   const op = "bindToVfioPci";
-  if (!PCI_ADDRESS.test(pciAddress))
+  const deadline = Date.now() + (options.timeoutMs ?? 5000);
+  const address = bindVfioPciDriver(pciAddress, { operation: op, deadline });
+  for (;;) {
+    try {
+      return vfioCdevOf(address, op);
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      Bun.sleepSync(20);
+    }
+  }
+}
+
+/**
+ * Bind a PCI device to vfio-pci and return its address in lower case, without asking for a
+ * cdev: a kernel without CONFIG_VFIO_DEVICE_CDEV reaches the device through its group only.
+ * Needs root. Idempotent when the device is already bound to vfio-pci.
+ */
+export function bindVfioPciDriver(pciAddress: string, options: { operation?: string; deadline?: number } = {}): string {
+  const op = options.operation ?? "bindVfioPciDriver";
+  if (typeof pciAddress !== "string" || !PCI_ADDRESS.test(pciAddress))
     throw argumentError(op, "pciAddress", `"${pciAddress}" is not a PCI address like 0000:00:03.0`);
   const address = pciAddress.toLowerCase();
   const dir = pciDeviceDir(address, op, "pciAddress");
@@ -85,15 +107,30 @@ export function bindToVfioPci(pciAddress: string, options: { timeoutMs?: number 
     if (driverOf(address)) write(join(dir, "driver", "unbind"), address);
     write("/sys/bus/pci/drivers_probe", address);
   }
-  const deadline = Date.now() + (options.timeoutMs ?? 5000);
-  for (;;) {
-    try {
-      return vfioCdevOf(address, op);
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
-      Bun.sleepSync(20);
+  // The probe runs in the write; the wait covers a kernel that defers it.
+  const deadline = options.deadline ?? Date.now() + 5000;
+  while (driverOf(address) !== "vfio-pci") {
+    if (Date.now() > deadline) {
+      throw syscallError(
+        op,
+        ERRNO.ENODEV,
+        `${address} did not bind to vfio-pci (driver: ${driverOf(address) ?? "none"})`,
+        {
+          argument: "pciAddress",
+          hint: "see the kernel log (dmesg) for vfio-pci's reason; the device needs an IOMMU group (IOMMU on)",
+        },
+      );
     }
+    Bun.sleepSync(20);
   }
+  return address;
+}
+
+/** The VFIO cdev of a device bound to vfio-pci, or undefined when the kernel gave it none. */
+export function vfioCdevIfAny(pciAddress: string): string | undefined {
+  const vfioDev = join(SYSFS_PCI, pciAddress, "vfio-dev");
+  const node = existsSync(vfioDev) ? readdirSync(vfioDev).find((n) => n.startsWith("vfio")) : undefined;
+  return node === undefined ? undefined : join("/dev/vfio/devices", node);
 }
 
 /** PCI addresses of devices with this vendor and device id (e.g. 0x1234, 0x11e8 for QEMU's edu). */
