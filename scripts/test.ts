@@ -261,7 +261,8 @@ async function kernelTests(extra: string[]): Promise<void> {
     // After the guest powered off and before its disk images go: the host reads what the NVMe
     // tests wrote, at the same offsets of the image file (test/host/nvme-image.test.ts).
     // A filtered run (-- -t ...) may not have run the NVMe tests: then there is nothing to check.
-    if (extra.length === 0 || existsSync(join(outDir, "nvme-written.json"))) {
+    const manifests = ["nvme-written.json", "nvme-type1-written.json"];
+    if (extra.length === 0 || manifests.some((name) => existsSync(join(outDir, name)))) {
       header("NVMe disk images on the host after the guest (test/host)");
       await bunTestOnHost("host checks after the guest", [...UNIT_TEST_ARGS, "./test/host"], {
         env: { IOMMUFD_VM_RESULTS: outDir },

@@ -1,14 +1,16 @@
 /**
- * An NVMe controller driven from user space through VFIO and iommufd: bring-up by the spec's
+ * An NVMe controller driven from user space through VFIO: bring-up by the spec's
  * register sequence (NVMe Base 2.0 section 3.5.1), Identify, I/O queue pairs, completion by
  * polling the phase bit, fatal-status and timeout handling, reset, and shutdown (CC.SHN) on close.
  *
  * All DMA memory (rings, PRP lists, data buffers) comes from one DmaHeap mapped once into the
- * IOAS, so reads and writes make no system call.
+ * device's DmaSpace (an iommufd IOAS, or a VFIO type1 container on kernels without iommufd), so
+ * reads and writes make no system call.
  *
  * This file is the composition and the public surface: resources.ts, admin.ts, health.ts,
  * queue.ts, peer.ts and data-buffer.ts each hold one part.
  */
+import { type DmaBackend, type DmaSpace, iommufdOnlyError } from "../dma/space.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
@@ -23,7 +25,7 @@ import { dataIova, type DataBuffer } from "./data-buffer.ts";
 import { ControllerHealth } from "./health.ts";
 import type { ControllerIdentity } from "./identify.ts";
 import { Namespace, type NamespaceOwner } from "./namespace.ts";
-import { mapPeerMemory, memoryBufferRegion, type PeerBuffer } from "./peer.ts";
+import { mapPeerMemory, memoryBufferRegion, type PeerBuffer, peerDevice } from "./peer.ts";
 import { MAX_PRP_TRANSFER } from "./prp.ts";
 import { QueuePair, type QueueOwner, type QueueStats } from "./queue.ts";
 import { type Capabilities, CC, CC_EN, ControllerRegisters, PAGE_SIZE } from "./registers.ts";
@@ -32,8 +34,11 @@ import type { CommandOptions, Completion, NvmeControllerOptions, ShutdownResult 
 
 export class NvmeController implements QueueOwner, NamespaceOwner {
   readonly device: VfioDevice;
-  readonly iommufd: Iommufd;
-  readonly ioas: Ioas;
+  /** Where the heap is mapped: the IOAS (iommufd) or the container (type1) the device's DMA goes through. */
+  readonly space: DmaSpace;
+  readonly backend: DmaBackend;
+  /** Why this backend ("forced by BUN_IOMMUFD_BACKEND=type1", "/dev/iommu exists and ... has a VFIO cdev"). */
+  readonly backendReason: string;
   readonly heap: DmaHeap;
   readonly registers: ControllerRegisters;
   readonly capabilities: Capabilities;
@@ -58,9 +63,10 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
 
   private constructor(resources: ControllerResources, options: NvmeControllerOptions, adminDepth: number) {
     this.#resources = resources;
-    this.device = resources.device;
-    this.iommufd = resources.iommufd;
-    this.ioas = resources.ioas;
+    this.device = resources.dma.device;
+    this.space = resources.dma.space;
+    this.backend = resources.dma.backend;
+    this.backendReason = resources.dma.reason;
     this.heap = resources.heap;
     this.registers = new ControllerRegisters(resources.bar);
     this.capabilities = this.registers.capabilities();
@@ -80,27 +86,18 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
 
   /**
    * Open the controller at a PCI address (bound to vfio-pci on the way if needed) or a VFIO cdev
-   * path, bring it up, identify it and create one I/O queue pair. A VfioDevice already bound and
-   * attached to `options.ioas` may be given instead: the controller then leaves it open on close.
+   * path, on the backend `options.backend` or $BUN_IOMMUFD_BACKEND forces, else iommufd where the
+   * host has it and type1 otherwise; bring it up, identify it and create one I/O queue pair. A
+   * VfioDevice already bound and attached to `options.ioas`, or opened through a VfioContainer,
+   * may be given instead: the controller then leaves it open on close.
    */
   static open(target: string | VfioDevice, options: NvmeControllerOptions = {}): NvmeController {
     const op = "NvmeController.open";
-    const given = target instanceof VfioDevice ? target : undefined;
-    if (given === undefined && (typeof target !== "string" || target === "")) {
+    if (!(target instanceof VfioDevice) && (typeof target !== "string" || target === "")) {
       throw argumentError(
         op,
         "target",
         "expected a PCI address like 0000:00:04.0, a /dev/vfio/devices path or a VfioDevice",
-      );
-    }
-    if (options.ioas && options.iommufd && options.ioas.iommufd !== options.iommufd) {
-      throw argumentError(op, "options.ioas", "the IOAS belongs to another iommufd than options.iommufd");
-    }
-    if (given && (!options.ioas || given.attachedTo === undefined)) {
-      throw argumentError(
-        op,
-        "target",
-        "a VfioDevice must be bound and attached already, with its IOAS given as options.ioas",
       );
     }
     const adminDepth = options.adminQueueDepth ?? 32;
@@ -145,6 +142,16 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
     this.#grantedQueuePairs = this.#admin.setNumberOfQueues(this.#maxQueuePairs);
     this.createQueuePair(queueDepth, { completion });
+  }
+
+  /** The iommufd the controller's IOAS is in; EOPNOTSUPP on the type1 backend, which has none. */
+  get iommufd(): Iommufd {
+    return this.#resources.dma.requireIoas("NvmeController.iommufd").iommufd;
+  }
+
+  /** The IOAS the controller's DMA goes through; EOPNOTSUPP on the type1 backend (see `space`). */
+  get ioas(): Ioas {
+    return this.#resources.dma.requireIoas("NvmeController.ioas");
   }
 
   #pollAdmin = (): void => {
@@ -314,20 +321,12 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   ): PeerBuffer {
     const op = "NvmeController.mapPeerMemory";
     if (this.#health.closed) throw closedError(op, "the NVMe controller");
-    const device = source instanceof NvmeController ? source.device : source;
-    if (!(device instanceof VfioDevice))
-      throw argumentError(op, "source", "expected an NvmeController or a VfioDevice");
-    if (device === this.device) {
-      throw argumentError(
-        op,
-        "source",
-        "a controller cannot DMA into its own memory buffer (the device would access itself; QEMU drops it and still reports success)",
-      );
-    }
-    const region = options.region ?? (source instanceof NvmeController ? source.memoryBufferRegion() : undefined);
-    if (region === undefined)
-      throw argumentError(op, "options.region", "give the region (BAR) index of the peer memory");
-    const peer = mapPeerMemory(this, this.ioas, device, region, options.offset ?? 0, options.length);
+    const ioas = this.#resources.dma.ioas;
+    if (ioas === undefined) throw iommufdOnlyError(op, "DMA into another device's memory (a VFIO dma-buf)", "source");
+    const controller = source instanceof NvmeController ? source : undefined;
+    const device = peerDevice(op, this.device, controller?.device ?? source);
+    const region = options.region ?? controller?.memoryBufferRegion();
+    const peer = mapPeerMemory(this, ioas, device, region, options.offset ?? 0, options.length);
     this.#peers.add(peer);
     return peer;
   }

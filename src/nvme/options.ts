@@ -2,15 +2,25 @@
  * What a user chooses when opening an NVMe controller and sending commands, and what close()
  * reports: the public configuration of controller.ts, kept apart so the composition reads alone.
  */
+import type { BackendChoice } from "../dma/backend.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
+import type { VfioContainer } from "../type1/container.ts";
 import type { DataBuffer } from "./data-buffer.ts";
 
 export interface NvmeControllerOptions {
-  /** Use this iommufd (default: open one, owned by the controller). */
+  /**
+   * Which kernel API carries the controller's DMA: "auto" (default: iommufd where /dev/iommu and
+   * the device's cdev exist, else the VFIO type1 container; $BUN_IOMMUFD_BACKEND can force one),
+   * "iommufd" or "type1". `controller.backend` and `controller.backendReason` say what was chosen.
+   */
+  backend?: BackendChoice;
+  /** iommufd: use this iommufd (default: open one, owned by the controller). */
   iommufd?: Iommufd;
-  /** Attach to this IOAS (default: a new one, owned by the controller). Must belong to `iommufd`. */
+  /** iommufd: attach to this IOAS (default: a new one, owned by the controller). Must belong to `iommufd`. */
   ioas?: Ioas;
+  /** type1: put the device's group in this container (default: open one, owned by the controller). */
+  container?: VfioContainer;
   /** Bytes of the DMA heap for queues and data buffers. Default 16 MiB. */
   heapSize?: number;
   /** Huge pages for the heap: as DmaHeap's option. Default "auto". */

@@ -13,7 +13,7 @@
 import type { DmaBuf } from "../memory/dmabuf.ts";
 import type { Ioas, Mapping } from "../iommufd/ioas.ts";
 import { argumentError, closedError } from "../sys/error.ts";
-import type { RegionMapping, VfioDevice } from "../vfio/device.ts";
+import { type RegionMapping, VfioDevice } from "../vfio/device.ts";
 import { type Capabilities, CMBLOC, CMBMSC, CMBMSC_CRE, type ControllerRegisters } from "./registers.ts";
 
 /**
@@ -26,6 +26,20 @@ export function memoryBufferRegion(registers: ControllerRegisters, capabilities:
   return registers.read32(CMBLOC) & 0x7;
 }
 
+/** The peer's device, checked: a VfioDevice (an NvmeController gives its own) other than `own`. */
+export function peerDevice(operation: string, own: VfioDevice, device: unknown): VfioDevice {
+  if (!(device instanceof VfioDevice))
+    throw argumentError(operation, "source", "expected an NvmeController or a VfioDevice");
+  if (device === own) {
+    throw argumentError(
+      operation,
+      "source",
+      "a controller cannot DMA into its own memory buffer (the device would access itself; QEMU drops it and still reports success)",
+    );
+  }
+  return device;
+}
+
 /**
  * Export `length` bytes at `offset` of region `region` of `device` as a dma-buf and map it into
  * `ioas` for the controller `owner`. On failure nothing stays mapped or open.
@@ -34,10 +48,16 @@ export function mapPeerMemory(
   owner: object,
   ioas: Ioas,
   device: VfioDevice,
-  region: number,
+  region: number | undefined,
   offset: number,
   length: number | undefined,
 ): PeerBuffer {
+  if (region === undefined)
+    throw argumentError(
+      "NvmeController.mapPeerMemory",
+      "options.region",
+      "give the region (BAR) index of the peer memory",
+    );
   const info = device.region(region);
   const size = length ?? info.size - offset;
   const dmabuf = device.exportDmaBuf({ region, ranges: [{ offset, length: size }] });

@@ -21,16 +21,19 @@ export function guestNvmeControllers(): GuestNvme[] {
   const json = process.env.IOMMUFD_VM_DEVICES;
   if (!json) return [];
   const devices = JSON.parse(json) as Partial<GuestNvme & { kind: string; driver: string }>[];
-  return devices
-    .filter((d) => d.kind === "nvme" && d.driver === "vfio-pci" && d.vfio)
-    .map((d) => ({
-      name: d.name ?? "",
-      addr: d.addr ?? "",
-      vfio: d.vfio ?? "",
-      size: d.size ?? 0,
-      cmb: d.cmb ?? 0,
-      disk: d.disk ?? "",
-    }));
+  return (
+    devices
+      // A kernel without VFIO cdevs names no `vfio`: such a controller is reached by address and group.
+      .filter((d) => d.kind === "nvme" && d.driver === "vfio-pci" && d.addr)
+      .map((d) => ({
+        name: d.name ?? "",
+        addr: d.addr ?? "",
+        vfio: d.vfio ?? "",
+        size: d.size ?? 0,
+        cmb: d.cmb ?? 0,
+        disk: d.disk ?? "",
+      }))
+  );
 }
 
 /** The bytes the tests write at one logical block: "LBA <n>" then a stream seeded by n. */
@@ -66,6 +69,14 @@ export const PATTERN_EXTENTS = [
   { lba: 100, blocks: 16, why: "two pages: PRP2 is the second page" },
   { lba: 1000, blocks: 72, why: "nine pages: a PRP list" },
   { lba: 20_000, blocks: 2500, why: "1.25 MB: past MDTS, split into three commands" },
+] as const;
+
+/** Where test/kernel/nvme-type1.test.ts writes the same kinds of extent, through the type1 backend. */
+export const TYPE1_PATTERN_EXTENTS = [
+  { lba: 100_003, blocks: 1, why: "one block" },
+  { lba: 100_100, blocks: 16, why: "two pages: PRP2 is the second page" },
+  { lba: 101_000, blocks: 72, why: "nine pages: a PRP list" },
+  { lba: 110_000, blocks: 2500, why: "1.25 MB: past MDTS, split into three commands" },
 ] as const;
 
 /** Written by the P2P test from the peer controller's memory buffer. */
