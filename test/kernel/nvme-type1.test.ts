@@ -127,16 +127,16 @@ describe("the backend choice", () => {
 
   test(`a bad ${BACKEND_ENV} is EINVAL naming the variable before anything is opened`, () => {
     process.env[BACKEND_ENV] = "vfio";
-    const e = expectIommufdError(() => NvmeController.open(A.addr), "EINVAL", "openDmaDevice", BACKEND_ENV);
+    const e = expectIommufdError(() => keep(NvmeController.open(A.addr)), "EINVAL", "openDmaDevice", BACKEND_ENV);
     expect(e.message).toContain(`${BACKEND_ENV}="vfio"`);
-    expectIommufdError(() => openDmaDevice(A.addr), "EINVAL", "openDmaDevice", BACKEND_ENV);
+    expectIommufdError(() => keep(openDmaDevice(A.addr)), "EINVAL", "openDmaDevice", BACKEND_ENV);
     expect(openFdCount()).toBe(fdsAtStart);
   });
 
   test("an object of another backend than the forced one is EINVAL naming the option; nothing joins it", () => {
     using container = VfioContainer.open();
     const e = expectIommufdError(
-      () => openDmaDevice(A.addr, { backend: "iommufd", container }),
+      () => keep(openDmaDevice(A.addr, { backend: "iommufd", container })),
       "EINVAL",
       "openDmaDevice",
       "options.container",
@@ -221,14 +221,18 @@ describe("NVMe on the type1 backend", () => {
     c.close();
     expect([device.closed, container.mappings.length]).toEqual([false, 0]);
     // iommufd forced on a group-opened device is refused, naming both.
-    const e = expectIommufdError(() => NvmeController.open(device, { backend: "iommufd" }), "EINVAL", "adoptDmaDevice");
+    const e = expectIommufdError(
+      () => keep(NvmeController.open(device, { backend: "iommufd" })),
+      "EINVAL",
+      "adoptDmaDevice",
+    );
     expect(e.message).toContain(`VFIO group ${device.group!.number}`);
   });
 
   test("a failed open on type1 releases the container, group, device and BAR: the group opens again", () => {
     // The heap refuses its size after the container, the group, the device and BAR0 are in hand.
     expectIommufdError(
-      () => NvmeController.open(A.addr, { backend: "type1", heapSize: -1 }),
+      () => keep(NvmeController.open(A.addr, { backend: "type1", heapSize: -1 })),
       "EINVAL",
       "DmaHeap.create",
     );
