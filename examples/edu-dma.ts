@@ -5,12 +5,13 @@
  * times through IOVAs that exist only in our IOAS. JavaScript sees the result with no copy.
  *
  *   bun run vm -- bun examples/edu-dma.ts     (the test guest has an edu behind an emulated IOMMU)
+ *   BUN_IOMMUFD_BACKEND=type1 bun run vm -- bun examples/edu-dma.ts     (through the VFIO type1 container)
  *
  * edu's registers (BAR0), from QEMU's docs/specs/edu.rst: 0x00 id, 0x04 liveness (reads back the
  * inverse of what was written), 0x80 DMA source, 0x88 DMA destination, 0x90 count, 0x98 command
  * (bit 0 start, cleared when done; bit 1 direction, 0 = RAM to device, 1 = device to RAM).
  */
-import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, MemfdBuffer, VfioDevice } from "../src/index.ts";
+import { bindToVfioPci, findPciDevices, IommufdError, MemfdBuffer, openDmaDevice } from "../src/index.ts";
 import { Edu, EDU_BUFFER, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "./edu.ts";
 
 /** edu masks DMA addresses to 28 bits, so every IOVA it uses must sit below 256 MiB. */
@@ -28,12 +29,17 @@ function main(): number {
   const node = bindToVfioPci(address);
   console.log(`edu at ${address}, bound to vfio-pci: ${node}`);
 
-  using iommufd = Iommufd.open();
-  using ioas = iommufd.createIoas();
-  using device = VfioDevice.open(node);
-  const deviceId = device.bind(iommufd);
-  const hwpt = device.attach(ioas);
-  console.log(`bound to iommufd (device id ${deviceId}) and attached to IOAS ${ioas.id} (hw page table ${hwpt})`);
+  // iommufd where the kernel has it, else the VFIO type1 container; BUN_IOMMUFD_BACKEND forces one.
+  using dma = openDmaDevice(address);
+  const device = dma.device;
+  console.log(`DMA through ${dma.backend}: ${dma.reason}`);
+  if (dma.ioas) {
+    console.log(
+      `bound to iommufd (device id ${device.deviceId}) and attached to IOAS ${dma.ioas.id} (hw page table ${device.attachedTo})`,
+    );
+  } else {
+    console.log(`opened through VFIO group ${device.group!.number} into a type1 container`);
+  }
 
   using bar = device.mapRegion(0);
   const edu = new Edu(bar);
@@ -47,8 +53,10 @@ function main(): number {
   const source = buffer.bytes.subarray(0, LENGTH);
   const target = buffer.bytes.subarray(0x8000, 0x8000 + LENGTH);
   for (let i = 0; i < LENGTH; i++) source[i] = (i * 7 + 3) & 0xff;
-  using mapping = ioas.mapFile(buffer, { iova: IOVA });
-  console.log(`mapped the ${buffer.size}-byte MemfdBuffer at IOVA ${hex(mapping.iova)}..${hex(mapping.end)}`);
+  using mapping = dma.space.mapDma(buffer, { iova: IOVA });
+  console.log(
+    `mapped the ${buffer.size}-byte MemfdBuffer at IOVA ${hex(mapping.iova)}..${hex(Number(mapping.iova) + mapping.length)}`,
+  );
 
   device.setBusMaster(true);
   try {
@@ -74,8 +82,11 @@ function main(): number {
 try {
   process.exitCode = main();
 } catch (error) {
-  if (error instanceof IommufdError && error.operation === "Iommufd.open") {
-    console.error(`${error.message}\nThis needs /dev/iommu and an edu device: bun run vm -- bun examples/edu-dma.ts`);
+  if (
+    error instanceof IommufdError &&
+    ["openDmaDevice", "Iommufd.open", "VfioContainer.open"].includes(error.operation)
+  ) {
+    console.error(`${error.message}\nThis needs VFIO and an edu device: bun run vm -- bun examples/edu-dma.ts`);
     process.exit(1);
   }
   throw error;

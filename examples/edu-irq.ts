@@ -7,11 +7,12 @@
  * device when asked.
  *
  *   bun run vm -- bun examples/edu-irq.ts     (the test guest has an edu behind an emulated IOMMU)
+ *   BUN_IOMMUFD_BACKEND=type1 bun run vm -- bun examples/edu-irq.ts     (through the VFIO type1 container)
  *
  * edu's interrupt registers (BAR0): 0x24 status, 0x60 raise, 0x64 acknowledge; a DMA command
  * with bit 2 set raises status bit 0x100 on completion.
  */
-import { bindToVfioPci, findPciDevices, Iommufd, IommufdError, MemfdBuffer, VfioDevice } from "../src/index.ts";
+import { findPciDevices, IommufdError, MemfdBuffer, openDmaDevice } from "../src/index.ts";
 import { Edu, EDU_DEVICE, EDU_IRQ_DMA, EDU_VENDOR } from "./edu.ts";
 
 const IOVA = 0x100000;
@@ -23,11 +24,10 @@ async function main(): Promise<number> {
     console.error("no edu device (1234:11e8) here: run this in the test guest: bun run vm -- bun examples/edu-irq.ts");
     return 1;
   }
-  using iommufd = Iommufd.open();
-  using ioas = iommufd.createIoas();
-  using device = VfioDevice.open(bindToVfioPci(address));
-  device.bind(iommufd);
-  device.attach(ioas);
+  // iommufd where the kernel has it, else the VFIO type1 container; BUN_IOMMUFD_BACKEND forces one.
+  using dma = openDmaDevice(address);
+  const device = dma.device;
+  console.log(`${address}: DMA through ${dma.backend} (${dma.reason})`);
   const edu = new Edu(device.mapRegion(0));
 
   const msiInfo = device.irqInfo("msi");
@@ -53,7 +53,7 @@ async function main(): Promise<number> {
   })();
 
   using buffer = MemfdBuffer.create(64 * 1024, { name: "edu-irq example" });
-  using mapping = ioas.mapFile(buffer, { iova: IOVA });
+  using mapping = dma.space.mapDma(buffer, { iova: IOVA });
   for (let i = 0; i < LENGTH; i++) buffer.bytes[i] = (i * 31 + 7) & 0xff;
 
   let ticks = 0;
@@ -84,8 +84,11 @@ async function main(): Promise<number> {
 try {
   process.exitCode = await main();
 } catch (error) {
-  if (error instanceof IommufdError && error.operation === "Iommufd.open") {
-    console.error(`${error.message}\nThis needs /dev/iommu and an edu device: bun run vm -- bun examples/edu-irq.ts`);
+  if (
+    error instanceof IommufdError &&
+    ["openDmaDevice", "Iommufd.open", "VfioContainer.open"].includes(error.operation)
+  ) {
+    console.error(`${error.message}\nThis needs VFIO and an edu device: bun run vm -- bun examples/edu-irq.ts`);
     process.exit(1);
   }
   throw error;

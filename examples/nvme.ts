@@ -1,9 +1,12 @@
 #!/usr/bin/env bun
 /**
  * A user-space NVMe driver in a few lines: identify the controller, write a block, flush, read it
- * back, all through bun-iommufd/nvme (VFIO + iommufd, polled completion, no kernel driver).
+ * back, all through bun-iommufd/nvme (VFIO, polled completion, no kernel driver). Its DMA goes
+ * through iommufd where the kernel has it, else through the VFIO type1 container;
+ * BUN_IOMMUFD_BACKEND=iommufd|type1 forces one.
  *
  *   bun run vm -- --device nvme -- bun examples/nvme.ts
+ *   BUN_IOMMUFD_BACKEND=type1 bun run vm -- --device nvme -- bun examples/nvme.ts
  */
 import { NvmeController } from "../src/nvme/index.ts";
 
@@ -17,6 +20,7 @@ using controller = NvmeController.open(address);
 const { model, serial, firmware } = controller.identity;
 const ns = controller.namespace(1);
 console.log(`${address}: ${model} (serial ${serial}, firmware ${firmware}), NVMe ${controller.registers.version()}`);
+console.log(`DMA through ${controller.backend}: ${controller.backendReason}`);
 console.log(
   `namespace 1: ${ns.blocks} blocks of ${ns.blockSize} bytes; ${controller.maxTransferBytes} bytes per command at most`,
 );

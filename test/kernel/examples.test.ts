@@ -1,19 +1,26 @@
 // Each example as a user would run it (`bun examples/x.ts`), in a subprocess: exit status 0 and
-// the lines that show it did its job. Runs where /dev/iommu exists (the QEMU test guest).
-import { beforeAll, expect, test } from "bun:test";
+// the lines that show it did its job. Runs in the QEMU test guest (or a host with VFIO). The
+// examples that work on either backend run twice: as the host chooses, and with
+// BUN_IOMMUFD_BACKEND=type1; the rest need iommufd.
+import { expect, test } from "bun:test";
 import { join } from "node:path";
-import { findPciDevices } from "../../src/index.ts";
-import { requireIommufd } from "../support/kernel.ts";
+import { BACKEND_ENV, findPciDevices } from "../../src/index.ts";
+import { guestNvmeControllers } from "../support/nvme.ts";
+import { expectedAutoBackend, requireIommufd } from "../support/kernel.ts";
 
 const root = join(import.meta.dir, "../..");
 // In the guest the edu device is part of the setup, so its absence is a failure, not a skip.
-const haveEdu = process.env.IOMMUFD_IN_VM === "1" || findPciDevices(0x1234, 0x11e8).length > 0;
+const eduAddress = findPciDevices(0x1234, 0x11e8)[0];
+const haveEdu = process.env.IOMMUFD_IN_VM === "1" || eduAddress !== undefined;
+const nvme = guestNvmeControllers()[0];
 
-beforeAll(requireIommufd);
-
-async function example(name: string): Promise<{ code: number; stdout: string; stderr: string }> {
+async function example(
+  name: string,
+  env: Record<string, string> = {},
+): Promise<{ code: number; stdout: string; stderr: string }> {
   const proc = Bun.spawn([process.execPath, join(root, "examples", name)], {
     cwd: root,
+    env: { ...process.env, [BACKEND_ENV]: "", ...env },
     stdout: "pipe",
     stderr: "pipe",
   });
@@ -24,6 +31,7 @@ async function example(name: string): Promise<{ code: number; stdout: string; st
 }
 
 test("map-memfd.ts maps a MemfdBuffer, prints its IOVA and unmaps", async () => {
+  requireIommufd();
   const { code, stdout } = await example("map-memfd.ts");
   expect(code).toBe(0);
   expect(stdout).toMatch(/^opened \/dev\/iommu/m);
@@ -35,25 +43,69 @@ test("map-memfd.ts maps a MemfdBuffer, prints its IOVA and unmaps", async () => 
   expect(stdout.trimEnd().endsWith("done")).toBe(true);
 });
 
-test.skipIf(!haveEdu)(
-  "edu-dma.ts: edu copies RAM -> device -> RAM through the IOMMU and the bytes match",
-  async () => {
-    const { code, stdout } = await example("edu-dma.ts");
-    expect(code).toBe(0);
-    expect(stdout).toContain("BAR0 mapped (0x100000 bytes): id register 0x10000ed");
-    expect(stdout).toContain("liveness: wrote 0x12345678, read 0xedcba987");
-    expect(stdout).toMatch(/^bound to iommufd \(device id \d+\) and attached to IOAS \d+/m);
-    expect(stdout).toContain("DMA RAM -> device: 2048 bytes from IOVA 0x100000");
-    expect(stdout).toContain("DMA device -> RAM: 2048 bytes to IOVA 0x108000");
-    expect(stdout).toContain("round trip OK: 2048 bytes came back through the IOMMU unchanged");
-    expect(stdout).toContain("unmapped IOVA 0x100000");
-  },
-  120_000,
-);
+/** The backend a run gets: type1 when forced, else what "auto" must pick on this kernel. */
+const runs: { how: string; env: Record<string, string>; backend: (address: string) => "iommufd" | "type1" }[] = [
+  { how: "as the host chooses", env: {}, backend: (address) => expectedAutoBackend(address) },
+  { how: `with ${BACKEND_ENV}=type1`, env: { [BACKEND_ENV]: "type1" }, backend: () => "type1" },
+];
+
+for (const run of runs) {
+  test.skipIf(!haveEdu)(
+    `edu-dma.ts ${run.how}: edu copies RAM -> device -> RAM through the IOMMU and the bytes match`,
+    async () => {
+      const { code, stdout } = await example("edu-dma.ts", run.env);
+      expect(code).toBe(0);
+      const backend = run.backend(eduAddress ?? "");
+      expect(stdout).toMatch(new RegExp(`^DMA through ${backend}: `, "m"));
+      expect(stdout).toContain("BAR0 mapped (0x100000 bytes): id register 0x10000ed");
+      expect(stdout).toContain("liveness: wrote 0x12345678, read 0xedcba987");
+      if (backend === "iommufd")
+        expect(stdout).toMatch(/^bound to iommufd \(device id \d+\) and attached to IOAS \d+/m);
+      else expect(stdout).toMatch(/^opened through VFIO group \d+ into a type1 container$/m);
+      expect(stdout).toContain("DMA RAM -> device: 2048 bytes from IOVA 0x100000");
+      expect(stdout).toContain("DMA device -> RAM: 2048 bytes to IOVA 0x108000");
+      expect(stdout).toContain("round trip OK: 2048 bytes came back through the IOMMU unchanged");
+      expect(stdout).toContain("unmapped IOVA 0x100000");
+    },
+    120_000,
+  );
+
+  test.skipIf(!haveEdu)(
+    `edu-irq.ts ${run.how} awaits edu's DMA completion interrupts while a timer keeps ticking`,
+    async () => {
+      const { code, stdout } = await example("edu-irq.ts", run.env);
+      expect(code).toBe(0);
+      expect(stdout).toMatch(new RegExp(`: DMA through ${run.backend(eduAddress ?? "")} \\(`, "m"));
+      expect(stdout).toMatch(
+        /: 1 MSI vector\(s\); INTx, MSI-X, ERR, REQ counts: intx 1, msi 1, msix 0, err 0, req 1$/m,
+      );
+      expect(stdout).toContain("DMA RAM -> device started (1024 bytes from IOVA 0x100000); awaiting its interrupt");
+      expect(stdout).toMatch(/^completion interrupts: 1 \+ 1; the timer ticked [1-9]\d* times meanwhile$/m);
+      expect(stdout).toContain("round trip OK: 1024 bytes back through the IOMMU");
+      expect(stdout.trimEnd().endsWith("done")).toBe(true);
+    },
+    120_000,
+  );
+
+  test.skipIf(nvme === undefined && process.env.IOMMUFD_IN_VM !== "1")(
+    `nvme.ts ${run.how} identifies the controller, writes a block and reads it back`,
+    async () => {
+      const { code, stdout } = await example("nvme.ts", run.env);
+      expect(code).toBe(0);
+      expect(stdout).toMatch(/^0000:[0-9a-f:.]+: QEMU NVMe Ctrl \(serial \S+, firmware \S+\), NVMe 1\.\d+\.\d+$/m);
+      const backend = run.backend(nvme?.addr ?? "");
+      expect(stdout).toMatch(new RegExp(`^DMA through ${backend}: `, "m"));
+      expect(stdout).toMatch(/^namespace 1: \d+ blocks of 512 bytes; 524288 bytes per command at most$/m);
+      expect(stdout).toMatch(/^LBA 0 reads back: "hello from Bun at /m);
+    },
+    120_000,
+  );
+}
 
 test.skipIf(!haveEdu)(
   "vfio-dmabuf.ts exports a BAR0 slice as a dma-buf, maps it into an IOAS and edu reads it by IOVA",
   async () => {
+    requireIommufd();
     const { code, stdout } = await example("vfio-dmabuf.ts");
     expect(code).toBe(0);
     expect(stdout).toMatch(/^bound \S+ to iommufd, attached to IOAS \d+; dma-buf export supported: true$/m);
@@ -66,20 +118,6 @@ test.skipIf(!haveEdu)(
       "through the IOMMU at IOVA 0x200000: 0x10000ed (matches 0x10000ed read through the mmapped BAR)",
     );
     expect(stdout).toMatch(/^a two-range dma-buf is refused as expected: EOPNOTSUPP$/m);
-    expect(stdout.trimEnd().endsWith("done")).toBe(true);
-  },
-  120_000,
-);
-
-test.skipIf(!haveEdu)(
-  "edu-irq.ts awaits edu's DMA completion interrupts while a timer keeps ticking",
-  async () => {
-    const { code, stdout } = await example("edu-irq.ts");
-    expect(code).toBe(0);
-    expect(stdout).toMatch(/: 1 MSI vector\(s\); INTx, MSI-X, ERR, REQ counts: intx 1, msi 1, msix 0, err 0, req 1$/m);
-    expect(stdout).toContain("DMA RAM -> device started (1024 bytes from IOVA 0x100000); awaiting its interrupt");
-    expect(stdout).toMatch(/^completion interrupts: 1 \+ 1; the timer ticked [1-9]\d* times meanwhile$/m);
-    expect(stdout).toContain("round trip OK: 1024 bytes back through the IOMMU");
     expect(stdout.trimEnd().endsWith("done")).toBe(true);
   },
   120_000,

@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, readlinkSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { BACKEND_ENV, DmaHeap, type IommufdError, openDmaDevice, VfioContainer } from "../../src/index.ts";
 import { NvmeController } from "../../src/nvme/index.ts";
-import { expectIommufdError, openFdCount } from "../support/kernel.ts";
+import { expectedAutoBackend, expectIommufdError, openFdCount } from "../support/kernel.ts";
 import { guestNvmeControllers, pattern, type GuestNvme, TYPE1_PATTERN_EXTENTS } from "../support/nvme.ts";
 
 // Emulated (TCG) time: a bring-up or a 1.25 MB transfer takes seconds.
@@ -20,16 +20,6 @@ setDefaultTimeout(60_000);
 
 let A: GuestNvme;
 let B: GuestNvme;
-
-/** What this kernel offers, read from the guest's own report (or from the nodes), not from the code under test. */
-function kernelHasCdevs(): boolean {
-  const features = process.env.IOMMUFD_VM_FEATURES;
-  if (features !== undefined) {
-    const list = features.split(",");
-    return list.includes("iommufd") && list.includes("vfio-cdev");
-  }
-  return existsSync("/dev/iommu") && existsSync(`/sys/bus/pci/devices/${A.addr}/vfio-dev`);
-}
 
 beforeAll(() => {
   if (!existsSync("/dev/vfio/vfio")) {
@@ -94,7 +84,7 @@ const same = (a: Uint8Array, b: Uint8Array) => a.length === b.length && Buffer.f
 describe("the backend choice", () => {
   test("auto: iommufd where the kernel has iommufd and VFIO cdevs, type1 elsewhere; the reason says why", () => {
     using dma = openDmaDevice(A.addr);
-    if (kernelHasCdevs()) {
+    if (expectedAutoBackend(A.addr) === "iommufd") {
       expect(dma.backend).toBe("iommufd");
       expect(dma.reason).toMatch(
         new RegExp(`^/dev/iommu exists and ${A.addr} has a VFIO cdev \\(/dev/vfio/devices/vfio\\d+\\)$`),

@@ -14,6 +14,20 @@ export function requireIommufd(): void {
   }
 }
 
+/**
+ * The backend "auto" must pick here, from the guest's own report of its kernel
+ * (IOMMUFD_VM_FEATURES), or from the nodes on a host: iommufd where the kernel has iommufd and
+ * VFIO cdevs, else type1. `pciAddress` is a device bound to vfio-pci.
+ */
+export function expectedAutoBackend(pciAddress: string): "iommufd" | "type1" {
+  const features = process.env.IOMMUFD_VM_FEATURES;
+  if (features !== undefined) {
+    const list = features.split(",");
+    return list.includes("iommufd") && list.includes("vfio-cdev") ? "iommufd" : "type1";
+  }
+  return HAVE_IOMMUFD && existsSync(`/sys/bus/pci/devices/${pciAddress}/vfio-dev`) ? "iommufd" : "type1";
+}
+
 export function openFdCount(): number {
   return readdirSync("/proc/self/fd").length;
 }
