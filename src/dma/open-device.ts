@@ -8,7 +8,7 @@ import { existsSync } from "node:fs";
 import { Iommufd } from "../iommufd/iommufd.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
 import { argumentError, closedError, stateError } from "../sys/error.ts";
-import { iommuGroupOf } from "../type1/group.ts";
+import { iommuGroupOf, VfioGroup } from "../type1/group.ts";
 import { VfioContainer } from "../type1/container.ts";
 import { VfioDevice } from "../vfio/device.ts";
 import { bindVfioPciDriver, PCI_ADDRESS, pciAddressOfCdev, vfioCdevIfAny } from "../vfio/pci.ts";
@@ -217,7 +217,8 @@ export function adoptDmaDevice(device: VfioDevice, options: OpenDmaDeviceOptions
     throw argumentError(op, "target", `${given.reason}, but the backend is ${decision.backend} (${decision.reason})`);
   }
   if (group) {
-    const container = group.container;
+    const container = group instanceof VfioGroup ? group.container : undefined;
+    if (container === undefined) throw argumentError(op, "target", "the device's group is not in a VfioContainer");
     if (options.container && options.container !== container) {
       throw argumentError(op, "options.container", "the device's group is in another container");
     }

@@ -96,7 +96,7 @@ describe("the backend choice", () => {
       expect(dma.backend).toBe("type1");
       expect(dma.reason).toContain("/dev/vfio/vfio exists");
       expect(dma.space).toBe(dma.container!);
-      expect(dma.device.group?.container).toBe(dma.container!);
+      expect(dma.container!.groups).toEqual([dma.device.group as never]);
     }
     expect(dma.space.backend).toBe(dma.backend);
     expect(dma.device.backend).toBe(dma.backend);
