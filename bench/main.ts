@@ -169,6 +169,7 @@ function probe(notes: string[]): BenchEnv {
   return {
     mock,
     edu,
+    type1: existsSync("/dev/vfio/vfio"),
     hugeFree: info.get("Hugepagesize") === 2 * MiB ? (info.get("HugePages_Free") ?? 0) * 2 * MiB : 0,
     memAvailable: info.get("MemAvailable") ?? 0,
     pagemap: process.getuid?.() === 0,
@@ -231,6 +232,7 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
     env: {
       mock: env.mock,
       edu: env.edu !== undefined,
+      type1: env.type1,
       hugeFreeMiB: env.hugeFree / MiB,
       pagemap: env.pagemap,
       shmemThp,

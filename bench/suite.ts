@@ -31,6 +31,8 @@ export interface BenchEnv {
   mock: boolean;
   /** QEMU's edu on vfio-pci, as a VFIO cdev path, when present. */
   edu?: string;
+  /** The kernel has the legacy VFIO container with the type1 IOMMU (/dev/vfio/vfio). */
+  type1: boolean;
   /** Free 2 MiB huge pages, in bytes. */
   hugeFree: number;
   memAvailable: number;

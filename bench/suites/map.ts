@@ -1,8 +1,10 @@
 /**
  * The map suite: one map + unmap pair per operation, through the library's public API, against
  * the same ioctls in C (bench/baseline/ops_map.c) on the same iommufd, IOAS and memfd/dma-buf.
+ * Domain edu-type1 is the same edu through the other backend: a VFIO type1 container holding
+ * edu's group, VFIO_IOMMU_MAP_DMA + UNMAP_DMA on both sides (bench/baseline/ops_type1.c).
  */
-import { Iommufd, type MemfdBuffer, VfioDevice, type Ioas, type MappableFile } from "../../src/index.ts";
+import { Iommufd, type MemfdBuffer, VfioContainer, VfioDevice, type Ioas, type MappableFile } from "../../src/index.ts";
 import { MockDomain } from "../../src/testing/selftest.ts";
 import { layoutBuffer } from "../layout.ts";
 import { rawMapFilePair } from "../rawffi.ts";
@@ -25,7 +27,7 @@ import {
 const EDU_BAR0 = 1 * MiB;
 
 export type MapOp = "mapFile" | "prepared" | "rawFfi" | "map" | "copy" | "vfioDmabuf";
-export type Domain = "none" | "mock" | "edu";
+export type Domain = "none" | "mock" | "edu" | "edu-type1";
 type LayoutKind = "scattered" | "huge" | "single-page" | "device";
 
 const TITLE: Record<MapOp, string> = {
@@ -37,10 +39,14 @@ const TITLE: Record<MapOp, string> = {
   vfioDmabuf: "mapFile of a VFIO dma-buf of edu's BAR0 + unmap()",
 };
 
+/** The only op of domain edu-type1: type1 has no map by file, no COPY, no prepared map. */
+const TYPE1_TITLE = "container.mapDma(memfd by address) + unmap() (VFIO_IOMMU_MAP_DMA + UNMAP_DMA)";
+
 const DOMAIN: Record<Domain, string> = {
   none: "no domain: bookkeeping only, nothing pinned",
   mock: "kernel selftest mock domain: pages pinned and mapped",
   edu: "edu behind the emulated Intel IOMMU (VT-d page table, caching mode)",
+  "edu-type1": "edu behind the emulated Intel IOMMU, through a VFIO type1 container (its group, not its cdev)",
 };
 
 /** Operations per timed iteration: about a millisecond in the guest, the same on both sides. */
@@ -90,6 +96,9 @@ function plans(): Plan[] {
   add("default", "mapFile", "edu", 2 * MiB);
   add("default", "mapFile", "edu", 2 * MiB, "huge");
   add("default", "vfioDmabuf", "edu", 64 * KiB);
+  // The type1 backend's twins of the edu cases (type1 maps by address only: op map).
+  add("quick", "map", "edu-type1", 4 * KiB);
+  add("default", "map", "edu-type1", 2 * MiB, "huge");
   // Everything else.
   add("full", "rawFfi", "mock", 4 * KiB);
   for (const op of ["map", "copy"] as const) add("full", op, "none", 4 * KiB);
@@ -108,12 +117,19 @@ function plans(): Plan[] {
   add("full", "mapFile", "edu", 64 * MiB, "huge");
   add("full", "vfioDmabuf", "edu", 4 * KiB);
   add("full", "vfioDmabuf", "edu", 1 * MiB);
+  add("full", "map", "edu-type1", 64 * KiB);
+  add("full", "map", "edu-type1", 2 * MiB);
+  add("full", "map", "edu-type1", 64 * MiB);
+  add("full", "map", "edu-type1", 64 * MiB, "huge");
   return out;
 }
 
 function whyNot(p: Plan, env: BenchEnv): string | undefined {
   if (p.domain === "mock" && !env.mock) return "no mock domain: the kernel lacks CONFIG_IOMMUFD_TEST";
-  if ((p.domain === "edu" || p.op === "vfioDmabuf") && !env.edu) return "no edu device on vfio-pci";
+  if ((p.domain === "edu" || p.domain === "edu-type1" || p.op === "vfioDmabuf") && !env.edu) {
+    return "no edu device on vfio-pci";
+  }
+  if (p.domain === "edu-type1" && !env.type1) return "no VFIO type1 container: the kernel lacks CONFIG_VFIO_CONTAINER";
   if (p.op === "vfioDmabuf" && p.size > EDU_BAR0) return "edu's BAR0 is 1 MiB";
   if (p.layout === "huge" && env.hugeFree < p.size) {
     return `needs ${p.size / MiB} MiB of free 2 MiB huge pages, ${env.hugeFree / MiB} MiB free (raise /proc/sys/vm/nr_hugepages)`;
@@ -124,7 +140,32 @@ function whyNot(p: Plan, env: BenchEnv): string | undefined {
   return undefined;
 }
 
+function caseBuffer(p: Plan): { buffer: MemfdBuffer; layout: Layout } {
+  return layoutBuffer(p.size, p.layout === "huge" ? "huge" : p.size <= 4 * KiB ? "single-page" : "scattered");
+}
+
+/** edu through its group in a type1 container: the container maps by address on both sides. */
+function setupType1(p: Plan, env: BenchEnv): CaseInstance {
+  const scope = new Scope();
+  try {
+    const container = scope.keep(VfioContainer.open());
+    container.openDevice(env.edu!);
+    const made = caseBuffer(p);
+    const source = scope.keep(made.buffer);
+    const options = { iova: BENCH_IOVA };
+    return {
+      lib: () => container.mapDma(source, options).unmap(),
+      c: { op: "map_dma", fds: [container.fd, source.fd], args: [p.size, BENCH_IOVA] },
+      layout: made.layout,
+      close: () => scope.close(),
+    };
+  } catch (error) {
+    throw scope.abandon(error);
+  }
+}
+
 function setup(p: Plan, env: BenchEnv): CaseInstance {
+  if (p.domain === "edu-type1") return setupType1(p, env);
   const scope = new Scope();
   try {
     const iommufd = scope.keep(Iommufd.open());
@@ -151,7 +192,7 @@ function setup(p: Plan, env: BenchEnv): CaseInstance {
       file = scope.keep(device().exportDmaBuf({ region: 0, ranges: [{ offset: 0, length: p.size }] }));
       layout = { kind: "device", pages: p.size / (4 * KiB) };
     } else {
-      const made = layoutBuffer(p.size, p.layout === "huge" ? "huge" : p.size <= 4 * KiB ? "single-page" : "scattered");
+      const made = caseBuffer(p);
       buffer = scope.keep(made.buffer);
       layout = made.layout;
       file = buffer;
@@ -204,7 +245,7 @@ defineSuite({
   cases(): Omit<BenchCase, "suite">[] {
     return plans().map((p) => ({
       id: id(p),
-      title: `${TITLE[p.op]}; ${DOMAIN[p.domain]}${p.layout === "scattered" ? "; scattered 4 KiB pages" : p.layout === "huge" ? "; 2 MiB huge pages" : ""}`,
+      title: `${p.domain === "edu-type1" ? TYPE1_TITLE : TITLE[p.op]}; ${DOMAIN[p.domain]}${p.layout === "scattered" ? "; scattered 4 KiB pages" : p.layout === "huge" ? "; 2 MiB huge pages" : ""}`,
       bytes: p.size,
       k: opsPerIteration(p.domain, p.size),
       tier: p.tier,

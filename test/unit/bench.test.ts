@@ -17,6 +17,7 @@ import { type BenchCase, TIERS, type BenchEnv } from "../../bench/suite.ts";
 const env: BenchEnv = {
   mock: true,
   edu: "0000:00:03.0",
+  type1: true,
   hugeFree: 512 << 20,
   memAvailable: 3 * 2 ** 30,
   pagemap: true,
@@ -156,13 +157,23 @@ describe("plan", () => {
   test("quick has a C side in every map case and a C op of each kind", () => {
     const quick = plan(env, "quick").cases;
     expect(quick.filter((c) => c.suite === "map").every((c) => c.c)).toBe(true);
-    for (const op of ["mapFile/", "map/", "copy/", "prepared/", "rawFfi/", "heap/", "allocator/"]) {
+    for (const op of ["mapFile/", "map/", "copy/", "prepared/", "rawFfi/", "heap/", "allocator/", "map/edu-type1/"]) {
       expect(quick.some((c) => c.id.startsWith(op))).toBe(true);
     }
   });
+  test("the edu cases a user tracks have type1 twins, with a C side", () => {
+    const ids = plan(env, "default").cases.filter((c) => c.id.includes("/edu-type1/"));
+    expect(ids.map((c) => c.id)).toEqual(["map/edu-type1/4KiB", "map/edu-type1/2MiB/huge"]);
+    expect(ids.every((c) => c.c && c.tracked)).toBe(true);
+  });
+  test("without a type1 container its cases are skipped, saying which option is missing", () => {
+    const { cases, skipped } = plan({ ...env, type1: false }, "quick");
+    expect(cases.some((c) => c.id.includes("edu-type1"))).toBe(false);
+    expect(skipped.find((s) => s.id === "map/edu-type1/4KiB")?.reason).toContain("CONFIG_VFIO_CONTAINER");
+  });
   test("a case this machine cannot run is skipped with its reason", () => {
     const { cases, skipped } = plan({ ...env, mock: false, edu: undefined, hugeFree: 0 }, "default");
-    expect(cases.some((c) => c.id.includes("/mock/") || c.id.includes("/edu/"))).toBe(false);
+    expect(cases.some((c) => /\/(mock|edu|edu-type1)\//.test(c.id))).toBe(false);
     expect(skipped.find((s) => s.id === "mapFile/mock/2MiB/huge")?.reason).toContain("CONFIG_IOMMUFD_TEST");
   });
 });
