@@ -5,6 +5,7 @@
  *   bun bench [--quick | --full] [--json] [--filter REGEX] [--save] [--no-c]
  *   bun bench history [--out FILE]
  *   bun bench nvme [--seconds S] [--rounds N]
+ *   bun bench backends [--quick] [--filter REGEX]
  *
  *   (default)  the cases a user tracks, 10 rounds each (about 5 minutes in the TCG guest)
  *   --full     every case, 16 rounds
@@ -17,6 +18,8 @@
  *   --no-c     run without the C side (no ratios); otherwise a missing compiler is an error
  *   history    print every saved run's tracked figures; write bench/results/history.html
  *   nvme       bun-iommufd/nvme against the kernel's NVMe driver, same controller, same boot (bench/nvme.ts)
+ *   backends   the same edu and NVMe controller through the VFIO type1 backend and through iommufd,
+ *              same boot, alternating: type1 / iommufd ratios (bench/backends.ts)
  *
  * Where /dev/iommu exists the suite runs right here. Elsewhere it runs itself again inside the
  * QEMU guest of vm/run.ts (TCG: emulated time, so only ratios carry over), after building the C
@@ -433,6 +436,10 @@ async function main(): Promise<number> {
   if (argv[0] === "history") {
     const { history } = await import("./history.ts");
     return history(argv.slice(1));
+  }
+  if (argv[0] === "backends") {
+    const { backendsBench } = await import("./backends.ts");
+    return backendsBench(argv.slice(1));
   }
   if (argv[0] === "nvme") {
     const { nvmeBench } = await import("./nvme.ts");

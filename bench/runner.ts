@@ -181,7 +181,7 @@ function iteration(op: () => unknown, k: number, isAsync: boolean): () => unknow
   };
 }
 
-async function warmUp(
+export async function warmUp(
   op: () => unknown,
   rule: RunMode["warmup"],
   maxMs: number,

@@ -7,9 +7,11 @@
  * same controller, which needs the controller rebound between phases: `bun bench nvme`
  * (bench/nvme.ts) runs that race.
  */
+import type { DmaBackend } from "../../src/index.ts";
 import { type Completion, NvmeController } from "../../src/nvme/index.ts";
 import { guestNvmeAddress } from "../nvme.ts";
 import { type BenchCase, defineSuite, KiB, Scope, type Tier } from "../suite.ts";
+import type { Session } from "../switching.ts";
 
 type Workload = "read" | "write";
 
@@ -21,6 +23,51 @@ const CASES: { workload: Workload; depth: number; completion: Completion; tier: 
   { workload: "read", depth: 1, completion: "interrupt", tier: "default" },
   { workload: "read", depth: 32, completion: "interrupt", tier: "default" },
 ];
+
+/**
+ * The controller opened (on `backend` when given), one buffer of `depth` 4 KiB slots; one
+ * operation is `depth` concurrent 4 KiB commands at random 4 KiB-aligned LBAs, awaited together.
+ */
+export function openNvmeWorkload(
+  address: string,
+  workload: Workload,
+  depth: number,
+  completion: Completion,
+  backend?: DmaBackend,
+): Session {
+  const scope = new Scope();
+  try {
+    const controller = scope.keep(
+      NvmeController.open(address, { heapSize: 4 << 20, queueDepth: 64, completion, ...(backend ? { backend } : {}) }),
+    );
+    const opened = (controller as { backend?: DmaBackend }).backend;
+    if (backend && opened !== backend) {
+      throw new Error(
+        `NvmeController.open gave the ${opened ?? "iommufd (no backend option yet)"} backend, not ${backend}`,
+      );
+    }
+    const ns = controller.namespace(1);
+    const blocks = 4096 / ns.blockSize;
+    const slots = Math.floor(ns.blocks / blocks);
+    const buffer = controller.allocBuffer(depth * 4096);
+    buffer.bytes.fill(0xa5);
+    let seed = 0x2545f491;
+    const lba = () => {
+      seed ^= seed << 13;
+      seed ^= seed >>> 17;
+      seed ^= seed << 5;
+      return ((seed >>> 0) % slots) * blocks;
+    };
+    const one = (i: number) =>
+      workload === "read"
+        ? ns.read(lba(), blocks, buffer, { offset: i * 4096 })
+        : ns.write(lba(), blocks, buffer, { offset: i * 4096 });
+    const op = depth === 1 ? () => one(0) : () => Promise.all(Array.from({ length: depth }, (_, i) => one(i)));
+    return { op, close: () => scope.close() };
+  } catch (error) {
+    throw scope.abandon(error);
+  }
+}
 
 defineSuite({
   name: "nvme",
@@ -41,32 +88,8 @@ defineSuite({
       c: false,
       skip: () => (address ? undefined : "no NVMe controller on vfio-pci (the guest needs --device nvme)"),
       setup() {
-        const scope = new Scope();
-        try {
-          const controller = scope.keep(
-            NvmeController.open(address!, { heapSize: 4 << 20, queueDepth: 64, completion }),
-          );
-          const ns = controller.namespace(1);
-          const blocks = 4096 / ns.blockSize;
-          const slots = Math.floor(ns.blocks / blocks);
-          const buffer = controller.allocBuffer(depth * 4096);
-          buffer.bytes.fill(0xa5);
-          let seed = 0x2545f491;
-          const lba = () => {
-            seed ^= seed << 13;
-            seed ^= seed >>> 17;
-            seed ^= seed << 5;
-            return ((seed >>> 0) % slots) * blocks;
-          };
-          const one = (i: number) =>
-            workload === "read"
-              ? ns.read(lba(), blocks, buffer, { offset: i * 4096 })
-              : ns.write(lba(), blocks, buffer, { offset: i * 4096 });
-          const lib = depth === 1 ? () => one(0) : () => Promise.all(Array.from({ length: depth }, (_, i) => one(i)));
-          return { lib, close: () => scope.close() };
-        } catch (error) {
-          throw scope.abandon(error);
-        }
+        const session = openNvmeWorkload(address!, workload, depth, completion);
+        return { lib: session.op, close: session.close };
       },
     }));
   },

@@ -1,0 +1,182 @@
+/**
+ * Paired rounds for two sides that cannot be live at once: the same device through two backends
+ * (a VFIO device is claimed by its group or by its cdev, never both). Each side's slice opens its
+ * session, warms it up, runs one untimed operation and then its timed samples, and closes it again
+ * before the other side's slice opens; otherwise the method is bench/runner.ts's: rounds of short
+ * slices alternating side by side (a, b / b, a ...), one ratio (a / b) per slice pair, a round's
+ * ratio the median of its pairs, the case's the median of its rounds with min..max as interval.
+ *
+ * What switching costs (the open, the warm-up) stays outside every timed sample; it spaces the two
+ * sides of a pair further apart than the runner's 12 ms slices, which the many pairs a case has
+ * and the median over them answer. The time an open takes is saved too.
+ */
+import type { Sample } from "./baseline.ts";
+import { interval, median, planSlices, type Interval, type SlicePlan, slicer, summarize, warmUp } from "./runner.ts";
+
+/** One side opened: its operation, live until close(). */
+export interface Session {
+  op: () => unknown;
+  close(): void | Promise<void>;
+}
+
+export interface SwitchedSide {
+  /** Short, path-like: "type1", "iommufd". */
+  name: string;
+  open(): Session | Promise<Session>;
+}
+
+export interface SwitchedCase {
+  id: string;
+  title: string;
+  /** Operations per timed iteration (as BenchCase.k). */
+  k: number;
+  /**
+   * Untimed running of a freshly opened session before its slice, in ms, instead of the mode's
+   * (0: none; the slice's own untimed operation still runs). An operation of 200 ms needs none.
+   */
+  settleMs?: number;
+  /** a / b is the reported ratio. */
+  a: SwitchedSide;
+  b: SwitchedSide;
+}
+
+export interface SwitchMode {
+  rounds: number;
+  /** Timed budget per side per round, spread over `slices` slices (each slice opens its session once). */
+  minMs: number;
+  slices: number;
+  /** Warm-up of each side before round 1: at least `ops` and `ms`, `maxMs` at most. */
+  warmup: { ops: number; ms: number; maxMs: number };
+  /** Untimed running of a freshly opened session before its slice, in ms (at least one operation). */
+  settleMs: number;
+}
+
+export const SWITCH_MODES = {
+  quick: { rounds: 2, minMs: 40, slices: 4, warmup: { ops: 200, ms: 0, maxMs: 300 }, settleMs: 5 },
+  default: { rounds: 8, minMs: 240, slices: 6, warmup: { ops: 20_000, ms: 500, maxMs: 2000 }, settleMs: 20 },
+} satisfies Record<string, SwitchMode>;
+
+export interface SwitchedRound {
+  /** The sides' order in the round's first slice pair; the next pair runs them in reverse, and so on. */
+  order: string[];
+  /** Per slice pair, each side's median time per operation (ns). */
+  slices: Record<string, number>[];
+  a: Sample;
+  b: Sample;
+  /** a / b: the median over the slice pairs of a's median / b's median. */
+  ratio: number;
+}
+
+export interface SwitchedResult {
+  id: string;
+  title: string;
+  sides: [string, string];
+  k: number;
+  plan?: SlicePlan;
+  rounds: SwitchedRound[];
+  /** Time per operation (ns): the per-round medians' median and interval. */
+  a?: Interval;
+  b?: Interval;
+  ratio?: Interval;
+  /** How long opening a session took (ms), per side: median and range over every slice. */
+  openMs: Record<string, Interval | undefined>;
+  seconds?: number;
+  errors: string[];
+}
+
+/** The order of the sides in slice pair `slice` of round `round`: a, b / b, a / ..., every round starting the other way. */
+export function sliceOrder(round: number, slice: number): ("a" | "b")[] {
+  return (round + slice) % 2 === 0 ? ["a", "b"] : ["b", "a"];
+}
+
+/** A round's ratio from its slice pairs: the median of a / b over the pairs. */
+export function roundRatio(slices: { a: number; b: number }[]): number {
+  return median(slices.map((s) => s.a / s.b));
+}
+
+/** Open a side's session, run `body`, always close it; returns what body gave and the open's ms. */
+async function withSession<T>(side: SwitchedSide, body: (session: Session) => Promise<T>): Promise<[T, number]> {
+  const t0 = performance.now();
+  const session = await side.open();
+  const openMs = performance.now() - t0;
+  try {
+    return [await body(session), openMs];
+  } finally {
+    await session.close();
+  }
+}
+
+/** Runs a case through all its rounds. Never throws: failures land in `errors`. */
+export async function runSwitched(
+  spec: SwitchedCase,
+  mode: SwitchMode,
+  log: (line: string) => void,
+): Promise<SwitchedResult> {
+  const result: SwitchedResult = {
+    id: spec.id,
+    title: spec.title,
+    sides: [spec.a.name, spec.b.name],
+    k: spec.k,
+    rounds: [],
+    openMs: {},
+    errors: [],
+  };
+  const t0 = performance.now();
+  const opens: Record<"a" | "b", number[]> = { a: [], b: [] };
+  const sides = { a: spec.a, b: spec.b };
+  try {
+    // Warm each side up as the runner does, and calibrate on the slower one (least disturbed of 5 samples).
+    const calibration: number[] = [];
+    const isAsync: Record<"a" | "b", boolean> = { a: false, b: false };
+    for (const key of ["a", "b"] as const) {
+      const [best, ms] = await withSession(sides[key], async (session) => {
+        const warm = await warmUp(session.op, mode.warmup, mode.warmup.maxMs);
+        isAsync[key] = warm.isAsync;
+        return Math.min(...(await slicer(session.op, spec.k, warm.isAsync)(5)));
+      });
+      opens[key].push(ms);
+      calibration.push(best);
+    }
+    const plan = planSlices(Math.max(...calibration), spec.k, mode);
+    result.plan = plan;
+    const slice = async (key: "a" | "b"): Promise<number[]> => {
+      const [times, ms] = await withSession(sides[key], async (session) => {
+        const settleUntil = performance.now() + (spec.settleMs ?? mode.settleMs);
+        while (performance.now() < settleUntil) await session.op();
+        return slicer(session.op, plan.opsPerSample, isAsync[key])(plan.samplesPerSlice);
+      });
+      opens[key].push(ms);
+      return times;
+    };
+    for (let r = 0; r < mode.rounds; r++) {
+      Bun.gc(true);
+      const times: Record<"a" | "b", number[]> = { a: [], b: [] };
+      const pairs: { a: number; b: number }[] = [];
+      for (let i = 0; i < plan.slices; i++) {
+        const pair = { a: 0, b: 0 };
+        for (const key of sliceOrder(r, i)) {
+          const t = await slice(key);
+          times[key].push(...t);
+          pair[key] = median(t);
+        }
+        pairs.push(pair);
+      }
+      result.rounds.push({
+        order: sliceOrder(r, 0).map((key) => sides[key].name),
+        slices: pairs.map((p) => ({ [spec.a.name]: p.a, [spec.b.name]: p.b })),
+        a: summarize(times.a, plan.opsPerSample),
+        b: summarize(times.b, plan.opsPerSample),
+        ratio: roundRatio(pairs),
+      });
+    }
+    result.a = interval(result.rounds.map((x) => x.a.p50));
+    result.b = interval(result.rounds.map((x) => x.b.p50));
+    result.ratio = interval(result.rounds.map((x) => x.ratio));
+  } catch (error) {
+    result.errors.push((error as Error).message);
+    log(`  ${spec.id.padEnd(28)} error: ${(error as Error).message}`);
+  }
+  result.openMs = { [spec.a.name]: interval(opens.a), [spec.b.name]: interval(opens.b) };
+  result.seconds = Math.round((performance.now() - t0) / 10) / 100;
+  return result;
+}
