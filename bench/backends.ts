@@ -19,15 +19,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { Edu, EDU_IRQ_DMA } from "../examples/edu.ts";
-import {
-  type DmaBackend,
-  type DmaSpace,
-  findPciDevices,
-  Iommufd,
-  MemfdBuffer,
-  VfioContainer,
-  VfioDevice,
-} from "../src/index.ts";
+import { type DmaBackend, findPciDevices, MemfdBuffer, openDmaDevice } from "../src/index.ts";
 import { runInGuest } from "../vm/run.ts";
 import { formatNs } from "./baseline.ts";
 import { guestNvmeAddress } from "./nvme.ts";
@@ -52,20 +44,8 @@ type Mode = keyof typeof SWITCH_MODES;
 function eduDmaSession(backend: DmaBackend, address: string): Session {
   const scope = new Scope();
   try {
-    let device: VfioDevice;
-    let space: DmaSpace;
-    if (backend === "type1") {
-      const container = scope.keep(VfioContainer.open());
-      device = container.openDevice(address);
-      space = container;
-    } else {
-      const iommufd = scope.keep(Iommufd.open());
-      device = scope.keep(VfioDevice.open(address));
-      device.bind(iommufd);
-      const ioas = iommufd.createIoas();
-      device.attach(ioas);
-      space = ioas;
-    }
+    // The library's own way to a device on a chosen backend: the examples and the NVMe driver use it too.
+    const { device, space } = scope.keep(openDmaDevice(address, { backend }));
     device.setBusMaster(true);
     const edu = new Edu(device.mapRegion(0));
     const vector = scope.keep(device.enableIrq("msi")).vectors[0]!;
@@ -179,12 +159,12 @@ export function verdict(result: Pick<SwitchedResult, "ratio">, goal = GOAL): str
 
 export function table(results: Pick<BackendsFile, "cases">): string {
   const lines = [
-    `${"case".padEnd(26)} ${"type1/op".padStart(22)} ${"iommufd/op".padStart(22)}  ${"type1/iommufd [interval]".padEnd(26)} goal`,
+    `${"case".padEnd(26)} ${"type1/op [interval]".padStart(34)} ${"iommufd/op [interval]".padStart(34)}  ${"type1/iommufd [interval]".padEnd(26)} goal`,
   ];
   for (const c of results.cases) {
     const t = (i: SwitchedResult["a"]) => fmtInterval(i, formatNs);
     lines.push(
-      `${c.id.padEnd(26)} ${t(c.a).padStart(22)} ${t(c.b).padStart(22)}  ${fmtInterval(c.ratio).padEnd(26)} ${c.errors.length ? `error: ${c.errors.join("; ")}` : verdict(c)}`,
+      `${c.id.padEnd(26)} ${t(c.a).padStart(34)} ${t(c.b).padStart(34)}  ${fmtInterval(c.ratio).padEnd(26)} ${c.errors.length ? `error: ${c.errors.join("; ")}` : verdict(c)}`,
     );
   }
   return lines.join("\n");

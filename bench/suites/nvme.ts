@@ -38,7 +38,7 @@ export function openNvmeWorkload(
   const scope = new Scope();
   try {
     const controller = scope.keep(
-      NvmeController.open(address, { heapSize: 4 << 20, queueDepth: 64, completion, ...(backend ? { backend } : {}) }),
+      NvmeController.open(address, { heapSize: 4 << 20, queueDepth: 64, completion, backend }),
     );
     const opened = (controller as { backend?: DmaBackend }).backend;
     if (backend && opened !== backend) {
