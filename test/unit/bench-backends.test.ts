@@ -63,7 +63,7 @@ describe("switched rounds", () => {
   });
 
   test("one side open at a time, every slice opens and closes its own, ratios from the pairs", async () => {
-    const { spec, log, live } = exclusive(60_000, 30_000);
+    const { spec, log, live } = exclusive(80_000, 20_000);
     const r = await runSwitched(spec, mode, () => {});
     expect(r.errors).toEqual([]);
     expect(live()).toBeUndefined();
@@ -77,9 +77,9 @@ describe("switched rounds", () => {
       expect(round.ratio).toBe(roundRatio(round.slices.map((s) => ({ a: s.type1!, b: s.iommufd! }))));
       expect(round.a.samples).toBe(plan.slices * plan.samplesPerSlice);
     }
-    // type1 spins twice as long: the ratio says so (loosely: this host is shared).
-    expect(r.ratio!.median).toBeGreaterThan(1.4);
-    expect(r.ratio!.median).toBeLessThan(2.8);
+    // type1 spins four times as long: the ratio is a / b, not b / a. Only the direction is asserted:
+    // on a shared host a preempted spin moved a 2x pair's median to 3.7 once in about 25 runs.
+    expect(r.ratio!.median).toBeGreaterThan(1.5);
     expect(r.openMs.type1?.n).toBe(1 + plan.slices * mode.rounds);
   }, 30_000);
 
