@@ -11,7 +11,7 @@
  * inverse of what was written), 0x80 DMA source, 0x88 DMA destination, 0x90 count, 0x98 command
  * (bit 0 start, cleared when done; bit 1 direction, 0 = RAM to device, 1 = device to RAM).
  */
-import { bindToVfioPci, findPciDevices, IommufdError, MemfdBuffer, openDmaDevice } from "../src/index.ts";
+import { findPciDevices, IommufdError, MemfdBuffer, openDmaDevice } from "../src/index.ts";
 import { Edu, EDU_BUFFER, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "./edu.ts";
 
 /** edu masks DMA addresses to 28 bits, so every IOVA it uses must sit below 256 MiB. */
@@ -26,11 +26,10 @@ function main(): number {
     console.error("no edu device (1234:11e8) here: run this in the test guest: bun run vm -- bun examples/edu-dma.ts");
     return 1;
   }
-  const node = bindToVfioPci(address);
-  console.log(`edu at ${address}, bound to vfio-pci: ${node}`);
-
-  // iommufd where the kernel has it, else the VFIO type1 container; BUN_IOMMUFD_BACKEND forces one.
+  // Binds edu to vfio-pci if needed, then opens it through iommufd where the kernel has it, else
+  // through the VFIO type1 container; BUN_IOMMUFD_BACKEND=iommufd|type1 forces one.
   using dma = openDmaDevice(address);
+  console.log(`edu at ${address}, bound to vfio-pci`);
   const device = dma.device;
   console.log(`DMA through ${dma.backend}: ${dma.reason}`);
   if (dma.ioas) {

@@ -25,7 +25,10 @@ export function expectedAutoBackend(pciAddress: string): "iommufd" | "type1" {
     const list = features.split(",");
     return list.includes("iommufd") && list.includes("vfio-cdev") ? "iommufd" : "type1";
   }
-  return HAVE_IOMMUFD && existsSync(`/sys/bus/pci/devices/${pciAddress}/vfio-dev`) ? "iommufd" : "type1";
+  const vfioDev = `/sys/bus/pci/devices/${pciAddress}/vfio-dev`;
+  // A cdev has a device number (`dev`); 6.1 lists vfio-dev/vfioN without one.
+  const cdev = existsSync(vfioDev) && readdirSync(vfioDev).some((n) => existsSync(`${vfioDev}/${n}/dev`));
+  return HAVE_IOMMUFD && cdev ? "iommufd" : "type1";
 }
 
 export function openFdCount(): number {
