@@ -131,8 +131,8 @@ export function bindVfioPciDriver(pciAddress: string, options: { operation?: str
  * from 6.1 list vfio-dev/vfioN in sysfs for every VFIO device, but only those with
  * CONFIG_VFIO_DEVICE_CDEV give it a device number (its `dev` file) and so a node (seen on 6.1).
  */
-export function vfioCdevIfAny(pciAddress: string): string | undefined {
-  const vfioDev = join(SYSFS_PCI, pciAddress, "vfio-dev");
+export function vfioCdevIfAny(pciAddress: string, sysfsPci = SYSFS_PCI): string | undefined {
+  const vfioDev = join(sysfsPci, pciAddress, "vfio-dev");
   const nodes = existsSync(vfioDev) ? readdirSync(vfioDev).filter((n) => n.startsWith("vfio")) : [];
   const node = nodes.find((n) => existsSync(join(vfioDev, n, "dev")));
   return node === undefined ? undefined : join("/dev/vfio/devices", node);
