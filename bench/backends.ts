@@ -147,9 +147,8 @@ interface BackendsFile {
 
 type Measured = Omit<BackendsFile, "commit" | "dirty" | "date" | "host" | "hostLoad" | "bootSeconds" | "wallSeconds">;
 
-/** Whether a case meets the goal: its median, and its whole interval, within GOAL of 1. */
-export function verdict(result: Pick<SwitchedResult, "ratio">, goal = GOAL): string {
-  const r = result.ratio;
+/** Whether a ratio meets the goal: its median, and its whole interval, within GOAL of 1. */
+export function verdict(r: SwitchedResult["ratio"], goal = GOAL): string {
   if (!r) return "no ratio";
   const within = (x: number) => Math.abs(x - 1) <= goal;
   if (within(r.lo) && within(r.hi)) return `within ${goal * 100}% (whole interval)`;
@@ -159,12 +158,14 @@ export function verdict(result: Pick<SwitchedResult, "ratio">, goal = GOAL): str
 
 export function table(results: Pick<BackendsFile, "cases">): string {
   const lines = [
-    `${"case".padEnd(26)} ${"type1/op [interval]".padStart(34)} ${"iommufd/op [interval]".padStart(34)}  ${"type1/iommufd [interval]".padEnd(26)} goal`,
+    `${"case".padEnd(26)} ${"type1/op [interval]".padStart(34)} ${"iommufd/op [interval]".padStart(34)}  ${"type1/iommufd [interval]".padEnd(26)} ${"goal".padEnd(30)} ${"fastest samples [interval]".padEnd(26)} goal`,
   ];
   for (const c of results.cases) {
     const t = (i: SwitchedResult["a"]) => fmtInterval(i, formatNs);
     lines.push(
-      `${c.id.padEnd(26)} ${t(c.a).padStart(34)} ${t(c.b).padStart(34)}  ${fmtInterval(c.ratio).padEnd(26)} ${c.errors.length ? `error: ${c.errors.join("; ")}` : verdict(c)}`,
+      c.errors.length
+        ? `${c.id.padEnd(26)} error: ${c.errors.join("; ")}`
+        : `${c.id.padEnd(26)} ${t(c.a).padStart(34)} ${t(c.b).padStart(34)}  ${fmtInterval(c.ratio).padEnd(26)} ${verdict(c.ratio).padEnd(30)} ${fmtInterval(c.fastRatio).padEnd(26)} ${verdict(c.fastRatio)}`,
     );
   }
   return lines.join("\n");
@@ -186,7 +187,9 @@ async function measure(mode: Mode, filter: RegExp | undefined, filterSource?: st
   for (const spec of cases) {
     const r = await runSwitched(spec, settings, (line) => console.log(line));
     if (!r.errors.length) {
-      console.log(`  ${r.id.padEnd(26)} type1/iommufd ${fmtInterval(r.ratio)}  (${r.seconds} s)`);
+      console.log(
+        `  ${r.id.padEnd(26)} type1/iommufd ${fmtInterval(r.ratio)}, fastest samples ${fmtInterval(r.fastRatio)}  (${r.seconds} s)`,
+      );
     }
     results.push(r);
   }
@@ -200,7 +203,7 @@ async function measure(mode: Mode, filter: RegExp | undefined, filterSource?: st
     settings: {
       ...settings,
       statistic:
-        "time: median over the rounds of each round's median time per operation; ratio: median over the rounds of each round's median over its slice pairs of type1 median / iommufd median",
+        "time: median over the rounds of each round's median time per operation; ratio: median over the rounds of each round's median over its slice pairs of type1 median / iommufd median; fastest samples: the same with each slice's fastest sample instead of its median",
       interval: "min..max of the rounds",
       goal: `type1 within ${GOAL * 100}% of iommufd (issue 26)`,
     },
