@@ -98,8 +98,9 @@ describe("container and group", () => {
     ]);
     buffer.close();
     expectIommufdError(() => container.mapDma(buffer), "EBADF", "VFIO_IOMMU_MAP_DMA");
-    // The group is free again: its device opens through its cdev.
-    VfioDevice.open(eduAddress).close();
+    // The group is free again: another container takes it.
+    using again = VfioContainer.open();
+    again.openDevice(eduAddress);
   });
 
   test("closing the last group drops the IOMMU and its mappings; the next device sets it again", () => {
