@@ -20,7 +20,8 @@ export type CheckId =
   | "iommu"
   | "vfio"
   | "hugepages"
-  | "dmabuf";
+  | "dmabuf"
+  | "backend";
 
 export interface CheckResult {
   id: CheckId;

@@ -88,7 +88,7 @@ export function checkVfio(facts: DoctorFacts): CheckResult {
       summary: `${bound.map((d) => d.address).join(", ")} bound to vfio-pci but without a VFIO cdev`,
       fix:
         "boot a kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux 6.6+): iommufd reaches devices only through " +
-        "/dev/vfio/devices",
+        "/dev/vfio/devices; until then the type1 backend reaches them through their group (/dev/vfio/<group>)",
       details,
     };
   }

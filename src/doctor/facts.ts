@@ -7,6 +7,7 @@ import { lstatSync, readdirSync, readFileSync, readlinkSync, statSync } from "no
 import { machine, release } from "node:os";
 import { basename, join } from "node:path";
 import { gunzipSync } from "node:zlib";
+import { BACKEND_ENV } from "../dma/backend.ts";
 import { Iommufd } from "../iommufd/iommufd.ts";
 import { IommufdError } from "../sys/error.ts";
 import { errnoCode } from "../sys/errno.ts";
@@ -109,6 +110,10 @@ export interface DoctorFacts {
   nrHugepages?: number;
   hugePagePools?: HugePagePool[];
   dmabuf?: DmaBufProbe;
+  /** /dev/vfio/vfio is a character device (the legacy VFIO container, type1's way in). */
+  vfioContainer?: boolean;
+  /** $BUN_IOMMUFD_BACKEND as set (the backend check judges it). */
+  backendEnv?: string;
 }
 
 /** The file system and kernel calls the doctor uses; tests swap in their own. */
@@ -254,7 +259,10 @@ function listPciDevices(system: DoctorSystem): PciDevice[] | undefined {
     if (driver) device.driver = basename(driver);
     const group = system.readLink(join(dir, "iommu_group"));
     if (group) device.iommuGroup = basename(group);
-    const vfio = system.listDir(join(dir, "vfio-dev"))?.find((name) => /^vfio\d+$/.test(name));
+    // A cdev has a device number: 6.1 lists vfio-dev/vfioN without one and makes no node.
+    const vfio = system
+      .listDir(join(dir, "vfio-dev"))
+      ?.find((name) => /^vfio\d+$/.test(name) && system.readText(join(dir, "vfio-dev", name, "dev")) !== undefined);
     if (vfio) {
       device.vfioNode = `/dev/vfio/devices/${vfio}`;
       device.vfioNodeExists = system.nodeType(device.vfioNode) === "char";
@@ -321,6 +329,10 @@ export function gatherFacts(system: DoctorSystem = realSystem, options: GatherOp
   const node = system.nodeType(iommuPath);
   facts.iommuNode = node === "missing" ? "missing" : node === "char" ? "char" : "other";
   if (facts.iommuNode === "char") facts.iommufd = system.probeIommufd(iommuPath);
+
+  facts.vfioContainer = system.nodeType("/dev/vfio/vfio") === "char";
+  const backendEnv = system.env(BACKEND_ENV);
+  if (backendEnv !== undefined) facts.backendEnv = backendEnv;
 
   const limits = system.readText("/proc/self/limits");
   const memlock = limits === undefined ? undefined : memlockLimit(limits);

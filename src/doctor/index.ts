@@ -20,9 +20,11 @@ import {
   checkKernel,
   checkMemlock,
 } from "./checks.ts";
+import { checkBackend } from "./backend-check.ts";
 import { checkDmaBuf, checkIommu, checkVfio } from "./device-checks.ts";
 import { gatherFacts, realSystem, type DoctorFacts, type DoctorSystem, type GatherOptions } from "./facts.ts";
 
+export * from "./backend-check.ts";
 export * from "./checks.ts";
 export * from "./device-checks.ts";
 export * from "./facts.ts";
@@ -59,6 +61,7 @@ export function evaluate(facts: DoctorFacts): CheckResult[] {
     checkMemlock(facts),
     checkIommu(facts),
     checkVfio(facts),
+    checkBackend(facts),
     checkHugePages(facts),
     checkDmaBuf(facts),
   ];

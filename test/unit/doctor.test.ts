@@ -13,6 +13,7 @@ import {
   checkKernel,
   checkMemlock,
   checkVfio,
+  checkBackend,
   formatBytes,
   formatReport,
   gatherFacts,
@@ -205,6 +206,7 @@ describe("checks on hand-made facts", () => {
       ["memlock", "pass"],
       ["iommu", "pass"],
       ["vfio", "pass"],
+      ["backend", "pass"],
       ["hugepages", "pass"],
       ["dmabuf", "pass"],
     ]);
@@ -307,6 +309,36 @@ describe("checks on hand-made facts", () => {
     expect(checkVfio(unbound).fix).toContain('bindToVfioPci("0000:00:03.0")');
   });
 
+  test("backend: the decision openDmaDevice makes, per device on vfio-pci, with its reason", () => {
+    const good = checkBackend(goodFacts());
+    expect(good.status).toBe("pass");
+    expect(good.summary).toBe(
+      "0000:00:03.0: iommufd, /dev/iommu exists and 0000:00:03.0 has a VFIO cdev (/dev/vfio/devices/vfio0)",
+    );
+    // Debian 12's 6.1: no /dev/iommu, no cdev, the container is there.
+    const debian: DoctorFacts = {
+      ...goodFacts(),
+      iommuNode: "missing",
+      iommufd: undefined,
+      vfioContainer: true,
+      pciDevices: [{ address: "0000:00:03.0", driver: "vfio-pci", iommuGroup: "3" }],
+    };
+    expect(checkBackend(debian)).toMatchObject({
+      status: "pass",
+      summary: expect.stringContaining("0000:00:03.0: type1, no /dev/iommu"),
+    });
+    const forced = checkBackend({ ...goodFacts(), vfioContainer: true, backendEnv: "type1" });
+    expect(forced.summary).toBe("0000:00:03.0: type1, forced by BUN_IOMMUFD_BACKEND=type1");
+    const bad = checkBackend({ ...goodFacts(), backendEnv: "legacy" });
+    expect(bad).toMatchObject({ status: "fail", summary: expect.stringContaining('BUN_IOMMUFD_BACKEND="legacy"') });
+    const stranded = checkBackend({ ...debian, vfioContainer: false });
+    expect(stranded).toMatchObject({ status: "warn", fix: expect.stringContaining("modprobe vfio-pci") });
+    const none = checkBackend({ ...goodFacts(), vfioContainer: true, pciDevices: [] });
+    expect(none.summary).toBe(
+      "no device on vfio-pci yet; one would get iommufd (/dev/iommu) for devices with a VFIO cdev, else type1 (/dev/vfio/vfio)",
+    );
+  });
+
   test("dma-buf: ENOTTY from the probe means an older kernel; no probe falls back to the config", () => {
     const notty: DoctorFacts = {
       ...goodFacts(),
@@ -353,7 +385,7 @@ describe("gathering never crashes", () => {
     const report = runDoctor({ system: empty });
     expect(report.exitCode).toBe(1);
     expect(report.kernel).toBe("unknown");
-    expect(report.checks).toHaveLength(9);
+    expect(report.checks).toHaveLength(10);
     for (const check of report.checks) {
       expect(check.summary.length).toBeGreaterThan(10);
       if (check.status !== "pass") expect(check.fix?.length ?? 0).toBeGreaterThan(10);
@@ -390,6 +422,7 @@ describe("this machine", () => {
       "memlock",
       "iommu",
       "vfio",
+      "backend",
       "hugepages",
       "dmabuf",
     ]);
@@ -445,6 +478,7 @@ describe("gathering from fixed /proc and /sys text (hand-written expectations)",
     "/sys/bus/pci/devices/0000:00:03.0/vendor": "0x1234\n",
     "/sys/bus/pci/devices/0000:00:03.0/device": "0x11e8\n",
     "/sys/bus/pci/devices/0000:00:03.0/class": "0x00ff00\n",
+    "/sys/bus/pci/devices/0000:00:03.0/vfio-dev/vfio0/dev": "245:0\n",
     "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages": "16\n",
     "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages": "12\n",
     "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages": "0\n",
@@ -478,6 +512,16 @@ describe("gathering from fixed /proc and /sys text (hand-written expectations)",
     probeDmaBuf: () => {
       throw new Error("must not be called without iommufd");
     },
+  });
+
+  test("6.1's vfio-dev/vfioN without a device number is no cdev (the kernel made no node)", () => {
+    const system = fixture();
+    const noDevt = {
+      ...system,
+      readText: (path: string) => (path.endsWith("/vfio-dev/vfio0/dev") ? undefined : system.readText(path)),
+    };
+    const edu = gatherFacts(noDevt).pciDevices!.find((d) => d.address === "0000:00:03.0")!;
+    expect([edu.driver, edu.vfioNode, edu.vfioNodeExists]).toEqual(["vfio-pci", undefined, undefined]);
   });
 
   test("memlock, capabilities, IOMMU units and groups, PCI devices and huge pages", () => {
@@ -547,7 +591,7 @@ describe("the CLI", () => {
     const json = JSON.parse(stdout) as DoctorReport;
     expect(json.exitCode).toBe(code as 0 | 1);
     expect(json.kernel).toBe(release());
-    expect(json.checks).toHaveLength(9);
+    expect(json.checks).toHaveLength(10);
     for (const check of json.checks) expect(["pass", "warn", "fail"]).toContain(check.status);
     const iommufd = json.checks.find((c) => c.id === "iommufd")!;
     expect(code).toBe(iommufd.status === "pass" ? 0 : 1);
@@ -562,7 +606,7 @@ describe("the CLI", () => {
     const { code, stdout } = await run("doctor");
     const lines = stdout.split("\n");
     expect(lines[0]).toStartWith(`bun-iommufd doctor: Linux ${release()}`);
-    expect(lines.filter((l) => /^(PASS|WARN|FAIL) {2}\S/.test(l))).toHaveLength(9);
+    expect(lines.filter((l) => /^(PASS|WARN|FAIL) {2}\S/.test(l))).toHaveLength(10);
     expect(stdout).not.toContain("\x1b[");
     if (!existsSync("/dev/iommu")) {
       expect(code).toBe(1);
