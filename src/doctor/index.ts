@@ -31,8 +31,10 @@ export * from "./facts.ts";
 export * from "./parse.ts";
 
 export interface DoctorReport {
-  /** Whether iommufd is usable here: /dev/iommu opened and an IOAS was created. */
+  /** Whether the library can do DMA here: through iommufd, or else through a VFIO type1 container. */
   usable: boolean;
+  /** Which backend makes it usable: iommufd when /dev/iommu works, else type1; undefined when neither. */
+  backend: "iommufd" | "type1" | undefined;
   /** 0 when usable, else 1: what the CLI exits with. */
   exitCode: 0 | 1;
   /** One line on the outcome, naming the first failure when there is one. */
@@ -70,16 +72,29 @@ export function evaluate(facts: DoctorFacts): CheckResult[] {
 /** Build a report from facts; pure. */
 export function reportFrom(facts: DoctorFacts): DoctorReport {
   const checks = evaluate(facts);
-  const usable = checks.find((c) => c.id === "iommufd")?.status === "pass";
+  const status = (id: string) => checks.find((c) => c.id === id)?.status;
+  // Without iommufd the library still works through a VFIO container (Debian's stock kernels).
+  const backend =
+    status("iommufd") === "pass"
+      ? "iommufd"
+      : facts.vfioContainer === true && status("backend") === "pass"
+        ? "type1"
+        : undefined;
+  const usable = backend !== undefined;
   const counts: Record<CheckStatus, number> = { pass: 0, warn: 0, fail: 0 };
   for (const check of checks) counts[check.status]++;
   const iommufd = checks.find((c) => c.id === "iommufd");
   const warnings = counts.warn === 1 ? "1 warning" : `${counts.warn} warnings`;
-  const verdict = usable
-    ? `iommufd is usable here${counts.warn ? ` (${warnings} about optional features)` : ""}`
-    : `iommufd is NOT usable here: ${iommufd?.summary ?? "see above"}.${iommufd?.fix ? ` Fix: ${iommufd.fix}` : ""}`;
+  const notes = counts.warn ? ` (${warnings} about optional features)` : "";
+  const verdict =
+    backend === "iommufd"
+      ? `iommufd is usable here${notes}`
+      : backend === "type1"
+        ? `usable here through the VFIO type1 backend (/dev/vfio/vfio); iommufd is not: ${iommufd?.summary ?? "see above"}`
+        : `iommufd is NOT usable here, nor a VFIO container: ${iommufd?.summary ?? "see above"}.${iommufd?.fix ? ` Fix: ${iommufd.fix}` : ""}`;
   return {
     usable,
+    backend,
     exitCode: usable ? 0 : 1,
     verdict,
     kernel: facts.kernelRelease,

@@ -339,6 +339,30 @@ describe("checks on hand-made facts", () => {
     );
   });
 
+  test("a host without iommufd but with a VFIO container is usable through type1: exit 0, the verdict says so", () => {
+    const debian: DoctorFacts = {
+      ...goodFacts(),
+      iommuNode: "missing",
+      iommufd: undefined,
+      vfioContainer: true,
+      pciDevices: [{ address: "0000:00:03.0", driver: "vfio-pci", iommuGroup: "3" }],
+    };
+    const report = reportFrom(debian);
+    expect({ usable: report.usable, backend: report.backend, exitCode: report.exitCode }).toEqual({
+      usable: true,
+      backend: "type1",
+      exitCode: 0,
+    });
+    expect(report.verdict).toContain("usable here through the VFIO type1 backend");
+    const neither = reportFrom({ ...debian, vfioContainer: false });
+    expect({ usable: neither.usable, backend: neither.backend, exitCode: neither.exitCode }).toEqual({
+      usable: false,
+      backend: undefined,
+      exitCode: 1,
+    });
+    expect(reportFrom(goodFacts()).backend).toBe("iommufd");
+  });
+
   test("dma-buf: ENOTTY from the probe means an older kernel; no probe falls back to the config", () => {
     const notty: DoctorFacts = {
       ...goodFacts(),
