@@ -78,8 +78,8 @@ export function checkKernel(facts: DoctorFacts): CheckResult {
   if (missing.includes(KERNEL_FEATURES.iommufd)) {
     return {
       ...base,
-      status: "fail",
-      summary: `${label} predates iommufd: ${lacking}`,
+      status: withoutIommufd(facts),
+      summary: `${label} predates iommufd: ${lacking}${type1StillWorks(facts)}`,
       fix: `boot Linux 6.19 or newer built with CONFIG_IOMMUFD=y, ${GUEST_HINT}`,
     };
   }
@@ -161,7 +161,16 @@ export function checkConfig(facts: DoctorFacts): CheckResult {
   };
 }
 
-/** The verdict that sets the exit code: /dev/iommu opened and an IOAS allocated. */
+/** No iommufd stops the library only where no VFIO container can stand in for it. */
+function withoutIommufd(facts: DoctorFacts): CheckStatus {
+  return facts.vfioContainer === true ? "warn" : "fail";
+}
+
+function type1StillWorks(facts: DoctorFacts): string {
+  return facts.vfioContainer === true ? " (the VFIO type1 backend works without it: see DMA backend)" : "";
+}
+
+/** /dev/iommu opened and an IOAS allocated: with the DMA backend check, what sets the exit code. */
 export function checkIommufd(facts: DoctorFacts): CheckResult {
   const base = { id: "iommufd" as const, title: facts.iommuPath };
   const path = facts.iommuPath;
@@ -179,7 +188,12 @@ export function checkIommufd(facts: DoctorFacts): CheckResult {
         : config === "y"
           ? "mount devtmpfs on /dev, or let udev create the node (its major:minor is in /sys/class/misc/iommu/dev)"
           : `boot a kernel built with CONFIG_IOMMUFD=y (Linux 6.2+), ${GUEST_HINT}`;
-    return { ...base, status: "fail", summary: `${path} does not exist: ${why}`, fix };
+    return {
+      ...base,
+      status: withoutIommufd(facts),
+      summary: `${path} does not exist: ${why}${type1StillWorks(facts)}`,
+      fix,
+    };
   }
   if (facts.iommuNode === "other") {
     return {

@@ -354,6 +354,13 @@ describe("checks on hand-made facts", () => {
       exitCode: 0,
     });
     expect(report.verdict).toContain("usable here through the VFIO type1 backend");
+    // Lacking iommufd is then a warning, not a failure, in the kernel and /dev/iommu lines too.
+    const old = reportFrom({ ...debian, kernelRelease: "6.1.0-57-amd64" });
+    const status = (r: typeof report, id: string) => r.checks.find((c) => c.id === id)?.status;
+    expect([status(old, "kernel"), status(old, "iommufd")]).toEqual(["warn", "warn"]);
+    expect(old.checks.find((c) => c.id === "iommufd")?.summary).toContain("the VFIO type1 backend works without it");
+    const stranded = reportFrom({ ...debian, kernelRelease: "6.1.0-57-amd64", vfioContainer: false });
+    expect([status(stranded, "kernel"), status(stranded, "iommufd")]).toEqual(["fail", "fail"]);
     const neither = reportFrom({ ...debian, vfioContainer: false });
     expect({ usable: neither.usable, backend: neither.backend, exitCode: neither.exitCode }).toEqual({
       usable: false,
