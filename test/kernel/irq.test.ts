@@ -9,7 +9,7 @@ import { bindToVfioPci, Iommufd, IommufdError, IrqSet, MemfdBuffer, VfioDevice, 
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { libc } from "../../src/sys/libc.ts";
 import { Edu, EDU_IRQ_DMA, requireEduAddress } from "../support/edu.ts";
-import { expectIommufdError, openFdCount, requireIommufd, testScope } from "../support/kernel.ts";
+import { expectIommufdError, openFdCount, requireIommufd, testScope, settledFdCount } from "../support/kernel.ts";
 
 const F_DUPFD_CLOEXEC = 1030;
 let eduAddress = "";
@@ -27,14 +27,8 @@ beforeEach(() => {
 });
 afterEach(async () => {
   scope.releaseAll();
-  // Bun closes its duplicate of an awaited eventfd on its own thread shortly after cancel.
-  await settleFds(fdsAtStart);
-  expect(openFdCount()).toBe(fdsAtStart);
+  expect(await settledFdCount(fdsAtStart)).toBe(fdsAtStart);
 });
-
-async function settleFds(target: number): Promise<void> {
-  for (let i = 0; i < 100 && openFdCount() !== target; i++) await Bun.sleep(10);
-}
 
 function attachedEdu(): { iommufd: Iommufd; ioas: Ioas; device: VfioDevice; edu: Edu } {
   const iommufd = keep(Iommufd.open());

@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, readlinkSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { BACKEND_ENV, DmaHeap, type IommufdError, openDmaDevice, VfioContainer } from "../../src/index.ts";
 import { NvmeController } from "../../src/nvme/index.ts";
-import { expectedAutoBackend, expectIommufdError, openFdCount } from "../support/kernel.ts";
+import { expectedAutoBackend, expectIommufdError, openFdCount, settledFdCount } from "../support/kernel.ts";
 import { guestNvmeControllers, pattern, type GuestNvme, TYPE1_PATTERN_EXTENTS } from "../support/nvme.ts";
 
 // Emulated (TCG) time: a bring-up or a 1.25 MB transfer takes seconds.
@@ -48,9 +48,7 @@ beforeEach(() => {
 afterEach(async () => {
   delete process.env[BACKEND_ENV];
   for (const item of opened.splice(0).reverse()) item.close();
-  // Bun closes its duplicate of an awaited eventfd on its own thread shortly after cancel.
-  for (let i = 0; i < 100 && openFdCount() !== fdsAtStart; i++) await Bun.sleep(10);
-  expect(openFdCount()).toBe(fdsAtStart);
+  expect(await settledFdCount(fdsAtStart)).toBe(fdsAtStart);
 });
 afterAll(() => {
   if (savedEnv === undefined) delete process.env[BACKEND_ENV];

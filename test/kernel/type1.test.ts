@@ -11,7 +11,7 @@ import { DmaHeap, Iommufd, MemfdBuffer, readHwInfo, VfioContainer, VfioDevice } 
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { DMA_ENTRY_LIMIT_PATH } from "../../src/type1/ioctls.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR, requireEduAddress } from "../support/edu.ts";
-import { expectIommufdError, openFdCount, testScope } from "../support/kernel.ts";
+import { expectIommufdError, openFdCount, testScope, settledFdCount } from "../support/kernel.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -34,9 +34,7 @@ beforeEach(() => {
 });
 afterEach(async () => {
   scope.releaseAll();
-  // Bun closes its duplicate of an awaited eventfd on its own thread shortly after cancel.
-  for (let i = 0; i < 100 && openFdCount() !== fdsAtStart; i++) await Bun.sleep(10);
-  expect(openFdCount()).toBe(fdsAtStart);
+  expect(await settledFdCount(fdsAtStart)).toBe(fdsAtStart);
 });
 
 /** edu through its group in a fresh container, bus mastering on, BAR0 mapped. */

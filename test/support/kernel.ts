@@ -35,6 +35,15 @@ export function openFdCount(): number {
   return readdirSync("/proc/self/fd").length;
 }
 
+/**
+ * The open fd count once it has settled at `target` (or after a second): Bun closes its duplicate
+ * of an awaited eventfd on its own thread shortly after the read is cancelled.
+ */
+export async function settledFdCount(target: number): Promise<number> {
+  for (let i = 0; i < 100 && openFdCount() !== target; i++) await Bun.sleep(10);
+  return openFdCount();
+}
+
 /** VmPin and VmLck of this process, in KiB. */
 export function pinnedKiB(): { pin: number; lck: number } {
   const status = readFileSync("/proc/self/status", "utf8");
