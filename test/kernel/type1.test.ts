@@ -140,6 +140,22 @@ describe("a device opened through its group works like one opened through its cd
     expect(e.message).toContain("does not support reset");
   });
 
+  test("reset where the device has one: an NVMe controller's function reset clears its enable bit", () => {
+    const nvme = (
+      JSON.parse(process.env.IOMMUFD_VM_DEVICES ?? "[]") as { kind: string; driver: string; addr: string }[]
+    ).find((d) => d.kind === "nvme" && d.driver === "vfio-pci");
+    if (!nvme) throw new Error("no NVMe controller on vfio-pci in this guest; run through bun run test");
+    using container = VfioContainer.open();
+    const device = container.openDevice(nvme.addr);
+    expect(device.info().canReset).toBe(true);
+    using bar = device.mapRegion(0);
+    const CC = 0x14;
+    bar.write32(CC, bar.read32(CC) | 1); // CC.EN: a reset must clear it
+    expect(bar.read32(CC) & 1).toBe(1);
+    device.reset();
+    expect(bar.read32(CC) & 1).toBe(0);
+  });
+
   test("interrupt info, and an MSI raised by edu arrives in its eventfd", async () => {
     const { device, edu } = containedEdu();
     expect(device.irqs().map((i) => i.count)).toEqual(device.irqs().map((i) => i.count));
