@@ -30,10 +30,11 @@ function main(): number {
     );
     return 1;
   }
+  // iommufd first: a kernel without it has no VFIO cdev to bind either, and this says why.
+  using iommufd = Iommufd.open();
   const node = bindToVfioPci(address);
   console.log(`edu at ${address}: ${node}`);
 
-  using iommufd = Iommufd.open();
   using ioas = iommufd.createIoas();
   using device = VfioDevice.open(node);
   // VFIO answers feature requests (dma-buf export included) only once the device is bound.

@@ -1,5 +1,6 @@
 // The project's one test command (`bun run test`): typecheck, unit tests on the host, kernel tests
-// on /dev/iommu (the host's if it has one, else a QEMU guest's). Ends with exactly one line
+// on /dev/iommu (the host's if it has one, else a QEMU guest per kernel of the matrix: all of
+// test/kernel on 7.2, the device suites of MATRIX_SUITES on 6.12 and debian). Ends with exactly one line
 // "N passed, N failed[, N skipped]" and a non-zero status if anything failed.
 //
 //   bun run test [-- --unit-only | --kernel-only] [-- <extra bun test args>]
@@ -15,7 +16,7 @@ import { join, resolve } from "node:path";
 import { isCI } from "../test/support/ci.ts";
 import type { DeviceSpec } from "../vm/devices.ts";
 import { vmAvailability } from "../vm/host.ts";
-import { cachedKernel, KERNEL_NAMES, kernelImage } from "../vm/images.ts";
+import { cachedKernel, isKernelName, KERNEL_NAMES, type KernelName, kernelImage } from "../vm/images.ts";
 import { runInGuest } from "../vm/run.ts";
 
 /** The guest's devices for the kernel tests (see /work/coord/vm-api.md or vm/devices.ts). */
@@ -224,7 +225,25 @@ async function unitTests(extra: string[]): Promise<void> {
   await bunTestOnHost("unit tests", [...UNIT_TEST_ARGS, "./test/unit", ...extra]);
 }
 
-async function kernelTests(extra: string[]): Promise<void> {
+/**
+ * The device suites that run on the other kernels of the matrix besides 7.2 (which runs all of
+ * test/kernel). Each suite asserts the typed error where its kernel lacks a feature (see
+ * test/support/matrix.ts). Left out everywhere but 7.2, because they need what only the test
+ * kernel has: fault-injection and vmm-fault-injection (fault injection and the selftest hooks),
+ * hwpt, handover, memlock and ioas (iommufd-only objects and accounting: HWPT, change-process, the
+ * selftest mock domain), doctor (its "every check green" is the 7.2 guest's), smoke (/dev/iommu).
+ */
+export const MATRIX_SUITES: Record<Exclude<KernelName, "7.2">, string[]> = {
+  // iommufd without MAP_FILE or VFIO dma-buf export, and the type1 container.
+  "6.12": ["vfio", "irq", "heap", "nvme", "type1", "nvme-type1", "features", "examples", "vm-devices"].map(
+    (name) => `./test/kernel/${name}.test.ts`,
+  ),
+  // No iommufd at all: type1 only. vfio, irq, heap and nvme open devices through cdevs with an
+  // Iommufd (their type1 twins are type1 and nvme-type1; features asserts Iommufd.open's ENOENT).
+  debian: ["type1", "nvme-type1", "features", "examples", "vm-devices"].map((name) => `./test/kernel/${name}.test.ts`),
+};
+
+async function kernelTests(extra: string[], kernels: KernelName[]): Promise<void> {
   if (existsSync("/dev/iommu")) {
     header("kernel tests (host /dev/iommu)");
     await bunTestOnHost("kernel tests", [...KERNEL_TEST_ARGS, "./test/kernel", ...extra], { skipsFail: ci });
@@ -242,14 +261,27 @@ async function kernelTests(extra: string[]): Promise<void> {
     }
     return;
   }
-  header("kernel tests (QEMU guest)");
+  for (const kernel of kernels) {
+    if (kernel !== "7.2" && !ci && !(await cachedKernel(kernel))) {
+      console.log(`\nkernel ${kernel}: not cached, its run is left out outside CI (bash vm/kernel.sh build ${kernel})`);
+      continue;
+    }
+    const files = kernel === "7.2" ? ["./test/kernel"] : MATRIX_SUITES[kernel];
+    await timed(`kernel tests on ${kernel}`, () => kernelTestsInGuest(kernel, files, extra));
+  }
+}
+
+async function kernelTestsInGuest(kernel: KernelName, files: string[], extra: string[]): Promise<void> {
+  const label = `kernel tests on ${kernel}`;
+  header(`${label} (QEMU guest${kernel === "7.2" ? "" : `: ${files.map((f) => f.replace(/^.*\//, "")).join(" ")}`})`);
   const t = tee();
   const diskDir = mkdtempSync(join(tmpdir(), "bun-iommufd-test-disks-"));
   const outDir = mkdtempSync(join(tmpdir(), "bun-iommufd-test-out-"));
   try {
     const result = await runInGuest({
-      command: ["bun", "test", ...KERNEL_TEST_ARGS, "./test/kernel", ...extra],
+      command: ["bun", "test", ...KERNEL_TEST_ARGS, ...files, ...extra],
       cwd: root,
+      kernel,
       // vfio0 = edu, vfio1 = NVMe A, vfio2 = NVMe B with a CMB (A can DMA into B's CMB).
       devices: KERNEL_TEST_DEVICES,
       diskDir,
@@ -257,14 +289,14 @@ async function kernelTests(extra: string[]): Promise<void> {
       onStdout: t.out,
       onStderr: t.err,
     });
-    kernelResult(result, t.text());
+    kernelResult(label, result, t.text());
     // After the guest powered off and before its disk images go: the host reads what the NVMe
     // tests wrote, at the same offsets of the image file (test/host/nvme-image.test.ts).
     // A filtered run (-- -t ...) may not have run the NVMe tests: then there is nothing to check.
     const manifests = ["nvme-written.json", "nvme-type1-written.json"];
     if (extra.length === 0 || manifests.some((name) => existsSync(join(outDir, name)))) {
-      header("NVMe disk images on the host after the guest (test/host)");
-      await bunTestOnHost("host checks after the guest", [...UNIT_TEST_ARGS, "./test/host"], {
+      header(`NVMe disk images on the host after the ${kernel} guest (test/host)`);
+      await bunTestOnHost(`host checks after the ${kernel} guest`, [...UNIT_TEST_ARGS, "./test/host"], {
         env: { IOMMUFD_VM_RESULTS: outDir },
       });
     }
@@ -274,17 +306,17 @@ async function kernelTests(extra: string[]): Promise<void> {
   }
 }
 
-function kernelResult(result: Awaited<ReturnType<typeof runInGuest>>, text: string): void {
+function kernelResult(label: string, result: Awaited<ReturnType<typeof runInGuest>>, text: string): void {
   if (result.failure) {
     // Whatever ran before the guest failed still counts, plus one failure for the guest itself.
     const s = parseBunTestSummary(text);
     tally.passed += s.pass;
     tally.failed += s.fail + 1;
     tally.skipped += s.skip + s.todo;
-    problems.push(`kernel tests: ${result.message ?? result.failure}`);
+    problems.push(`${label}: ${result.message ?? result.failure}`);
     return;
   }
-  account("kernel tests", result.exitCode, text, { skipsFail: ci });
+  account(label, result.exitCode, text, { skipsFail: ci });
 }
 
 /**
@@ -332,6 +364,8 @@ function usage(): string {
   --unit-only     typecheck, lint and unit tests only
   --kernel-only   kernel tests only (in a QEMU guest unless the host has /dev/iommu)
   --no-bench      leave out the benchmark smoke run (bun bench --quick)
+  --kernel NAME   run the kernel tests on this kernel of the matrix only (${KERNEL_NAMES.join(", ")});
+                  repeatable. Default: all (6.12 outside CI only when cached)
   -- ARGS         passed on to each bun test run (e.g. -t <pattern>)`;
 }
 
@@ -339,6 +373,7 @@ async function main(argv: string[]): Promise<number> {
   let unit = true;
   let kernel = true;
   let bench = true;
+  const kernels: KernelName[] = [];
   const extra: string[] = [];
   // `bun run test -- x` passes x, `bun scripts/test.ts -- x` passes "--" too.
   if (argv[0] === "--") argv = argv.slice(1);
@@ -348,7 +383,14 @@ async function main(argv: string[]): Promise<number> {
       extra.push(...argv.slice(i + 1));
       break;
     }
-    if (a === "--unit-only") kernel = false;
+    if (a === "--kernel") {
+      const name = argv[++i] ?? "";
+      if (!isKernelName(name)) {
+        console.error(`scripts/test.ts: --kernel takes one of ${KERNEL_NAMES.join(", ")}, not "${name}"`);
+        return 2;
+      }
+      kernels.push(name);
+    } else if (a === "--unit-only") kernel = false;
     else if (a === "--no-bench") bench = false;
     else if (a === "--kernel-only") unit = false;
     else if (a === "-h" || a === "--help") {
@@ -367,8 +409,9 @@ async function main(argv: string[]): Promise<number> {
   const t0 = performance.now();
   // The guest's kernels come first: the 7.2 build also keeps the selftest header that the unit
   // layout test checks, and a broken build should be reported before anything else runs. The
-  // other kernels of the matrix are for test/vm/kernels.test.ts: under CI all of them (a skip
-  // fails there); elsewhere the stock kernel (a download) but not the second build (15 min).
+  // other kernels of the matrix run MATRIX_SUITES and test/vm/kernels.test.ts: under CI all of
+  // them (a skip fails there); elsewhere the stock kernel (a download) but not the second build
+  // (15 min).
   if (kernel && !existsSync("/dev/iommu") && vmAvailability().ok) {
     await timed("kernel", async () => {
       header("test kernels (vm/kernel.sh build, cached after the first build)");
@@ -391,7 +434,7 @@ async function main(argv: string[]): Promise<number> {
     await timed("lint", lint);
     await timed("unit tests", () => unitTests(extra));
   }
-  if (kernel) await timed("kernel tests", () => kernelTests(extra));
+  if (kernel) await kernelTests(extra, kernels.length ? kernels : [...KERNEL_NAMES]);
   if (kernel) await timed("vm command tests", () => vmCommandTests(extra));
   if (kernel && bench && (existsSync("/dev/iommu") || vmAvailability().ok)) await timed("bench smoke", benchSmoke);
 

@@ -7,12 +7,28 @@ import { join } from "node:path";
 import { BACKEND_ENV, findPciDevices } from "../../src/index.ts";
 import { guestNvmeControllers } from "../support/nvme.ts";
 import { expectedAutoBackend, requireIommufd } from "../support/kernel.ts";
+import { kernelHas, onThisKernel } from "../support/matrix.ts";
 
 const root = join(import.meta.dir, "../..");
 // In the guest the edu device is part of the setup, so its absence is a failure, not a skip.
 const eduAddress = findPciDevices(0x1234, 0x11e8)[0];
 const haveEdu = process.env.IOMMUFD_IN_VM === "1" || eduAddress !== undefined;
 const nvme = guestNvmeControllers()[0];
+const has = kernelHas();
+
+/** An example that needs iommufd, on a kernel without it: Iommufd.open's sentence, exit status 1. */
+function expectNoIommufd(result: { code: number; stderr: string }): void {
+  expect(result.code).toBe(1);
+  expect(result.stderr).toContain("ENOENT");
+  expect(result.stderr).toContain("CONFIG_IOMMUFD");
+}
+
+/** Shows an example's output in the run's log: the issue's record of what each kernel printed. */
+function show(name: string, how: string, stdout: string): void {
+  console.log(
+    `--- examples/${name} ${how} on ${process.env.IOMMUFD_VM_KERNEL ?? "this host"}\n${stdout.trimEnd()}\n---`,
+  );
+}
 
 async function example(
   name: string,
@@ -30,7 +46,8 @@ async function example(
   return { code, stdout, stderr };
 }
 
-test("map-memfd.ts maps a MemfdBuffer, prints its IOVA and unmaps", async () => {
+test(`map-memfd.ts maps a MemfdBuffer, prints its IOVA and unmaps${onThisKernel(has.iommufd, "no iommufd: Iommufd.open's ENOENT")}`, async () => {
+  if (!has.iommufd) return expectNoIommufd(await example("map-memfd.ts"));
   requireIommufd();
   const { code, stdout } = await example("map-memfd.ts");
   expect(code).toBe(0);
@@ -74,6 +91,7 @@ for (const run of runs) {
     `edu-irq.ts ${run.how} awaits edu's DMA completion interrupts while a timer keeps ticking`,
     async () => {
       const { code, stdout } = await example("edu-irq.ts", run.env);
+      show("edu-irq.ts", run.how, stdout);
       expect(code).toBe(0);
       expect(stdout).toMatch(new RegExp(`: DMA through ${run.backend(eduAddress ?? "")} \\(`, "m"));
       expect(stdout).toMatch(
@@ -91,6 +109,7 @@ for (const run of runs) {
     `nvme.ts ${run.how} identifies the controller, writes a block and reads it back`,
     async () => {
       const { code, stdout } = await example("nvme.ts", run.env);
+      show("nvme.ts", run.how, stdout);
       expect(code).toBe(0);
       expect(stdout).toMatch(/^0000:[0-9a-f:.]+: QEMU NVMe Ctrl \(serial \S+, firmware \S+\), NVMe 1\.\d+\.\d+$/m);
       const backend = run.backend(nvme?.addr ?? "");
@@ -102,9 +121,22 @@ for (const run of runs) {
   );
 }
 
+const dmaBufBranch = !has.iommufd
+  ? onThisKernel(false, "no iommufd: Iommufd.open's ENOENT")
+  : onThisKernel(has.dmaBufExport, "no VFIO dma-buf export: ENOTTY");
+
 test.skipIf(!haveEdu)(
-  "vfio-dmabuf.ts exports a BAR0 slice as a dma-buf, maps it into an IOAS and edu reads it by IOVA",
+  `vfio-dmabuf.ts exports a BAR0 slice as a dma-buf, maps it into an IOAS and edu reads it by IOVA${dmaBufBranch}`,
   async () => {
+    if (!has.iommufd) return expectNoIommufd(await example("vfio-dmabuf.ts"));
+    if (!has.dmaBufExport) {
+      const { code, stdout, stderr } = await example("vfio-dmabuf.ts");
+      expect(code).not.toBe(0);
+      expect(stdout).toMatch(/; dma-buf export supported: false$/m);
+      expect(stderr).toContain("ENOTTY");
+      expect(stderr).toContain("VFIO_DEVICE_FEATURE_DMA_BUF");
+      return;
+    }
     requireIommufd();
     const { code, stdout } = await example("vfio-dmabuf.ts");
     expect(code).toBe(0);

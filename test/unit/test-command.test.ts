@@ -4,10 +4,17 @@
  * report green for a run that never happened.
  */
 import { describe, expect, test } from "bun:test";
-import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { judgeRun, KERNEL_TEST_ARGS, parseBunTestSummary, skippedTests, UNIT_TEST_ARGS } from "../../scripts/test.ts";
+import {
+  judgeRun,
+  KERNEL_TEST_ARGS,
+  MATRIX_SUITES,
+  parseBunTestSummary,
+  skippedTests,
+  UNIT_TEST_ARGS,
+} from "../../scripts/test.ts";
 import { isCI } from "../support/ci.ts";
 
 const root = join(import.meta.dir, "../..");
@@ -185,5 +192,22 @@ describe(".ci/run", () => {
     const r = ciRun("true", `echo "7 passed, 2 failed"; exit 0`);
     expect(r.status).toBe(1);
     expect(r.lines.at(-1)).toBe("7 passed, 2 failed");
+  });
+});
+
+describe("the kernel matrix's suites (MATRIX_SUITES)", () => {
+  test("every listed suite exists; the test-kernel-only suites are on no other kernel", () => {
+    const testKernelOnly = ["fault-injection", "vmm-fault-injection", "hwpt", "handover", "memlock", "smoke"];
+    for (const [kernel, files] of Object.entries(MATRIX_SUITES)) {
+      expect(files.length).toBeGreaterThan(0);
+      for (const file of files) {
+        expect({ kernel, file, exists: existsSync(join(root, file)) }).toEqual({ kernel, file, exists: true });
+        for (const name of testKernelOnly) expect(file.endsWith(`/${name}.test.ts`)).toBe(false);
+      }
+    }
+  });
+
+  test("the examples run on every kernel (the issue wants their output on each)", () => {
+    for (const files of Object.values(MATRIX_SUITES)) expect(files).toContain("./test/kernel/examples.test.ts");
   });
 });
