@@ -234,7 +234,8 @@ async function unitTests(extra: string[]): Promise<void> {
  * selftest mock domain), doctor (its "every check green" is the 7.2 guest's), smoke (/dev/iommu).
  */
 export const MATRIX_SUITES: Record<Exclude<KernelName, "7.2">, string[]> = {
-  // iommufd without MAP_FILE or VFIO dma-buf export, and the type1 container.
+  // iommufd without MAP_FILE or VFIO dma-buf export, and the type1 container. heap's selftest
+  // mock-domain tests and nvme's fault-injection sweep are registered on 7.2 only.
   "6.12": ["vfio", "irq", "heap", "nvme", "type1", "nvme-type1", "features", "examples", "vm-devices"].map(
     (name) => `./test/kernel/${name}.test.ts`,
   ),
