@@ -2,6 +2,7 @@
 import { existsSync, readdirSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
+import { DEFAULT_KERNEL } from "../../vm/images.ts";
 
 export const projectRoot = join(import.meta.dir, "..", "..");
 
@@ -25,11 +26,15 @@ export function uapiIncludeDir(): string {
   return dir;
 }
 
-/** The selftest header kept beside the newest cached test kernel, if one was built. */
+/**
+ * The selftest header kept beside the newest cached test kernel (7.2), if one was built. Only the
+ * test kernel's: the 6.12 build of the matrix keeps its own, an older selftest ABI.
+ */
 export function selftestHeaderDir(): string | undefined {
   const kernels = join(cacheRoot(), "kernels");
   if (!existsSync(kernels)) return undefined;
   const dirs = readdirSync(kernels)
+    .filter((name) => name.startsWith(`linux-source-${DEFAULT_KERNEL}-`))
     .map((name) => join(kernels, name, "include"))
     .filter((dir) => existsSync(join(dir, "iommufd_test.h")))
     .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs);
