@@ -50,7 +50,10 @@ const manifest: {
   blockSize: number;
   written: { lba: number; blocks: number }[];
   p2p?: { lba: number; blocks: number; sourceLba: number };
+  /** False where the kernel cannot export the CMB as a dma-buf (6.12): the host expects no p2p extent. */
+  peerToPeer: boolean;
 } = {
+  peerToPeer: has.dmaBufExport,
   disk: "",
   blockSize: 512,
   written: [],
