@@ -21,7 +21,9 @@ import {
   type PreparedMapping,
   type RegionMapping,
 } from "../../src/index.ts";
+import { type DmaDevice, openDmaDevice } from "../../src/dma/open-device.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
+import type { ContainerMapping } from "../../src/type1/mapping.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR } from "../support/edu.ts";
 import {
   FailNth,
@@ -216,6 +218,56 @@ function unmapCase(name: string, how: "ioas" | "mapping"): Omit<SweepCase<Env, v
 }
 
 describe("fault-injection sweep", () => {
+  test(
+    "VfioContainer.mapDma (type1 backend, edu behind it)",
+    () => {
+      interface Type1Env {
+        dma: DmaDevice;
+        buffer: MemfdBuffer;
+        edu: Edu;
+      }
+      /** edu copies 512 bytes from EDU_IOVA into its buffer and back 8 KiB higher: true when they arrived. */
+      const roundTrip = ({ buffer, edu }: Type1Env): boolean => {
+        const bytes = buffer.bytes;
+        for (let i = 0; i < 512; i++) bytes[i] = (i * 5 + 1) & 0xff;
+        bytes.fill(0x22, 8192, 8192 + 512);
+        edu.fromRam(EDU_IOVA, 0, 512);
+        edu.toRam(0, EDU_IOVA + 8192, 512);
+        return Buffer.from(bytes.subarray(8192, 8192 + 512)).equals(Buffer.from(bytes.subarray(0, 512)));
+      };
+      sweep<Type1Env, ContainerMapping>(failNth, {
+        name: "VFIO_IOMMU_MAP_DMA (type1, edu)",
+        setup() {
+          const dma = openDmaDevice(requireEdu(), { backend: "type1" });
+          dma.device.setBusMaster(true);
+          const buffer = MemfdBuffer.create(64 * KiB);
+          return { dma, buffer, edu: new Edu(dma.device.mapRegion(0)) };
+        },
+        run: (env) => env.dma.container!.mapDma(env.buffer, { iova: EDU_IOVA }),
+        verify(env, { result, error }) {
+          const container = env.dma.container!;
+          if (error) {
+            expect(error.operation).toBe("VFIO_IOMMU_MAP_DMA");
+            // Nothing recorded, and the kernel agrees: the same fixed IOVA maps again.
+            expect(container.mappings.length).toBe(0);
+            const again = container.mapDma(env.buffer, { iova: EDU_IOVA });
+            expect(roundTrip(env)).toBe(true);
+            again.unmap();
+          } else {
+            expect(container.mappings).toEqual([result!]);
+            expect(roundTrip(env)).toBe(true);
+          }
+        },
+        release: (_env, mapping) => mapping.unmap(),
+        dispose(env) {
+          env.dma.close();
+          env.buffer.close();
+        },
+      });
+    },
+    SWEEP_TIMEOUT,
+  );
+
   test(
     "the guest fails every allocation: order-0 pages and highmem too, and sleeping allocations",
     () => {
