@@ -157,6 +157,17 @@ describe("parsers", () => {
 });
 
 /** Facts of a machine where everything works, like the test guest. */
+/** Debian 12's stock 6.1: no /dev/iommu, no cdev, the VFIO container is there. */
+function debianFacts(): DoctorFacts {
+  return {
+    ...goodFacts(),
+    iommuNode: "missing",
+    iommufd: undefined,
+    vfioContainer: true,
+    pciDevices: [{ address: "0000:00:03.0", driver: "vfio-pci", iommuGroup: "3" }],
+  };
+}
+
 function goodFacts(): DoctorFacts {
   return {
     kernelRelease: "7.2.13",
@@ -315,14 +326,7 @@ describe("checks on hand-made facts", () => {
     expect(good.summary).toBe(
       "0000:00:03.0: iommufd, /dev/iommu exists and 0000:00:03.0 has a VFIO cdev (/dev/vfio/devices/vfio0)",
     );
-    // Debian 12's 6.1: no /dev/iommu, no cdev, the container is there.
-    const debian: DoctorFacts = {
-      ...goodFacts(),
-      iommuNode: "missing",
-      iommufd: undefined,
-      vfioContainer: true,
-      pciDevices: [{ address: "0000:00:03.0", driver: "vfio-pci", iommuGroup: "3" }],
-    };
+    const debian = debianFacts();
     expect(checkBackend(debian)).toMatchObject({
       status: "pass",
       summary: expect.stringContaining("0000:00:03.0: type1, no /dev/iommu"),
@@ -340,13 +344,7 @@ describe("checks on hand-made facts", () => {
   });
 
   test("a host without iommufd but with a VFIO container is usable through type1: exit 0, the verdict says so", () => {
-    const debian: DoctorFacts = {
-      ...goodFacts(),
-      iommuNode: "missing",
-      iommufd: undefined,
-      vfioContainer: true,
-      pciDevices: [{ address: "0000:00:03.0", driver: "vfio-pci", iommuGroup: "3" }],
-    };
+    const debian = debianFacts();
     const report = reportFrom(debian);
     expect({ usable: report.usable, backend: report.backend, exitCode: report.exitCode }).toEqual({
       usable: true,
