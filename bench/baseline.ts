@@ -168,6 +168,7 @@ interface Reply {
   ready?: boolean;
   warmupOps?: number;
   times?: number[];
+  [member: string]: unknown;
 }
 
 /**
@@ -223,6 +224,11 @@ export class CProcess {
     const r = await this.#command(`slice ${samples} ${opsPerSample}`);
     if (!r.times || r.times.length !== samples) throw new Error(`${this.#what}: slice gave no times`);
     return r.times;
+  }
+
+  /** What the op recorded itself since the last report (its own members, e.g. latencies). */
+  async report(): Promise<Record<string, unknown>> {
+    return this.#command("report") as Promise<Record<string, unknown>>;
   }
 
   async close(): Promise<void> {

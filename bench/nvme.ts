@@ -19,8 +19,11 @@ import { join, resolve } from "node:path";
 import { runInGuest } from "../vm/run.ts";
 import { type Completion, NvmeController } from "../src/nvme/index.ts";
 import { bindToVfioPci } from "../src/vfio/pci.ts";
+import { binaryPath, buildBaseline, CProcess } from "./baseline.ts";
+import { bareLoop, cLoopCounterpart, openLoopQueue } from "./nvme-loop.ts";
 
-export type Driver = "bun-iommufd" | "kernel";
+/** Ours, the kernel's, and the two bare loops (bench/nvme-loop.ts) that are the floor for ours. */
+export type Driver = "bun-iommufd" | "kernel" | "bare-ts" | "bare-c";
 export type Workload = "randread" | "randwrite";
 
 export interface NvmeRaceRow {
@@ -34,6 +37,13 @@ export interface NvmeRaceRow {
   p99us: number;
   ops: number;
   seconds: number;
+  /**
+   * The whole guest's busy CPU time per I/O in µs, from /proc/stat (user, nice, system, irq,
+   * softirq, steal) over the measured phase: it counts interrupt handlers, the kernel's own
+   * driver and fio alike, which getrusage of one process would not, and the guest runs nothing
+   * else meanwhile. With one vCPU a spinning poller shows as 1e6 / IOPS.
+   */
+  cpuUsPerIo: number;
 }
 
 export interface NvmeRaceOptions {
@@ -44,6 +54,12 @@ export interface NvmeRaceOptions {
   /** Alternating rounds (ours, kernel's); each row reported is its best round. Default 2. */
   rounds?: number;
   log?: (line: string) => void;
+  /** The cbench binary for the C loop's rows (bench/baseline.ts); without it they are left out. */
+  cbench?: string;
+  /** Include the kernel driver's phase (the controller is rebound). Default true. */
+  kernel?: boolean;
+  /** Only these workloads. Default: all. */
+  workloads?: Workload[];
 }
 
 const BLOCK = 4096;
@@ -53,6 +69,21 @@ const BLOCK = 4096;
  */
 const RANGE = 16 << 20;
 const SYSFS = "/sys/bus/pci/devices";
+
+/** Busy and total jiffies of the whole guest (/proc/stat's first line). */
+function guestCpu(): { busy: number; total: number } {
+  const fields = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = fields;
+  const busy = user + nice + system + irq + softirq + steal;
+  return { busy, total: busy + idle + iowait };
+}
+
+/** Measures the guest's busy CPU time from now; the closure gives µs per I/O for `ios`. */
+function cpuMeter(): (ios: number) => number {
+  const before = guestCpu();
+  // USER_HZ is 100 on every architecture Linux exports /proc/stat for.
+  return (ios) => +(((guestCpu().busy - before.busy) * 10_000) / Math.max(1, ios)).toFixed(1);
+}
 
 function percentile(sorted: Float64Array, p: number): number {
   if (sorted.length === 0) return Number.NaN;
@@ -97,9 +128,11 @@ async function userPhase(
   };
   try {
     await run(performance.now() + Math.max(500, seconds * 250), false);
+    const cpu = cpuMeter();
     const t0 = performance.now();
     await run(t0 + seconds * 1000, true);
     const elapsed = (performance.now() - t0) / 1000;
+    const cpuUsPerIo = cpu(count);
     const sorted = latencies.subarray(0, count).sort();
     return {
       driver: "bun-iommufd",
@@ -111,11 +144,104 @@ async function userPhase(
       p99us: +(percentile(sorted, 99) * 1000).toFixed(1),
       ops: count,
       seconds: +elapsed.toFixed(2),
+      cpuUsPerIo,
     };
   } finally {
     for (const b of buffers) b.free();
     controller.deleteQueuePair(queue);
   }
+}
+
+/** I/Os per run of a bare loop: enough to make the drain at each run's end negligible. */
+const LOOP_RUN = 1024;
+
+/** The bare TypeScript loop (bench/nvme-loop.ts) on a queue pair of its own. */
+function tsLoopPhase(controller: NvmeController, workload: Workload, depth: number, seconds: number): NvmeRaceRow {
+  const loop = openLoopQueue(controller, depth);
+  try {
+    const bare = bareLoop(controller, loop, workload === "randread" ? "read" : "write", RANGE);
+    const warmUntil = performance.now() + Math.max(500, seconds * 250);
+    while (performance.now() < warmUntil) bare.run(LOOP_RUN);
+    bare.takeLatencies();
+    const cpu = cpuMeter();
+    const t0 = performance.now();
+    let ios = 0;
+    while (performance.now() < t0 + seconds * 1000) {
+      bare.run(LOOP_RUN);
+      ios += LOOP_RUN;
+    }
+    const elapsed = (performance.now() - t0) / 1000;
+    const cpuUsPerIo = cpu(ios);
+    const sorted = bare.takeLatencies();
+    return row(
+      "bare-ts",
+      workload,
+      depth,
+      ios,
+      elapsed,
+      percentile(sorted, 50) * 1000,
+      percentile(sorted, 99) * 1000,
+      cpuUsPerIo,
+    );
+  } finally {
+    loop.close();
+  }
+}
+
+/** The C loop (bench/baseline/ops_nvme.c) on a queue pair of its own, driven through cbench. */
+async function cLoopPhase(
+  controller: NvmeController,
+  binary: string,
+  workload: Workload,
+  depth: number,
+  seconds: number,
+): Promise<NvmeRaceRow> {
+  const loop = openLoopQueue(controller, depth);
+  try {
+    const counterpart = cLoopCounterpart(controller, loop, workload === "randread" ? "read" : "write", RANGE, LOOP_RUN);
+    const c = await CProcess.start(binary, counterpart);
+    try {
+      const warmMs = Math.max(500, seconds * 250);
+      await c.warmUp(1, warmMs, warmMs * 4);
+      await c.report();
+      const cpu = cpuMeter();
+      const t0 = performance.now();
+      const runs = await c.warmUp(1, seconds * 1000, seconds * 4000);
+      const elapsed = (performance.now() - t0) / 1000;
+      const ios = runs * LOOP_RUN;
+      const cpuUsPerIo = cpu(ios);
+      const latencies = (await c.report()) as { p50: number; p99: number };
+      return row("bare-c", workload, depth, ios, elapsed, latencies.p50 / 1000, latencies.p99 / 1000, cpuUsPerIo);
+    } finally {
+      await c.close();
+    }
+  } finally {
+    loop.close();
+  }
+}
+
+function row(
+  driver: Driver,
+  workload: Workload,
+  depth: number,
+  ios: number,
+  elapsed: number,
+  p50us: number,
+  p99us: number,
+  cpuUsPerIo: number,
+): NvmeRaceRow {
+  return {
+    driver,
+    mode: "polled",
+    workload,
+    queueDepth: depth,
+    iops: Math.round(ios / elapsed),
+    p50us: +p50us.toFixed(1),
+    p99us: +p99us.toFixed(1),
+    ops: ios,
+    seconds: +elapsed.toFixed(2),
+    cpuUsPerIo,
+  };
 }
 
 /** Move the controller to the kernel's nvme driver; returns its block device. */
@@ -158,7 +284,9 @@ function fioPhase(device: string, workload: Workload, depth: number, seconds: nu
     "--randrepeat=0",
     "--output-format=json",
   ];
+  const cpu = cpuMeter();
   const proc = Bun.spawnSync(args, { stdout: "pipe", stderr: "pipe" });
+  // fio's ramp-up runs inside the meter: its I/Os are counted at the measured rate.
   if (proc.exitCode !== 0) throw new Error(`fio failed (${proc.exitCode}): ${proc.stderr.toString().trim()}`);
   const out = proc.stdout.toString();
   const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
@@ -174,6 +302,7 @@ function fioPhase(device: string, workload: Workload, depth: number, seconds: nu
     p99us: +((pct["99.000000"] ?? Number.NaN) / 1000).toFixed(1),
     ops: side.total_ios,
     seconds: +(side.runtime / 1000).toFixed(2),
+    cpuUsPerIo: cpu(side.total_ios * (1 + Math.max(0.5, seconds / 4) / seconds)),
   };
 }
 
@@ -203,22 +332,35 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
     for (let lba = 0; lba * ns.blockSize < Math.min(RANGE, ns.bytes); lba += blocks) await ns.write(lba, blocks, fill);
     await ns.flush();
   }
+  const workloads = WORKLOADS.filter(([w]) => !options.workloads || options.workloads.includes(w));
   for (let round = 1; round <= (options.rounds ?? 2); round++) {
     const rows: NvmeRaceRow[] = [];
     const path = bindToVfioPci(options.address);
     {
       using controller = NvmeController.open(path, { heapSize: 4 << 20 });
+      for (const [workload, depth] of workloads) {
+        const rowsHere = [tsLoopPhase(controller, workload, depth, seconds)];
+        if (options.cbench) rowsHere.push(await cLoopPhase(controller, options.cbench, workload, depth, seconds));
+        for (const row of rowsHere) {
+          log(`nvme race round ${round}: ${format(row)}`);
+          rows.push(row);
+        }
+      }
       for (const completion of ["poll", "interrupt"] as const) {
-        for (const [workload, depth] of WORKLOADS) {
+        for (const [workload, depth] of workloads) {
           const row = await userPhase(controller, workload, depth, seconds, completion);
           log(`nvme race round ${round}: ${format(row)}`);
           rows.push(row);
         }
       }
     }
+    if (options.kernel === false) {
+      rounds.push(rows);
+      continue;
+    }
     const device = bindToKernel(options.address);
     try {
-      for (const [workload, depth] of WORKLOADS) {
+      for (const [workload, depth] of workloads) {
         const row = fioPhase(device, workload, depth, seconds);
         log(`nvme race round ${round}: ${format(row)}`);
         rows.push(row);
@@ -244,19 +386,36 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
 }
 
 export function format(row: NvmeRaceRow): string {
-  return `${row.driver.padEnd(11)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us`;
+  return `${row.driver.padEnd(11)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us  CPU ${row.cpuUsPerIo} us/IO`;
 }
 
-/** Ours (per completion mode) over the kernel's, per workload and depth. */
-export function ratios(rows: NvmeRaceRow[]): { mode: string; workload: Workload; queueDepth: number; ratio: number }[] {
-  const out: { mode: string; workload: Workload; queueDepth: number; ratio: number }[] = [];
+export interface Ratio {
+  mode: string;
+  workload: Workload;
+  queueDepth: number;
+  /** The driver it is compared with: the kernel's, or one of the bare loops. */
+  against: Driver;
+  ratio: number;
+}
+
+/** Ours (per completion mode) over the kernel's and over each bare loop, per workload and depth. */
+export function ratios(rows: NvmeRaceRow[]): Ratio[] {
+  const out: Ratio[] = [];
   for (const [workload, depth] of WORKLOADS) {
-    const theirs = rows.find((r) => r.driver === "kernel" && r.workload === workload && r.queueDepth === depth);
-    for (const ours of rows.filter(
-      (r) => r.driver === "bun-iommufd" && r.workload === workload && r.queueDepth === depth,
-    )) {
-      if (theirs)
-        out.push({ mode: ours.mode, workload, queueDepth: depth, ratio: +(ours.iops / theirs.iops).toFixed(2) });
+    for (const against of ["kernel", "bare-ts", "bare-c"] as const) {
+      const theirs = rows.find((r) => r.driver === against && r.workload === workload && r.queueDepth === depth);
+      if (!theirs) continue;
+      for (const ours of rows.filter(
+        (r) => r.driver === "bun-iommufd" && r.workload === workload && r.queueDepth === depth,
+      )) {
+        out.push({
+          mode: ours.mode,
+          workload,
+          queueDepth: depth,
+          against,
+          ratio: +(ours.iops / theirs.iops).toFixed(2),
+        });
+      }
     }
   }
   return out;
@@ -298,8 +457,10 @@ export async function nvmeBench(argv: string[]): Promise<number> {
   const root = resolve(import.meta.dir, "..");
   let race: { best: NvmeRaceRow[]; rounds: NvmeRaceRow[][] };
   const address = existsSync("/dev/iommu") ? guestNvmeAddress() : undefined;
+  // The C loop's program is built here, where the tree is writable; the guest runs it from the share.
+  const cbench = buildBaseline().binary;
   if (address) {
-    race = await nvmeRace({ address, seconds, rounds });
+    race = await nvmeRace({ address, seconds, rounds, cbench });
   } else {
     const out = mkdtempSync(join(tmpdir(), "bun-iommufd-nvme-bench-"));
     try {
@@ -315,6 +476,8 @@ export async function nvmeBench(argv: string[]): Promise<number> {
         ],
         cwd: root,
         devices: [{ kind: "nvme", size: 64 << 20 }],
+        // One vCPU, as `bun bench` uses: the CPU-per-I/O column is then the one vCPU's busy time.
+        cpus: 1,
         outDir: out,
         timeoutSeconds: 300 + rounds * seconds * 40,
       });
@@ -346,7 +509,7 @@ export async function nvmeBench(argv: string[]): Promise<number> {
   console.log("4 KiB random I/O, bun-iommufd/nvme against the kernel's nvme driver, same controller, same boot:");
   for (const row of race.best) console.log(`  ${format(row)}`);
   for (const r of result.ratios) {
-    console.log(`  ${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}) / kernel = ${r.ratio}x`);
+    console.log(`  ${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}) / ${r.against} = ${r.ratio}x`);
   }
   const dir = join(root, "bench", "results", "nvme");
   mkdirSync(dir, { recursive: true });
@@ -367,6 +530,9 @@ if (import.meta.main) {
     address,
     seconds: numberAfter(argv, "--seconds", 3),
     rounds: numberAfter(argv, "--rounds", 2),
+    cbench: existsSync(binaryPath) ? binaryPath : undefined,
+    kernel: !argv.includes("--no-kernel"),
+    workloads: argv.includes("--reads") ? ["randread"] : undefined,
   });
   const out = process.env.IOMMUFD_VM_OUT;
   if (argv.includes("--out") && out) {
@@ -377,6 +543,6 @@ if (import.meta.main) {
   } else {
     for (const row of race.best) console.log(format(row));
     for (const r of ratios(race.best))
-      console.log(`${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}) / kernel = ${r.ratio}x`);
+      console.log(`${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}) / ${r.against} = ${r.ratio}x`);
   }
 }

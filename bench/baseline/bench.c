@@ -9,6 +9,7 @@
  *
  *	warmup OPS MS MAX_MS     run the op until OPS runs and MS ms are done, or MAX_MS passed
  *	slice SAMPLES OPS        one untimed run of OPS ops, then SAMPLES timed samples of OPS ops each
+ *	report                   what the op itself recorded (its report hook), e.g. per-command latencies
  *
  * and tears the op down at end of input. Times are per op, in ns, from CLOCK_MONOTONIC.
  *
@@ -110,6 +111,18 @@ error:
 	reply_error(c->error);
 }
 
+static void report(const struct bench_op *op, struct bench_ctx *c)
+{
+	char json[1024] = "";
+	if (op->report && op->report(c, json, sizeof(json))) {
+		bench_fail(c, "report");
+		reply_error(c->error);
+		return;
+	}
+	printf("{\"ok\":true%s%s}\n", json[0] ? "," : "", json);
+	fflush(stdout);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 2 && !strcmp(argv[1], "--list")) {
@@ -158,6 +171,7 @@ int main(int argc, char **argv)
 		double a, b;
 		if (sscanf(line, "warmup %ld %lf %lf", &ops_wanted, &a, &b) == 3) warmup(op, &c, ops_wanted, a, b);
 		else if (sscanf(line, "slice %d %ld", &count, &ops_wanted) == 2) slice(op, &c, count, ops_wanted);
+		else if (!strncmp(line, "report", 6)) report(op, &c);
 		else reply_error("unknown command");
 	}
 	if (op->teardown) op->teardown(&c);

@@ -13,6 +13,7 @@
 #ifndef BUN_IOMMUFD_BENCH_H
 #define BUN_IOMMUFD_BENCH_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define BENCH_MAX_FDS 8
@@ -37,6 +38,8 @@ struct bench_op {
 	/* One operation (what the library side's lib() does once). 0, or -1 with errno set. */
 	int (*run)(struct bench_ctx *c);
 	void (*teardown)(struct bench_ctx *c);
+	/* Optional: JSON members (no braces) the op adds to the reply of a "report" command. */
+	int (*report)(struct bench_ctx *c, char *json, size_t size);
 	struct bench_op *next;
 };
 

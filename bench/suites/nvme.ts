@@ -3,13 +3,16 @@
  * controller, at queue depth 1 and 32, polled and by MSI-X. IOPS are 1e9 / the time per op at
  * QD1, and 32e9 / the time per op at QD32 (one op = 32 concurrent commands).
  *
- * There is no C side: the comparison that matters is with the kernel's own NVMe driver on the
- * same controller, which needs the controller rebound between phases: `bun bench nvme`
- * (bench/nvme.ts) runs that race.
+ * Polled cases have two references on a queue pair of their own on the same controller
+ * (bench/nvme-loop.ts): the C side is the bare C loop (bench/baseline/ops_nvme.c), the reference
+ * side the bare TypeScript loop; one operation of each is the same `depth` commands, drained.
+ * The race with the kernel's own NVMe driver needs the controller rebound between phases:
+ * `bun bench nvme` (bench/nvme.ts) runs it.
  */
 import type { DmaBackend } from "../../src/index.ts";
 import { type Completion, NvmeController } from "../../src/nvme/index.ts";
 import { guestNvmeAddress } from "../nvme.ts";
+import { bareLoop, cLoopCounterpart, openLoopQueue } from "../nvme-loop.ts";
 import { type BenchCase, defineSuite, KiB, Scope, type Tier } from "../suite.ts";
 import type { Session } from "../switching.ts";
 
@@ -34,7 +37,7 @@ export function openNvmeWorkload(
   depth: number,
   completion: Completion,
   backend?: DmaBackend,
-): Session {
+): Session & { controller: NvmeController; scope: Scope } {
   const scope = new Scope();
   try {
     const controller = scope.keep(
@@ -63,7 +66,7 @@ export function openNvmeWorkload(
         ? ns.read(lba(), blocks, buffer, { offset: i * 4096 })
         : ns.write(lba(), blocks, buffer, { offset: i * 4096 });
     const op = depth === 1 ? () => one(0) : () => Promise.all(Array.from({ length: depth }, (_, i) => one(i)));
-    return { op, close: () => scope.close() };
+    return { op, close: () => scope.close(), controller, scope };
   } catch (error) {
     throw scope.abandon(error);
   }
@@ -85,11 +88,27 @@ defineSuite({
       k: depth === 1 ? 4 : 1,
       tier,
       tracked: true,
-      c: false,
+      c: completion === "poll",
+      reference: completion === "poll",
       skip: () => (address ? undefined : "no NVMe controller on vfio-pci (the guest needs --device nvme)"),
       setup() {
         const session = openNvmeWorkload(address!, workload, depth, completion);
-        return { lib: session.op, close: session.close };
+        if (completion !== "poll") return { lib: session.op, close: session.close };
+        try {
+          const { controller, scope } = session;
+          // One queue pair per loop: each keeps its own tail, head and phase.
+          const tsLoop = scope.keep(openLoopQueue(controller, depth));
+          const cLoop = scope.keep(openLoopQueue(controller, depth));
+          const bare = bareLoop(controller, tsLoop, workload, Number.MAX_SAFE_INTEGER);
+          return {
+            lib: session.op,
+            c: cLoopCounterpart(controller, cLoop, workload, Number.MAX_SAFE_INTEGER, depth),
+            reference: () => bare.run(depth),
+            close: session.close,
+          };
+        } catch (error) {
+          throw session.scope.abandon(error);
+        }
       },
     }));
   },
