@@ -92,14 +92,25 @@ export function backendCases(
     k: number,
     missing: string | undefined,
     make: (b: DmaBackend) => Session,
-    settleMs?: number,
+    options: Pick<SwitchedCase, "settleMs" | "longSlices"> & { control?: boolean } = {},
   ) => {
     if (filter && !filter.test(id)) return;
     const reason =
       missing ??
       (!devices.type1 ? "no VFIO type1 container (/dev/vfio/vfio)" : !devices.iommufd ? "no /dev/iommu" : undefined);
-    if (reason) skipped.push({ id, reason });
-    else cases.push({ id, title, k, settleMs, ...both(make) });
+    if (reason) {
+      skipped.push({ id, reason });
+      return;
+    }
+    // The control runs iommufd against itself through the very same switching: whatever ratio it
+    // shows is the method's own noise, the yardstick for the type1 ratio beside it.
+    const sides = options.control
+      ? {
+          a: { name: "iommufd", open: () => make("iommufd") },
+          b: { name: "iommufd-again", open: () => make("iommufd") },
+        }
+      : both(make);
+    cases.push({ id, title, k, settleMs: options.settleMs, longSlices: options.longSlices, ...sides });
   };
   add(
     "dma/edu/2KiB",
@@ -108,17 +119,26 @@ export function backendCases(
     devices.edu ? undefined : "no edu device on vfio-pci",
     (backend) => eduDmaSession(backend, devices.edu!),
     // Each leg waits for edu's 100 ms DMA timer: a fresh session needs no settling beyond the slice's untimed op.
-    0,
+    { settleMs: 0 },
   );
   for (const depth of [1, 32]) {
-    add(
-      `nvme/read/4KiB/qd${depth}/poll`,
+    const what =
       depth === 1
         ? "one 4 KiB random read awaited (polled)"
-        : "32 concurrent 4 KiB random reads awaited together (polled)",
+        : "32 concurrent 4 KiB random reads awaited together (polled)";
+    const missing = devices.nvme ? undefined : "no NVMe controller on vfio-pci";
+    const make = (backend: DmaBackend) => openNvmeWorkload(devices.nvme!, "read", depth, "poll", backend);
+    add(`nvme/read/4KiB/qd${depth}/poll`, what, depth === 1 ? 4 : 1, missing, make, { longSlices: true });
+    add(
+      `nvme/read/4KiB/qd${depth}/poll/control`,
+      `${what}: iommufd against itself`,
       depth === 1 ? 4 : 1,
-      devices.nvme ? undefined : "no NVMe controller on vfio-pci",
-      (backend) => openNvmeWorkload(devices.nvme!, "read", depth, "poll", backend),
+      missing,
+      make,
+      {
+        longSlices: true,
+        control: true,
+      },
     );
   }
   return { cases, skipped };
@@ -158,14 +178,14 @@ export function verdict(r: SwitchedResult["ratio"], goal = GOAL): string {
 
 export function table(results: Pick<BackendsFile, "cases">): string {
   const lines = [
-    `${"case".padEnd(26)} ${"type1/op [interval]".padStart(34)} ${"iommufd/op [interval]".padStart(34)}  ${"type1/iommufd [interval]".padEnd(26)} ${"goal".padEnd(30)} ${"fastest samples [interval]".padEnd(26)} goal`,
+    `${"case".padEnd(34)} ${"a/op [interval]".padStart(34)} ${"b/op [interval]".padStart(34)}  ${"a/b [interval]".padEnd(26)} ${"goal".padEnd(30)} ${"fastest samples [interval]".padEnd(26)} goal`,
   ];
   for (const c of results.cases) {
     const t = (i: SwitchedResult["a"]) => fmtInterval(i, formatNs);
     lines.push(
       c.errors.length
-        ? `${c.id.padEnd(26)} error: ${c.errors.join("; ")}`
-        : `${c.id.padEnd(26)} ${t(c.a).padStart(34)} ${t(c.b).padStart(34)}  ${fmtInterval(c.ratio).padEnd(26)} ${verdict(c.ratio).padEnd(30)} ${fmtInterval(c.fastRatio).padEnd(26)} ${verdict(c.fastRatio)}`,
+        ? `${c.id.padEnd(34)} error: ${c.errors.join("; ")}`
+        : `${c.id.padEnd(34)} ${t(c.a).padStart(34)} ${t(c.b).padStart(34)}  ${fmtInterval(c.ratio).padEnd(26)} ${verdict(c.ratio).padEnd(30)} ${fmtInterval(c.fastRatio).padEnd(26)} ${verdict(c.fastRatio)}`,
     );
   }
   return lines.join("\n");
@@ -188,7 +208,7 @@ async function measure(mode: Mode, filter: RegExp | undefined, filterSource?: st
     const r = await runSwitched(spec, settings, (line) => console.log(line));
     if (!r.errors.length) {
       console.log(
-        `  ${r.id.padEnd(26)} type1/iommufd ${fmtInterval(r.ratio)}, fastest samples ${fmtInterval(r.fastRatio)}  (${r.seconds} s)`,
+        `  ${r.id.padEnd(34)} ${r.sides.join("/")} ${fmtInterval(r.ratio)}, fastest samples ${fmtInterval(r.fastRatio)}  (${r.seconds} s)`,
       );
     }
     results.push(r);
@@ -203,7 +223,7 @@ async function measure(mode: Mode, filter: RegExp | undefined, filterSource?: st
     settings: {
       ...settings,
       statistic:
-        "time: median over the rounds of each round's median time per operation; ratio: median over the rounds of each round's median over its slice pairs of type1 median / iommufd median; fastest samples: the same with each slice's fastest sample instead of its median",
+        "time: median over the rounds of each round's median time per operation; ratio: median over the rounds of each round's median over its slice pairs of a's median / b's median (a/b: type1/iommufd; a control case runs iommufd against itself, iommufd/iommufd-again, to show the method's own noise); fastest samples: the same with each slice's fastest sample instead of its median",
       interval: "min..max of the rounds",
       goal: `type1 within ${GOAL * 100}% of iommufd (issue 26)`,
     },

@@ -41,6 +41,13 @@ export interface SwitchedCase {
    * (0: none; the slice's own untimed operation still runs). An operation of 200 ms needs none.
    */
   settleMs?: number;
+  /**
+   * Slices of the mode's longSliceMs instead of minMs / slices. An operation whose time rests on
+   * another host thread (QEMU's NVMe model completes on its main loop, not the vCPU's) moves with
+   * the host's scheduling by whole milliseconds: a slice of 40 ms catches one such spell, a slice
+   * ten times longer averages over many.
+   */
+  longSlices?: boolean;
   /** a / b is the reported ratio. */
   a: SwitchedSide;
   b: SwitchedSide;
@@ -55,11 +62,20 @@ export interface SwitchMode {
   warmup: { ops: number; ms: number; maxMs: number };
   /** Untimed running of a freshly opened session before its slice, in ms (at least one operation). */
   settleMs: number;
+  /** Timed time per slice of a case with longSlices (ms). */
+  longSliceMs: number;
 }
 
 export const SWITCH_MODES = {
-  quick: { rounds: 2, minMs: 40, slices: 4, warmup: { ops: 200, ms: 0, maxMs: 300 }, settleMs: 5 },
-  default: { rounds: 8, minMs: 240, slices: 6, warmup: { ops: 20_000, ms: 500, maxMs: 2000 }, settleMs: 20 },
+  quick: { rounds: 2, minMs: 40, slices: 4, warmup: { ops: 200, ms: 0, maxMs: 300 }, settleMs: 5, longSliceMs: 10 },
+  default: {
+    rounds: 8,
+    minMs: 240,
+    slices: 6,
+    warmup: { ops: 20_000, ms: 500, maxMs: 2000 },
+    settleMs: 20,
+    longSliceMs: 400,
+  },
 } satisfies Record<string, SwitchMode>;
 
 export interface SwitchedRound {
@@ -146,7 +162,8 @@ export async function runSwitched(
       opens[key].push(ms);
       calibration.push(best);
     }
-    const plan = planSlices(Math.max(...calibration), spec.k, mode);
+    const budget = spec.longSlices ? { minMs: mode.longSliceMs * mode.slices, slices: mode.slices } : mode;
+    const plan = planSlices(Math.max(...calibration), spec.k, budget);
     result.plan = plan;
     const slice = async (key: "a" | "b"): Promise<number[]> => {
       const [times, ms] = await withSession(sides[key], async (session) => {

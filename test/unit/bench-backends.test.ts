@@ -85,6 +85,20 @@ describe("switched rounds", () => {
     expect(r.openMs.type1?.n).toBe(1 + plan.slices * mode.rounds);
   }, 30_000);
 
+  test("a case with longSlices gets the mode's longSliceMs per slice, the same number of slices", async () => {
+    const short = await runSwitched(exclusive(20_000, 20_000).spec, { ...mode, rounds: 1 }, () => {});
+    const long = await runSwitched(
+      { ...exclusive(20_000, 20_000).spec, longSlices: true },
+      { ...mode, rounds: 1, longSliceMs: 16 },
+      () => {},
+    );
+    // 6 ms over 3 slices against 16 ms a slice: about 8x the samples per slice (both round to whole samples), the sample size unchanged
+    // (the short plan adds slices to reach 12 samples a round; the long one needs none).
+    expect(long.plan!.opsPerSample).toBe(short.plan!.opsPerSample);
+    expect(long.plan!.slices).toBe(mode.slices);
+    expect(long.plan!.samplesPerSlice / short.plan!.samplesPerSlice).toBeGreaterThanOrEqual(4);
+  }, 30_000);
+
   test("a side that fails to open is an error in the result, and nothing stays open", async () => {
     const { spec, live } = exclusive(10_000, 10_000);
     let opens = 0;
@@ -130,14 +144,28 @@ describe("switched rounds", () => {
 
 describe("the backend comparison's plan and verdict", () => {
   const all = { edu: "0000:00:03.0", nvme: "0000:00:04.0", type1: true, iommufd: true };
-  test("edu DMA and NVMe QD1/QD32, type1 over iommufd", () => {
+  test("edu DMA and NVMe QD1/QD32, type1 over iommufd, each NVMe case beside its iommufd-against-itself control", () => {
     const { cases, skipped } = backendCases(all);
-    expect(cases.map((c) => c.id)).toEqual(["dma/edu/2KiB", "nvme/read/4KiB/qd1/poll", "nvme/read/4KiB/qd32/poll"]);
-    expect(cases.every((c) => c.a.name === "type1" && c.b.name === "iommufd")).toBe(true);
+    expect(cases.map((c) => c.id)).toEqual([
+      "dma/edu/2KiB",
+      "nvme/read/4KiB/qd1/poll",
+      "nvme/read/4KiB/qd1/poll/control",
+      "nvme/read/4KiB/qd32/poll",
+      "nvme/read/4KiB/qd32/poll/control",
+    ]);
+    const sides = (c: (typeof cases)[number]) => `${c.a.name}/${c.b.name}`;
+    expect(cases.filter((c) => !c.id.endsWith("/control")).every((c) => sides(c) === "type1/iommufd")).toBe(true);
+    expect(cases.filter((c) => c.id.endsWith("/control")).every((c) => sides(c) === "iommufd/iommufd-again")).toBe(
+      true,
+    );
+    // NVMe completes on QEMU's main loop: its slices are long; edu's 200 ms operation needs no such help.
+    expect(cases.map((c) => c.longSlices ?? false)).toEqual([false, true, true, true, true]);
     expect(skipped).toEqual([]);
   });
   test("what the guest lacks is skipped with its reason; --filter narrows", () => {
     expect(backendCases({ ...all, nvme: undefined }).skipped.map((s) => s.reason)).toEqual([
+      "no NVMe controller on vfio-pci",
+      "no NVMe controller on vfio-pci",
       "no NVMe controller on vfio-pci",
       "no NVMe controller on vfio-pci",
     ]);
