@@ -18,6 +18,7 @@ import {
 } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { markMockDirty, MOCK_APERTURE_START, MOCK_PAGE_SIZE, MockDomain } from "../../src/testing/selftest.ts";
+import { markAndReadDirty } from "../support/dirty.ts";
 import { Edu, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd, testScope } from "../support/kernel.ts";
 
@@ -373,11 +374,16 @@ describe("dirty tracking", () => {
     const bitmap = new DirtyBitmap({ iova: MOCK_APERTURE_START, length: 64 * KiB });
     expectIommufdError(() => plain.readDirty(bitmap), "EOPNOTSUPP", "IOMMU_HWPT_GET_DIRTY_BITMAP");
     const tracked = keep(HwPageTable.allocate(ioas, mock, { dirtyTracking: true }));
-    // Enabling twice is fine (the mock driver treats it as no change), as is disabling twice.
-    tracked.setDirtyTracking(true);
-    tracked.setDirtyTracking(true);
-    tracked.setDirtyTracking(false);
-    tracked.setDirtyTracking(false);
+    // Enabling twice is fine (the mock driver treats it as no change), as is disabling twice. After
+    // each call the kernel's own state matches: it records marked pages only while tracking is on.
+    const marks = new DirtyBitmap({ iova: MOCK_APERTURE_START, length: 64 * KiB, pageSize: 4096 });
+    marks.bytes[0] = 0b100;
+    const marked = [{ iova: MOCK_APERTURE_START + 2 * 4096, length: 4096 }];
+    for (const enabled of [true, true, false, false]) {
+      tracked.setDirtyTracking(enabled);
+      expect(tracked.dirtyTracking).toBe(enabled);
+      expect(markAndReadDirty(tracked, marks)).toEqual(enabled ? marked : undefined);
+    }
     void iommufd;
   });
 

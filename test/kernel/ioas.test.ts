@@ -5,6 +5,7 @@
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { Iommufd, IommufdError, MemfdBuffer, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
+import { counters } from "../../src/sys/ioctl.ts";
 import { MOCK_APERTURE_LAST, MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd, testScope } from "../support/kernel.ts";
 
@@ -361,9 +362,15 @@ describe("bad input gets a typed error before the kernel is asked", () => {
       const { ioas } = setup();
       using buffer = MemfdBuffer.create(64 * KiB);
       const fds = openFdCount();
+      const ioctls = counters.ioctls;
       expectIommufdError(() => call(ioas, buffer), code, operation, argument);
+      // Every ioctl of the library goes through one function that counts it: none was issued.
+      expect(counters.ioctls).toBe(ioctls);
       expect(ioas.mappings).toHaveLength(0);
       expect(openFdCount()).toBe(fds);
+      // Positive control: a call that does ask the kernel moves the count.
+      ioas.iovaRanges();
+      expect(counters.ioctls).toBeGreaterThan(ioctls);
     });
   }
 

@@ -187,15 +187,46 @@ describe("zero-copy DMA through the IOMMU", () => {
     expect(recorded).toBe(true);
   }, 30_000);
 
-  test("a read-only mapping lets the device read but not write", () => {
+  // The same pages are also mapped read-write at RW_IOVA: the positive control for every blocked
+  // access, and the way to look at what edu read (its buffer is reached only by DMA).
+  const RW_IOVA = 0x500000;
+  const all = (bytes: Uint8Array, value: number) => bytes.every((b) => b === value);
+
+  test("a read-only mapping lets the device read but not write; the same write through a writable one lands", () => {
     const { ioas, edu } = attachedEdu();
     using buffer = MemfdBuffer.create(16 * KiB);
     using ro = ioas.mapFile(buffer, { iova: 0x400000, writable: false });
+    using _rw = ioas.mapFile(buffer, { iova: RW_IOVA });
     buffer.bytes.fill(0x5a, 0, 512);
     buffer.bytes.fill(0x33, 4096, 4096 + 512);
-    edu.fromRam(Number(ro.iova), 0, 512);
+    buffer.bytes.fill(0, 8192, 8192 + 512);
+    edu.fromRam(Number(ro.iova), 0, 512); // a read through the read-only IOVA
+    edu.toRam(0, RW_IOVA + 8192, 512);
+    expect(all(buffer.bytes.subarray(8192, 8192 + 512), 0x5a)).toBe(true);
     edu.toRam(0, Number(ro.iova) + 4096, 512); // a write through a read-only IOVA: blocked
-    expect(buffer.bytes.subarray(4096, 4096 + 512).every((b) => b === 0x33)).toBe(true);
+    expect(all(buffer.bytes.subarray(4096, 4096 + 512), 0x33)).toBe(true);
+    edu.toRam(0, RW_IOVA + 4096, 512); // the control: the same write to the same page lands
+    expect(all(buffer.bytes.subarray(4096, 4096 + 512), 0x5a)).toBe(true);
+  });
+
+  test("a write-only mapping lets the device write but not read; the same read through a readable one works", () => {
+    const { ioas, edu } = attachedEdu();
+    using buffer = MemfdBuffer.create(16 * KiB);
+    using wo = ioas.mapFile(buffer, { iova: 0x400000, readable: false });
+    using _rw = ioas.mapFile(buffer, { iova: RW_IOVA });
+    buffer.bytes.fill(0x5a, 0, 512);
+    buffer.bytes.fill(0x33, 4096, 4096 + 512);
+    edu.fromRam(RW_IOVA, 0, 512); // edu's buffer holds 0x5a
+    edu.toRam(0, Number(wo.iova) + 4096, 512); // a write through the write-only IOVA
+    expect(all(buffer.bytes.subarray(4096, 4096 + 512), 0x5a)).toBe(true);
+    buffer.bytes.fill(0x77, 0, 512);
+    edu.fromRam(Number(wo.iova), 0, 512); // a read through a write-only IOVA: blocked
+    buffer.bytes.fill(0, 8192, 8192 + 512);
+    edu.toRam(0, RW_IOVA + 8192, 512);
+    expect(buffer.bytes.subarray(8192, 8192 + 512).includes(0x77)).toBe(false);
+    edu.fromRam(RW_IOVA, 0, 512); // the control: the same read of the same page works
+    edu.toRam(0, RW_IOVA + 8192, 512);
+    expect(all(buffer.bytes.subarray(8192, 8192 + 512), 0x77)).toBe(true);
   });
 });
 
