@@ -4,12 +4,18 @@
  * vectors' eventfds, and read by the library through Bun's event loop.
  */
 import { afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
 import { bindToVfioPci, Iommufd, IommufdError, IrqSet, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { libc } from "../../src/sys/libc.ts";
 import { Edu, EDU_IRQ_DMA, requireEduAddress } from "../support/edu.ts";
-import { expectIommufdError, openFdCount, requireIommufd, testScope, settledFdCount } from "../support/kernel.ts";
+import {
+  expectIommufdError,
+  kernelInterrupts,
+  openFdCount,
+  requireIommufd,
+  settledFdCount,
+  testScope,
+} from "../support/kernel.ts";
 
 const F_DUPFD_CLOEXEC = 1030;
 let eduAddress = "";
@@ -48,20 +54,6 @@ async function countWithin(vector: { wait(o: { signal: AbortSignal }): Promise<n
     if ((error as Error).name === "TimeoutError") return 0;
     throw error;
   }
-}
-
-/** How many times the kernel handled the interrupt named `name` in /proc/interrupts (all CPUs). */
-function kernelInterrupts(name: string): number {
-  const line = readFileSync("/proc/interrupts", "utf8")
-    .split("\n")
-    .find((l) => l.includes(name));
-  if (!line) throw new Error(`no ${name} in /proc/interrupts`);
-  const cpus = readFileSync("/proc/interrupts", "utf8").split("\n")[0]!.trim().split(/\s+/).length;
-  return line
-    .trim()
-    .split(/\s+/)
-    .slice(1, 1 + cpus)
-    .reduce((sum, n) => sum + Number(n), 0);
 }
 
 /** A second fd on the same eventfd, to watch it after the library closed its own. */

@@ -51,6 +51,22 @@ export function pinnedKiB(): { pin: number; lck: number } {
   return { pin: field("VmPin"), lck: field("VmLck") };
 }
 
+/**
+ * How many times the kernel handled the interrupt named `name` in /proc/interrupts (all CPUs):
+ * vfio-pci names its handlers "vfio-msi[N](BDF)", "vfio-msix[N](BDF)", "vfio-intx(BDF)".
+ */
+export function kernelInterrupts(name: string): number {
+  const lines = readFileSync("/proc/interrupts", "utf8").split("\n");
+  const line = lines.find((l) => l.includes(name));
+  if (!line) throw new Error(`no ${name} in /proc/interrupts`);
+  const cpus = lines[0]!.trim().split(/\s+/).length;
+  return line
+    .trim()
+    .split(/\s+/)
+    .slice(1, 1 + cpus)
+    .reduce((sum, n) => sum + Number(n), 0);
+}
+
 /** The kernel's log (`dmesg`), one line per entry. Needs root (or kernel.dmesg_restrict=0). */
 export function kernelLog(): string[] {
   const run = Bun.spawnSync(["dmesg"], { stdout: "pipe", stderr: "pipe" });

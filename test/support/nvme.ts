@@ -3,6 +3,8 @@
  * the data patterns the NVMe tests write: a pure function of (LBA, byte), so the host can check
  * the image file after the guest is gone without being told the bytes.
  */
+import type { QueuePair } from "../../src/nvme/index.ts";
+import { kernelInterrupts } from "./kernel.ts";
 
 export interface GuestNvme {
   name: string;
@@ -79,7 +81,34 @@ export const TYPE1_PATTERN_EXTENTS = [
   { lba: 110_000, blocks: 2500, why: "1.25 MB: past MDTS, split into three commands" },
 ] as const;
 
-/** Written by the P2P test from the peer controller's memory buffer. */
+/**
+ * Written by the P2P test from the peer controller's memory buffer, which held this extent's own
+ * pattern (put there through the peer's BAR), not the source's.
+ */
 export const P2P_EXTENT = { lba: 60_000, blocks: 128 } as const;
 /** Read from storage into the peer's memory by the P2P test. */
 export const P2P_SOURCE_LBA = 50_000;
+
+/**
+ * Counts the MSI-X interrupts of an interrupt-driven queue pair from now on: what its own eventfd
+ * delivered (what the poller waited for, plus what is left unread) and what the kernel handled on
+ * the device's vector <queue id> (/proc/interrupts). Under TCG the poller often finds a completion
+ * before it sleeps, and a health check can wake it too, so completing proves little: these counts
+ * prove that the controller raised the queue's own vector and that the queue listened to it.
+ */
+export function countQueueInterrupts(queue: QueuePair, pciAddress: string): () => { eventfd: number; kernel: number } {
+  const vector = queue.vector;
+  if (!vector) throw new Error(`queue ${queue.id} is polled: it has no interrupt vector`);
+  const name = `vfio-msix[${queue.id}](${pciAddress})`;
+  // The queue is idle here: nothing arrives between the two readings.
+  vector.poll();
+  const before = kernelInterrupts(name);
+  let waited = 0;
+  const wait = vector.wait.bind(vector);
+  vector.wait = async (options) => {
+    const n = await wait(options);
+    waited += n;
+    return n;
+  };
+  return () => ({ eventfd: waited + vector.poll(), kernel: kernelInterrupts(name) - before });
+}
