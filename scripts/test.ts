@@ -18,6 +18,7 @@ import type { DeviceSpec } from "../vm/devices.ts";
 import { vmAvailability } from "../vm/host.ts";
 import { cachedKernel, isKernelName, KERNEL_NAMES, type KernelName, kernelImage } from "../vm/images.ts";
 import { runInGuest } from "../vm/run.ts";
+import { type JudgeOptions, judgeRun, parseBunTestSummary, unitRunOptions } from "./verdict.ts";
 
 /** The guest's devices for the kernel tests (see /work/coord/vm-api.md or vm/devices.ts). */
 export const KERNEL_TEST_DEVICES: DeviceSpec[] = [
@@ -40,88 +41,8 @@ const tally = { passed: 0, failed: 0, skipped: 0 };
 const timings: string[] = [];
 const problems: string[] = [];
 
-export interface BunTestSummary {
-  pass: number;
-  fail: number;
-  skip: number;
-  todo: number;
-  /** Whether any summary line was seen at all. */
-  found: boolean;
-}
-
-/** Counts from the summary bun test prints at the end (" 12 pass", " 0 fail", " 3 skip"). */
-export function parseBunTestSummary(output: string): BunTestSummary {
-  const s: BunTestSummary = { pass: 0, fail: 0, skip: 0, todo: 0, found: false };
-  const plain = output.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replaceAll("\r", "");
-  for (const line of plain.split("\n")) {
-    const m = /^\s*(\d+)\s+(pass|fail|skip|todo)\s*$/.exec(line);
-    if (!m) continue;
-    // The last occurrence wins: the summary comes after anything a test itself printed.
-    s[m[2] as "pass" | "fail" | "skip" | "todo"] = Number(m[1]);
-    s.found = true;
-  }
-  // A run cut short (guest panic, timeout) prints no summary; its per-test lines still count.
-  if (!s.found) {
-    for (const m of plain.matchAll(/^\((pass|fail|skip|todo)\) /gm)) s[m[1] as "pass" | "fail" | "skip" | "todo"]++;
-  }
-  return s;
-}
-
-/** What one bun test run adds to the tally. */
-export interface RunVerdict {
-  passed: number;
-  failed: number;
-  skipped: number;
-  problems: string[];
-}
-
-/**
- * Judges one bun test run from its exit status and stderr. Failures: a failed test; a run with no
- * summary line (cut short, whatever its exit status); a run that ran nothing; a non-zero exit with
- * no failed test; and, with `skipsFail` (kernel tests under CI), every skipped or todo test.
- */
-export function judgeRun(
-  label: string,
-  exitCode: number,
-  output: string,
-  options: { skipsFail?: boolean } = {},
-): RunVerdict {
-  const s = parseBunTestSummary(output);
-  const v: RunVerdict = { passed: s.pass, failed: s.fail, skipped: s.skip + s.todo, problems: [] };
-  if (s.fail > 0) v.problems.push(`${label}: ${s.fail} test(s) failed`);
-  if (!s.found) {
-    v.failed += 1;
-    v.problems.push(
-      `${label}: bun test ended without its summary line (exit status ${exitCode}): the run was cut short`,
-    );
-  } else if (s.pass + s.fail === 0) {
-    v.failed += 1;
-    v.problems.push(`${label}: no test was executed${s.skip ? ` (${s.skip} skipped)` : ""}`);
-  } else if (exitCode !== 0 && s.fail === 0) {
-    v.failed += 1;
-    v.problems.push(`${label}: bun test exited with status ${exitCode} without reporting a failed test`);
-  }
-  if (options.skipsFail && v.skipped > 0) {
-    const names = skippedTests(output);
-    v.failed += v.skipped;
-    v.problems.push(
-      `${label}: ${v.skipped} test(s) skipped under CI; the test guest provides everything they need ` +
-        `(/dev/iommu, edu on vfio-pci, fault injection, root), so a skip is a failure` +
-        (names.length ? `: ${names.join("; ")}` : ""),
-    );
-    v.skipped = 0;
-  }
-  return v;
-}
-
-/** The names bun test prints for skipped and todo tests ("(skip) name", "(todo) name"). */
-export function skippedTests(output: string): string[] {
-  const plain = output.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "").replaceAll("\r", "");
-  return [...plain.matchAll(/^\((?:skip|todo)\) (.*)$/gm)].map((m) => m[1]!.trim());
-}
-
 /** Adds one bun test run to the tally. */
-function account(label: string, exitCode: number, output: string, options: { skipsFail?: boolean } = {}): void {
+function account(label: string, exitCode: number, output: string, options: JudgeOptions = {}): void {
   const v = judgeRun(label, exitCode, output, options);
   tally.passed += v.passed;
   tally.failed += v.failed;
@@ -153,7 +74,7 @@ async function pump(stream: ReadableStream<Uint8Array>, sink: (chunk: Uint8Array
 async function bunTestOnHost(
   label: string,
   args: string[],
-  options: { skipsFail?: boolean; env?: Record<string, string> } = {},
+  options: JudgeOptions & { env?: Record<string, string> } = {},
 ): Promise<void> {
   const env = options.env;
   const t = tee();
@@ -222,7 +143,7 @@ async function lint(): Promise<void> {
 
 async function unitTests(extra: string[]): Promise<void> {
   header("unit tests (host)");
-  await bunTestOnHost("unit tests", [...UNIT_TEST_ARGS, "./test/unit", ...extra]);
+  await bunTestOnHost("unit tests", [...UNIT_TEST_ARGS, "./test/unit", ...extra], unitRunOptions(ci));
 }
 
 /**

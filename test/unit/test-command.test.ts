@@ -7,14 +7,14 @@ import { describe, expect, test } from "bun:test";
 import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { KERNEL_TEST_ARGS, MATRIX_SUITES, UNIT_TEST_ARGS } from "../../scripts/test.ts";
 import {
   judgeRun,
-  KERNEL_TEST_ARGS,
-  MATRIX_SUITES,
   parseBunTestSummary,
   skippedTests,
-  UNIT_TEST_ARGS,
-} from "../../scripts/test.ts";
+  UNIT_SKIPS_ALLOWED,
+  unitRunOptions,
+} from "../../scripts/verdict.ts";
 import { isCI } from "../support/ci.ts";
 
 const root = join(import.meta.dir, "../..");
@@ -111,6 +111,46 @@ describe("judging a bun test run", () => {
     expect(v.problems[0]).toContain("2 test(s) skipped under CI");
     expect(v.problems[0]).toContain("the test guest provides everything");
     expect(v.problems[0]).toContain("needs root; later");
+  });
+
+  test("unit tests under CI: a skip fails unless UNIT_SKIPS_ALLOWED names it", () => {
+    const allowed =
+      "(skip) MemfdBuffer rejects bad sizes > huge pages with none reserved: ENOMEM [skipped: 8 reserved]";
+    const out = bunOutput(["(pass) a", allowed, "(skip) a new test that needs something"], {
+      pass: 1,
+      fail: 0,
+      skip: 2,
+    });
+    expect(judgeRun("unit tests", 0, out, unitRunOptions(false))).toEqual({
+      passed: 1,
+      failed: 0,
+      skipped: 2,
+      problems: [],
+    });
+    const v = judgeRun("unit tests", 0, out, unitRunOptions(true));
+    expect(v).toMatchObject({ passed: 1, failed: 1, skipped: 1 });
+    expect(v.problems).toHaveLength(1);
+    expect(v.problems[0]).toContain("a new test that needs something");
+    expect(v.problems[0]).toContain("UNIT_SKIPS_ALLOWED");
+    expect(v.problems[0]).not.toContain("huge pages");
+    // Names that do not match the count one to one cannot be told apart: every skip fails.
+    const unnamed = bunOutput(["(pass) a"], { pass: 1, fail: 0, skip: 1 });
+    expect(judgeRun("unit tests", 0, unnamed, unitRunOptions(true))).toMatchObject({ failed: 1, skipped: 0 });
+  });
+
+  test("every allowed unit skip is a skipIf test in test/unit, with its reason; the unit run uses them", async () => {
+    const sources: string[] = [];
+    for await (const file of new Bun.Glob("test/unit/*.test.ts").scan({ cwd: root })) {
+      sources.push(await Bun.file(join(root, file)).text());
+    }
+    for (const [name, reason] of Object.entries(UNIT_SKIPS_ALLOWED)) {
+      const at = sources.find((text) => text.includes(name));
+      expect({ name, found: at !== undefined }).toEqual({ name, found: true });
+      expect(at!.slice(Math.max(0, at!.indexOf(name) - 200), at!.indexOf(name))).toContain("skipIf(");
+      expect(reason.length).toBeGreaterThan(20);
+    }
+    const runner = await Bun.file(join(root, "scripts/test.ts")).text();
+    expect(runner.includes("unitRunOptions(ci)")).toBe(true);
   });
 
   test("numbers a test prints do not count; ANSI colours do not hide the summary", () => {
