@@ -265,7 +265,8 @@ export class VfioContainer implements DmaSpace {
     const fixed = options.iova !== undefined;
     if (fixed) {
       iova = normaliseIova(u64(options.iova, op, "options.iova"));
-      if (BigInt(iova) % BigInt(page) !== 0n) {
+      // Below 2^53 the check stays in numbers: a BigInt pair per map cost more than the rest of it.
+      if (typeof iova === "number" ? iova % page !== 0 : BigInt(iova) % BigInt(page) !== 0n) {
         throw argumentError(
           op,
           "options.iova",
