@@ -2,10 +2,9 @@
 // /dev/iommu, maps a buffer and lets edu DMA into it, run with `bunx bun-iommufd vm -- bun test`.
 // Nothing of this repository is on its PATH or in its directory; only the tarball.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { noGuest, processesMentioning, removeMarkers, root, runCli } from "./support.ts";
+import { consumerProject, noGuest, packPackage, processesMentioning, removeMarkers, root, runCli } from "./support.ts";
 
 const CONSUMER_TEST = `import { expect, test } from "bun:test";
 import { Iommufd, MemfdBuffer, VfioDevice } from "bun-iommufd";
@@ -57,17 +56,11 @@ let tarball = "";
 
 beforeAll(async () => {
   if (noGuest) return;
-  const packDir = mkdtempSync(join(tmpdir(), "bun-iommufd-pack-"));
-  const pack = Bun.spawnSync([process.execPath, "pm", "pack", "--destination", packDir, "--quiet"], { cwd: root });
-  if (pack.exitCode !== 0) throw new Error(`bun pm pack failed: ${pack.stderr.toString()}`);
-  tarball = join(packDir, readdirSync(packDir).find((f) => f.endsWith(".tgz"))!);
+  tarball = packPackage().tarball;
   // Under /tmp on purpose: the guest has its own /tmp, so this also checks the writable share.
-  project = mkdtempSync(join("/tmp", "bun-iommufd-consumer-"));
-  writeFileSync(join(project, "package.json"), JSON.stringify({ name: "consumer", private: true, type: "module" }));
+  project = consumerProject(tarball, "/tmp");
   mkdirSync(join(project, "test"));
   writeFileSync(join(project, "test", "dma.test.ts"), CONSUMER_TEST);
-  const add = Bun.spawnSync([process.execPath, "add", tarball], { cwd: project, stdout: "pipe", stderr: "pipe" });
-  if (add.exitCode !== 0) throw new Error(`bun add ${tarball} failed: ${add.stderr.toString()}`);
 }, 120_000);
 
 afterAll(() => {
