@@ -830,6 +830,8 @@ describe("fault-injection sweep", () => {
       // mock domain are order 0 and add more once single pages can fail.
       expect(byName["mapFile (mock domain)"]!.points).toBeGreaterThanOrEqual(10);
       expect(Object.keys(byName["mapFile (mock domain)"]!.errnos).length).toBeGreaterThanOrEqual(1);
+      // The pin comparison of every sweep can see pins: a mapping under the mock domain moved them.
+      expect(byName["mapFile (mock domain)"]!.pinnedKiB).toBeGreaterThan(0);
     },
     SWEEP_TIMEOUT,
   );
