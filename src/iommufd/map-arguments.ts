@@ -13,7 +13,10 @@ import { IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRIT
 export interface MapOptions {
   /** Fixed IOVA. Without it the kernel picks one (inside the allowed ranges, if any). */
   iova?: number | bigint;
-  /** Device may read (DMA to device). Default true. */
+  /**
+   * Device may read (DMA to device). Default true. false is a request: Intel's driver before its
+   * generic page table (e.g. 6.12) leaves every entry readable.
+   */
   readable?: boolean;
   /** Device may write (DMA from device). Default true. */
   writable?: boolean;

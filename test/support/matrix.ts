@@ -14,13 +14,20 @@ export interface KernelHas {
   mapFile: boolean;
   /** VFIO_DEVICE_FEATURE_DMA_BUF: a BAR exported as a dma-buf. */
   dmaBufExport: boolean;
+  /**
+   * A mapping without `readable` blocks device reads. Intel's driver before the generic page
+   * table (6.12 here) sets bit 0 of every second-stage entry, which is the read bit there, so
+   * reads through a write-only mapping go through (measured in the guest: every write-only
+   * IOVA, fresh domain or not, was readable on 6.12 and on none on 7.2).
+   */
+  writeOnlyEnforced: boolean;
 }
 
 /** The kernels of the matrix (vm/images.ts), keyed by the series IOMMUFD_VM_KERNEL starts with. */
 const MATRIX: Record<string, KernelHas> = {
-  "7.2": { iommufd: true, mapFile: true, dmaBufExport: true },
-  "6.12": { iommufd: true, mapFile: false, dmaBufExport: false },
-  debian: { iommufd: false, mapFile: false, dmaBufExport: false },
+  "7.2": { iommufd: true, mapFile: true, dmaBufExport: true, writeOnlyEnforced: true },
+  "6.12": { iommufd: true, mapFile: false, dmaBufExport: false, writeOnlyEnforced: false },
+  debian: { iommufd: false, mapFile: false, dmaBufExport: false, writeOnlyEnforced: false },
 };
 
 /** The matrix name of the guest's kernel (7.2, 6.12, debian), or undefined outside the guest. */
@@ -40,7 +47,7 @@ export function kernelHas(): KernelHas {
   // A host: the node says iommufd; 6.13+ features are assumed present there (a host without
   // them fails those tests with the kernel's own errno, which names what is missing).
   const iommufd = existsSync("/dev/iommu");
-  return { iommufd, mapFile: iommufd, dmaBufExport: iommufd };
+  return { iommufd, mapFile: iommufd, dmaBufExport: iommufd, writeOnlyEnforced: iommufd };
 }
 
 /** A test title's suffix naming the branch a kernel takes, so the report says which one ran. */
