@@ -141,7 +141,7 @@ describe("the packed package in a new TypeScript project", () => {
       .split("\n")
       .map((f) => f.replace(/^package\//, ""));
     const top = [...new Set(files.map((f) => f.split("/")[0]))].sort();
-    expect(top).toEqual(["CHANGELOG.md", "README.md", "bin", "dist", "package.json", "src", "vm"]);
+    expect(top).toEqual(["CHANGELOG.md", "LICENSE", "README.md", "bin", "dist", "package.json", "src", "vm"]);
     expect(files.filter((f) => /\.test\.ts$|(^|\/)(test|bench)\//.test(f))).toEqual([]);
     for (const file of ["dist/index.js", "dist/index.d.ts", "bin/bun-iommufd.ts", "vm/kernel.sh", "vm/guest-init.sh"])
       expect(files).toContain(file);
