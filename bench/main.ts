@@ -35,7 +35,7 @@ import { vmAvailability } from "../vm/host.ts";
 import { kernelImage } from "../vm/images.ts";
 import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
-import { runCase, runMode, type CaseResult } from "./runner.ts";
+import { type CaseResult, type Interval, runCase, runMode } from "./runner.ts";
 import {
   compare,
   machine,
@@ -255,6 +255,14 @@ function git(argv: string[]): string {
 }
 
 /** Why a quick (smoke) run fails: every planned case reports, with its C side and ratio. */
+/**
+ * A figure a run can stand on: finite and above zero at its median and both ends. A side that
+ * timed nothing gives 0, a ratio over it Infinity or NaN, and either would pass a presence check.
+ */
+function usable(figure: Interval): boolean {
+  return [figure.median, figure.lo, figure.hi].every((x) => Number.isFinite(x) && x > 0);
+}
+
 export function smokeProblems(results: Pick<Results, "planned" | "cases" | "skipped">, ci: boolean): string[] {
   const problems: string[] = [];
   const byId = new Map(results.cases.map((c) => [c.id, c]));
@@ -266,10 +274,17 @@ export function smokeProblems(results: Pick<Results, "planned" | "cases" | "skip
       continue;
     }
     if (c.errors.length) problems.push(`${id}: ${c.errors.join("; ")}`);
-    if (!c.lib) problems.push(`${id}: no library figure`);
-    if (c.cPlanned && !c.c) problems.push(`${id}: no C figure`);
-    if (c.cPlanned && !c.ratio) problems.push(`${id}: no ratio`);
-    if (c.refPlanned && !c.speedup) problems.push(`${id}: no speedup`);
+    const figures: [string, boolean, Interval | undefined][] = [
+      ["library figure", true, c.lib],
+      ["C figure", c.cPlanned, c.c],
+      ["ratio", c.cPlanned, c.ratio],
+      ["speedup", c.refPlanned, c.speedup],
+    ];
+    for (const [name, planned, figure] of figures) {
+      if (!planned) continue;
+      if (!figure) problems.push(`${id}: no ${name}`);
+      else if (!usable(figure)) problems.push(`${id}: ${name} is ${figure.median} (${figure.lo}..${figure.hi})`);
+    }
   }
   if (ci) for (const s of results.skipped) problems.push(`${s.id}: skipped under CI (${s.reason})`);
   return problems;

@@ -142,6 +142,23 @@ describe("the smoke test fails", () => {
     expect(smokeProblems({ planned: ["a"], cases: [good], skipped }, true)).toHaveLength(1);
     expect(smokeProblems({ planned: ["a"], cases: [good], skipped }, false)).toEqual([]);
   });
+  test("when a figure is NaN, Infinity, zero or negative, at its median or either end", () => {
+    const bad: [string, Partial<CaseResult>, string][] = [
+      ["NaN ratio", { ratio: iv(Number.NaN, 1, 1.2) }, "a: ratio is NaN (1..1.2)"],
+      ["infinite ratio end", { ratio: iv(1.1, 1, Number.POSITIVE_INFINITY) }, "a: ratio is 1.1 (1..Infinity)"],
+      ["zero C time", { c: iv(0, 0, 0) }, "a: C figure is 0 (0..0)"],
+      ["negative library time", { lib: iv(-5, -6, 1) }, "a: library figure is -5 (-6..1)"],
+      [
+        "NaN speedup",
+        { refPlanned: true, speedup: iv(Number.NaN, Number.NaN, Number.NaN) },
+        "a: speedup is NaN (NaN..NaN)",
+      ],
+    ];
+    for (const [, extra, problem] of bad) {
+      const c = caseResult("a", extra.ratio ?? iv(1.1, 1, 1.2), extra);
+      expect(smokeProblems({ planned: ["a"], cases: [c], skipped: [] }, false)).toEqual([problem]);
+    }
+  });
   test("when nothing was planned", () => {
     expect(smokeProblems({ planned: [], cases: [], skipped: [] }, false)).toEqual(["no case was planned"]);
   });
