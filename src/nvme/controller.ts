@@ -10,13 +10,14 @@
  * This file is the composition and the public surface: resources.ts, admin.ts, health.ts,
  * queue.ts, peer.ts and data-buffer.ts each hold one part.
  */
+import { releaseAll } from "../dma/open-device.ts";
 import { type DmaBackend, type DmaSpace, iommufdOnlyError } from "../dma/space.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import { argumentError, closedError, type IommufdError, ioError, stateError } from "../sys/error.ts";
 import { VfioDevice } from "../vfio/device.ts";
-import type { IrqSet } from "../vfio/irq.ts";
+import type { IrqVector } from "../vfio/irq-vector.ts";
 import { AdminCommands } from "./admin.ts";
 import { disableController, enableController, shutdownController } from "./bringup.ts";
 import type { Command } from "./commands.ts";
@@ -29,11 +30,11 @@ import { mapPeerMemory, memoryBufferRegion, type PeerBuffer, peerDevice } from "
 import { MAX_PRP_TRANSFER } from "./prp.ts";
 import { QueuePair, type QueueOwner, type QueueStats } from "./queue.ts";
 import { type Capabilities, CC, CC_EN, ControllerRegisters, PAGE_SIZE } from "./registers.ts";
-import { ControllerResources } from "./resources.ts";
+import { type ControllerHost, ControllerResources } from "./resources.ts";
 import type { CommandOptions, Completion, NvmeControllerOptions, ShutdownResult } from "./options.ts";
+import { adminQueueDepth, queuePairOptions } from "./options.ts";
 
 export class NvmeController implements QueueOwner, NamespaceOwner {
-  readonly device: VfioDevice;
   /** Where the heap is mapped: the IOAS (iommufd) or the container (type1) the device's DMA goes through. */
   readonly space: DmaSpace;
   readonly backend: DmaBackend;
@@ -46,7 +47,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   readonly commandTimeoutMs: number;
   #identity: ControllerIdentity | undefined;
   #maxTransferBytes = MAX_PRP_TRANSFER;
-  readonly #resources: ControllerResources;
+  readonly #resources: ControllerHost;
   readonly #health: ControllerHealth;
   readonly #adminQueue: QueuePair;
   readonly #admin: AdminCommands;
@@ -59,15 +60,14 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   #grantedQueuePairs = 0;
   readonly #poller = new CompletionPoller(this);
   #shutdown: ShutdownResult = "not closed";
-  #irqs: IrqSet | undefined;
+  #irqs: readonly IrqVector[] | undefined;
 
-  private constructor(resources: ControllerResources, options: NvmeControllerOptions, adminDepth: number) {
+  private constructor(resources: ControllerHost, options: NvmeControllerOptions, adminDepth: number) {
     this.#resources = resources;
-    this.device = resources.dma.device;
-    this.space = resources.dma.space;
-    this.backend = resources.dma.backend;
-    this.backendReason = resources.dma.reason;
     this.heap = resources.heap;
+    this.space = resources.heap.space;
+    this.backend = resources.dma?.backend ?? this.space.backend;
+    this.backendReason = resources.dma?.reason ?? "no VFIO device: the controller is a model (NvmeController.openOn)";
     this.registers = new ControllerRegisters(resources.bar);
     this.capabilities = this.registers.capabilities();
     this.doorbellStride = this.capabilities.doorbellStride;
@@ -100,20 +100,25 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
         "expected a PCI address like 0000:00:04.0, a /dev/vfio/devices path or a VfioDevice",
       );
     }
-    const adminDepth = options.adminQueueDepth ?? 32;
-    if (!Number.isInteger(adminDepth) || adminDepth < 2 || adminDepth > 4096) {
-      throw argumentError(op, "options.adminQueueDepth", `${adminDepth} is outside 2..4096`);
-    }
-    const resources = ControllerResources.acquire(target, options);
+    const adminDepth = adminQueueDepth(op, options);
+    return NvmeController.#start(ControllerResources.acquire(target, options), options, adminDepth, op);
+  }
+
+  /**
+   * @internal Bring up a controller on `host` (released on close) instead of a VFIO device: the seam
+   * through which test/support/nvme-sim.ts tests the driver against a controller that misbehaves.
+   */
+  static openOn(host: ControllerHost, options: NvmeControllerOptions = {}): NvmeController {
+    const op = "NvmeController.openOn";
+    return NvmeController.#start(host, options, adminQueueDepth(op, options), op);
+  }
+
+  static #start(host: ControllerHost, options: NvmeControllerOptions, adminDepth: number, op: string) {
     let controller: NvmeController;
     try {
-      controller = new NvmeController(resources, options, adminDepth);
+      controller = new NvmeController(host, options, adminDepth);
     } catch (error) {
-      try {
-        resources.release();
-      } catch {
-        // The first error is the one worth reporting.
-      }
+      releaseAll([() => host.release()]); // the first error is the one worth reporting
       throw error;
     }
     try {
@@ -121,20 +126,14 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     } catch (error) {
       // A controller that never came up gets no shutdown sequence, only its resources back.
       controller.#health.markFailed(error, op);
-      try {
-        controller.close();
-      } catch {
-        // The bring-up error is the one worth reporting.
-      }
+      releaseAll([() => controller.close()]); // the bring-up error is the one worth reporting
       throw error;
     }
     return controller;
   }
 
   #bringUp(queueDepth: number, completion: Completion): void {
-    const device = this.device;
-    device.setBusMaster(true);
-    this.#resources.hold(() => device.setBusMaster(false));
+    this.#resources.enableBusMaster();
     enableController(this.registers, this.capabilities, this.#adminQueue);
     this.#identity = this.#admin.identifyController();
     const mdts = this.#identity.mdts;
@@ -144,14 +143,25 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.createQueuePair(queueDepth, { completion });
   }
 
+  /** The VFIO device; ENODEV for a controller opened on a model (openOn), which has none. */
+  get device(): VfioDevice {
+    return this.#dma("NvmeController.device").device;
+  }
+
   /** The iommufd the controller's IOAS is in; EOPNOTSUPP on the type1 backend, which has none. */
   get iommufd(): Iommufd {
-    return this.#resources.dma.requireIoas("NvmeController.iommufd").iommufd;
+    return this.#dma("NvmeController.iommufd").requireIoas("NvmeController.iommufd").iommufd;
   }
 
   /** The IOAS the controller's DMA goes through; EOPNOTSUPP on the type1 backend (see `space`). */
   get ioas(): Ioas {
-    return this.#resources.dma.requireIoas("NvmeController.ioas");
+    return this.#dma("NvmeController.ioas").requireIoas("NvmeController.ioas");
+  }
+
+  #dma(operation: string) {
+    const dma = this.#resources.dma;
+    if (dma === undefined) throw stateError(operation, "ENODEV", this.backendReason);
+    return dma;
   }
 
   #pollAdmin = (): void => {
@@ -229,23 +239,14 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
    */
   createQueuePair(depth: number, options: { completion?: Completion } = {}): QueuePair {
     const op = "NvmeController.createQueuePair";
-    if (!Number.isInteger(depth) || depth < 2 || depth > this.capabilities.maxQueueEntries) {
-      throw argumentError(op, "depth", `${depth} is outside 2..${this.capabilities.maxQueueEntries} (CAP.MQES + 1)`);
-    }
-    const completion = options.completion ?? "poll";
-    if (completion !== "poll" && completion !== "interrupt") {
-      throw argumentError(op, "options.completion", `${String(completion)} is not "poll" or "interrupt"`);
-    }
+    const completion = queuePairOptions(op, depth, this.capabilities.maxQueueEntries, options.completion);
     this.assertUsable("Create I/O Completion Queue");
     const used = new Set(this.#ioQueues.map((q) => q.id));
     let id = 1;
     while (used.has(id)) id++;
     if (id > this.#grantedQueuePairs) {
-      throw stateError(
-        op,
-        "ENOSPC",
-        `the controller granted ${this.#grantedQueuePairs} I/O queue pairs and all are in use`,
-      );
+      const granted = this.#grantedQueuePairs;
+      throw stateError(op, "ENOSPC", `the controller granted ${granted} I/O queue pairs and all are in use`);
     }
     const vector = completion === "interrupt" ? this.#interruptVector(id, op) : undefined;
     const queue = new QueuePair(this, this.heap, id, depth, false, vector);
@@ -263,18 +264,16 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   /** MSI-X vector `id`, enabling MSI-X (one vector per possible queue pair, 0 for admin) on first use. */
   #interruptVector(id: number, op: string) {
     if (this.#irqs === undefined) {
-      const info = this.device.irqInfo("msix");
-      const vectors = Math.min(info.count, this.#grantedQueuePairs + 1);
+      const vectors = Math.min(this.#resources.msixVectorCount(), this.#grantedQueuePairs + 1);
       if (vectors < 2) throw stateError(op, "EOPNOTSUPP", "the controller has no MSI-X vectors for I/O queues");
-      const irqs = this.device.enableIrq("msix", { vectors });
-      this.#irqs = irqs;
-      this.#resources.hold(() => irqs.close());
+      this.#irqs = this.#resources.enableMsix(vectors);
       this.#health.startTimer(() => this.#poller.pending());
     }
-    if (id >= this.#irqs.vectors.length) {
-      throw stateError(op, "ENOSPC", `MSI-X vector ${id} is beyond the ${this.#irqs.vectors.length} enabled`);
+    const vector = this.#irqs[id];
+    if (vector === undefined) {
+      throw stateError(op, "ENOSPC", `MSI-X vector ${id} is beyond the ${this.#irqs.length} enabled`);
     }
-    return this.#irqs.vector(id);
+    return vector;
   }
 
   /** Delete an I/O queue pair (its pending commands are aborted by the controller). */
@@ -321,7 +320,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   ): PeerBuffer {
     const op = "NvmeController.mapPeerMemory";
     if (this.#health.closed) throw closedError(op, "the NVMe controller");
-    const ioas = this.#resources.dma.ioas;
+    const ioas = this.#resources.dma?.ioas;
     if (ioas === undefined) throw iommufdOnlyError(op, "DMA into another device's memory (a VFIO dma-buf)", "source");
     const controller = source instanceof NvmeController ? source : undefined;
     const device = peerDevice(op, this.device, controller?.device ?? source);
@@ -378,6 +377,11 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
   /** @internal Fatal status or a late command fails the controller and everything pending. */
   checkHealth(now: number): void {
     this.#health.check(now);
+  }
+
+  /** @internal A completion no correct controller posts fails the controller (EPROTO). */
+  protocolError(queue: number, what: string): void {
+    this.#health.protocolError(queue, what);
   }
 
   /**

@@ -1,14 +1,15 @@
 /**
  * Whether a controller takes commands, and why not: controller fatal status (CSTS.CFS, NVMe Base
- * 2.0 section 3.1.4.6), a controller gone from the bus (CSTS reads all ones), or a command past
- * its deadline. Any of them fails the controller and rejects everything pending on every queue;
- * reset() brings it back. Polling finds these on its way; with interrupts a timer looks.
+ * 2.0 section 3.1.4.6), a controller gone from the bus (CSTS reads all ones), a command past its
+ * deadline, or a completion no correct controller posts (found by the queue pair). Any of them
+ * fails the controller and rejects everything pending on every queue; reset() brings it back.
+ * Polling finds these on its way; with interrupts a timer looks.
  */
 import type { ErrnoCode } from "../sys/errno.ts";
 import { closedError, IommufdError, ioError, stateError } from "../sys/error.ts";
 import { HEALTH_CHECK_MS } from "./completion.ts";
 import type { QueuePair } from "./queue.ts";
-import { CSTS, CSTS_CFS, type ControllerRegisters } from "./registers.ts";
+import { CC, CC_EN, CSTS, CSTS_CFS, type ControllerRegisters } from "./registers.ts";
 
 type State = "ready" | "failed" | "closed";
 
@@ -54,7 +55,8 @@ export class ControllerHealth {
   assertUsable(command: string): void {
     if (this.#state === "ready") return;
     if (this.#state === "closed") throw closedError(`NVMe ${command}`, "the NVMe controller");
-    // The failure's own code: ENODEV when the controller is gone, ETIMEDOUT after a lost command.
+    // The failure's own code: ENODEV when the controller is gone, ETIMEDOUT after a lost command,
+    // EPROTO after a completion that broke the protocol.
     throw stateError(
       `NVMe ${command}`,
       (this.#failure?.code ?? "EIO") as ErrnoCode,
@@ -69,17 +71,17 @@ export class ControllerHealth {
     if (this.#state !== "ready") return;
     const csts = this.#registers.read32(CSTS);
     if (csts === 0xffffffff) {
-      this.#fail("ENODEV", "CSTS reads all ones: the controller is gone from the bus");
+      this.fail("ENODEV", "CSTS reads all ones: the controller is gone from the bus");
       return;
     }
     if (csts & CSTS_CFS) {
-      this.#fail("EIO", "the controller reported fatal status (CSTS.CFS)");
+      this.fail("EIO", "the controller reported fatal status (CSTS.CFS)");
       return;
     }
     for (const queue of this.#queues) {
       const late = queue.overdue(now);
       if (late) {
-        this.#fail("ETIMEDOUT", `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
+        this.fail("ETIMEDOUT", `${late.name} (${late.detail}) on queue ${queue.id} did not complete in time`);
         return;
       }
     }
@@ -90,7 +92,20 @@ export class ControllerHealth {
     if (now - this.#lastCheck >= HEALTH_CHECK_MS) this.check(now);
   }
 
-  #fail(code: ErrnoCode, reason: string): void {
+  /**
+   * A completion no correct controller posts (found by queue `queue`): fail the controller with
+   * EPROTO. CC.EN = 0 first: a controller that lost track of its commands should stop moving data
+   * into buffers their callers are about to get back (bus mastering goes off at close()).
+   */
+  protocolError(queue: number, what: string): void {
+    if (this.#state !== "ready") return;
+    this.#registers.write32(CC, this.#registers.read32(CC) & ~CC_EN);
+    this.fail("EPROTO", `the controller broke the NVMe protocol: queue ${queue} ${what}`);
+  }
+
+  /** Fail the controller with `code` and reject everything pending with it (once: a failed controller stays failed until reset). */
+  fail(code: ErrnoCode, reason: string): void {
+    if (this.#state !== "ready") return;
     this.#state = "failed";
     this.#failure = stateError("NvmeController", code, reason, { hint: RESET_HINT });
     this.failAll((name, detail) =>

@@ -6,6 +6,7 @@ import type { BackendChoice } from "../dma/backend.ts";
 import type { Iommufd } from "../iommufd/iommufd.ts";
 import type { Ioas } from "../iommufd/ioas.ts";
 import type { VfioContainer } from "../type1/container.ts";
+import { argumentError } from "../sys/error.ts";
 import type { DataBuffer } from "./data-buffer.ts";
 
 export interface NvmeControllerOptions {
@@ -53,3 +54,24 @@ export interface CommandOptions {
 
 /** How close() left the controller. */
 export type ShutdownResult = "complete" | "timed out" | "skipped: the controller had failed" | "not closed";
+
+/** `options.adminQueueDepth` (default 32), checked: 2..4096. */
+export function adminQueueDepth(op: string, options: NvmeControllerOptions): number {
+  const depth = options.adminQueueDepth ?? 32;
+  if (!Number.isInteger(depth) || depth < 2 || depth > 4096) {
+    throw argumentError(op, "options.adminQueueDepth", `${depth} is outside 2..4096`);
+  }
+  return depth;
+}
+
+/** createQueuePair's `depth` (2..CAP.MQES + 1) and `completion` (default "poll"), checked. */
+export function queuePairOptions(op: string, depth: number, maxEntries: number, completion: unknown): Completion {
+  if (!Number.isInteger(depth) || depth < 2 || depth > maxEntries) {
+    throw argumentError(op, "depth", `${depth} is outside 2..${maxEntries} (CAP.MQES + 1)`);
+  }
+  const chosen = completion ?? "poll";
+  if (chosen !== "poll" && chosen !== "interrupt") {
+    throw argumentError(op, "options.completion", `${String(chosen)} is not "poll" or "interrupt"`);
+  }
+  return chosen;
+}

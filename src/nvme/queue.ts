@@ -25,6 +25,8 @@ export interface QueueOwner {
   assertUsable(command: string): void;
   /** Start polling for completions if nobody is. */
   kick(): void;
+  /** The controller posted a completion no correct controller could (EPROTO): fail it and everything pending. */
+  protocolError(queue: number, what: string): void;
 }
 
 export interface QueueStats {
@@ -131,9 +133,9 @@ export class QueuePair {
       }
     }
     return new Promise<number>((resolve, reject) => {
-      const cid = this.#tracker.take();
-      if (cid < 0) this.#tracker.wait({ command, iova, length, resolve, reject, timeoutMs });
-      else this.#issue(cid, command, iova, length, resolve, reject, timeoutMs);
+      const slot = this.#tracker.take();
+      if (slot < 0) this.#tracker.wait({ command, iova, length, resolve, reject, timeoutMs });
+      else this.#issue(slot, command, iova, length, resolve, reject, timeoutMs);
       this.#owner.kick();
     });
   }
@@ -142,15 +144,15 @@ export class QueuePair {
   submitAndWait(command: Command, iova: number, length: number, timeoutMs: number, poll: () => void): number {
     const name = commandName(this.admin, command.opcode);
     this.#owner.assertUsable(name);
-    const cid = this.#tracker.take();
-    if (cid < 0) {
+    const slot = this.#tracker.take();
+    if (slot < 0) {
       throw stateError(`NVMe ${name}`, "EBUSY", `queue ${this.id} has no free slot for a synchronous command`);
     }
     let done = false;
     let result = 0;
     let failure: IommufdError | undefined;
     this.#issue(
-      cid,
+      slot,
       command,
       iova,
       length,
@@ -170,7 +172,7 @@ export class QueuePair {
   }
 
   #issue(
-    cid: number,
+    slot: number,
     command: Command,
     iova: number,
     length: number,
@@ -180,27 +182,46 @@ export class QueuePair {
   ): void {
     const prp2 =
       length > 0
-        ? prp2For(iova, length, this.#prpLists, cid * (PAGE_SIZE / 4), this.#prpListsIova + cid * PAGE_SIZE)
+        ? prp2For(iova, length, this.#prpLists, slot * (PAGE_SIZE / 4), this.#prpListsIova + slot * PAGE_SIZE)
         : 0;
+    const cid = this.#tracker.track(slot, command, resolve, reject, timeoutMs);
     this.#submissions.post(cid, command, iova, prp2);
-    this.#tracker.track(cid, command, resolve, reject, timeoutMs);
     this.#submissions.ringDoorbell();
   }
 
-  /** Handle every completion the controller has posted; returns how many. */
+  /**
+   * Handle every completion the controller has posted; returns how many. An entry that names
+   * another submission queue, an SQ head outside this one, or a command id not in flight fails the
+   * controller (EPROTO) before anything in it is believed: nothing of it settles a command.
+   */
   reap(): number {
     const ring = this.#completions;
     const tracker = this.#tracker;
     let count = 0;
     while (ring.next()) {
       count++;
-      const cid = ring.cid;
-      const next = tracker.complete(cid, ring.dw0, ring.status);
+      const slot = tracker.slotOf(ring.cid);
+      if (slot < 0 || ring.sqId !== this.id || ring.sqHead >= this.depth) {
+        // The rest of the ring is not to be trusted either, and the head is not handed back.
+        this.#owner.protocolError(this.id, this.#violation());
+        return count;
+      }
+      const next = tracker.complete(slot, ring.dw0, ring.status);
       if (next !== undefined)
-        this.#issue(cid, next.command, next.iova, next.length, next.resolve, next.reject, next.timeoutMs);
+        this.#issue(slot, next.command, next.iova, next.length, next.resolve, next.reject, next.timeoutMs);
     }
     if (count > 0) ring.updateHead();
     return count;
+  }
+
+  /** What is wrong with the entry reap() just took (the first of its faults). */
+  #violation(): string {
+    const ring = this.#completions;
+    if (ring.sqId !== this.id) return `posted a completion for submission queue ${ring.sqId}`;
+    if (ring.sqHead >= this.depth) {
+      return `posted a completion with SQ head ${ring.sqHead}, outside the ${this.depth}-entry submission queue`;
+    }
+    return `posted a completion for ${this.#tracker.describeStale(ring.cid)}`;
   }
 
   /** The command that has waited longest past its deadline, if any. */

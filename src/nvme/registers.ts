@@ -3,7 +3,6 @@
  * accessor over BAR0 that obeys the two rules QEMU's model and real controllers share: one aligned
  * 32-bit access per register, and 64-bit registers split into two 32-bit accesses (low first).
  */
-import type { RegionMapping } from "../vfio/device.ts";
 
 export const CAP = 0x00;
 export const VS = 0x08;
@@ -64,9 +63,18 @@ export function decodeCapabilities(low: number, high: number): Capabilities {
   };
 }
 
+/**
+ * One aligned 32-bit access to BAR0: what the driver needs of the controller's register space.
+ * A RegionMapping (the mmapped BAR) in use; a model of the controller in tests.
+ */
+export interface RegisterAccess {
+  read32(offset: number): number;
+  write32(offset: number, value: number): void;
+}
+
 /** BAR0 of an NVMe controller: registers and doorbells. */
 export class ControllerRegisters {
-  constructor(readonly bar: RegionMapping) {}
+  constructor(readonly bar: RegisterAccess) {}
 
   read32(offset: number): number {
     return this.bar.read32(offset);

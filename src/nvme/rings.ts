@@ -58,6 +58,9 @@ export class CompletionRing {
   dw0 = 0;
   /** The 15-bit status field (DW3 bits 31:17). */
   status = 0;
+  /** Where the controller says the submission queue's head is (DW2 bits 15:0), and which queue (DW2 bits 31:16). */
+  sqHead = 0;
+  sqId = 0;
 
   /** `memory`: depth * 16 bytes of the heap. */
   constructor(memory: Uint8Array, depth: number, registers: ControllerRegisters, qid: number, doorbellStride: number) {
@@ -69,14 +72,18 @@ export class CompletionRing {
 
   /**
    * Take the entry at the head if the controller has posted it (its phase bit is the current
-   * phase) into `cid`, `dw0` and `status`; false when there is none. The controller may reuse the
-   * slot only after updateHead().
+   * phase) into `cid`, `dw0`, `status`, `sqHead` and `sqId`; false when there is none. The
+   * controller may reuse the slot only after updateHead(). The fields are the controller's word:
+   * the queue pair checks them before believing them.
    */
   next(): boolean {
     const at = this.#head * 4;
     const dw3 = this.#entries[at + 3]!;
     if (((dw3 >>> 16) & 1) !== this.#phase) return false;
     this.dw0 = this.#entries[at]!;
+    const dw2 = this.#entries[at + 2]!;
+    this.sqHead = dw2 & 0xffff;
+    this.sqId = dw2 >>> 16;
     this.cid = dw3 & 0xffff;
     this.status = (dw3 >>> 17) & 0x7fff;
     if (++this.#head === this.#depth) {

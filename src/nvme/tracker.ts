@@ -1,10 +1,16 @@
 /**
- * The command tracker of one queue pair: which command ids (CID, NVMe Base 2.0 section 4.2) are
- * in the controller's hands, the promise and deadline of each, the free stack of ids, and the
- * callers waiting for an id when all are taken (back-pressure, first come first served).
+ * The command tracker of one queue pair: which command slots are in the controller's hands, the
+ * promise and deadline of each, the free stack of slots, and the callers waiting for a slot when
+ * all are taken (back-pressure, first come first served).
  *
- * It knows nothing of rings or doorbells: the queue pair posts the entry for an id it hands out
- * and reports each completion back by id.
+ * The command id (CID, NVMe Base 2.0 section 4.2) sent with a slot's command is the slot number in
+ * the low bits and a generation in the bits above it, advanced each time the slot is reused and
+ * never 0. The controller is not trusted to echo ids faithfully: a completion is accepted only for
+ * the exact id in flight, so a duplicate, a stale entry from an earlier lap of the ring (a phase bit
+ * set before the entry was written), or a zeroed entry cannot settle the slot's next command.
+ *
+ * It knows nothing of rings or doorbells: the queue pair posts the entry under the id track()
+ * returns and reports each completion back by slot.
  */
 import type { IommufdError } from "../sys/error.ts";
 import { commandName, describeCommand, type Command } from "./commands.ts";
@@ -13,7 +19,7 @@ import { NvmeStatusError } from "./status.ts";
 export type Resolve = (dw0: number) => void;
 export type Reject = (error: IommufdError) => void;
 
-/** A command that found no free id; it is posted when one comes back. */
+/** A command that found no free slot; it is posted when one comes back. */
 export interface Waiter {
   command: Command;
   iova: number;
@@ -24,9 +30,19 @@ export interface Waiter {
 }
 
 export class CommandTracker {
-  /** Command ids 0..slots-1. */
+  /** Command slots 0..slots-1 (one PRP list page each). */
   readonly slots: number;
   readonly #admin: boolean;
+  /** Bits of a command id that name the slot; the generation sits above them. */
+  readonly #slotBits: number;
+  readonly #slotMask: number;
+  /** The largest generation (0 when the slot number takes all 16 bits and none fits). */
+  readonly #maxGeneration: number;
+  /** The id in flight per slot value of `cid & #slotMask`, -1 when none (sized to the mask: no bounds check on a wild id). */
+  readonly #inFlightCids: Int32Array;
+  /** The id each slot last completed, to name a duplicate in the error. */
+  readonly #lastCids: Int32Array;
+  readonly #generations: Uint16Array;
   readonly #free: number[] = [];
   readonly #resolve: (Resolve | undefined)[];
   readonly #reject: (Reject | undefined)[];
@@ -42,6 +58,12 @@ export class CommandTracker {
   constructor(slots: number, admin: boolean) {
     this.slots = slots;
     this.#admin = admin;
+    this.#slotBits = slots > 1 ? 32 - Math.clz32(slots - 1) : 0;
+    this.#slotMask = (1 << this.#slotBits) - 1;
+    this.#maxGeneration = (1 << (16 - this.#slotBits)) - 1;
+    this.#inFlightCids = new Int32Array(this.#slotMask + 1).fill(-1);
+    this.#lastCids = new Int32Array(this.#slotMask + 1).fill(-1);
+    this.#generations = new Uint16Array(slots);
     this.#resolve = new Array(slots).fill(undefined);
     this.#reject = new Array(slots).fill(undefined);
     this.#commands = new Array(slots).fill(undefined);
@@ -49,10 +71,11 @@ export class CommandTracker {
     this.clear();
   }
 
-  /** Every id free, nobody waiting. Pending work must be failed first. */
+  /** Every slot free, nobody waiting. Pending work must be failed first. Generations go on. */
   clear(): void {
     this.#free.length = 0;
-    for (let cid = this.slots - 1; cid >= 0; cid--) this.#free.push(cid);
+    for (let slot = this.slots - 1; slot >= 0; slot--) this.#free.push(slot);
+    this.#inFlightCids.fill(-1);
     this.#resolve.fill(undefined);
     this.#reject.fill(undefined);
     this.#commands.fill(undefined);
@@ -68,21 +91,57 @@ export class CommandTracker {
     return this.#waiters.length - this.#waiterHead;
   }
 
-  /** A free command id, or -1 when every id is in flight. */
+  /** A free slot, or -1 when every slot is in flight. */
   take(): number {
     return this.#free.length === 0 ? -1 : this.#free.pop()!;
   }
 
-  /** Remember the command posted under `cid` until it completes or `timeoutMs` passes. */
-  track(cid: number, command: Command, resolve: Resolve, reject: Reject, timeoutMs: number): void {
-    this.#resolve[cid] = resolve;
-    this.#reject[cid] = reject;
-    this.#commands[cid] = command;
-    this.#deadlines[cid] = performance.now() + timeoutMs;
+  /**
+   * Remember the command posted in `slot` until it completes or `timeoutMs` passes. Returns the
+   * command id to post it under: the slot with its next generation.
+   */
+  track(slot: number, command: Command, resolve: Resolve, reject: Reject, timeoutMs: number): number {
+    const cid = this.#nextCid(slot);
+    this.#inFlightCids[slot] = cid;
+    this.#resolve[slot] = resolve;
+    this.#reject[slot] = reject;
+    this.#commands[slot] = command;
+    this.#deadlines[slot] = performance.now() + timeoutMs;
     this.submitted++;
+    return cid;
   }
 
-  /** Queue a caller for the next free id. */
+  /** The slot's id with the generation after its last (1.., never 0, skipping 0xFFFF, which the Error Information log reserves). */
+  #nextCid(slot: number): number {
+    const max = this.#maxGeneration;
+    if (max === 0) return slot;
+    let generation = this.#generations[slot]! + 1;
+    if (generation > max) generation = 1;
+    let cid = slot | (generation << this.#slotBits);
+    if (cid === 0xffff && max > 1) {
+      generation = 1;
+      cid = slot | (1 << this.#slotBits);
+    }
+    this.#generations[slot] = generation;
+    return cid;
+  }
+
+  /** The slot whose command is in flight under exactly `cid`, or -1 (a protocol violation by the controller). */
+  slotOf(cid: number): number {
+    const slot = cid & this.#slotMask;
+    return this.#inFlightCids[slot] === cid ? slot : -1;
+  }
+
+  /** Why `cid` is not in flight, for the error (cold path). */
+  describeStale(cid: number): string {
+    const hex = `0x${cid.toString(16).padStart(4, "0")}`;
+    const slot = cid & this.#slotMask;
+    if (this.#lastCids[slot] === cid)
+      return `command id ${hex}, which was completed already (a duplicate or stale entry)`;
+    return `command id ${hex}, which is not in flight`;
+  }
+
+  /** Queue a caller for the next free slot. */
   wait(waiter: Waiter): void {
     this.#waiters.push(waiter);
     const waiting = this.#waiters.length - this.#waiterHead;
@@ -90,19 +149,22 @@ export class CommandTracker {
   }
 
   /**
-   * Settle the command of `cid` with its completion. The id goes straight to the oldest waiter,
-   * which is returned for the caller to post under `cid`; with nobody waiting it is freed.
-   * A completion for an id not in flight (a stale entry) changes nothing.
+   * Settle the command in flight in `slot` (from slotOf) with its completion. The slot goes
+   * straight to the oldest waiter, which is returned for the caller to post in `slot`; with nobody
+   * waiting it is freed.
    */
-  complete(cid: number, dw0: number, status: number): Waiter | undefined {
-    const resolve = this.#resolve[cid];
-    const reject = this.#reject[cid];
-    const command = this.#commands[cid];
-    if (resolve === undefined || reject === undefined || command === undefined) return undefined;
-    this.#resolve[cid] = undefined;
-    this.#reject[cid] = undefined;
-    this.#commands[cid] = undefined;
+  complete(slot: number, dw0: number, status: number): Waiter | undefined {
+    const resolve = this.#resolve[slot]!;
+    const reject = this.#reject[slot]!;
+    const command = this.#commands[slot]!;
+    this.#lastCids[slot] = this.#inFlightCids[slot]!;
+    this.#inFlightCids[slot] = -1;
+    this.#resolve[slot] = undefined;
+    this.#reject[slot] = undefined;
+    this.#commands[slot] = undefined;
     this.completed++;
+    // Settled once, with its own status: Do Not Retry or not, a failed command is the caller's to
+    // retry; the driver never sends it again behind the caller's back.
     if (status === 0) resolve(dw0);
     else
       reject(
@@ -117,33 +179,34 @@ export class CommandTracker {
       }
       return next;
     }
-    this.#free.push(cid);
+    this.#free.push(slot);
     return undefined;
   }
 
   /** A command in flight past its deadline, if any. */
   overdue(now: number): { name: string; detail: string } | undefined {
-    for (let cid = 0; cid < this.slots; cid++) {
-      const command = this.#commands[cid];
-      if (command !== undefined && this.#deadlines[cid]! < now) {
+    for (let slot = 0; slot < this.slots; slot++) {
+      const command = this.#commands[slot];
+      if (command !== undefined && this.#deadlines[slot]! < now) {
         return { name: commandName(this.#admin, command.opcode), detail: describeCommand(this.#admin, command) };
       }
     }
     return undefined;
   }
 
-  /** Reject everything in flight and waiting, each with an error naming its own command; every id is free after. */
+  /** Reject everything in flight and waiting, each with an error naming its own command; every slot is free after. */
   failAll(why: (command: string, detail: string) => IommufdError): number {
     const admin = this.#admin;
     let failed = 0;
-    for (let cid = 0; cid < this.slots; cid++) {
-      const command = this.#commands[cid];
-      const reject = this.#reject[cid];
+    for (let slot = 0; slot < this.slots; slot++) {
+      const command = this.#commands[slot];
+      const reject = this.#reject[slot];
       if (command === undefined || reject === undefined) continue;
-      this.#resolve[cid] = undefined;
-      this.#reject[cid] = undefined;
-      this.#commands[cid] = undefined;
-      this.#free.push(cid);
+      this.#inFlightCids[slot] = -1;
+      this.#resolve[slot] = undefined;
+      this.#reject[slot] = undefined;
+      this.#commands[slot] = undefined;
+      this.#free.push(slot);
       reject(why(commandName(admin, command.opcode), describeCommand(admin, command)));
       failed++;
     }

@@ -19,12 +19,25 @@ export interface WaitOptions {
 
 const TWO_32 = 2 ** 32;
 
-/** Sum of the u64 counters in a chunk of eventfd reads (the loop may join several reads). */
+/**
+ * The largest count a vector reports. An eventfd counter goes up to 2^64 - 2, and whoever signals
+ * it (a device's MSI through the kernel, or anything holding the fd) decides how far: past 2^53 a
+ * number is no longer exact and sums of such counts drift. Counts saturate here instead: still
+ * "at least one interrupt", still a safe integer a caller can compare and add.
+ */
+export const MAX_IRQ_COUNT = Number.MAX_SAFE_INTEGER;
+
+/** `a + b`, held at MAX_IRQ_COUNT. */
+function addCounts(a: number, b: number): number {
+  return Math.min(a + b, MAX_IRQ_COUNT);
+}
+
+/** Sum of the u64 counters in a chunk of eventfd reads (the loop may join several reads), saturated. */
 function sumCounters(chunk: Uint8Array): number {
   const view = new DataView(chunk.buffer, chunk.byteOffset, chunk.byteLength);
   let total = 0;
   for (let at = 0; at + 8 <= chunk.byteLength; at += 8)
-    total += view.getUint32(at + 4, true) * TWO_32 + view.getUint32(at, true);
+    total = addCounts(total, view.getUint32(at + 4, true) * TWO_32 + view.getUint32(at, true));
   return total;
 }
 
@@ -91,7 +104,7 @@ export class IrqVector implements AsyncIterable<number> {
     this.#pending = 0;
     const n = libc().read(fd, this.#wordAddress, 8);
     if (n === 8) {
-      count += this.#word[1]! * TWO_32 + this.#word[0]!;
+      count = addCounts(count, this.#word[1]! * TWO_32 + this.#word[0]!);
     } else if (n < 0) {
       const errno = lastErrno();
       if (errno !== ERRNO.EAGAIN) {
@@ -186,7 +199,7 @@ export class IrqVector implements AsyncIterable<number> {
     reader.read().then(
       ({ done, value }) => {
         // Counted even from a reader being stopped: Bun read it from the eventfd.
-        if (value && this.#fd >= 0) this.#pending += sumCounters(value);
+        if (value && this.#fd >= 0) this.#pending = addCounts(this.#pending, sumCounters(value));
         if (done || this.#reader !== reader) return;
         this.#readNext(reader);
         this.#deliver();

@@ -55,28 +55,70 @@ describe("status", () => {
 describe("command tracker", () => {
   const read = readWrite(IoOpcode.Read, 1, 7, 1);
 
-  test("ids come from a free stack; a completion settles its own command only, once", async () => {
+  test("slots come from a free stack; a completion settles its own command only, once", async () => {
     const tracker = new CommandTracker(3, false);
     const results: (number | string)[] = [];
-    const ids = [tracker.take(), tracker.take(), tracker.take()];
-    expect(ids).toEqual([0, 1, 2]);
+    const slots = [tracker.take(), tracker.take(), tracker.take()];
+    expect(slots).toEqual([0, 1, 2]);
     expect(tracker.take()).toBe(-1);
-    for (const cid of ids)
+    const cids = slots.map((slot) =>
       tracker.track(
-        cid,
+        slot,
         read,
         (dw0) => results.push(dw0),
         (e) => results.push(e.code),
         1000,
-      );
+      ),
+    );
+    // Three slots take two bits; the first generation is 1, in the bits above.
+    expect(cids).toEqual([0b100, 0b101, 0b110]);
     expect(tracker.inFlight).toBe(3);
+    expect(tracker.slotOf(cids[1]!)).toBe(1);
     expect(tracker.complete(1, 0xabc, 0)).toBeUndefined();
-    expect(tracker.complete(1, 0xabc, 0)).toBeUndefined(); // stale: already settled
+    expect(tracker.slotOf(cids[1]!)).toBe(-1); // stale: already settled
+    expect(tracker.describeStale(cids[1]!)).toBe(
+      "command id 0x0005, which was completed already (a duplicate or stale entry)",
+    );
+    expect(tracker.slotOf(1)).toBe(-1); // generation 0 is never sent: a zeroed entry matches nothing
+    expect(tracker.slotOf(0b111)).toBe(-1); // slot 3 does not exist
+    expect(tracker.describeStale(0b111)).toBe("command id 0x0007, which is not in flight");
     expect(tracker.complete(2, 0, 0x80)).toBeUndefined();
     expect(results).toEqual([0xabc, "ERANGE"]);
     expect(tracker.inFlight).toBe(1);
     expect(tracker.take()).toBe(2);
-    expect({ submitted: tracker.submitted, completed: tracker.completed }).toEqual({ submitted: 3, completed: 2 });
+    // The slot's next command goes out under its next generation: the old id stays stale.
+    expect(
+      tracker.track(
+        2,
+        read,
+        () => {},
+        () => {},
+        1000,
+      ),
+    ).toBe(0b1010);
+    expect(tracker.slotOf(cids[2]!)).toBe(-1);
+    expect({ submitted: tracker.submitted, completed: tracker.completed }).toEqual({ submitted: 4, completed: 2 });
+  });
+
+  test("generations wrap past the largest without 0 or the id 0xFFFF", () => {
+    // 64 slots: 6 slot bits, generations 1..1023; slot 63 at generation 1023 would be 0xFFFF.
+    const tracker = new CommandTracker(64, false);
+    const seen = new Set<number>();
+    for (let i = 0; i < 2100; i++) {
+      const cid = tracker.track(
+        63,
+        read,
+        () => {},
+        () => {},
+        1000,
+      );
+      expect(cid & 63).toBe(63);
+      expect(cid >>> 6).toBeGreaterThan(0);
+      expect(cid).toBeLessThan(0xffff);
+      seen.add(cid);
+      tracker.complete(63, 0, 0);
+    }
+    expect(seen.size).toBe(1022);
   });
 
   test("a freed id goes to the oldest waiter first; failAll rejects in flight and waiting", () => {
