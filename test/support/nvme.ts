@@ -95,8 +95,15 @@ export const P2P_SOURCE_LBA = 50_000;
  * the device's vector <queue id> (/proc/interrupts). Under TCG the poller often finds a completion
  * before it sleeps, and a health check can wake it too, so completing proves little: these counts
  * prove that the controller raised the queue's own vector and that the queue listened to it.
+ * `waited` is what the poller's own sleeps returned: a poller that spins instead of sleeping
+ * still leaves every interrupt on the eventfd (counted by `eventfd`), but waits for none. Each call
+ * reads what is left on the eventfd, so the counts add up however often it is called (while the
+ * queue is idle).
  */
-export function countQueueInterrupts(queue: QueuePair, pciAddress: string): () => { eventfd: number; kernel: number } {
+export function countQueueInterrupts(
+  queue: QueuePair,
+  pciAddress: string,
+): () => { eventfd: number; kernel: number; waited: number } {
   const vector = queue.vector;
   if (!vector) throw new Error(`queue ${queue.id} is polled: it has no interrupt vector`);
   const name = `vfio-msix[${queue.id}](${pciAddress})`;
@@ -110,5 +117,9 @@ export function countQueueInterrupts(queue: QueuePair, pciAddress: string): () =
     waited += n;
     return n;
   };
-  return () => ({ eventfd: waited + vector.poll(), kernel: kernelInterrupts(name) - before });
+  let unread = 0;
+  return () => {
+    unread += vector.poll();
+    return { eventfd: waited + unread, kernel: kernelInterrupts(name) - before, waited };
+  };
 }
