@@ -83,10 +83,11 @@ export function encodeCommand(
   sq[at + 3] = 0;
   sq[at + 4] = 0; // MPTR: no metadata
   sq[at + 5] = 0;
-  sq[at + 6] = prp1 % 2 ** 32;
-  sq[at + 7] = Math.floor(prp1 / 2 ** 32);
-  sq[at + 8] = prp2 % 2 ** 32;
-  sq[at + 9] = Math.floor(prp2 / 2 ** 32);
+  // A Uint32Array store keeps the low 32 bits by itself; the high half is exact below 2^53.
+  sq[at + 6] = prp1;
+  sq[at + 7] = (prp1 - (prp1 >>> 0)) / 4294967296;
+  sq[at + 8] = prp2;
+  sq[at + 9] = (prp2 - (prp2 >>> 0)) / 4294967296;
   sq[at + 10] = command.cdw10 ?? 0;
   sq[at + 11] = command.cdw11 ?? 0;
   sq[at + 12] = command.cdw12 ?? 0;
@@ -123,7 +124,9 @@ export function setNumberOfQueues(count: number): Command {
 
 /** Read or Write of `blocks` logical blocks from `lba` (NLB is zero-based). */
 export function readWrite(opcode: number, nsid: number, lba: number, blocks: number): Command {
-  return { opcode, nsid, cdw10: lba % 2 ** 32, cdw11: Math.floor(lba / 2 ** 32), cdw12: blocks - 1 };
+  // Integer halves (exact below 2^53) without a floating-point modulo: this runs per command.
+  const low = lba >>> 0;
+  return { opcode, nsid, cdw10: low, cdw11: (lba - low) / 4294967296, cdw12: blocks - 1 };
 }
 
 export function flush(nsid: number): Command {

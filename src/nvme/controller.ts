@@ -374,9 +374,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return this.#health.lastCheck;
   }
 
-  /** @internal Fatal status or a late command fails the controller and everything pending. */
-  checkHealth(now: number): void {
-    this.#health.check(now);
+  /** @internal Fatal status (read when `readStatus`) or a late command fails the controller and everything pending. */
+  checkHealth(now: number, readStatus: boolean): void {
+    this.#health.check(now, readStatus);
   }
 
   /** @internal A completion no correct controller posts fails the controller (EPROTO). */

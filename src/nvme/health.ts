@@ -65,18 +65,23 @@ export class ControllerHealth {
     );
   }
 
-  /** Read CSTS and the deadlines; fail the controller on fatal status, absence or a late command. */
-  check(now: number): void {
+  /**
+   * Read CSTS (unless `readStatus` is false) and the deadlines; fail the controller on fatal
+   * status, absence or a late command.
+   */
+  check(now: number, readStatus = true): void {
     this.#lastCheck = now;
     if (this.#state !== "ready") return;
-    const csts = this.#registers.read32(CSTS);
-    if (csts === 0xffffffff) {
-      this.fail("ENODEV", "CSTS reads all ones: the controller is gone from the bus");
-      return;
-    }
-    if (csts & CSTS_CFS) {
-      this.fail("EIO", "the controller reported fatal status (CSTS.CFS)");
-      return;
+    if (readStatus) {
+      const csts = this.#registers.read32(CSTS);
+      if (csts === 0xffffffff) {
+        this.fail("ENODEV", "CSTS reads all ones: the controller is gone from the bus");
+        return;
+      }
+      if (csts & CSTS_CFS) {
+        this.fail("EIO", "the controller reported fatal status (CSTS.CFS)");
+        return;
+      }
     }
     for (const queue of this.#queues) {
       const late = queue.overdue(now);

@@ -5,6 +5,13 @@
  *
  * Nothing here makes a system call: an entry is written into heap memory, the doorbell is one
  * 32-bit store into the mmapped BAR, and completions are found by their phase bit.
+ *
+ * Doorbells are batched. A doorbell store is the one costly step of a command (an MMIO write:
+ * a VM exit under emulation, a PCIe write on hardware), so the rule is: every command submitted
+ * in the same turn of the event loop is announced by one SQ tail write, made in a microtask
+ * queued by the turn's first submission, hence before the event loop runs anything else and
+ * before the poller spins (it rings too). `ringDoorbell()` announces at once, for callers that
+ * spin without yielding. Completions are handed back by one CQ head write per reap.
  */
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import type { IrqVector } from "../vfio/irq.ts";
@@ -40,6 +47,13 @@ export interface QueueStats {
   maxWaiting: number;
 }
 
+/** Where `capture`, the executor every submit() passes to its Promise, leaves the settle functions. */
+const captured: { resolve: Resolve; reject: Reject } = { resolve: () => {}, reject: () => {} };
+function capture(resolve: Resolve, reject: Reject): void {
+  captured.resolve = resolve;
+  captured.reject = reject;
+}
+
 export class QueuePair {
   readonly id: number;
   /** Entries per ring; at most depth - 1 commands are in flight (a full ring is tail + 1 == head). */
@@ -59,6 +73,17 @@ export class QueuePair {
   readonly #tracker: CommandTracker;
   readonly #prpLists: Uint32Array;
   readonly #prpListsIova: number;
+  /** A microtask to ring the SQ doorbell is queued. */
+  #doorbellDue = false;
+  #released = false;
+  /** Runs once per turn with submissions, after all of them (see the file comment). */
+  readonly #ringDue = (): void => {
+    this.#doorbellDue = false;
+    // A queue deleted or a controller closed, failed or reset in the same turn: its pending
+    // commands were failed there and the ring cleared; nothing may be announced.
+    if (this.#released || !this.#owner.usable) return;
+    this.#submissions.ringDoorbell();
+  };
 
   constructor(owner: QueueOwner, heap: DmaHeap, id: number, depth: number, admin: boolean, vector?: IrqVector) {
     this.#owner = owner;
@@ -123,6 +148,7 @@ export class QueuePair {
   /**
    * Send a command whose data (if any) is `length` bytes at `iova`. Resolves with the completion's
    * DW0; rejects with the decoded status. A full queue makes the promise wait for a free slot.
+   * The controller is told at the end of the current turn, with every other command of the turn.
    */
   submit(command: Command, iova: number, length: number, timeoutMs: number): Promise<number> {
     if (!this.#owner.usable) {
@@ -132,12 +158,15 @@ export class QueuePair {
         return Promise.reject(error);
       }
     }
-    return new Promise<number>((resolve, reject) => {
-      const slot = this.#tracker.take();
-      if (slot < 0) this.#tracker.wait({ command, iova, length, resolve, reject, timeoutMs });
-      else this.#issue(slot, command, iova, length, resolve, reject, timeoutMs);
-      this.#owner.kick();
-    });
+    // The shared executor only hands out the settle functions: no closure per command.
+    const promise = new Promise<number>(capture);
+    const resolve = captured.resolve;
+    const reject = captured.reject;
+    const slot = this.#tracker.take();
+    if (slot < 0) this.#tracker.wait({ command, iova, length, resolve, reject, timeoutMs });
+    else this.#issue(slot, command, iova, length, resolve, reject, timeoutMs);
+    this.#owner.kick();
+    return promise;
   }
 
   /** Send a command and spin until it completes (bring-up and teardown only). */
@@ -166,6 +195,8 @@ export class QueuePair {
       },
       timeoutMs,
     );
+    // The spin below never yields, so the turn's microtask would come too late.
+    this.#submissions.ringDoorbell();
     while (!done) poll();
     if (failure) throw failure;
     return result;
@@ -186,18 +217,38 @@ export class QueuePair {
         : 0;
     const cid = this.#tracker.track(slot, command, resolve, reject, timeoutMs);
     this.#submissions.post(cid, command, iova, prp2);
-    this.#submissions.ringDoorbell();
+    if (!this.#doorbellDue) {
+      this.#doorbellDue = true;
+      queueMicrotask(this.#ringDue);
+    }
+  }
+
+  /**
+   * Tell the controller now about every command posted and not yet announced (one SQ tail write;
+   * none when there is nothing new). Submissions are announced at the end of their turn anyway;
+   * this is for code that submits and then spins without yielding to the event loop.
+   */
+  ringDoorbell(): boolean {
+    return this.#submissions.ringDoorbell();
+  }
+
+  /** Commands posted and not yet announced to the controller. */
+  get unannounced(): number {
+    return this.#submissions.unannounced;
   }
 
   /**
    * Handle every completion the controller has posted; returns how many. An entry that names
    * another submission queue, an SQ head outside this one, or a command id not in flight fails the
-   * controller (EPROTO) before anything in it is believed: nothing of it settles a command.
+   * controller (EPROTO) before anything in it is believed: nothing of it settles a command. The CQ
+   * head is written once for all of them; waiters that got a freed slot are posted and announced
+   * by one SQ write.
    */
   reap(): number {
     const ring = this.#completions;
     const tracker = this.#tracker;
     let count = 0;
+    let reissued = false;
     while (ring.next()) {
       count++;
       const slot = tracker.slotOf(ring.cid);
@@ -207,10 +258,13 @@ export class QueuePair {
         return count;
       }
       const next = tracker.complete(slot, ring.dw0, ring.status);
-      if (next !== undefined)
+      if (next !== undefined) {
         this.#issue(slot, next.command, next.iova, next.length, next.resolve, next.reject, next.timeoutMs);
+        reissued = true;
+      }
     }
     if (count > 0) ring.updateHead();
+    if (reissued) this.#submissions.ringDoorbell();
     return count;
   }
 
@@ -236,6 +290,7 @@ export class QueuePair {
 
   /** Give the rings and list pages back to the heap. */
   release(): void {
+    this.#released = true;
     for (const buffer of this.#memory) if (!buffer.freed && !buffer.heap.closed) buffer.free();
   }
 }

@@ -20,6 +20,12 @@ export class SubmissionRing {
   readonly #registers: ControllerRegisters;
   readonly #doorbell: number;
   #tail = 0;
+  /**
+   * The tail the controller was last told. Posting and telling are separate steps (a doorbell
+   * is an MMIO write: a VM exit under emulation, a posted PCIe write on hardware), so entries
+   * posted together cost one write.
+   */
+  #announced = 0;
 
   /** `memory`: depth * 64 bytes of the heap; `doorbellStride` from CAP.DSTRD. */
   constructor(memory: Uint8Array, depth: number, registers: ControllerRegisters, qid: number, doorbellStride: number) {
@@ -35,14 +41,28 @@ export class SubmissionRing {
     this.#tail = this.#tail + 1 === this.#depth ? 0 : this.#tail + 1;
   }
 
-  /** Tell the controller the tail. The entries are in memory before this store (x86 keeps stores in order). */
-  ringDoorbell(): void {
-    this.#registers.write32(this.#doorbell, this.#tail);
+  /** Entries posted since the controller was last told the tail. */
+  get unannounced(): number {
+    const n = this.#tail - this.#announced;
+    return n < 0 ? n + this.#depth : n;
+  }
+
+  /**
+   * Tell the controller the tail, if entries were posted since it was last told; returns whether
+   * it wrote. The entries are in memory before this store (x86 keeps stores in order).
+   */
+  ringDoorbell(): boolean {
+    const tail = this.#tail;
+    if (tail === this.#announced) return false;
+    this.#registers.write32(this.#doorbell, tail);
+    this.#announced = tail;
+    return true;
   }
 
   /** Empty, as after Create I/O Submission Queue or a controller reset. */
   clear(): void {
     this.#tail = 0;
+    this.#announced = 0;
   }
 }
 

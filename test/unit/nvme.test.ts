@@ -164,8 +164,10 @@ describe("command tracker", () => {
       () => {},
       50,
     );
+    // The first look stamps the deadline (no clock read per command); the next finds it past.
     const now = performance.now();
     expect(tracker.overdue(now)).toBeUndefined();
+    expect(tracker.overdue(now + 40)).toBeUndefined();
     expect(tracker.overdue(now + 100)?.name).toBe("Identify");
   });
 });
