@@ -5,6 +5,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { IoOpcode, readWrite } from "../../src/nvme/commands.ts";
+import { spinWindowMs } from "../../src/nvme/completion.ts";
 import { IommufdError } from "../../src/sys/error.ts";
 import { NvmeModel } from "../support/nvme-model.ts";
 
@@ -117,6 +118,15 @@ describe("doorbells", () => {
     other.queue.release();
     await expect(released).rejects.toBeInstanceOf(IommufdError);
     expect(other.model.writesTo(other.sq)).toEqual([]);
+  });
+});
+
+describe("the poller's spin", () => {
+  test("spins nine times what a turn of the event loop costs, between 0.25 ms and 2 ms", () => {
+    expect(spinWindowMs(0)).toBe(0.25);
+    expect(spinWindowMs(0.003)).toBe(0.25); // a native turn: as before
+    expect(spinWindowMs(0.1)).toBeCloseTo(0.9); // a turn in the TCG guest
+    expect(spinWindowMs(0.5)).toBe(2);
   });
 });
 
