@@ -32,7 +32,11 @@ export interface NvmeControllerOptions {
   queueDepth?: number;
   /** I/O queue pairs to ask the controller for (Set Features, Number of Queues). Default 8. */
   maxQueuePairs?: number;
-  /** A command not completed after this long fails the controller. Default 10 000 ms. */
+  /**
+   * A command not completed after this long fails the controller. Default 10 000 ms. Deadlines
+   * are stamped and checked by the health checks (every 10 ms while polling, 100 ms with
+   * interrupts), so a command fails up to one such interval after its timeout.
+   */
   commandTimeoutMs?: number;
   /** How the first I/O queue pair's completions are found: "poll" (default) or "interrupt" (MSI-X). */
   completion?: Completion;
