@@ -69,7 +69,8 @@ export class CompletionPoller {
 
   #reapAll(): number {
     let n = 0;
-    for (const queue of this.#owner.queues) n += queue.reap();
+    // The CQ head goes with the turn's SQ tail, after it (queue.ts).
+    for (const queue of this.#owner.queues) n += queue.reap(true);
     return n;
   }
 

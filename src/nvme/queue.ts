@@ -11,7 +11,11 @@
  * in the same turn of the event loop is announced by one SQ tail write, made in a microtask
  * queued by the turn's first submission, hence before the event loop runs anything else and
  * before the poller spins (it rings too). `ringDoorbell()` announces at once, for callers that
- * spin without yielding. Completions are handed back by one CQ head write per reap.
+ * spin without yielding. Completions are handed back by one CQ head write per reap; the poller's
+ * reaps leave it to the same microtask, after the SQ tail: the controller hears of the next
+ * commands one MMIO write sooner (at QD1 that write is on every command's path). A controller
+ * whose completion queue looks full meanwhile holds its completions until the head write, which
+ * follows within the turn (every compliant controller must, and QEMU's does).
  */
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import type { IrqVector } from "../vfio/irq.ts";
@@ -76,13 +80,13 @@ export class QueuePair {
   /** A microtask to ring the SQ doorbell is queued. */
   #doorbellDue = false;
   #released = false;
-  /** Runs once per turn with submissions, after all of them (see the file comment). */
+  /** Runs once per turn with submissions or deferred reaps, after all of them (see the file comment). */
   readonly #ringDue = (): void => {
     this.#doorbellDue = false;
     // A queue deleted or a controller closed, failed or reset in the same turn: its pending
     // commands were failed there and the ring cleared; nothing may be announced.
     if (this.#released || !this.#owner.usable) return;
-    this.#submissions.ringDoorbell();
+    this.ringDoorbell();
   };
 
   constructor(owner: QueueOwner, heap: DmaHeap, id: number, depth: number, admin: boolean, vector?: IrqVector) {
@@ -217,19 +221,25 @@ export class QueuePair {
         : 0;
     const cid = this.#tracker.track(slot, command, resolve, reject, timeoutMs);
     this.#submissions.post(cid, command, iova, prp2);
-    if (!this.#doorbellDue) {
-      this.#doorbellDue = true;
-      queueMicrotask(this.#ringDue);
-    }
+    this.#scheduleDoorbells();
+  }
+
+  #scheduleDoorbells(): void {
+    if (this.#doorbellDue) return;
+    this.#doorbellDue = true;
+    queueMicrotask(this.#ringDue);
   }
 
   /**
-   * Tell the controller now about every command posted and not yet announced (one SQ tail write;
-   * none when there is nothing new). Submissions are announced at the end of their turn anyway;
-   * this is for code that submits and then spins without yielding to the event loop.
+   * Write the doorbells now: the SQ tail if commands were posted since it was last written, then
+   * the CQ head if completions were taken since. Returns whether the SQ tail was written. Both
+   * happen at the end of the turn anyway; this is for code that submits and then spins without
+   * yielding to the event loop.
    */
   ringDoorbell(): boolean {
-    return this.#submissions.ringDoorbell();
+    const rang = this.#submissions.ringDoorbell();
+    this.#completions.updateHead();
+    return rang;
   }
 
   /** Commands posted and not yet announced to the controller. */
@@ -241,10 +251,11 @@ export class QueuePair {
    * Handle every completion the controller has posted; returns how many. An entry that names
    * another submission queue, an SQ head outside this one, or a command id not in flight fails the
    * controller (EPROTO) before anything in it is believed: nothing of it settles a command. The CQ
-   * head is written once for all of them; waiters that got a freed slot are posted and announced
-   * by one SQ write.
+   * head is written once for all of them, at once, or with `deferHead` by the turn's doorbell
+   * microtask after the SQ tail (the poller's way; a caller that spins without yielding must not
+   * defer). Waiters that got a freed slot are posted and announced by one SQ write.
    */
-  reap(): number {
+  reap(deferHead = false): number {
     const ring = this.#completions;
     const tracker = this.#tracker;
     let count = 0;
@@ -263,8 +274,11 @@ export class QueuePair {
         reissued = true;
       }
     }
-    if (count > 0) ring.updateHead();
     if (reissued) this.#submissions.ringDoorbell();
+    if (count > 0) {
+      if (deferHead) this.#scheduleDoorbells();
+      else ring.updateHead();
+    }
     return count;
   }
 

@@ -72,6 +72,8 @@ export class CompletionRing {
   readonly #registers: ControllerRegisters;
   readonly #doorbell: number;
   #head = 0;
+  /** The head the controller was last told. */
+  #announced = 0;
   #phase = 1;
   /** The entry last taken by next(). */
   cid = 0;
@@ -113,14 +115,24 @@ export class CompletionRing {
     return true;
   }
 
-  /** Hand the slots taken so far back to the controller. */
-  updateHead(): void {
-    this.#registers.write32(this.#doorbell, this.#head);
+  /** Whether entries were taken since the controller was last told the head. */
+  get headDue(): boolean {
+    return this.#head !== this.#announced;
+  }
+
+  /** Hand the slots taken so far back to the controller, if any were; returns whether it wrote. */
+  updateHead(): boolean {
+    const head = this.#head;
+    if (head === this.#announced) return false;
+    this.#registers.write32(this.#doorbell, head);
+    this.#announced = head;
+    return true;
   }
 
   /** Empty with phase 1 and every entry zero, as after creation or a controller reset. */
   clear(): void {
     this.#head = 0;
+    this.#announced = 0;
     this.#phase = 1;
     this.#entries.fill(0);
   }

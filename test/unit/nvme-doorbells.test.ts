@@ -74,6 +74,37 @@ describe("doorbells", () => {
     expect(queue.inFlight).toBe(0);
   });
 
+  test("the poller's reaps write the CQ head after the SQ tail of the commands submitted in the same turn", async () => {
+    const { model, queue, sq, cq } = setup(4, false);
+    const first = queue.submit(read(0), 0, 0, TIMEOUT);
+    // A caller awaiting its command submits the next one in the turn of the reap.
+    const second = first.then(() => queue.submit(read(1), 0, 0, TIMEOUT));
+    await hop();
+    model.complete(1);
+    expect(queue.reap(true)).toBe(1);
+    expect(model.writesTo(cq)).toEqual([]); // deferred to the end of the turn
+    await hop();
+    expect(model.writes.map((w) => (w.offset === sq ? `SQ ${w.value}` : `CQ ${w.value}`))).toEqual([
+      "SQ 1",
+      "SQ 2",
+      "CQ 1",
+    ]);
+    model.complete(1);
+    queue.reap();
+    await second;
+  });
+
+  test("a deferred CQ head is written in the turn even when nothing is submitted after it", async () => {
+    const { model, queue, cq } = setup(4, false);
+    const only = queue.submit(read(0), 0, 0, TIMEOUT);
+    await hop();
+    model.complete(1);
+    queue.reap(true);
+    await only;
+    await hop();
+    expect(model.writesTo(cq)).toEqual([1]);
+  });
+
   test("callers that waited for a slot and got one in a reap are announced together, at the reap's end", async () => {
     const { model, queue, sq, cq } = setup(4); // 3 slots
     const pending = Array.from({ length: 7 }, (_, i) => queue.submit(read(i), 0, 0, TIMEOUT));
