@@ -77,7 +77,7 @@ export class QueuePair {
   readonly #tracker: CommandTracker;
   readonly #prpLists: Uint32Array;
   readonly #prpListsIova: number;
-  /** A microtask to ring the SQ doorbell is queued. */
+  /** A microtask to write the doorbells (SQ tail, then CQ head) is queued. */
   #doorbellDue = false;
   #released = false;
   /** Runs once per turn with submissions or deferred reaps, after all of them (see the file comment). */
