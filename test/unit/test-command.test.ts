@@ -7,7 +7,7 @@ import { describe, expect, test } from "bun:test";
 import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { KERNEL_TEST_ARGS, MATRIX_SUITES, UNIT_TEST_ARGS } from "../../scripts/test.ts";
+import { KERNEL_TEST_ARGS, MATRIX_SUITES, UNIT_TEST_ARGS, vmCommandArgs } from "../../scripts/test.ts";
 import {
   judgeRun,
   parseBunTestSummary,
@@ -269,5 +269,22 @@ describe("the kernel matrix's suites (MATRIX_SUITES)", () => {
 
   test("the examples run on every kernel (the issue wants their output on each)", () => {
     for (const files of Object.values(MATRIX_SUITES)) expect(files).toContain("./test/kernel/examples.test.ts");
+  });
+});
+
+describe("the host's test/vm stage and the arguments after --", () => {
+  test("no arguments: all of test/vm", () => {
+    expect(vmCommandArgs([], existsSync)).toEqual(["./test/vm"]);
+  });
+  test("kernel test files or only a filter: the stage is left out, not run on the host", () => {
+    expect(vmCommandArgs(["test/kernel/nvme.test.ts", "test/kernel/nvme-type1.test.ts"], existsSync)).toBeUndefined();
+    expect(vmCommandArgs(["-t", "write-only"], existsSync)).toBeUndefined();
+  });
+  test("a test/vm file keeps its flags and drops the kernel files", () => {
+    expect(vmCommandArgs(["test/vm/cli.test.ts", "test/kernel/ioas.test.ts", "-t", "bad input"], existsSync)).toEqual([
+      "./test/vm/cli.test.ts",
+      "-t",
+      "bad input",
+    ]);
   });
 });
