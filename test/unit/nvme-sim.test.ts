@@ -238,3 +238,16 @@ test("an interrupt vector whose eventfd reports an absurd count: I/O goes on, co
   await ns.read(0, 1, last);
   expect(last.bytes).toEqual(media(sim, 0, 1));
 });
+
+test("deleting a queue pair with nothing in flight leaves entries someone else's loop left in its ring unjudged", async () => {
+  // bench/nvme-loop.ts drives a queue pair the driver created with its own ids, then hands it back
+  // idle: its completions stay in the ring the driver never reaped.
+  const { sim, controller, ns } = open();
+  const lent = controller.createQueuePair(4, { completion: "poll" });
+  sim.postRaw({ cqid: lent.id, dw0: 0, sqHead: 1, sqId: lent.id, cid: 0x0005, status: 0 });
+  controller.deleteQueuePair(lent);
+  expect(controller.failure).toBeUndefined();
+  const b = buffer(controller, 8);
+  await ns.read(0, 8, b);
+  expect(b.bytes).toEqual(media(sim, 0, 8));
+});
