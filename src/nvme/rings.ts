@@ -14,25 +14,42 @@ import { DOORBELLS, type ControllerRegisters } from "./registers.ts";
 export const SQ_ENTRY_BYTES = 64;
 export const CQ_ENTRY_BYTES = 16;
 
+/**
+ * One doorbell and the value the controller was last told. Posting and telling are separate
+ * steps (a doorbell is an MMIO write: a VM exit under emulation, a posted PCIe write on
+ * hardware), so what was posted or taken together costs one write.
+ */
+class Doorbell {
+  readonly #registers: ControllerRegisters;
+  readonly #offset: number;
+  announced = 0;
+
+  constructor(registers: ControllerRegisters, offset: number) {
+    this.#registers = registers;
+    this.#offset = offset;
+  }
+
+  /** Write `value` unless the controller was told it last; returns whether it wrote. */
+  tell(value: number): boolean {
+    if (value === this.announced) return false;
+    this.#registers.write32(this.#offset, value);
+    this.announced = value;
+    return true;
+  }
+}
+
 export class SubmissionRing {
   readonly #entries: Uint32Array;
   readonly #depth: number;
-  readonly #registers: ControllerRegisters;
-  readonly #doorbell: number;
+  /** The SQ tail doorbell; the controller was last told `announced`. */
+  readonly #doorbell: Doorbell;
   #tail = 0;
-  /**
-   * The tail the controller was last told. Posting and telling are separate steps (a doorbell
-   * is an MMIO write: a VM exit under emulation, a posted PCIe write on hardware), so entries
-   * posted together cost one write.
-   */
-  #announced = 0;
 
   /** `memory`: depth * 64 bytes of the heap; `doorbellStride` from CAP.DSTRD. */
   constructor(memory: Uint8Array, depth: number, registers: ControllerRegisters, qid: number, doorbellStride: number) {
     this.#entries = new Uint32Array(memory.buffer, memory.byteOffset, (depth * SQ_ENTRY_BYTES) / 4);
     this.#depth = depth;
-    this.#registers = registers;
-    this.#doorbell = DOORBELLS + 2 * qid * doorbellStride;
+    this.#doorbell = new Doorbell(registers, DOORBELLS + 2 * qid * doorbellStride);
   }
 
   /** Write the entry at the tail and move the tail on; the controller sees it at the next doorbell. */
@@ -43,7 +60,7 @@ export class SubmissionRing {
 
   /** Entries posted since the controller was last told the tail. */
   get unannounced(): number {
-    const n = this.#tail - this.#announced;
+    const n = this.#tail - this.#doorbell.announced;
     return n < 0 ? n + this.#depth : n;
   }
 
@@ -52,28 +69,22 @@ export class SubmissionRing {
    * it wrote. The entries are in memory before this store (x86 keeps stores in order).
    */
   ringDoorbell(): boolean {
-    const tail = this.#tail;
-    if (tail === this.#announced) return false;
-    this.#registers.write32(this.#doorbell, tail);
-    this.#announced = tail;
-    return true;
+    return this.#doorbell.tell(this.#tail);
   }
 
   /** Empty, as after Create I/O Submission Queue or a controller reset. */
   clear(): void {
     this.#tail = 0;
-    this.#announced = 0;
+    this.#doorbell.announced = 0;
   }
 }
 
 export class CompletionRing {
   readonly #entries: Uint32Array;
   readonly #depth: number;
-  readonly #registers: ControllerRegisters;
-  readonly #doorbell: number;
+  /** The CQ head doorbell; the controller was last told `announced`. */
+  readonly #doorbell: Doorbell;
   #head = 0;
-  /** The head the controller was last told. */
-  #announced = 0;
   #phase = 1;
   /** The entry last taken by next(). */
   cid = 0;
@@ -88,8 +99,7 @@ export class CompletionRing {
   constructor(memory: Uint8Array, depth: number, registers: ControllerRegisters, qid: number, doorbellStride: number) {
     this.#entries = new Uint32Array(memory.buffer, memory.byteOffset, (depth * CQ_ENTRY_BYTES) / 4);
     this.#depth = depth;
-    this.#registers = registers;
-    this.#doorbell = DOORBELLS + (2 * qid + 1) * doorbellStride;
+    this.#doorbell = new Doorbell(registers, DOORBELLS + (2 * qid + 1) * doorbellStride);
   }
 
   /**
@@ -117,22 +127,18 @@ export class CompletionRing {
 
   /** Whether entries were taken since the controller was last told the head. */
   get headDue(): boolean {
-    return this.#head !== this.#announced;
+    return this.#head !== this.#doorbell.announced;
   }
 
   /** Hand the slots taken so far back to the controller, if any were; returns whether it wrote. */
   updateHead(): boolean {
-    const head = this.#head;
-    if (head === this.#announced) return false;
-    this.#registers.write32(this.#doorbell, head);
-    this.#announced = head;
-    return true;
+    return this.#doorbell.tell(this.#head);
   }
 
   /** Empty with phase 1 and every entry zero, as after creation or a controller reset. */
   clear(): void {
     this.#head = 0;
-    this.#announced = 0;
+    this.#doorbell.announced = 0;
     this.#phase = 1;
     this.#entries.fill(0);
   }
