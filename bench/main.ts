@@ -35,12 +35,14 @@ import { vmAvailability } from "../vm/host.ts";
 import { kernelImage } from "../vm/images.ts";
 import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
+import { judge, MAX_MARGIN } from "./noise.ts";
 import { type CaseResult, type Interval, runCase, runMode } from "./runner.ts";
 import {
   compare,
   machine,
   previousResults,
   ratioPlot,
+  readResults,
   SCHEMA,
   save,
   tables,
@@ -321,7 +323,16 @@ function finish(
   };
   // A quick run is a smoke test (2 short rounds, confidence 50%): it is never compared.
   const previous = results.mode === "quick" ? undefined : previousResults(results);
-  if (previous) {
+  // A full run of its mode is judged by each case's A/A noise floor (bench/noise.ts) against the
+  // last commit's runs; a filtered run against the run before it, by the interval rule.
+  const judged = previous && results.filter === undefined ? judge(results, readResults()) : undefined;
+  if (judged?.reference.length) {
+    results.previous = judged.reference.at(-1);
+    results.reference = judged.reference;
+    results.margins = judged.margins;
+    results.tooNoisy = judged.tooNoisy;
+    results.changes = judged.changes;
+  } else if (previous) {
     results.previous = previous.file;
     results.changes = compare(results, previous.results);
   }
@@ -336,7 +347,15 @@ function finish(
     say(plot);
   }
   say();
-  if (previous) {
+  if (results.reference) {
+    const reg = results.changes.filter((c) => c.kind === "regression");
+    const noisy = Object.keys(results.tooNoisy ?? {});
+    say(
+      `compared with ${results.reference.length} run(s) of ${results.reference.at(-1)!.split("-").at(-2)} (each case against its own A/A noise floor): ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s)`,
+    );
+    for (const c of results.changes) say(c.text);
+    if (noisy.length) say(`too noisy to judge (A/A margin over ${MAX_MARGIN * 100}%): ${noisy.join(", ")}`);
+  } else if (previous) {
     const reg = results.changes.filter((c) => c.kind === "regression");
     say(
       `compared with ${previous.file}: ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s) (intervals apart by more than ${THRESHOLD * 100}%)`,

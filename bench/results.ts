@@ -73,6 +73,12 @@ export interface Results extends Measurement {
   bootSeconds?: number;
   /** File name (in bench/results/) of the run compared with. */
   previous?: string;
+  /** Files of the runs the reference was made of (bench/noise.ts), when judged by noise floors. */
+  reference?: string[];
+  /** Cases judged by their A/A noise floor: the margin each had (fraction), by "id metric". */
+  margins?: Record<string, number>;
+  /** Cases whose A/A noise is too large to judge, with their would-be margins. */
+  tooNoisy?: Record<string, number>;
   threshold: number;
   changes: Change[];
   /** Why the run failed (quick: the smoke test's conditions; otherwise cases with errors). */

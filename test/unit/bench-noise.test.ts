@@ -1,0 +1,124 @@
+/**
+ * The noise-floor rule of bench/noise.ts: each case judged against its own A/A noise, learned from
+ * runs of identical code. First on small made-up histories, then on the committed runs themselves:
+ * the four A/A runs of c711a4e flag nothing, and the same run made 10% slower is flagged.
+ */
+import { describe, expect, test } from "bun:test";
+import { judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from "../../bench/noise.ts";
+import { readResults, type Results, type Saved } from "../../bench/results.ts";
+import type { CaseResult, Interval } from "../../bench/runner.ts";
+
+function iv(median: number, spread = 0.02): Interval {
+  return { median, lo: median * (1 - spread), hi: median * (1 + spread), confidence: 0.99, n: 8 };
+}
+
+function run(commit: string, date: string, ratios: Record<string, number>, extra: Partial<Results> = {}): Saved {
+  const cases = Object.entries(ratios).map(
+    ([id, r]): CaseResult =>
+      ({ id, suite: "map", title: id, k: 1, tier: "default", tracked: true, ratio: iv(r) }) as CaseResult,
+  );
+  const results = { schema: 3, mode: "default", commit, date, dirty: false, cases, ...extra } as Results;
+  return { file: `${date}-${commit}-default.json`, path: "", results };
+}
+
+describe("learned noise", () => {
+  test("rms of each run's log distance from the median of the other runs of its commit", () => {
+    const noise = learnNoise([
+      run("a", "1", { x: 1.0 }).results,
+      run("a", "2", { x: 1.1 }).results,
+      run("b", "3", { x: 2.0 }).results, // alone: no A/A evidence
+    ]);
+    const d = Math.log(1.1);
+    expect(noise.get("x ratio")?.rms).toBeCloseTo(Math.sqrt((d * d + d * d) / 2), 9);
+    expect(noise.get("x ratio")?.groups).toBe(1);
+  });
+  test("a case never run twice on one commit has none", () => {
+    expect(learnNoise([run("a", "1", { x: 1 }).results, run("b", "2", { x: 1 }).results]).size).toBe(0);
+  });
+});
+
+describe("judging a run", () => {
+  // Identical code moved x by about 2% and noisy by about 20% between runs.
+  const history = [
+    run("a", "1", { x: 1.0, noisy: 1.0 }),
+    run("a", "2", { x: 1.02, noisy: 1.25 }),
+    run("a", "3", { x: 0.99, noisy: 0.8 }),
+  ];
+  test("within the margin: nothing flagged", () => {
+    const j = judge(run("b", "4", { x: 1.05, noisy: 1 }).results, history);
+    expect(j.changes).toEqual([]);
+    expect(j.reference).toHaveLength(3);
+    expect(j.margins["x ratio"]).toBe(MIN_MARGIN);
+  });
+  test("10% slower on a quiet case: a regression", () => {
+    const [change, ...rest] = judge(run("b", "4", { x: 1.1, noisy: 1 }).results, history).changes;
+    expect(rest).toEqual([]);
+    expect(change?.kind).toBe("regression");
+    expect(change?.text).toContain("moved +10.0%");
+  });
+  test("10% faster: an improvement", () => {
+    expect(judge(run("b", "4", { x: 0.9 }).results, history).changes.map((c) => c.kind)).toEqual(["improvement"]);
+  });
+  test("a case whose A/A noise would need a margin over MAX_MARGIN is listed, not judged", () => {
+    const j = judge(run("b", "4", { x: 1, noisy: 2 }).results, history);
+    expect(j.changes).toEqual([]);
+    expect(j.tooNoisy["noisy ratio"]).toBeGreaterThan(MAX_MARGIN);
+  });
+  test("the reference is the last commit's runs only", () => {
+    const j = judge(run("c", "5", { x: 1.0 }).results, [...history, run("b", "4", { x: 1.5 })]);
+    expect(j.reference).toEqual(["4-b-default.json"]);
+    expect(j.changes.map((c) => c.kind)).toEqual(["improvement"]);
+  });
+  test("no A/A history for a case: the interval rule against the last run", () => {
+    const j = judge(run("b", "4", { fresh: 2 }).results, [...history, run("a", "3b", { fresh: 1 })]);
+    expect(j.byInterval).toEqual(["fresh"]);
+    expect(j.changes.map((c) => [c.id, c.kind])).toEqual([["fresh", "regression"]]);
+  });
+  test("dirty, filtered, other-mode and later runs are not history", () => {
+    const j = judge(run("b", "4", { x: 1.5 }).results, [
+      run("a", "1", { x: 1 }, { dirty: true }),
+      run("a", "2", { x: 1 }, { filter: "x" }),
+      run("a", "3", { x: 1 }, { mode: "full" }),
+      run("a", "5", { x: 1 }),
+    ]);
+    expect(j.reference).toEqual([]);
+    expect(j.changes).toEqual([]);
+  });
+});
+
+describe("on the committed runs", () => {
+  const all = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const aa = all.filter((s) => s.results.commit === "c711a4e" && s.results.mode === "default");
+  test("the four A/A runs of c711a4e are there", () => expect(aa).toHaveLength(4));
+  test("each A/A run against the other three: nothing flagged", () => {
+    for (const one of aa) {
+      const j = judge(
+        { ...one.results, date: "9999" },
+        all.filter((s) => s !== one),
+      );
+      expect(j.reference).toHaveLength(3);
+      expect(j.changes.map((c) => c.text)).toEqual([]);
+    }
+  });
+  test(`the last A/A run 10% slower (every lib/C x1.10) is flagged on the map path`, () => {
+    const last = aa.at(-1)!;
+    const slower = structuredClone(last.results);
+    slower.date = "9999";
+    for (const c of slower.cases) if (c.ratio) for (const f of ["median", "lo", "hi"] as const) c.ratio[f] *= 1.1;
+    const flagged = judge(
+      slower,
+      all.filter((s) => s !== last),
+    )
+      .changes.filter((c) => c.kind === "regression")
+      .map((c) => c.id);
+    for (const id of [
+      "mapFile/mock/4KiB",
+      "map/mock/4KiB",
+      "copy/mock/4KiB",
+      "mapFile/none/4KiB",
+      "prepared/mock/4KiB",
+    ]) {
+      expect(flagged).toContain(id);
+    }
+  });
+});
