@@ -130,7 +130,16 @@ export class Ioas implements DmaSpace {
   map(source: MapSource, options: RangeOptions = {}): Mapping {
     const op = "IOMMU_IOAS_MAP";
     const fd = this.assertOpen(op);
-    const { address, size } = resolveMemory(source, op);
+    let address: number;
+    let size: number;
+    // As in mapFile: the common source without the object resolveMemory() returns.
+    if (source instanceof MemfdBuffer) {
+      source.assertOpen(op);
+      address = source.address;
+      size = source.size;
+    } else {
+      ({ address, size } = resolveMemory(source, op));
+    }
     const offset = rangeOffset(options, size, op, "source");
     const length = rangeLength(options, offset, size, op, "source");
     const iova = fixedIova(options, op);
@@ -147,8 +156,7 @@ export class Ioas implements DmaSpace {
     let size: number | undefined;
     // The common case first, without the object resolveFile() returns: this runs per I/O.
     if (file instanceof MemfdBuffer) {
-      file.assertOpen(op);
-      fd = file.fd;
+      fd = file.assertOpen(op);
       size = file.size;
     } else {
       ({ fd, size } = resolveFile(file, op));
@@ -285,8 +293,10 @@ export class Ioas implements DmaSpace {
     if (!this.#mappings.has(mapping)) {
       throw stateError(op, "ENOENT", `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`);
     }
-    this.#unmapRaw(this.assertOpen(op), mapping.iova, mapping.length, op);
-    this.#forget(mapping);
+    // Exactly one recorded range: the kernel's unmapped-bytes answer tells nothing new here.
+    encodeUnmap(unmapCmd, this.id, mapping.iova, mapping.length);
+    ioctl(this.assertOpen(op), IOMMU_IOAS_UNMAP, unmapCmd, op, UNMAP_ERRORS);
+    this.#mappings.delete(mapping);
   }
 
   /** @internal */

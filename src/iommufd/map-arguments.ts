@@ -46,20 +46,25 @@ export interface CopyOptions extends MapOptions {
 }
 
 export function fixedIova(options: MapOptions, op: string): Iova | undefined {
-  return options.iova === undefined ? undefined : normaliseIova(u64(options.iova, op, "options.iova"));
+  const iova = options.iova;
+  return iova === undefined ? undefined : normaliseIova(u64(iova, op, "options.iova"));
 }
 
+const READ_WRITE = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+
 export function mapFlags(options: MapOptions, op: string, iova: Iova | undefined): number {
+  const fixed = iova === undefined ? 0 : IOMMU_IOAS_MAP_FIXED_IOVA;
+  if (options.readable === undefined && options.writable === undefined) return READ_WRITE | fixed;
+  return accessFlags(options, op) | fixed;
+}
+
+function accessFlags(options: MapOptions, op: string): number {
   const readable = options.readable ?? true;
   const writable = options.writable ?? true;
   if (!readable && !writable) {
     throw argumentError(op, "options", "a mapping must be readable, writable or both");
   }
-  return (
-    (readable ? IOMMU_IOAS_MAP_READABLE : 0) |
-    (writable ? IOMMU_IOAS_MAP_WRITEABLE : 0) |
-    (iova === undefined ? 0 : IOMMU_IOAS_MAP_FIXED_IOVA)
-  );
+  return (readable ? IOMMU_IOAS_MAP_READABLE : 0) | (writable ? IOMMU_IOAS_MAP_WRITEABLE : 0);
 }
 
 export function resolveMemory(source: MapSource, op: string): { address: number; size: number } {
