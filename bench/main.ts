@@ -35,6 +35,7 @@ import { vmAvailability } from "../vm/host.ts";
 import { kernelImage } from "../vm/images.ts";
 import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
+import { measureHostJsCost } from "./hotpath.ts";
 import { judge, MAX_MARGIN } from "./noise.ts";
 import { type CaseResult, type Interval, runCase, runMode } from "./runner.ts";
 import {
@@ -265,7 +266,10 @@ function usable(figure: Interval): boolean {
   return [figure.median, figure.lo, figure.hi].every((x) => Number.isFinite(x) && x > 0);
 }
 
-export function smokeProblems(results: Pick<Results, "planned" | "cases" | "skipped">, ci: boolean): string[] {
+export function smokeProblems(
+  results: Pick<Results, "planned" | "cases" | "skipped" | "hostJs">,
+  ci: boolean,
+): string[] {
   const problems: string[] = [];
   const byId = new Map(results.cases.map((c) => [c.id, c]));
   if (results.planned.length === 0) problems.push("no case was planned");
@@ -288,11 +292,21 @@ export function smokeProblems(results: Pick<Results, "planned" | "cases" | "skip
       else if (!usable(figure)) problems.push(`${id}: ${name} is ${figure.median} (${figure.lo}..${figure.hi})`);
     }
   }
+  const js = results.hostJs;
+  for (const op of ["mapFile", "map", "copy", "prepared"] as const) {
+    const ns = js?.[op];
+    if (ns === undefined || !Number.isFinite(ns) || ns <= 0) problems.push(`host JS per pair, ${op}: ${ns}`);
+  }
   if (ci) for (const s of results.skipped) problems.push(`${s.id}: skipped under CI (${s.reason})`);
   return problems;
 }
 
 /** Dates, names and files the measuring side cannot know or write (the guest's tree is read-only). */
+/** Pairs per timed loop of the host JS measurement: a quick run only checks that it runs. */
+function hostJsPairs(tier: Tier): number {
+  return tier === "quick" ? 100_000 : 1_000_000;
+}
+
 function finish(
   args: Args,
   m: Measurement,
@@ -320,6 +334,8 @@ function finish(
     wallSeconds: (performance.now() - started) / 1000,
     threshold: THRESHOLD,
     changes: [],
+    // The host is idle here (the guest is gone): the library's own JS per pair, tracked run by run.
+    hostJs: measureHostJsCost(hostJsPairs(args.tier)),
   };
   // A quick run is a smoke test (2 short rounds, confidence 50%): it is never compared.
   const previous = results.mode === "quick" ? undefined : previousResults(results);
@@ -340,6 +356,11 @@ function finish(
   say();
   say(`== results (${where}) ==`);
   say(tables(results));
+  const js = results.hostJs!;
+  say(
+    `library JS per 4 KiB pair on the host (ioctl a no-op, bench/hotpath.ts): mapFile ${js.mapFile.toFixed(1)} ns, ` +
+      `map ${js.map.toFixed(1)}, copy ${js.copy.toFixed(1)}, prepared ${js.prepared.toFixed(1)}`,
+  );
   const plot = ratioPlot(results, useColors());
   if (plot) {
     say();

@@ -49,6 +49,15 @@ function summaryBlock(results: Results, file: string): string {
   row("4 KiB, bare `bun:ffi` (no library: the floor)", "rawFfi");
   row("4 KiB, `ioas.prepareMapFile()` → `map()`/`unmap()`", "prepared");
   row("4 KiB, `ioas.mapFile()` + `mapping.unmap()`", "mapFile");
+  const js = results.hostJs;
+  if (js) {
+    const f = (x: number) => `${x.toFixed(1)} ns`;
+    lines.push(
+      "",
+      `The library's own JavaScript per 4 KiB pair on the host (\`ioctl\` a no-op, \`bench/hotpath.ts\`): ` +
+        `\`mapFile\` ${f(js.mapFile)}, \`map\` ${f(js.map)}, \`copy\` ${f(js.copy)}, prepared ${f(js.prepared)}.`,
+    );
+  }
   const large = results.cases.filter((c) => c.ratio && (c.bytes ?? 0) >= 2 * 2 ** 20 && c.id.startsWith("mapFile/"));
   if (large.length) {
     lines.push(

@@ -8,6 +8,7 @@ import { cpus, homedir, tmpdir, totalmem } from "node:os";
 import { basename, join, resolve } from "node:path";
 import * as mitata from "mitata";
 import { formatNs, type Build } from "./baseline.ts";
+import type { HostJsCost } from "./hotpath.ts";
 import { layoutNote } from "./layout.ts";
 import type { CaseResult, Interval, RunMode } from "./runner.ts";
 import { GiB, type Tier } from "./suite.ts";
@@ -79,6 +80,8 @@ export interface Results extends Measurement {
   margins?: Record<string, number>;
   /** Cases whose A/A noise is too large to judge, with their would-be margins. */
   tooNoisy?: Record<string, number>;
+  /** The library's own JS per 4 KiB pair on the host, ioctl a no-op (bench/hotpath.ts). */
+  hostJs?: HostJsCost;
   threshold: number;
   changes: Change[];
   /** Why the run failed (quick: the smoke test's conditions; otherwise cases with errors). */

@@ -122,25 +122,34 @@ describe("regressions only when the intervals part", () => {
 
 describe("the smoke test fails", () => {
   const good = caseResult("a", iv(1.1, 1, 1.2));
+  const hostJs = { mapFile: 40, map: 41, copy: 42, prepared: 3, pairs: 1, repeats: 1 };
   test("passes when every planned case has both sides and a ratio", () => {
-    expect(smokeProblems({ planned: ["a"], cases: [good], skipped: [] }, true)).toEqual([]);
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped: [], hostJs }, true)).toEqual([]);
   });
   test("when a planned case did not report", () => {
-    expect(smokeProblems({ planned: ["a", "b"], cases: [good], skipped: [] }, false)).toEqual([
+    expect(smokeProblems({ planned: ["a", "b"], cases: [good], skipped: [], hostJs }, false)).toEqual([
       "b: planned but did not report",
     ]);
   });
   test("when a case has no C figure or ratio", () => {
     const noC = caseResult("a", undefined, { c: undefined });
-    expect(smokeProblems({ planned: ["a"], cases: [noC], skipped: [] }, false)).toEqual([
+    expect(smokeProblems({ planned: ["a"], cases: [noC], skipped: [], hostJs }, false)).toEqual([
       "a: no C figure",
       "a: no ratio",
     ]);
   });
   test("when a case skipped under CI, not outside it", () => {
     const skipped = [{ id: "b", reason: "no mock domain" }];
-    expect(smokeProblems({ planned: ["a"], cases: [good], skipped }, true)).toHaveLength(1);
-    expect(smokeProblems({ planned: ["a"], cases: [good], skipped }, false)).toEqual([]);
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped, hostJs }, true)).toHaveLength(1);
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped, hostJs }, false)).toEqual([]);
+  });
+  test("when the host JS cost per pair is missing, NaN or not above zero", () => {
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped: [] }, false)).toHaveLength(4);
+    const broken = { ...hostJs, map: Number.NaN, prepared: 0 };
+    expect(smokeProblems({ planned: ["a"], cases: [good], skipped: [], hostJs: broken }, false)).toEqual([
+      "host JS per pair, map: NaN",
+      "host JS per pair, prepared: 0",
+    ]);
   });
   test("when a figure is NaN, Infinity, zero or negative, at its median or either end", () => {
     const bad: [string, Partial<CaseResult>, string][] = [
@@ -156,11 +165,11 @@ describe("the smoke test fails", () => {
     ];
     for (const [, extra, problem] of bad) {
       const c = caseResult("a", extra.ratio ?? iv(1.1, 1, 1.2), extra);
-      expect(smokeProblems({ planned: ["a"], cases: [c], skipped: [] }, false)).toEqual([problem]);
+      expect(smokeProblems({ planned: ["a"], cases: [c], skipped: [], hostJs }, false)).toEqual([problem]);
     }
   });
   test("when nothing was planned", () => {
-    expect(smokeProblems({ planned: [], cases: [], skipped: [] }, false)).toEqual(["no case was planned"]);
+    expect(smokeProblems({ planned: [], cases: [], skipped: [], hostJs }, false)).toEqual(["no case was planned"]);
   });
 });
 
