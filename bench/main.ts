@@ -6,6 +6,7 @@
  *   bun bench history [--out FILE]
  *   bun bench nvme [--seconds S] [--rounds N]
  *   bun bench backends [--quick] [--filter REGEX]
+ *   bun bench backends-pair [--quick] [--rounds N] [--slice-ms MS] [--pairs N]
  *
  *   (default)  the cases a user tracks, 10 rounds each (about 5 minutes in the TCG guest)
  *   --full     every case, 16 rounds
@@ -20,6 +21,8 @@
  *   nvme       bun-iommufd/nvme against the kernel's NVMe driver, same controller, same boot (bench/nvme.ts)
  *   backends   the same edu and NVMe controller through the VFIO type1 backend and through iommufd,
  *              same boot, alternating: type1 / iommufd ratios (bench/backends.ts)
+ *   backends-pair  NVMe type1 / iommufd with two controllers open at once, taking turns every
+ *              20 ms (bench/backends-pair.ts)
  *
  * Where /dev/iommu exists the suite runs right here. Elsewhere it runs itself again inside the
  * QEMU guest of vm/run.ts (TCG: emulated time, so only ratios carry over), after building the C
@@ -491,6 +494,10 @@ async function main(): Promise<number> {
   if (argv[0] === "history") {
     const { history } = await import("./history.ts");
     return history(argv.slice(1));
+  }
+  if (argv[0] === "backends-pair") {
+    const { backendsPairBench } = await import("./backends-pair.ts");
+    return backendsPairBench(argv.slice(1));
   }
   if (argv[0] === "backends") {
     const { backendsBench } = await import("./backends.ts");
