@@ -3,10 +3,10 @@
  * with write(2), as the kernel's eventfd_signal() does for a VFIO interrupt. The VFIO side (which
  * needs a device) is covered by test/kernel/irq.test.ts; the set here only carries the index.
  */
-import { afterEach, expect, test } from "bun:test";
+import { afterEach, expect, spyOn, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
 import type { IrqSet } from "../../src/vfio/irq.ts";
-import { IrqVector } from "../../src/vfio/irq-vector.ts";
+import { IrqVector, READER_IDLE_MS } from "../../src/vfio/irq-vector.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
 
@@ -129,4 +129,41 @@ test("release rejects a pending wait with EBADF, closes the eventfd (and Bun's d
   await expect(v.wait()).rejects.toMatchObject({ code: "EBADF" });
   for (let i = 0; i < 100 && eventfdCount() !== before; i++) await Bun.sleep(10);
   expect(eventfdCount()).toBe(before);
+});
+
+test("a count raised after wait() in the same job resolves it before the event loop turns", async () => {
+  const { vector: v, signal } = vector();
+  let turned = false;
+  setImmediate(() => {
+    turned = true;
+  });
+  const pending = v.wait(); // parks: nothing is pending yet
+  signal(); // as a doorbell write whose interrupt lands before the caller awaits
+  expect(await pending).toBe(1);
+  expect(turned).toBe(false);
+  expect(v.poll()).toBe(0);
+});
+
+test("waits that follow one another share one event-loop reader; it stops once they stop", async () => {
+  const before = await settledEventfdCount();
+  const file = spyOn(Bun, "file");
+  try {
+    const { vector: v, signal } = vector();
+    let total = 0;
+    for (let i = 0; i < 10; i++) {
+      setTimeout(signal, 1); // after the wait has parked: each count comes through the reader
+      total += await v.wait();
+    }
+    expect(total).toBe(10);
+    expect(file).toHaveBeenCalledTimes(1);
+    // Idle for READER_IDLE_MS: the reader and its duplicate fd go; only the vector's own stays.
+    for (let i = 0; i < 100 && eventfdCount() !== before + 1; i++) await Bun.sleep(READER_IDLE_MS);
+    expect(eventfdCount()).toBe(before + 1);
+    // A count that arrives while nothing waits stays in the eventfd for the next reader.
+    signal();
+    await Bun.sleep(READER_IDLE_MS * 2);
+    expect(await v.wait()).toBe(1);
+  } finally {
+    file.mockRestore();
+  }
 });
