@@ -144,13 +144,14 @@ export class IrqVector implements AsyncIterable<number> {
         stateError(op, "EBUSY", `another wait() on ${this.#what()} is still pending: one waiter per vector`),
       );
     }
-    let count: number;
-    try {
-      count = this.poll();
-    } catch (error) {
-      return Promise.reject(error);
+    // Counts the loop's reader already took in. What the eventfd holds is read in a microtask
+    // below: one read(2) serves both a count already there and one raised by the caller's own
+    // code before it awaits (each read(2) costs microseconds in a guest).
+    const count = this.#pending;
+    if (count > 0) {
+      this.#pending = 0;
+      return Promise.resolve(count);
     }
-    if (count > 0) return Promise.resolve(count);
     const signal = options?.signal;
     if (signal?.aborted) return Promise.reject(signal.reason);
     return new Promise<number>((resolve, reject) => {
@@ -165,17 +166,19 @@ export class IrqVector implements AsyncIterable<number> {
         signal.addEventListener("abort", waiter.onAbort, { once: true });
       }
       this.#waiter = waiter;
-      // No timer pending while parked: with the idle timer left pending, a wake measured some
-      // microseconds slower on the host (bench/irq-park.ts); the idle clock restarts when this
-      // wait ends.
-      clearTimeout(this.#idleTimer);
-      this.#idleTimer = undefined;
-      this.#listen();
-      // Once more before the thread goes back to the event loop: an interrupt raised by the code
-      // that called wait() (a doorbell write, then `await`) is often here by now, and one read(2)
-      // costs far less than a wake through the loop's epoll and the stream.
+      // Read the eventfd just before the thread goes back to the event loop: an interrupt raised
+      // by the code that called wait() (a doorbell write, then `await`) is often here by now,
+      // and one read(2) costs far less than a wake through the loop's epoll and the stream.
       queueMicrotask(() => {
-        if (this.#waiter === waiter) this.#readNow();
+        if (this.#waiter !== waiter) return;
+        this.#readNow();
+        if (this.#waiter !== waiter) return;
+        // Parked. No timer pending meanwhile: with the idle timer left pending, a wake measured
+        // some microseconds slower (bench/irq-park.ts); the idle clock restarts when this wait
+        // ends. Waits answered above leave it alone (no timer churn per wait).
+        clearTimeout(this.#idleTimer);
+        this.#idleTimer = undefined;
+        this.#listen();
       });
     });
   }
@@ -241,12 +244,18 @@ export class IrqVector implements AsyncIterable<number> {
     );
   }
 
-  /** A non-blocking read for the waiter (errors are left to the reader, which sees them too). */
+  /** The waiter's non-blocking read(2) of the eventfd: resolves it if a count was there. */
   #readNow(): void {
     const n = libc().read(this.#fd, this.#wordAddress, 8);
-    if (n !== 8) return;
-    this.#pending = addCounts(this.#pending, this.#word[1]! * TWO_32 + this.#word[0]!);
-    this.#deliver();
+    if (n === 8) {
+      this.#pending = addCounts(this.#pending, this.#word[1]! * TWO_32 + this.#word[0]!);
+      this.#deliver();
+    } else if (n < 0) {
+      const errno = lastErrno();
+      if (errno !== ERRNO.EAGAIN) {
+        this.#takeWaiter()?.reject(syscallError("read", errno, `cannot read the eventfd of ${this.#what()}`));
+      }
+    }
   }
 
   /** A wait ended: stop the reader unless another wait comes within READER_IDLE_MS. */

@@ -167,3 +167,13 @@ test("waits that follow one another share one event-loop reader; it stops once t
     file.mockRestore();
   }
 });
+
+test("a count the armed reader took in while nothing waited goes to the next wait, once", async () => {
+  const { vector: v, signal } = vector();
+  setTimeout(signal, 1);
+  expect(await v.wait()).toBe(1); // the reader stays armed for READER_IDLE_MS
+  signal();
+  await Bun.sleep(1); // the loop's reader reads it: it is the vector's now, not the eventfd's
+  expect(await v.wait()).toBe(1);
+  expect(v.poll()).toBe(0);
+});
