@@ -34,9 +34,10 @@ static int edu_msi_setup(struct bench_ctx *c)
 }
 
 /*
- * The library's vector may still have a reader in Bun's event loop for a moment after its own
- * round (it stops within one loop turn): if that reader takes a count, raise again after 20 ms
- * instead of sleeping forever. It happens at most at the start of a round; the median ignores it.
+ * The library's vector keeps a reader in Bun's event loop for a moment after its own slice (it
+ * stops 5 ms after its last wait: READER_IDLE_MS): if that reader takes a count, raise again
+ * after 20 ms instead of sleeping forever. It happens at most at the start of a slice; the
+ * median ignores it.
  */
 static int edu_msi_run(struct bench_ctx *c)
 {
