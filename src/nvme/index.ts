@@ -17,6 +17,7 @@ export type { CommandOptions, Completion, NvmeControllerOptions, ShutdownResult 
 export { Namespace, type IoOptions } from "./namespace.ts";
 export type { DataBuffer } from "./data-buffer.ts";
 export { QueuePair, type QueueStats } from "./queue.ts";
+export { NvmeRequest, type RequestCallback } from "./request.ts";
 export { PeerBuffer } from "./peer.ts";
 export { decodeStatus, NvmeStatusError, type DecodedStatus } from "./status.ts";
 export { AdminOpcode, IoOpcode, IdentifyCns, type Command } from "./commands.ts";

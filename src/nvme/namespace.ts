@@ -1,12 +1,15 @@
 /**
  * A namespace: Read, Write and Flush of logical blocks (NVM Command Set 1.0, section 3.2), each a
  * Promise. A transfer larger than the controller's limit (MDTS) is split into several commands.
+ * submitRead and submitWrite send one command through a caller's reusable request (request.ts)
+ * instead: no Promise, nothing allocated per command.
  */
 import { argumentError } from "../sys/error.ts";
 import { flush, IoOpcode, readWrite } from "./commands.ts";
 import type { DataBuffer } from "./data-buffer.ts";
 import type { NamespaceIdentity } from "./identify.ts";
 import type { QueuePair } from "./queue.ts";
+import { assertIdle, type NvmeRequest } from "./request.ts";
 
 export interface IoOptions {
   /** Byte offset into the buffer (a multiple of 4). Default 0. */
@@ -67,6 +70,60 @@ export class Namespace {
       0,
       owner.commandTimeoutMs,
     ) as Promise<unknown> as Promise<void>;
+  }
+
+  /**
+   * Read `blocks` blocks from `lba` into `buffer` (at byte `offset`) through `request` (made by
+   * QueuePair.request), whose onComplete is called when they are there. One command: at most
+   * maxBlocksPerCommand blocks. Bad arguments and a request that is not idle throw, and nothing is sent.
+   */
+  submitRead(request: NvmeRequest, lba: number, blocks: number, buffer: DataBuffer, offset = 0): void {
+    this.#prepare(request, IoOpcode.Read, "Namespace.submitRead", lba, blocks, buffer, offset);
+    request.submit();
+  }
+
+  /** Write `blocks` blocks at `lba` from `buffer` (at byte `offset`) through `request`; as submitRead. */
+  submitWrite(request: NvmeRequest, lba: number, blocks: number, buffer: DataBuffer, offset = 0): void {
+    this.#prepare(request, IoOpcode.Write, "Namespace.submitWrite", lba, blocks, buffer, offset);
+    request.submit();
+  }
+
+  #prepare(
+    request: NvmeRequest,
+    opcode: number,
+    op: string,
+    lba: number,
+    blocks: number,
+    buffer: DataBuffer,
+    offset: number,
+  ): void {
+    if (!Number.isSafeInteger(lba) || lba < 0)
+      throw argumentError(op, "lba", `${lba} is not a non-negative whole number`);
+    if (!Number.isSafeInteger(blocks) || blocks <= 0)
+      throw argumentError(op, "blocks", `${blocks} is not a positive whole number`);
+    if (blocks > this.maxBlocksPerCommand) {
+      throw argumentError(
+        op,
+        "blocks",
+        `${blocks} blocks do not fit in one command (at most ${this.maxBlocksPerCommand}, the controller's MDTS)`,
+        "EINVAL",
+        "a request carries one command: use read()/write(), which split, or several requests",
+      );
+    }
+    // Checked before anything changes: a request in flight keeps the command it carries.
+    assertIdle(request, op);
+    const bytes = blocks * this.blockSize;
+    request.iova = this.#owner.dataIova(buffer, offset, bytes, op);
+    request.length = bytes;
+    const low = lba >>> 0;
+    request.opcode = opcode;
+    request.nsid = this.nsid;
+    request.cdw10 = low;
+    request.cdw11 = (lba - low) / 4294967296;
+    request.cdw12 = blocks - 1;
+    request.cdw13 = 0;
+    request.cdw14 = 0;
+    request.cdw15 = 0;
   }
 
   #transfer(

@@ -19,17 +19,20 @@
  */
 import type { DmaBuffer, DmaHeap } from "../heap/dma-heap.ts";
 import type { IrqVector } from "../vfio/irq.ts";
-import { type IommufdError, stateError } from "../sys/error.ts";
+import { argumentError, closedError, type IommufdError, stateError } from "../sys/error.ts";
 import { commandName, type Command } from "./commands.ts";
 import { prp2For } from "./prp.ts";
 import { PAGE_SIZE, type ControllerRegisters } from "./registers.ts";
 import { CompletionRing, CQ_ENTRY_BYTES, SQ_ENTRY_BYTES, SubmissionRing } from "./rings.ts";
-import { CommandTracker, type Reject, type Resolve } from "./tracker.ts";
+import { assertIdle, NvmeRequest, type RequestCallback, RequestState } from "./request.ts";
+import { CommandTracker } from "./tracker.ts";
 
 /** What a queue needs from its controller. */
 export interface QueueOwner {
   readonly registers: ControllerRegisters;
   readonly doorbellStride: number;
+  /** The default timeout of a command (ms). */
+  readonly commandTimeoutMs: number;
   /** Whether the controller takes commands now (not closed, not failed). */
   readonly usable: boolean;
   /** Throws when the controller cannot take commands (closed, failed, being reset). */
@@ -49,6 +52,16 @@ export interface QueueStats {
   waiting: number;
   /** The most that ever waited at once. */
   maxWaiting: number;
+}
+
+type Resolve = (dw0: number) => void;
+type Reject = (error: IommufdError) => void;
+const unset = (): void => {};
+
+/** A request of a queue's promise pool: its completion settles the Promise submit() returned. */
+class PromiseRequest extends NvmeRequest {
+  resolve: Resolve = unset;
+  reject: Reject = unset;
 }
 
 /** Where `capture`, the executor every submit() passes to its Promise, leaves the settle functions. */
@@ -80,6 +93,27 @@ export class QueuePair {
   /** A microtask to write the doorbells (SQ tail, then CQ head) is queued. */
   #doorbellDue = false;
   #released = false;
+  /** Inside reap(): what callbacks post is announced at its end, with no microtask of its own. */
+  #reaping = false;
+  /** Advanced by clear() and release(): a reap whose callback reset or deleted the queue stops. */
+  #epoch = 0;
+  /** The first error a callback threw in the current reap (thrown by the reap once its work is done). */
+  #callbackError: unknown = undefined;
+  /** Idle requests of the promise API, reused; as many as were ever pending at once. */
+  readonly #pool: PromiseRequest[] = [];
+  /** Promises settled by completions, ever: the poller yields to their continuations only when this moved. */
+  promisesSettled = 0;
+  readonly #settlePromise = (request: NvmeRequest): void => {
+    const r = request as PromiseRequest;
+    const resolve = r.resolve;
+    const reject = r.reject;
+    r.resolve = unset;
+    r.reject = unset;
+    this.#pool.push(r);
+    this.promisesSettled++;
+    if (r.error === undefined) resolve(r.result);
+    else reject(r.error);
+  };
   /** Runs once per turn with submissions or deferred reaps, after all of them (see the file comment). */
   readonly #ringDue = (): void => {
     this.#doorbellDue = false;
@@ -113,6 +147,7 @@ export class QueuePair {
 
   /** Back to the state of a freshly created queue (after a controller reset). Pending work must be failed first. */
   clear(): void {
+    this.#epoch++;
     this.#submissions.clear();
     this.#completions.clear();
     this.#tracker.clear();
@@ -150,27 +185,78 @@ export class QueuePair {
   }
 
   /**
+   * A request of this queue pair for callers that want no Promise and no allocation per command:
+   * prepare it with Namespace.submitRead/submitWrite (which send it), and `onComplete(request)`
+   * runs once per submission with `result` or `error` set (request.ts says when).
+   */
+  request(onComplete: RequestCallback, options: { timeoutMs?: number } = {}): NvmeRequest {
+    const op = "QueuePair.request";
+    if (typeof onComplete !== "function") throw argumentError(op, "onComplete", "expected a function");
+    const timeoutMs = options.timeoutMs ?? this.#owner.commandTimeoutMs;
+    if (!(timeoutMs > 0)) throw argumentError(op, "options.timeoutMs", `${timeoutMs} is not a positive number`);
+    if (this.#released) throw closedError(op, `I/O queue pair ${this.id} (deleted)`);
+    return new NvmeRequest(this, onComplete, timeoutMs);
+  }
+
+  /**
    * Send a command whose data (if any) is `length` bytes at `iova`. Resolves with the completion's
    * DW0; rejects with the decoded status. A full queue makes the promise wait for a free slot.
    * The controller is told at the end of the current turn, with every other command of the turn.
+   * Built on requests: a pooled PromiseRequest carries it.
    */
   submit(command: Command, iova: number, length: number, timeoutMs: number): Promise<number> {
-    if (!this.#owner.usable) {
+    if (this.#released || !this.#owner.usable) {
       try {
-        this.#owner.assertUsable(commandName(this.admin, command.opcode));
+        this.#assertOpen(command.opcode, "QueuePair.submit");
       } catch (error) {
         return Promise.reject(error);
       }
     }
+    const request = this.#pool.pop() ?? new PromiseRequest(this, this.#settlePromise, timeoutMs);
+    request.opcode = command.opcode;
+    request.nsid = command.nsid ?? 0;
+    request.cdw10 = command.cdw10 ?? 0;
+    request.cdw11 = command.cdw11 ?? 0;
+    request.cdw12 = command.cdw12 ?? 0;
+    request.cdw13 = command.cdw13 ?? 0;
+    request.cdw14 = command.cdw14 ?? 0;
+    request.cdw15 = command.cdw15 ?? 0;
+    request.iova = iova;
+    request.length = length;
+    request.timeoutMs = timeoutMs;
     // The shared executor only hands out the settle functions: no closure per command.
     const promise = new Promise<number>(capture);
-    const resolve = captured.resolve;
-    const reject = captured.reject;
-    const slot = this.#tracker.take();
-    if (slot < 0) this.#tracker.wait({ command, iova, length, resolve, reject, timeoutMs });
-    else this.#issue(slot, command, iova, length, resolve, reject, timeoutMs);
-    this.#owner.kick();
+    request.resolve = captured.resolve;
+    request.reject = captured.reject;
+    this.#send(request);
     return promise;
+  }
+
+  /**
+   * Send `request` (request.submit() and Namespace.submitRead/submitWrite come here). Throws, and
+   * sends nothing, when the request is not idle (EBUSY), its queue pair was deleted (EBADF) or the
+   * controller takes no commands (its error).
+   */
+  issue(request: NvmeRequest): void {
+    if (request.state !== RequestState.Idle || request.queue !== this) {
+      if (request.queue !== this)
+        throw argumentError("NvmeRequest.submit", "request", `it belongs to another queue pair than ${this.id}`);
+      assertIdle(request, "NvmeRequest.submit");
+    }
+    if (this.#released || !this.#owner.usable) this.#assertOpen(request.opcode, "NvmeRequest.submit");
+    this.#send(request);
+  }
+
+  #assertOpen(opcode: number, operation: string): void {
+    if (this.#released) throw closedError(operation, `I/O queue pair ${this.id} (deleted)`);
+    this.#owner.assertUsable(commandName(this.admin, opcode));
+  }
+
+  #send(request: NvmeRequest): void {
+    const slot = this.#tracker.take();
+    if (slot < 0) this.#tracker.wait(request);
+    else this.#post(slot, request);
+    this.#owner.kick();
   }
 
   /** Send a command and spin until it completes (bring-up and teardown only). */
@@ -181,47 +267,29 @@ export class QueuePair {
     if (slot < 0) {
       throw stateError(`NVMe ${name}`, "EBUSY", `queue ${this.id} has no free slot for a synchronous command`);
     }
-    let done = false;
-    let result = 0;
-    let failure: IommufdError | undefined;
-    this.#issue(
-      slot,
-      command,
-      iova,
-      length,
-      (dw0) => {
-        done = true;
-        result = dw0;
-      },
-      (error) => {
-        done = true;
-        failure = error;
-      },
-      timeoutMs,
-    );
+    const request = new NvmeRequest(this, unset, timeoutMs);
+    Object.assign(request, command);
+    request.iova = iova;
+    request.length = length;
+    this.#post(slot, request);
     // The spin below never yields, so the turn's microtask would come too late.
     this.#submissions.ringDoorbell();
-    while (!done) poll();
-    if (failure) throw failure;
-    return result;
+    // Failed without a completion (timeout, controller failure) it leaves InFlight too.
+    while (request.state === RequestState.InFlight) poll();
+    if (request.error) throw request.error;
+    return request.result;
   }
 
-  #issue(
-    slot: number,
-    command: Command,
-    iova: number,
-    length: number,
-    resolve: Resolve,
-    reject: Reject,
-    timeoutMs: number,
-  ): void {
+  #post(slot: number, request: NvmeRequest): void {
+    const length = request.length;
+    const iova = request.iova;
     const prp2 =
       length > 0
         ? prp2For(iova, length, this.#prpLists, slot * (PAGE_SIZE / 4), this.#prpListsIova + slot * PAGE_SIZE)
         : 0;
-    const cid = this.#tracker.track(slot, command, resolve, reject, timeoutMs);
-    this.#submissions.post(cid, command, iova, prp2);
-    this.#scheduleDoorbells();
+    const cid = this.#tracker.track(slot, request);
+    this.#submissions.post(cid, request, iova, prp2);
+    if (!this.#reaping) this.#scheduleDoorbells();
   }
 
   #scheduleDoorbells(): void {
@@ -250,36 +318,59 @@ export class QueuePair {
   /**
    * Handle every completion the controller has posted; returns how many. An entry that names
    * another submission queue, an SQ head outside this one, or a command id not in flight fails the
-   * controller (EPROTO) before anything in it is believed: nothing of it settles a command. The CQ
-   * head is written once for all of them, at once, or with `deferHead` by the turn's doorbell
-   * microtask after the SQ tail (the poller's way; a caller that spins without yielding must not
-   * defer). Waiters that got a freed slot are posted and announced by one SQ write.
+   * controller (EPROTO) before anything in it is believed: nothing of it settles a command.
+   *
+   * Each request is called back as its completion is taken; what the callbacks send, and requests
+   * that waited for the freed slots, are announced by one SQ tail write at the end. The CQ head
+   * is written once for all the completions, after it, or with `deferHead` (the poller's way) by
+   * the turn's doorbell microtask when promises were settled, so that their continuations'
+   * commands go out first (a caller that spins without yielding must not defer). A callback that
+   * throws does not stop the reap: its error is thrown once the reap's work is done.
    */
   reap(deferHead = false): number {
     const ring = this.#completions;
     const tracker = this.#tracker;
+    const epoch = this.#epoch;
+    const settledBefore = this.promisesSettled;
+    const outer = this.#reaping;
+    this.#reaping = true;
     let count = 0;
-    let reissued = false;
-    while (ring.next()) {
-      count++;
-      const slot = tracker.slotOf(ring.cid);
-      if (slot < 0 || ring.sqId !== this.id || ring.sqHead >= this.depth) {
-        // The rest of the ring is not to be trusted either, and the head is not handed back.
-        this.#owner.protocolError(this.id, this.#violation());
-        return count;
+    try {
+      while (ring.next()) {
+        count++;
+        const slot = tracker.slotOf(ring.cid);
+        if (slot < 0 || ring.sqId !== this.id || ring.sqHead >= this.depth) {
+          // The rest of the ring is not to be trusted either, and the head is not handed back.
+          this.#owner.protocolError(this.id, this.#violation());
+          return count;
+        }
+        const request = tracker.finish(slot, ring.dw0, ring.status);
+        const next = tracker.handOff(slot);
+        if (next !== undefined) this.#post(slot, next);
+        try {
+          request.onComplete(request);
+        } catch (error) {
+          if (this.#callbackError === undefined) this.#callbackError = error;
+        }
+        // A callback that reset, closed or failed the controller, or deleted the queue: its
+        // pending commands were failed there and the ring cleared or freed.
+        if (this.#epoch !== epoch || !this.#owner.usable) return count;
       }
-      const next = tracker.complete(slot, ring.dw0, ring.status);
-      if (next !== undefined) {
-        this.#issue(slot, next.command, next.iova, next.length, next.resolve, next.reject, next.timeoutMs);
-        reissued = true;
+      if (count > 0) {
+        this.#submissions.ringDoorbell();
+        if (deferHead && this.promisesSettled !== settledBefore) this.#scheduleDoorbells();
+        else ring.updateHead();
+      }
+      return count;
+    } finally {
+      this.#reaping = outer;
+      const error = this.#callbackError;
+      if (error !== undefined && !outer) {
+        this.#callbackError = undefined;
+        // biome-ignore lint/correctness/noUnsafeFinally: the reap's own result is complete; the callback's error is the news
+        throw error;
       }
     }
-    if (reissued) this.#submissions.ringDoorbell();
-    if (count > 0) {
-      if (deferHead) this.#scheduleDoorbells();
-      else ring.updateHead();
-    }
-    return count;
   }
 
   /** What is wrong with the entry reap() just took (the first of its faults). */
@@ -297,14 +388,35 @@ export class QueuePair {
     return this.#tracker.overdue(now);
   }
 
-  /** Reject everything in flight and waiting, each with an error naming its own command. */
+  /**
+   * Fail everything in flight and waiting, each with an error naming its own command; they are
+   * called back in a microtask (promises rejected), once the operation that failed them is done.
+   * Returns how many.
+   */
   failAll(why: (command: string, detail: string) => IommufdError): number {
-    return this.#tracker.failAll(why);
+    const failed = this.#tracker.failAll(why);
+    if (failed.length > 0) queueMicrotask(() => callBackFailed(failed));
+    return failed.length;
   }
 
-  /** Give the rings and list pages back to the heap. */
+  /** Give the rings and list pages back to the heap; requests of this queue can no longer be sent. */
   release(): void {
     this.#released = true;
+    this.#epoch++;
     for (const buffer of this.#memory) if (!buffer.freed && !buffer.heap.closed) buffer.free();
   }
+}
+
+/** Call back requests failed without a completion; a callback's error is thrown after all had theirs. */
+function callBackFailed(failed: NvmeRequest[]): void {
+  let first: unknown;
+  for (const request of failed) {
+    request.state = RequestState.Idle;
+    try {
+      request.onComplete(request);
+    } catch (error) {
+      first ??= error;
+    }
+  }
+  if (first !== undefined) throw first;
 }

@@ -1,7 +1,7 @@
 /**
  * The command tracker of one queue pair: which command slots are in the controller's hands, the
- * promise and deadline of each, the free stack of slots, and the callers waiting for a slot when
- * all are taken (back-pressure, first come first served).
+ * request (request.ts) and deadline of each, the free stack of slots, and the requests waiting for
+ * a slot when all are taken (back-pressure, first come first served).
  *
  * The command id (CID, NVMe Base 2.0 section 4.2) sent with a slot's command is the slot number in
  * the low bits and a generation in the bits above it, advanced each time the slot is reused and
@@ -9,25 +9,13 @@
  * the exact id in flight, so a duplicate, a stale entry from an earlier lap of the ring (a phase bit
  * set before the entry was written), or a zeroed entry cannot settle the slot's next command.
  *
- * It knows nothing of rings or doorbells: the queue pair posts the entry under the id track()
- * returns and reports each completion back by slot.
+ * It knows nothing of rings, doorbells or callbacks: the queue pair posts the entry under the id
+ * track() returns, reports each completion back by slot, and calls the request back.
  */
 import type { IommufdError } from "../sys/error.ts";
-import { commandName, describeCommand, type Command } from "./commands.ts";
+import { commandName, describeCommand } from "./commands.ts";
+import { type NvmeRequest, RequestState } from "./request.ts";
 import { NvmeStatusError } from "./status.ts";
-
-export type Resolve = (dw0: number) => void;
-export type Reject = (error: IommufdError) => void;
-
-/** A command that found no free slot; it is posted when one comes back. */
-export interface Waiter {
-  command: Command;
-  iova: number;
-  length: number;
-  resolve: Resolve;
-  reject: Reject;
-  timeoutMs: number;
-}
 
 export class CommandTracker {
   /** Command slots 0..slots-1 (one PRP list page each). */
@@ -44,10 +32,8 @@ export class CommandTracker {
   readonly #lastCids: Int32Array;
   readonly #generations: Uint16Array;
   readonly #free: number[] = [];
-  readonly #resolve: (Resolve | undefined)[];
-  readonly #reject: (Reject | undefined)[];
-  readonly #commands: (Command | undefined)[];
-  readonly #timeouts: Float64Array;
+  /** The request in flight per slot. */
+  readonly #requests: (NvmeRequest | undefined)[];
   /**
    * When each command is late; NaN until the first overdue() after its submission stamps it
    * from that check's clock. Reading the clock per command cost a seventh of the driver's own
@@ -55,7 +41,7 @@ export class CommandTracker {
    * check interval (10 ms polled, 100 ms with interrupts) after its timeout.
    */
   readonly #deadlines: Float64Array;
-  readonly #waiters: Waiter[] = [];
+  readonly #waiters: NvmeRequest[] = [];
   #waiterHead = 0;
   submitted = 0;
   completed = 0;
@@ -71,10 +57,7 @@ export class CommandTracker {
     this.#inFlightCids = new Int32Array(this.#slotMask + 1).fill(-1);
     this.#lastCids = new Int32Array(this.#slotMask + 1).fill(-1);
     this.#generations = new Uint16Array(slots);
-    this.#resolve = new Array(slots).fill(undefined);
-    this.#reject = new Array(slots).fill(undefined);
-    this.#commands = new Array(slots).fill(undefined);
-    this.#timeouts = new Float64Array(slots);
+    this.#requests = new Array(slots).fill(undefined);
     this.#deadlines = new Float64Array(slots);
     this.clear();
   }
@@ -84,9 +67,7 @@ export class CommandTracker {
     this.#free.length = 0;
     for (let slot = this.slots - 1; slot >= 0; slot--) this.#free.push(slot);
     this.#inFlightCids.fill(-1);
-    this.#resolve.fill(undefined);
-    this.#reject.fill(undefined);
-    this.#commands.fill(undefined);
+    this.#requests.fill(undefined);
     this.#waiters.length = 0;
     this.#waiterHead = 0;
   }
@@ -105,17 +86,15 @@ export class CommandTracker {
   }
 
   /**
-   * Remember the command posted in `slot` until it completes or `timeoutMs` passes (its deadline
+   * Remember the request posted in `slot` until it completes or its timeoutMs passes (its deadline
    * is stamped by the next health check: no clock read per command). Returns the command id to
    * post it under: the slot with its next generation.
    */
-  track(slot: number, command: Command, resolve: Resolve, reject: Reject, timeoutMs: number): number {
+  track(slot: number, request: NvmeRequest): number {
     const cid = this.#nextCid(slot);
     this.#inFlightCids[slot] = cid;
-    this.#resolve[slot] = resolve;
-    this.#reject[slot] = reject;
-    this.#commands[slot] = command;
-    this.#timeouts[slot] = timeoutMs;
+    this.#requests[slot] = request;
+    request.state = RequestState.InFlight;
     this.#deadlines[slot] = Number.NaN;
     this.submitted++;
     return cid;
@@ -151,38 +130,44 @@ export class CommandTracker {
     return `command id ${hex}, which is not in flight`;
   }
 
-  /** Queue a caller for the next free slot. */
-  wait(waiter: Waiter): void {
-    this.#waiters.push(waiter);
+  /** Queue a request for the next free slot. */
+  wait(request: NvmeRequest): void {
+    request.state = RequestState.Waiting;
+    this.#waiters.push(request);
     const waiting = this.#waiters.length - this.#waiterHead;
     if (waiting > this.maxWaiting) this.maxWaiting = waiting;
   }
 
   /**
-   * Settle the command in flight in `slot` (from slotOf) with its completion. The slot goes
-   * straight to the oldest waiter, which is returned for the caller to post in `slot`; with nobody
-   * waiting it is freed.
+   * The request in flight in `slot` (from slotOf) completed: its result and error (the decoded
+   * status) are set on it and it is returned, idle, for the caller to call back. The slot stays
+   * taken until handOff().
    */
-  complete(slot: number, dw0: number, status: number): Waiter | undefined {
-    const resolve = this.#resolve[slot]!;
-    const reject = this.#reject[slot]!;
-    const command = this.#commands[slot]!;
+  finish(slot: number, dw0: number, status: number): NvmeRequest {
+    const request = this.#requests[slot]!;
     this.#lastCids[slot] = this.#inFlightCids[slot]!;
     this.#inFlightCids[slot] = -1;
-    this.#resolve[slot] = undefined;
-    this.#reject[slot] = undefined;
-    this.#commands[slot] = undefined;
+    this.#requests[slot] = undefined;
     this.completed++;
+    request.result = dw0;
     // Settled once, with its own status: Do Not Retry or not, a failed command is the caller's to
     // retry; the driver never sends it again behind the caller's back.
-    if (status === 0) resolve(dw0);
-    else
-      reject(
-        new NvmeStatusError(commandName(this.#admin, command.opcode), describeCommand(this.#admin, command), status),
-      );
+    request.error =
+      status === 0
+        ? undefined
+        : new NvmeStatusError(commandName(this.#admin, request.opcode), describeCommand(this.#admin, request), status);
+    request.state = RequestState.Idle;
+    return request;
+  }
+
+  /**
+   * A finished slot goes straight to the oldest waiting request, which is returned for the caller
+   * to post in `slot`; with nobody waiting it is freed.
+   */
+  handOff(slot: number): NvmeRequest | undefined {
     if (this.#waiterHead < this.#waiters.length) {
       const next = this.#waiters[this.#waiterHead]!;
-      this.#waiters[this.#waiterHead++] = undefined as unknown as Waiter;
+      this.#waiters[this.#waiterHead++] = undefined as unknown as NvmeRequest;
       if (this.#waiterHead === this.#waiters.length) {
         this.#waiters.length = 0;
         this.#waiterHead = 0;
@@ -196,41 +181,42 @@ export class CommandTracker {
   /** A command in flight past its deadline, if any; stamps the deadlines of commands submitted since the last call. */
   overdue(now: number): { name: string; detail: string } | undefined {
     const deadlines = this.#deadlines;
-    let late: Command | undefined;
+    let late: NvmeRequest | undefined;
     for (let slot = 0; slot < this.slots; slot++) {
-      const command = this.#commands[slot];
+      const command = this.#requests[slot];
       if (command === undefined) continue;
       const deadline = deadlines[slot]!;
-      if (Number.isNaN(deadline)) deadlines[slot] = now + this.#timeouts[slot]!;
+      if (Number.isNaN(deadline)) deadlines[slot] = now + command.timeoutMs;
       else if (deadline < now && late === undefined) late = command;
     }
     if (late === undefined) return undefined;
     return { name: commandName(this.#admin, late.opcode), detail: describeCommand(this.#admin, late) };
   }
 
-  /** Reject everything in flight and waiting, each with an error naming its own command; every slot is free after. */
-  failAll(why: (command: string, detail: string) => IommufdError): number {
+  /**
+   * Fail everything in flight and waiting, each with an error naming its own command; every slot
+   * is free after. Returns the failed requests (error set, state Failing) for the caller to call
+   * back, in flight first, then waiting in order.
+   */
+  failAll(why: (command: string, detail: string) => IommufdError): NvmeRequest[] {
     const admin = this.#admin;
-    let failed = 0;
+    const failed: NvmeRequest[] = [];
     for (let slot = 0; slot < this.slots; slot++) {
-      const command = this.#commands[slot];
-      const reject = this.#reject[slot];
-      if (command === undefined || reject === undefined) continue;
+      const request = this.#requests[slot];
+      if (request === undefined) continue;
       this.#inFlightCids[slot] = -1;
-      this.#resolve[slot] = undefined;
-      this.#reject[slot] = undefined;
-      this.#commands[slot] = undefined;
+      this.#requests[slot] = undefined;
       this.#free.push(slot);
-      reject(why(commandName(admin, command.opcode), describeCommand(admin, command)));
-      failed++;
+      failed.push(request);
     }
-    for (let i = this.#waiterHead; i < this.#waiters.length; i++) {
-      const waiter = this.#waiters[i]!;
-      waiter.reject(why(commandName(admin, waiter.command.opcode), describeCommand(admin, waiter.command)));
-      failed++;
-    }
+    for (let i = this.#waiterHead; i < this.#waiters.length; i++) failed.push(this.#waiters[i]!);
     this.#waiters.length = 0;
     this.#waiterHead = 0;
+    for (const request of failed) {
+      request.result = 0;
+      request.error = why(commandName(admin, request.opcode), describeCommand(admin, request));
+      request.state = RequestState.Failing;
+    }
     return failed;
   }
 }

@@ -54,6 +54,7 @@ export class NvmeModel {
   readonly heap = new ModelHeap();
   readonly registers: ControllerRegisters;
   readonly doorbellStride = 4;
+  readonly commandTimeoutMs = 10_000;
   usable = true;
   readonly queues: QueuePair[] = [];
   readonly #poller: CompletionPoller;
@@ -62,10 +63,15 @@ export class NvmeModel {
   autoComplete = false;
   lastHealthCheck = 0;
   readonly #polled: boolean;
+  readonly #record: boolean;
 
-  /** `polled: false` leaves reaping to the test (kick() starts no poller, which would also ring). */
-  constructor(options: { polled?: boolean } = {}) {
+  /**
+   * `polled: false` leaves reaping to the test (kick() starts no poller, which would also ring);
+   * `record: false` keeps no list of register writes (for long profiling runs).
+   */
+  constructor(options: { polled?: boolean; record?: boolean } = {}) {
     this.#polled = options.polled ?? true;
+    this.#record = options.record ?? true;
     const bar = {
       read32: () => 0,
       write32: (offset: number, value: number) => this.#write(offset, value),
@@ -153,7 +159,7 @@ export class NvmeModel {
   }
 
   #write(offset: number, value: number): void {
-    this.writes.push({ offset, value });
+    if (this.#record) this.writes.push({ offset, value });
     const index = (offset - DOORBELLS) / this.doorbellStride;
     const s = this.#state.get(index >> 1);
     if (s === undefined || index & 1) return;

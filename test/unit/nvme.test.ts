@@ -2,6 +2,7 @@
 import { describe, expect, test } from "bun:test";
 import {
   AdminOpcode,
+  type Command,
   commandName,
   describeCommand,
   encodeCommand,
@@ -12,6 +13,7 @@ import { parseControllerIdentity, parseNamespaceIdentity, parseNamespaceList } f
 import { MAX_PRP_TRANSFER, prp2For } from "../../src/nvme/prp.ts";
 import { decodeCapabilities } from "../../src/nvme/registers.ts";
 import { decodeStatus, NvmeStatusError } from "../../src/nvme/index.ts";
+import { NvmeRequest } from "../../src/nvme/request.ts";
 import { CommandTracker } from "../../src/nvme/tracker.ts";
 import { IommufdError } from "../../src/sys/error.ts";
 
@@ -53,28 +55,26 @@ describe("status", () => {
 });
 
 describe("command tracker", () => {
-  const read = readWrite(IoOpcode.Read, 1, 7, 1);
+  const queue = { id: 1, issue() {} };
+  /** A request for `lba`, or an admin command, with a callback that does nothing (the tracker never calls back). */
+  const request = (lba = 7, timeoutMs = 1000, command: Command = readWrite(IoOpcode.Read, 1, lba, 1)) =>
+    Object.assign(new NvmeRequest(queue, () => {}, timeoutMs), command);
 
-  test("slots come from a free stack; a completion settles its own command only, once", async () => {
+  test("slots come from a free stack; a completion settles its own command only, once", () => {
     const tracker = new CommandTracker(3, false);
-    const results: (number | string)[] = [];
     const slots = [tracker.take(), tracker.take(), tracker.take()];
     expect(slots).toEqual([0, 1, 2]);
     expect(tracker.take()).toBe(-1);
-    const cids = slots.map((slot) =>
-      tracker.track(
-        slot,
-        read,
-        (dw0) => results.push(dw0),
-        (e) => results.push(e.code),
-        1000,
-      ),
-    );
+    const requests = slots.map(() => request());
+    const cids = slots.map((slot, i) => tracker.track(slot, requests[i]!));
+    expect(requests.map((r) => r.stateName)).toEqual(["in flight", "in flight", "in flight"]);
     // Three slots take two bits; the first generation is 1, in the bits above.
     expect(cids).toEqual([0b100, 0b101, 0b110]);
     expect(tracker.inFlight).toBe(3);
     expect(tracker.slotOf(cids[1]!)).toBe(1);
-    expect(tracker.complete(1, 0xabc, 0)).toBeUndefined();
+    expect(tracker.finish(1, 0xabc, 0)).toBe(requests[1]!);
+    expect(requests[1]).toMatchObject({ result: 0xabc, error: undefined, idle: true });
+    expect(tracker.handOff(1)).toBeUndefined();
     expect(tracker.slotOf(cids[1]!)).toBe(-1); // stale: already settled
     expect(tracker.describeStale(cids[1]!)).toBe(
       "command id 0x0005, which was completed already (a duplicate or stale entry)",
@@ -82,20 +82,13 @@ describe("command tracker", () => {
     expect(tracker.slotOf(1)).toBe(-1); // generation 0 is never sent: a zeroed entry matches nothing
     expect(tracker.slotOf(0b111)).toBe(-1); // slot 3 does not exist
     expect(tracker.describeStale(0b111)).toBe("command id 0x0007, which is not in flight");
-    expect(tracker.complete(2, 0, 0x80)).toBeUndefined();
-    expect(results).toEqual([0xabc, "ERANGE"]);
+    tracker.finish(2, 0, 0x80);
+    expect(tracker.handOff(2)).toBeUndefined();
+    expect(requests[2]!.error?.code).toBe("ERANGE");
     expect(tracker.inFlight).toBe(1);
     expect(tracker.take()).toBe(2);
     // The slot's next command goes out under its next generation: the old id stays stale.
-    expect(
-      tracker.track(
-        2,
-        read,
-        () => {},
-        () => {},
-        1000,
-      ),
-    ).toBe(0b1010);
+    expect(tracker.track(2, request())).toBe(0b1010);
     expect(tracker.slotOf(cids[2]!)).toBe(-1);
     expect({ submitted: tracker.submitted, completed: tracker.completed }).toEqual({ submitted: 4, completed: 2 });
   });
@@ -104,52 +97,36 @@ describe("command tracker", () => {
     // 64 slots: 6 slot bits, generations 1..1023; slot 63 at generation 1023 would be 0xFFFF.
     const tracker = new CommandTracker(64, false);
     const seen = new Set<number>();
+    const r = request();
     for (let i = 0; i < 2100; i++) {
-      const cid = tracker.track(
-        63,
-        read,
-        () => {},
-        () => {},
-        1000,
-      );
+      const cid = tracker.track(63, r);
       expect(cid & 63).toBe(63);
       expect(cid >>> 6).toBeGreaterThan(0);
       expect(cid).toBeLessThan(0xffff);
       seen.add(cid);
-      tracker.complete(63, 0, 0);
+      tracker.finish(63, 0, 0);
     }
     expect(seen.size).toBe(1022);
   });
 
-  test("a freed id goes to the oldest waiter first; failAll rejects in flight and waiting", () => {
+  test("a freed id goes to the oldest waiter first; failAll fails in flight and waiting", () => {
     const tracker = new CommandTracker(1, false);
-    const rejected: string[] = [];
-    tracker.track(
-      tracker.take(),
-      read,
-      () => {},
-      (e) => rejected.push(`in flight: ${e.message}`),
-      1000,
-    );
-    const waiter = (name: string) => ({
-      command: read,
-      iova: 0,
-      length: 0,
-      resolve: () => {},
-      reject: (e: IommufdError) => rejected.push(`${name}: ${e.message}`),
-      timeoutMs: 1000,
-    });
-    const first = waiter("first");
+    const inFlight = request(1);
+    tracker.track(tracker.take(), inFlight);
+    const first = request(2);
+    const second = request(3);
     tracker.wait(first);
-    tracker.wait(waiter("second"));
+    tracker.wait(second);
+    expect(first.stateName).toBe("waiting for a free slot");
     expect(tracker.waiting).toBe(2);
-    expect(tracker.complete(0, 0, 0)).toBe(first);
+    expect(tracker.finish(0, 0, 0)).toBe(inFlight);
+    expect(tracker.handOff(0)).toBe(first);
     expect(tracker.take()).toBe(-1); // the id went to the waiter, not to the free stack
-    tracker.track(0, first.command, first.resolve, first.reject, 1000);
+    tracker.track(0, first);
     const failed = tracker.failAll((name, detail) => new IommufdError({ operation: name, errno: 5, message: detail }));
-    expect(failed).toBe(2);
-    expect(rejected).toHaveLength(2);
-    expect(rejected[1]).toBe("second: Read: namespace 1, LBA 7, 1 block(s) [EIO]");
+    expect(failed).toEqual([first, second]);
+    expect(second.error?.message).toBe("Read: namespace 1, LBA 3, 1 block(s) [EIO]");
+    expect(first.stateName).toBe("failed and about to be called back");
     expect(tracker.inFlight).toBe(0);
     expect(tracker.waiting).toBe(0);
     expect(tracker.maxWaiting).toBe(2);
@@ -157,13 +134,7 @@ describe("command tracker", () => {
 
   test("overdue names a command past its deadline", () => {
     const tracker = new CommandTracker(2, true);
-    tracker.track(
-      tracker.take(),
-      { opcode: AdminOpcode.Identify, cdw10: 1 },
-      () => {},
-      () => {},
-      50,
-    );
+    tracker.track(tracker.take(), request(0, 50, { opcode: AdminOpcode.Identify, cdw10: 1 }));
     // The first look stamps the deadline (no clock read per command); the next finds it past.
     const now = performance.now();
     expect(tracker.overdue(now)).toBeUndefined();
