@@ -125,6 +125,11 @@ export class CompletionRing {
     return true;
   }
 
+  /** Whether the controller has posted the entry at the head (next() would take it). */
+  get posted(): boolean {
+    return ((this.#entries[this.#head * 4 + 3]! >>> 16) & 1) === this.#phase;
+  }
+
   /** Whether entries were taken since the controller was last told the head. */
   get headDue(): boolean {
     return this.#head !== this.#doorbell.announced;

@@ -212,6 +212,47 @@ describe("requests on the ring model", () => {
     expect(calls).toBe(2);
   });
 
+  test("while callbacks keep the poller spinning, what they send to another queue is announced", async () => {
+    const model = new NvmeModel();
+    const a = model.queuePair(1, 4);
+    const b = model.queuePair(2, 4);
+    // The model completes what was announced at every third look of the poller at queue 1: a
+    // controller slower than the poller's first look, so the poller spins for each completion.
+    let looks = 0;
+    const reap = a.reap.bind(a);
+    a.reap = (deferHead?: boolean) => {
+      if (++looks % 3 === 0) {
+        model.complete(1);
+        model.complete(2);
+      }
+      return reap(deferHead);
+    };
+    let laps = 0;
+    let bAt = -1;
+    const { promise, resolve } = Promise.withResolvers<void>();
+    const other = prepareRead(
+      b.request(() => {
+        bAt = laps;
+      }),
+      9,
+    );
+    const cycling = prepareRead(
+      a.request((r) => {
+        laps++;
+        if (laps === 1) other.submit(); // another queue: its doorbell is not this reap's
+        if (laps < 2000) r.submit();
+        else resolve();
+      }),
+      1,
+    );
+    cycling.submit();
+    await promise;
+    // B's command was announced while A's callbacks kept the poller from yielding.
+    expect(bAt).toBeGreaterThan(0);
+    expect(bAt).toBeLessThan(50);
+    expect(model.protocolErrors).toEqual([]);
+  });
+
   test("misuse is refused, typed, and sends nothing", async () => {
     const model = new NvmeModel({ polled: false });
     const queue = model.queuePair(1, 2); // one slot
