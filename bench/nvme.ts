@@ -5,7 +5,9 @@
  * the kernel's nvme driver through driver_override, and back.
  *
  * Kernel side: fio with O_DIRECT on the block device, QD1 by pread (psync), QD32 by io_uring from
- * one process. User side: one queue pair, one promise per command, 32 concurrent callers at QD32.
+ * one process. User side: one queue pair, QD callers each with one command out at a time, through
+ * both of the driver's APIs: requests (a callback, nothing allocated per command; the fastest) and
+ * promises (one awaited per command).
  *
  *   bun bench nvme [--seconds S] [--rounds N]
  *
@@ -17,7 +19,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { runInGuest } from "../vm/run.ts";
-import { type Completion, NvmeController } from "../src/nvme/index.ts";
+import { type Completion, NvmeController, type NvmeRequest } from "../src/nvme/index.ts";
 import { bindToVfioPci } from "../src/vfio/pci.ts";
 import { binaryPath, buildBaseline, CProcess } from "./baseline.ts";
 import { bareLoop, cLoopCounterpart, openLoopQueue } from "./nvme-loop.ts";
@@ -26,8 +28,17 @@ import { bareLoop, cLoopCounterpart, openLoopQueue } from "./nvme-loop.ts";
 export type Driver = "bun-iommufd" | "kernel" | "bare-ts" | "bare-c";
 export type Workload = "randread" | "randwrite";
 
+/**
+ * Which of the driver's APIs a bun-iommufd row used (src/nvme/request.ts): requests called back by
+ * the driver's poller; the same requests with the completions taken by the caller's own spin on
+ * queue.reap() (no poller, no event loop: the SPDK way); or a Promise awaited per command.
+ */
+export type DriverApi = "request" | "request-spin" | "promise";
+
 export interface NvmeRaceRow {
   driver: Driver;
+  /** bun-iommufd rows: which API (DriverApi). */
+  api?: DriverApi;
   /** "polled" for ours; fio's engine for the kernel's. */
   mode: string;
   workload: Workload;
@@ -90,13 +101,17 @@ function percentile(sorted: Float64Array, p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 }
 
-/** Our driver: `depth` callers each awaiting one 4 KiB command at a time at random 4 KiB-aligned LBAs. */
-async function userPhase(
+/**
+ * Our driver: `depth` callers each with one 4 KiB command out at a time at random 4 KiB-aligned
+ * LBAs, through requests (each sent again from its own callback) or promises (each awaited).
+ */
+export async function userPhase(
   controller: NvmeController,
   workload: Workload,
   depth: number,
   seconds: number,
   completion: Completion,
+  api: DriverApi,
 ): Promise<NvmeRaceRow> {
   const ns = controller.namespace(1);
   const blocks = BLOCK / ns.blockSize;
@@ -114,7 +129,8 @@ async function userPhase(
     return (seed >>> 0) % slots;
   };
   const options = { queue };
-  const run = async (until: number, record: boolean) => {
+  const read = workload === "randread";
+  const awaited = async (until: number, record: boolean) => {
     const worker = async (i: number) => {
       const buffer = buffers[i]!;
       // Two clock reads per I/O, as the bare loops take: the completion's time is also the
@@ -122,7 +138,7 @@ async function userPhase(
       for (let done = performance.now(); done < until; ) {
         const lba = random() * blocks;
         const t0 = performance.now();
-        if (workload === "randread") await ns.read(lba, blocks, buffer, options);
+        if (read) await ns.read(lba, blocks, buffer, options);
         else await ns.write(lba, blocks, buffer, options);
         done = performance.now();
         if (record && count < latencies.length) latencies[count++] = done - t0;
@@ -130,6 +146,38 @@ async function userPhase(
     };
     await Promise.all(buffers.map((_, i) => worker(i)));
   };
+  const calledBack = (until: number, record: boolean, spin = false) =>
+    new Promise<void>((resolve, reject) => {
+      let active = depth;
+      const started = new Float64Array(depth);
+      buffers.forEach((buffer, i) => {
+        const send = (request: NvmeRequest) => {
+          const lba = random() * blocks;
+          started[i] = performance.now();
+          if (read) ns.submitRead(request, lba, blocks, buffer);
+          else ns.submitWrite(request, lba, blocks, buffer);
+        };
+        const request = queue.request((r) => {
+          if (r.error) {
+            active = 0; // ends the spin below
+            return reject(r.error);
+          }
+          // Two clock reads per I/O, as above.
+          const done = performance.now();
+          if (record && count < latencies.length) latencies[count++] = done - started[i]!;
+          if (done < until) send(r);
+          else if (--active === 0) resolve();
+        });
+        send(request);
+      });
+      if (!spin) return;
+      // The caller takes the completions itself, never yielding: the poller (started by the
+      // first submission) does not get to run until the phase is over.
+      queue.ringDoorbell();
+      while (active > 0) queue.reap();
+    });
+  const run =
+    api === "promise" ? awaited : (until: number, record: boolean) => calledBack(until, record, api === "request-spin");
   try {
     await run(performance.now() + Math.max(500, seconds * 250), false);
     const cpu = cpuMeter();
@@ -140,6 +188,7 @@ async function userPhase(
     const sorted = latencies.subarray(0, count).sort();
     return {
       driver: "bun-iommufd",
+      api,
       mode: completion === "poll" ? "polled" : "msi-x",
       workload,
       queueDepth: depth,
@@ -160,7 +209,12 @@ async function userPhase(
 const LOOP_RUN = 1024;
 
 /** The bare TypeScript loop (bench/nvme-loop.ts) on a queue pair of its own. */
-function tsLoopPhase(controller: NvmeController, workload: Workload, depth: number, seconds: number): NvmeRaceRow {
+export function tsLoopPhase(
+  controller: NvmeController,
+  workload: Workload,
+  depth: number,
+  seconds: number,
+): NvmeRaceRow {
   const loop = openLoopQueue(controller, depth);
   try {
     const bare = bareLoop(controller, loop, workload === "randread" ? "read" : "write", RANGE);
@@ -352,9 +406,14 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
       }
       for (const completion of ["poll", "interrupt"] as const) {
         for (const [workload, depth] of workloads) {
-          const row = await userPhase(controller, workload, depth, seconds, completion);
-          log(`nvme race round ${round}: ${format(row)}`);
-          rows.push(row);
+          // Alternate which API goes first: a phase right after another process's (the C loop's) ran slower here.
+          const apis = ["request", "request-spin", "promise"] as const;
+          for (const api of round % 2 === 1 ? apis : apis.toReversed()) {
+            if (api === "request-spin" && completion !== "poll") continue;
+            const row = await userPhase(controller, workload, depth, seconds, completion, api);
+            log(`nvme race round ${round}: ${format(row)}`);
+            rows.push(row);
+          }
         }
       }
     }
@@ -379,6 +438,7 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
     const at = best.findIndex(
       (b) =>
         b.driver === row.driver &&
+        b.api === row.api &&
         b.mode === row.mode &&
         b.workload === row.workload &&
         b.queueDepth === row.queueDepth,
@@ -390,11 +450,13 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
 }
 
 export function format(row: NvmeRaceRow): string {
-  return `${row.driver.padEnd(11)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us  CPU ${row.cpuUsPerIo} us/IO`;
+  const driver = row.api ? `${row.driver} ${row.api}` : row.driver;
+  return `${driver.padEnd(24)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us  CPU ${row.cpuUsPerIo} us/IO`;
 }
 
 export interface Ratio {
   mode: string;
+  api?: DriverApi;
   workload: Workload;
   queueDepth: number;
   /** The driver it is compared with: the kernel's, or one of the bare loops. */
@@ -414,6 +476,7 @@ export function ratios(rows: NvmeRaceRow[]): Ratio[] {
       )) {
         out.push({
           mode: ours.mode,
+          api: ours.api,
           workload,
           queueDepth: depth,
           against,
@@ -513,7 +576,7 @@ export async function nvmeBench(argv: string[]): Promise<number> {
   console.log("4 KiB random I/O, bun-iommufd/nvme against the kernel's nvme driver, same controller, same boot:");
   for (const row of race.best) console.log(`  ${format(row)}`);
   for (const r of result.ratios) {
-    console.log(`  ${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}) / ${r.against} = ${r.ratio}x`);
+    console.log(`  ${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}, ${r.api}) / ${r.against} = ${r.ratio}x`);
   }
   const dir = join(root, "bench", "results", "nvme");
   mkdirSync(dir, { recursive: true });
@@ -547,6 +610,6 @@ if (import.meta.main) {
   } else {
     for (const row of race.best) console.log(format(row));
     for (const r of ratios(race.best))
-      console.log(`${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}) / ${r.against} = ${r.ratio}x`);
+      console.log(`${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}, ${r.api}) / ${r.against} = ${r.ratio}x`);
   }
 }
