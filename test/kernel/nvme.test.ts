@@ -10,7 +10,14 @@ import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DmaHeap, Iommufd, IommufdError, VfioDevice } from "../../src/index.ts";
-import { AdminOpcode, NvmeController, NvmeStatusError, PeerBuffer, type Namespace } from "../../src/nvme/index.ts";
+import {
+  AdminOpcode,
+  NvmeController,
+  type NvmeRequest,
+  NvmeStatusError,
+  PeerBuffer,
+  type Namespace,
+} from "../../src/nvme/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
 import { bareLoop, openLoopQueue } from "../../bench/nvme-loop.ts";
 import { FailNth, sweep } from "../support/fail-nth.ts";
@@ -270,6 +277,80 @@ describe("I/O", () => {
     } finally {
       c.deleteQueuePair(small);
     }
+  });
+});
+
+describe("requests (no Promise per command)", () => {
+  /** Reads LBAs first..first+count-1 (one block each) through `depth` requests, each sent again from its onComplete. */
+  function readThroughRequests(
+    c: NvmeController,
+    queue: ReturnType<NvmeController["createQueuePair"]>,
+    first: number,
+    count: number,
+    depth: number,
+    spin: boolean,
+  ): Promise<Uint8Array> {
+    const ns = c.namespace(1);
+    const buffer = c.allocBuffer(count * 512);
+    buffer.bytes.fill(0);
+    let next = 0;
+    let active = depth;
+    return new Promise<Uint8Array>((resolve, reject) => {
+      const send = (r: NvmeRequest) => {
+        const i = next++;
+        ns.submitRead(r, first + i, 1, buffer, i * 512);
+      };
+      for (let k = 0; k < depth; k++) {
+        const request = queue.request((r) => {
+          if (r.error) {
+            active = 0;
+            return reject(r.error);
+          }
+          if (next < count) send(r);
+          else if (--active === 0) resolve(buffer.bytes.slice());
+        });
+        send(request);
+      }
+      if (!spin) return;
+      queue.ringDoorbell();
+      while (active > 0) queue.reap();
+    }).finally(() => buffer.free());
+  }
+
+  test("200 single-block reads through 8 reused requests land byte-exact, with the poller and with the caller's own reap() spin", async () => {
+    const c = controllerA();
+    const queue = c.createQueuePair(9);
+    try {
+      for (const spin of [false, true]) {
+        const bytes = await readThroughRequests(c, queue, 20_000, 200, 8, spin);
+        expect(same(bytes, pattern(20_000, 200, 512))).toBe(true);
+      }
+      expect(queue.stats()).toMatchObject({ submitted: 400, completed: 400, inFlight: 0 });
+    } finally {
+      c.deleteQueuePair(queue);
+    }
+  });
+
+  test("an interrupt-driven queue pair calls requests back too; a status error comes to onComplete typed", async () => {
+    const c = open(A.vfio, { completion: "interrupt" });
+    const bytes = await readThroughRequests(c, c.ioQueue, 20_100, 64, 4, false);
+    expect(same(bytes, pattern(20_100, 64, 512))).toBe(true);
+    const ns = c.namespace(1);
+    using buffer = c.allocBuffer(512);
+    const { promise, resolve } = Promise.withResolvers<NvmeRequest>();
+    const request = c.ioQueue.request(resolve);
+    ns.submitRead(request, ns.blocks - 1, 1, buffer);
+    expect(() => ns.submitRead(request, 0, 1, buffer)).toThrow(expect.objectContaining({ code: "EBUSY" }));
+    expect((await promise).error).toBeUndefined();
+    // Past the end: the controller answers LBA Out of Range, and the request is idle again.
+    const failed = Promise.withResolvers<NvmeRequest>();
+    const past = c.ioQueue.request(failed.resolve);
+    ns.submitRead(past, ns.blocks, 1, buffer);
+    const done = await failed.promise;
+    expect(done.error).toBeInstanceOf(NvmeStatusError);
+    expect(done.error?.code).toBe("ERANGE");
+    expect(done.idle).toBe(true);
+    expect(c.failure).toBeUndefined();
   });
 });
 
