@@ -321,10 +321,10 @@ export class QueuePair {
    * controller (EPROTO) before anything in it is believed: nothing of it settles a command.
    *
    * Each request is called back as its completion is taken; what the callbacks send, and requests
-   * that waited for the freed slots, are announced by one SQ tail write at the end. The CQ head
-   * is written once for all the completions, after it, or with `deferHead` (the poller's way) by
-   * the turn's doorbell microtask when promises were settled, so that their continuations'
-   * commands go out first (a caller that spins without yielding must not defer). A callback that
+   * that waited for the freed slots, are announced by one SQ tail write at the end, after one CQ
+   * head write for all the completions; with `deferHead` (the poller's way) and promises settled,
+   * the CQ head is left to the turn's doorbell microtask, after their continuations' commands
+   * (a caller that spins without yielding must not defer). A callback that
    * throws does not stop the reap: its error is thrown once the reap's work is done.
    */
   reap(deferHead = false): number {
@@ -359,9 +359,16 @@ export class QueuePair {
         if (this.#epoch !== epoch || !this.#owner.usable) return count;
       }
       if (count > 0) {
-        this.#submissions.ringDoorbell();
-        if (deferHead && this.promisesSettled !== settledBefore) this.#scheduleDoorbells();
-        else ring.updateHead();
+        if (deferHead && this.promisesSettled !== settledBefore) {
+          this.#submissions.ringDoorbell();
+          this.#scheduleDoorbells();
+        } else {
+          // The CQ head first, then the SQ tail: QEMU's controller answered the next command
+          // sooner that way (a loop on reap() at QD1 in the TCG guest, four rounds of one boot:
+          // 10-20% more IOPS and a lower median each round than with the SQ tail first).
+          ring.updateHead();
+          this.#submissions.ringDoorbell();
+        }
       }
       return count;
     } finally {

@@ -192,7 +192,7 @@ describe("requests against the controller model", () => {
 });
 
 describe("requests on the ring model", () => {
-  test("a request sent again from its onComplete is announced by the reap's own SQ write, then the CQ head, before the reap returns", async () => {
+  test("a request sent again from its onComplete is announced by the reap's own SQ write, after the CQ head, before the reap returns", async () => {
     const model = new NvmeModel({ polled: false });
     const queue = model.queuePair(1, 4);
     let calls = 0;
@@ -204,9 +204,9 @@ describe("requests on the ring model", () => {
     expect(model.writes.map((w) => w.value)).toEqual([1]);
     model.complete(1);
     expect(queue.reap(true)).toBe(1);
-    // No microtask ran: the reap itself wrote both, the SQ tail first.
+    // No microtask ran: the reap itself wrote both, the CQ head first.
     const sq = model.sqDoorbell(1);
-    expect(model.writes.map((w) => `${w.offset === sq ? "SQ" : "CQ"} ${w.value}`)).toEqual(["SQ 1", "SQ 2", "CQ 1"]);
+    expect(model.writes.map((w) => `${w.offset === sq ? "SQ" : "CQ"} ${w.value}`)).toEqual(["SQ 1", "CQ 1", "SQ 2"]);
     model.complete(1);
     queue.reap();
     expect(calls).toBe(2);
