@@ -6,20 +6,26 @@
  *
  * Kernel side: fio with O_DIRECT on the block device, QD1 by pread (psync), QD32 by io_uring from
  * one process. User side: one queue pair, QD callers each with one command out at a time, through
- * both of the driver's APIs: requests (a callback, nothing allocated per command; the fastest) and
- * promises (one awaited per command).
+ * both of the driver's APIs: requests (a callback, nothing allocated per command), called back by
+ * the driver's poller or taken by the caller's own spin on queue.reap(), and promises (one awaited
+ * per command).
  *
- *   bun bench nvme [--seconds S] [--rounds N]
+ *   bun bench nvme [--seconds S] [--rounds N] [--deep]
+ *
+ * --deep adds random reads at QD 64/128/256 (as CAP.MQES allows; bare loops and the driver's
+ * requests, one queue pair) and the driver spread over 2 and 4 queue pairs at QD32 each, to show
+ * where each stops scaling.
  *
  * boots the test guest with one NVMe controller (where /dev/iommu is missing), runs the race there
  * and saves bench/results/nvme/<date>-<commit>-nvme.json. Inside a guest that has a controller on
- * vfio-pci, `bun bench/nvme.ts [--seconds S] [--rounds N] [--json]` runs it directly.
+ * vfio-pci, `bun bench/nvme.ts [--seconds S] [--rounds N] [--deep] [--reads] [--no-kernel] [--json]`
+ * runs it directly.
  */
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { runInGuest } from "../vm/run.ts";
-import { type Completion, NvmeController, type NvmeRequest } from "../src/nvme/index.ts";
+import { type Completion, NvmeController, type NvmeRequest, type QueuePair } from "../src/nvme/index.ts";
 import { bindToVfioPci } from "../src/vfio/pci.ts";
 import { binaryPath, buildBaseline, CProcess } from "./baseline.ts";
 import { bareLoop, cLoopCounterpart, openLoopQueue } from "./nvme-loop.ts";
@@ -39,6 +45,8 @@ export interface NvmeRaceRow {
   driver: Driver;
   /** bun-iommufd rows: which API (DriverApi). */
   api?: DriverApi;
+  /** Queue pairs the commands were spread over, when more than one (queueDepth is the total in flight). */
+  queuePairs?: number;
   /** "polled" for ours; fio's engine for the kernel's. */
   mode: string;
   workload: Workload;
@@ -71,7 +79,17 @@ export interface NvmeRaceOptions {
   kernel?: boolean;
   /** Only these workloads. Default: all. */
   workloads?: Workload[];
+  /**
+   * Also the deep-queue rows (random reads at QD 64/128/256 as CAP.MQES allows: bare loops and the
+   * driver's requests) and the driver spread over 2 and 4 queue pairs (QD32 each). Default false.
+   */
+  deep?: boolean;
 }
+
+/** Deep queues, each a single queue pair of depth + 1 entries (CAP.MQES permitting). */
+const DEEP_DEPTHS = [64, 128, 256];
+/** The driver over several queue pairs, QD32 on each. */
+const QUEUE_PAIRS = [2, 4];
 
 const BLOCK = 4096;
 /**
@@ -103,20 +121,30 @@ function percentile(sorted: Float64Array, p: number): number {
 
 /**
  * Our driver: `depth` callers each with one 4 KiB command out at a time at random 4 KiB-aligned
- * LBAs, through requests (each sent again from its own callback) or promises (each awaited).
+ * LBAs, through requests (each sent again from its own callback) or promises (each awaited),
+ * spread over `queuePairs` queue pairs of their own (caller i on pair i mod queuePairs).
  */
-export async function userPhase(
+async function userPhase(
   controller: NvmeController,
   workload: Workload,
   depth: number,
   seconds: number,
   completion: Completion,
   api: DriverApi,
+  queuePairs = 1,
 ): Promise<NvmeRaceRow> {
   const ns = controller.namespace(1);
   const blocks = BLOCK / ns.blockSize;
   const slots = Math.floor(Math.min(ns.bytes, RANGE) / BLOCK);
-  const queue = controller.createQueuePair(Math.max(depth + 1, 2), { completion });
+  const perQueue = Math.ceil(depth / queuePairs);
+  const queues: QueuePair[] = [];
+  try {
+    for (let q = 0; q < queuePairs; q++)
+      queues.push(controller.createQueuePair(Math.max(perQueue + 1, 2), { completion }));
+  } catch (error) {
+    for (const queue of queues) controller.deleteQueuePair(queue);
+    throw error;
+  }
   const buffers = Array.from({ length: depth }, () => controller.allocBuffer(BLOCK));
   for (const b of buffers) b.bytes.fill(0x5a);
   const latencies = new Float64Array(4 << 20);
@@ -128,11 +156,11 @@ export async function userPhase(
     seed ^= seed << 5;
     return (seed >>> 0) % slots;
   };
-  const options = { queue };
   const read = workload === "randread";
   const awaited = async (until: number, record: boolean) => {
     const worker = async (i: number) => {
       const buffer = buffers[i]!;
+      const options = { queue: queues[i % queuePairs]! };
       // Two clock reads per I/O, as the bare loops take: the completion's time is also the
       // loop's deadline check (a clock read costs 1-4 us in the TCG guest).
       for (let done = performance.now(); done < until; ) {
@@ -157,7 +185,7 @@ export async function userPhase(
           if (read) ns.submitRead(request, lba, blocks, buffer);
           else ns.submitWrite(request, lba, blocks, buffer);
         };
-        const request = queue.request((r) => {
+        const request = queues[i % queuePairs]!.request((r) => {
           if (r.error) {
             active = 0; // ends the spin below
             return reject(r.error);
@@ -173,8 +201,8 @@ export async function userPhase(
       if (!spin) return;
       // The caller takes the completions itself, never yielding: the poller (started by the
       // first submission) does not get to run until the phase is over.
-      queue.ringDoorbell();
-      while (active > 0) queue.reap();
+      for (const queue of queues) queue.ringDoorbell();
+      while (active > 0) for (const queue of queues) queue.reap();
     });
   const run =
     api === "promise" ? awaited : (until: number, record: boolean) => calledBack(until, record, api === "request-spin");
@@ -189,6 +217,7 @@ export async function userPhase(
     return {
       driver: "bun-iommufd",
       api,
+      ...(queuePairs > 1 ? { queuePairs } : {}),
       mode: completion === "poll" ? "polled" : "msi-x",
       workload,
       queueDepth: depth,
@@ -201,7 +230,7 @@ export async function userPhase(
     };
   } finally {
     for (const b of buffers) b.free();
-    controller.deleteQueuePair(queue);
+    for (const queue of queues) controller.deleteQueuePair(queue);
   }
 }
 
@@ -209,12 +238,7 @@ export async function userPhase(
 const LOOP_RUN = 1024;
 
 /** The bare TypeScript loop (bench/nvme-loop.ts) on a queue pair of its own. */
-export function tsLoopPhase(
-  controller: NvmeController,
-  workload: Workload,
-  depth: number,
-  seconds: number,
-): NvmeRaceRow {
+function tsLoopPhase(controller: NvmeController, workload: Workload, depth: number, seconds: number): NvmeRaceRow {
   const loop = openLoopQueue(controller, depth);
   try {
     const bare = bareLoop(controller, loop, workload === "randread" ? "read" : "write", RANGE);
@@ -395,7 +419,8 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
     const rows: NvmeRaceRow[] = [];
     const path = bindToVfioPci(options.address);
     {
-      using controller = NvmeController.open(path, { heapSize: 4 << 20 });
+      // 8 MiB: a queue pair of 257 entries keeps a PRP list page per slot (1 MiB) besides its data.
+      using controller = NvmeController.open(path, { heapSize: (options.deep ? 8 : 4) << 20 });
       for (const [workload, depth] of workloads) {
         const rowsHere = [tsLoopPhase(controller, workload, depth, seconds)];
         if (options.cbench) rowsHere.push(await cLoopPhase(controller, options.cbench, workload, depth, seconds));
@@ -415,6 +440,26 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
             rows.push(row);
           }
         }
+      }
+    }
+    if (options.deep) {
+      const record = (row: NvmeRaceRow) => {
+        log(`nvme race round ${round}: ${format(row)}`);
+        rows.push(row);
+      };
+      using controller = NvmeController.open(bindToVfioPci(options.address), { heapSize: 8 << 20 });
+      const entries = controller.capabilities.maxQueueEntries;
+      for (const depth of DEEP_DEPTHS) {
+        if (depth + 1 > entries) {
+          if (round === 1) log(`nvme race: QD${depth} left out: CAP.MQES allows ${entries} entries per queue`);
+          continue;
+        }
+        record(tsLoopPhase(controller, "randread", depth, seconds));
+        if (options.cbench) record(await cLoopPhase(controller, options.cbench, "randread", depth, seconds));
+        record(await userPhase(controller, "randread", depth, seconds, "poll", "request"));
+      }
+      for (const pairs of QUEUE_PAIRS) {
+        record(await userPhase(controller, "randread", 32 * pairs, seconds, "poll", "request", pairs));
       }
     }
     if (options.kernel === false) {
@@ -439,6 +484,7 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
       (b) =>
         b.driver === row.driver &&
         b.api === row.api &&
+        b.queuePairs === row.queuePairs &&
         b.mode === row.mode &&
         b.workload === row.workload &&
         b.queueDepth === row.queueDepth,
@@ -450,7 +496,8 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
 }
 
 export function format(row: NvmeRaceRow): string {
-  const driver = row.api ? `${row.driver} ${row.api}` : row.driver;
+  const api = row.api ? ` ${row.api}${row.queuePairs ? ` x${row.queuePairs} QPs` : ""}` : "";
+  const driver = `${row.driver}${api}`;
   return `${driver.padEnd(24)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us  CPU ${row.cpuUsPerIo} us/IO`;
 }
 
@@ -464,15 +511,16 @@ export interface Ratio {
   ratio: number;
 }
 
-/** Ours (per completion mode) over the kernel's and over each bare loop, per workload and depth. */
+/** Ours (per completion mode and API, one queue pair) over the kernel's and over each bare loop, per workload and depth. */
 export function ratios(rows: NvmeRaceRow[]): Ratio[] {
   const out: Ratio[] = [];
-  for (const [workload, depth] of WORKLOADS) {
+  const cases = [...WORKLOADS, ...DEEP_DEPTHS.map((depth): [Workload, number] => ["randread", depth])];
+  for (const [workload, depth] of cases) {
     for (const against of ["kernel", "bare-ts", "bare-c"] as const) {
       const theirs = rows.find((r) => r.driver === against && r.workload === workload && r.queueDepth === depth);
       if (!theirs) continue;
       for (const ours of rows.filter(
-        (r) => r.driver === "bun-iommufd" && r.workload === workload && r.queueDepth === depth,
+        (r) => r.driver === "bun-iommufd" && !r.queuePairs && r.workload === workload && r.queueDepth === depth,
       )) {
         out.push({
           mode: ours.mode,
@@ -521,13 +569,14 @@ function numberAfter(argv: string[], flag: string, fallback: number): number {
 export async function nvmeBench(argv: string[]): Promise<number> {
   const seconds = numberAfter(argv, "--seconds", 3);
   const rounds = numberAfter(argv, "--rounds", 2);
+  const deep = argv.includes("--deep");
   const root = resolve(import.meta.dir, "..");
   let race: { best: NvmeRaceRow[]; rounds: NvmeRaceRow[][] };
   const address = existsSync("/dev/iommu") ? guestNvmeAddress() : undefined;
   // The C loop's program is built here, where the tree is writable; the guest runs it from the share.
   const cbench = buildBaseline().binary;
   if (address) {
-    race = await nvmeRace({ address, seconds, rounds, cbench });
+    race = await nvmeRace({ address, seconds, rounds, cbench, deep });
   } else {
     const out = mkdtempSync(join(tmpdir(), "bun-iommufd-nvme-bench-"));
     try {
@@ -540,13 +589,14 @@ export async function nvmeBench(argv: string[]): Promise<number> {
           "--rounds",
           String(rounds),
           "--out",
+          ...(deep ? ["--deep"] : []),
         ],
         cwd: root,
         devices: [{ kind: "nvme", size: 64 << 20 }],
         // One vCPU, as `bun bench` uses: the CPU-per-I/O column is then the one vCPU's busy time.
         cpus: 1,
         outDir: out,
-        timeoutSeconds: 300 + rounds * seconds * 40,
+        timeoutSeconds: 300 + rounds * seconds * (deep ? 60 : 40),
       });
       const file = join(out, "race.json");
       if (guest.exitCode !== 0 || !existsSync(file)) {
@@ -600,6 +650,7 @@ if (import.meta.main) {
     cbench: existsSync(binaryPath) ? binaryPath : undefined,
     kernel: !argv.includes("--no-kernel"),
     workloads: argv.includes("--reads") ? ["randread"] : undefined,
+    deep: argv.includes("--deep"),
   });
   const out = process.env.IOMMUFD_VM_OUT;
   if (argv.includes("--out") && out) {

@@ -1,0 +1,38 @@
+/** bench/nvme.ts's ratios: ours over each reference per workload and depth, the deep-queue rows included, one queue pair only. */
+import { expect, test } from "bun:test";
+import { type NvmeRaceRow, ratios } from "../../bench/nvme.ts";
+
+function row(driver: NvmeRaceRow["driver"], queueDepth: number, iops: number, extra: Partial<NvmeRaceRow> = {}) {
+  return {
+    driver,
+    mode: "polled",
+    workload: "randread",
+    queueDepth,
+    iops,
+    p50us: 1,
+    p99us: 2,
+    ops: iops,
+    seconds: 1,
+    cpuUsPerIo: 1,
+    ...extra,
+  } satisfies NvmeRaceRow;
+}
+
+test("deep-queue rows get ratios against the bare loops at their depth; rows spread over several queue pairs get none", () => {
+  const rows: NvmeRaceRow[] = [
+    row("bare-ts", 64, 1000),
+    row("bare-c", 64, 2000),
+    row("bun-iommufd", 64, 900, { api: "request" }),
+    // 2 queue pairs x QD32: the same total depth, a different shape; compared with nothing.
+    row("bun-iommufd", 64, 1500, { api: "request", queuePairs: 2 }),
+    row("bare-ts", 1, 100),
+    row("bun-iommufd", 1, 110, { api: "request-spin" }),
+    row("bun-iommufd", 1, 90, { api: "promise" }),
+  ];
+  expect(ratios(rows)).toEqual([
+    { mode: "polled", api: "request-spin", workload: "randread", queueDepth: 1, against: "bare-ts", ratio: 1.1 },
+    { mode: "polled", api: "promise", workload: "randread", queueDepth: 1, against: "bare-ts", ratio: 0.9 },
+    { mode: "polled", api: "request", workload: "randread", queueDepth: 64, against: "bare-ts", ratio: 0.9 },
+    { mode: "polled", api: "request", workload: "randread", queueDepth: 64, against: "bare-c", ratio: 0.45 },
+  ]);
+});
