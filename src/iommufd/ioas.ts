@@ -71,6 +71,10 @@ function addressForMap(file: MappableFile | number, operation: string): number {
   );
 }
 
+function staleMappingError(op: string, mapping: Mapping): Error {
+  return stateError(op, "ENOENT", `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`);
+}
+
 export class Ioas implements DmaSpace {
   readonly backend = "iommufd";
   readonly iommufd: Iommufd;
@@ -122,8 +126,13 @@ export class Ioas implements DmaSpace {
    * was one); the iommufd's fd otherwise.
    */
   assertOpen(operation: string, argument?: string): number {
-    if (!this.#alive) throw closedError(operation, `IOAS ${this.id}`, this.#goneBecause, argument);
+    if (!this.#alive) throw this.#goneError(operation, argument);
     return this.iommufd.assertOpen(operation);
+  }
+
+  // Out of line: the checks that run per map stay small enough to be inlined.
+  #goneError(operation: string, argument?: string): Error {
+    return closedError(operation, `IOAS ${this.id}`, this.#goneBecause, argument);
   }
 
   /** Map memory of this process by address (IOMMU_IOAS_MAP). Pins the pages. */
@@ -290,9 +299,7 @@ export class Ioas implements DmaSpace {
   /** @internal Unmap one Mapping exactly. */
   unmapMapping(mapping: Mapping): void {
     const op = "Mapping.unmap";
-    if (!this.#mappings.has(mapping)) {
-      throw stateError(op, "ENOENT", `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`);
-    }
+    if (!this.#mappings.has(mapping)) throw staleMappingError(op, mapping);
     // Exactly one recorded range: the kernel's unmapped-bytes answer tells nothing new here.
     encodeUnmap(unmapCmd, this.id, mapping.iova, mapping.length);
     ioctl(this.assertOpen(op), IOMMU_IOAS_UNMAP, unmapCmd, op, UNMAP_ERRORS);

@@ -206,8 +206,13 @@ export class MemfdBuffer {
 
   /** Throws EBADF when closed; the fd otherwise. Used by the objects that accept a MemfdBuffer. */
   assertOpen(operation: string): number {
-    if (this.#fd < 0) throw closedError(operation, `MemfdBuffer "${this.name}"`);
+    if (this.#fd < 0) throw this.#closedError(operation);
     return this.#fd;
+  }
+
+  // Out of line: assertOpen runs on every map of this buffer and stays small enough to inline.
+  #closedError(operation: string): Error {
+    return closedError(operation, `MemfdBuffer "${this.name}"`);
   }
 
   /**
