@@ -7,6 +7,7 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { appendFileSync, closeSync, cpSync, mkdtempSync, openSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { innerInterval } from "../../bench/backends-pair.ts";
 import { BaselineError, buildBaseline, CProcess } from "../../bench/baseline.ts";
 import { plan, smokeProblems } from "../../bench/main.ts";
 import { compare, hostPaths, scrubbed, type Results } from "../../bench/results.ts";
@@ -65,6 +66,11 @@ describe("interval of the median", () => {
     expect(i.confidence).toBeCloseTo(1 - 2 / 1024, 6);
   });
   test("no rounds, no interval", () => expect(interval([])).toBeUndefined());
+  test("backends-pair's inner interval: 2nd lowest..2nd highest, 97.9% for 10 rounds", () => {
+    const i = innerInterval([10, 1, 9, 2, 8, 3, 7, 4, 6, 5]);
+    expect([i.median, i.lo, i.hi]).toEqual([5.5, 2, 9]);
+    expect(i.confidence).toBeCloseTo(1 - (2 * 11) / 1024, 9);
+  });
 });
 
 describe("slices of a round", () => {
