@@ -251,3 +251,17 @@ test("deleting a queue pair with nothing in flight leaves entries someone else's
   await ns.read(0, 8, b);
   expect(b.bytes).toEqual(media(sim, 0, 8));
 });
+
+test("the poller leaves a lent queue pair's ring alone while the driver's own I/O runs on another", async () => {
+  // bench nvme's loops hand a queue pair back idle with their completions still in its ring, and
+  // the driver's next read must not judge them (seen in \`bun bench\`: EPROTO "queue 3 posted a
+  // completion for command id 0x0000, which is not in flight").
+  const { sim, controller, ns } = open();
+  const lent = controller.createQueuePair(4, { completion: "poll" });
+  sim.postRaw({ cqid: lent.id, dw0: 0, sqHead: 1, sqId: lent.id, cid: 0x0000, status: 0 });
+  const b = buffer(controller, 8);
+  await ns.read(0, 8, b);
+  expect(controller.failure).toBeUndefined();
+  expect(b.bytes).toEqual(media(sim, 0, 8));
+  controller.deleteQueuePair(lent);
+});
