@@ -80,7 +80,7 @@ interface DepthResult {
   rounds: Round[];
   /** type1/iommufd: median [min..max] over the rounds of sqrt(r_X / r_Y). */
   type1: Interval;
-  /** The same median with the next order statistics inward: the 2nd lowest..2nd highest round. */
+  /** The same median with the narrowest order-statistic interval of at least 95% (innerInterval). */
   type1Inner: Interval;
   /** The control: r_C / sqrt(r_X r_Y), 1 when A against B is the same in every block. */
   control: Interval;
@@ -88,19 +88,31 @@ interface DepthResult {
 }
 
 /**
- * The median's interval from the 2nd lowest to the 2nd highest of n values: it covers the median
- * with 1 - 2 P(Binomial(n, 1/2) <= 1) (97.9% for 10 rounds), no distribution assumed; min..max
- * (99.8%) lets one stray round decide.
+ * The narrowest interval of order statistics around the median that covers it with at least 95%
+ * (no distribution assumed): the k-th lowest..k-th highest of n values covers it with
+ * 1 - 2 P(Binomial(n, 1/2) < k). For 10 rounds that is the 2nd..9th (97.9%), for 20 the 6th..15th
+ * (95.9%); min..max (99.8% for 10) lets one stray round decide.
  */
 export function innerInterval(values: number[]): Interval {
   const s = [...values].sort((a, b) => a - b);
   const n = s.length;
-  const tail = (1 + n) / 2 ** n;
+  const coverage = (k: number) => {
+    // P(Binomial(n, 1/2) < k)
+    let tail = 0;
+    let term = 1 / 2 ** n;
+    for (let i = 0; i < k; i++) {
+      tail += term;
+      term = (term * (n - i)) / (i + 1);
+    }
+    return 1 - 2 * tail;
+  };
+  let k = 1;
+  while (2 * (k + 1) <= n && coverage(k + 1) >= 0.95) k++;
   return {
     median: n % 2 ? s[n >> 1]! : (s[n / 2 - 1]! + s[n / 2]!) / 2,
-    lo: s[Math.min(1, n - 1)]!,
-    hi: s[Math.max(n - 2, 0)]!,
-    confidence: n < 3 ? 0 : 1 - 2 * tail,
+    lo: s[k - 1]!,
+    hi: s[n - k]!,
+    confidence: n < 2 ? 0 : coverage(k),
     n,
   };
 }
@@ -286,7 +298,7 @@ export async function backendsPairBench(argv: string[]): Promise<number> {
     const pct = (i: Interval) => `${(i.confidence * 100).toFixed(1)}%`;
     for (const [what, i, c] of [
       ["min..max", d.type1, d.control],
-      ["2nd..2nd", d.type1Inner, d.controlInner],
+      ["order stats", d.type1Inner, d.controlInner],
     ] as const) {
       console.log(
         `QD${String(d.depth).padEnd(3)} ${what} (${pct(i)})  type1/iommufd ${fmtInterval(i).padEnd(26)} ${verdict(i).padEnd(34)} control ${fmtInterval(c).padEnd(26)} ${verdict(c)}`,

@@ -66,10 +66,13 @@ describe("interval of the median", () => {
     expect(i.confidence).toBeCloseTo(1 - 2 / 1024, 6);
   });
   test("no rounds, no interval", () => expect(interval([])).toBeUndefined());
-  test("backends-pair's inner interval: 2nd lowest..2nd highest, 97.9% for 10 rounds", () => {
+  test("backends-pair's inner interval: the narrowest order statistics covering the median with 95%", () => {
     const i = innerInterval([10, 1, 9, 2, 8, 3, 7, 4, 6, 5]);
     expect([i.median, i.lo, i.hi]).toEqual([5.5, 2, 9]);
     expect(i.confidence).toBeCloseTo(1 - (2 * 11) / 1024, 9);
+    const twenty = innerInterval(Array.from({ length: 20 }, (_, j) => j + 1));
+    expect([twenty.lo, twenty.hi]).toEqual([6, 15]);
+    expect(twenty.confidence).toBeCloseTo(1 - (2 * (1 + 20 + 190 + 1140 + 4845 + 15504)) / 2 ** 20, 9);
   });
 });
 
