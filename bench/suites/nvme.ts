@@ -19,7 +19,10 @@ import type { Session } from "../switching.ts";
 type Workload = "read" | "write";
 
 const CASES: { workload: Workload; depth: number; completion: Completion; tier: Tier }[] = [
-  { workload: "read", depth: 1, completion: "poll", tier: "default" },
+  // In CI's smoke test too: the driver beside the bare loops on queue pairs it lent them (their
+  // completions left in those rings once failed every polled case with EPROTO, and only default
+  // runs, which CI does not make, had NVMe cases).
+  { workload: "read", depth: 1, completion: "poll", tier: "quick" },
   { workload: "read", depth: 32, completion: "poll", tier: "default" },
   { workload: "write", depth: 1, completion: "poll", tier: "default" },
   { workload: "write", depth: 32, completion: "poll", tier: "default" },
