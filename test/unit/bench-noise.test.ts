@@ -87,8 +87,10 @@ describe("judging a run", () => {
 });
 
 describe("on the committed runs", () => {
-  const all = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
-  const aa = all.filter((s) => s.results.commit === "c711a4e" && s.results.mode === "default");
+  // The history as it stood after the four A/A runs: later runs would become the reference.
+  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const aa = everything.filter((s) => s.results.commit === "c711a4e" && s.results.mode === "default");
+  const all = everything.filter((s) => s.results.date <= aa.at(-1)!.results.date);
   test("the four A/A runs of c711a4e are there", () => expect(aa).toHaveLength(4));
   test("each A/A run against the other three: nothing flagged", () => {
     for (const one of aa) {
