@@ -255,6 +255,19 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
   };
 }
 
+/**
+ * What was measured, apart from saved results: a hash of the committed tree of src/, bench/
+ * (without bench/results/) and vm/. Two runs of one code are A/A runs even when a commit of
+ * results lies between them (bench/noise.ts groups by it).
+ */
+function codeVersion(): string | undefined {
+  const listing = git(["ls-tree", "-r", "HEAD", "--", "src", "bench", "vm"])
+    .split("\n")
+    .filter((line) => !line.includes("\tbench/results/"))
+    .join("\n");
+  return listing ? new Bun.CryptoHasher("sha1").update(listing).digest("hex").slice(0, 12) : undefined;
+}
+
 function git(argv: string[]): string {
   const r = Bun.spawnSync(["git", ...argv], { cwd: root, stdout: "pipe", stderr: "pipe" });
   return r.exitCode === 0 ? r.stdout.toString().trim() : "";
@@ -321,6 +334,7 @@ function finish(
     commit: git(["rev-parse", "--short", "HEAD"]) || "unknown",
     // Saved results are not code: a run right after another (its file still untracked) is not dirty.
     dirty: git(["status", "--porcelain", "--", "src", "bench", ":!bench/results"]) !== "",
+    code: codeVersion(),
     mode: args.tier,
     filter: args.filterSource,
     ...m,

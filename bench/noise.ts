@@ -6,12 +6,13 @@
  * than anything a single run's interval shows (heap/mock/64KiB by 15%, irq/edu/msi/await-epoll by
  * 70%, while copy/mock/4KiB stays within 3%). One threshold for all cases either flags identical
  * code on the noisy cases or misses a real 10% slowdown on the quiet ones. So the noise is learned
- * per case from the A/A history in bench/results/: every commit with two or more clean runs of the
- * same mode is an A/A group, and how far each run's median lies from the median of the other runs
- * of its group is what identical code does.
+ * per case from the A/A history in bench/results/: every version of the code (a run's `code` hash;
+ * runs saved before it: their commit) with two or more clean runs of the same mode is an A/A
+ * group, and how far each run's median lies from the median of the other runs of its group is
+ * what identical code does.
  *
  * The rule: a case moved when its median lies beyond the reference (the median of the medians of
- * the last commit's runs) by more than NOISE_Z times its A/A noise (root mean square of those
+ * the newest run's code's runs) by more than NOISE_Z times its A/A noise (root mean square of those
  * deviations), and never by less than MIN_MARGIN. A case whose margin would exceed MAX_MARGIN cannot
  * resolve a change worth reporting and is listed as too noisy instead. A case with no A/A history
  * yet falls back to the interval rule of results.ts (`compare`) against the last run.
@@ -51,6 +52,9 @@ export interface Judgement {
 
 const key = (id: string, metric: Metric) => `${id} ${metric}`;
 
+/** The code a run measured: its code hash, or (runs saved before it was recorded) its commit. */
+const codeOf = (r: Results) => r.code ?? r.commit;
+
 function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b);
   const mid = s.length >> 1;
@@ -76,10 +80,10 @@ export function comparable(history: Saved[], now: Results): Saved[] {
     .sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
 }
 
-/** Each tracked case's A/A noise, from every commit with two or more runs in `runs`. */
+/** Each tracked case's A/A noise, from every version of the code with two or more runs in `runs`. */
 export function learnNoise(runs: Results[]): Map<string, CaseNoise> {
   const groups = new Map<string, Results[]>();
-  for (const r of runs) groups.set(r.commit, [...(groups.get(r.commit) ?? []), r]);
+  for (const r of runs) groups.set(codeOf(r), [...(groups.get(codeOf(r)) ?? []), r]);
   const squares = new Map<string, { sum: number; samples: number; groups: number }>();
   for (const group of groups.values()) {
     const ids = new Set(group.flatMap((r) => r.cases.map((c) => c.id)));
@@ -103,11 +107,11 @@ export function learnNoise(runs: Results[]): Map<string, CaseNoise> {
   return out;
 }
 
-/** The last commit's runs (at most REFERENCE_RUNS of them, the newest). */
+/** The runs of the newest run's code (at most REFERENCE_RUNS of them, the newest). */
 export function referenceRuns(history: Saved[]): Saved[] {
   const last = history.at(-1);
   if (!last) return [];
-  return history.filter((s) => s.results.commit === last.results.commit).slice(-REFERENCE_RUNS);
+  return history.filter((s) => codeOf(s.results) === codeOf(last.results)).slice(-REFERENCE_RUNS);
 }
 
 function span(values: number[]): Interval {

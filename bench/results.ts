@@ -63,6 +63,8 @@ export interface Results extends Measurement {
   schema: Schema;
   date: string;
   commit: string;
+  /** Hash of the committed src/, bench/ (without results) and vm/: the code measured (bench/main.ts). */
+  code?: string;
   dirty: boolean;
   mode: Tier;
   filter?: string;

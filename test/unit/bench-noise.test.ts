@@ -64,6 +64,16 @@ describe("judging a run", () => {
     expect(j.changes).toEqual([]);
     expect(j.tooNoisy["noisy ratio"]).toBeGreaterThan(MAX_MARGIN);
   });
+  test("runs of one code under two commits (a commit of results between them) are one A/A group", () => {
+    const same = { code: "c0de" };
+    const noise = learnNoise([run("a", "1", { x: 1.0 }, same).results, run("a2", "2", { x: 1.1 }, same).results]);
+    expect(noise.get("x ratio")?.groups).toBe(1);
+    const j = judge(run("b", "3", { x: 1.0 }).results, [
+      run("a", "1", { x: 1.0 }, same),
+      run("a2", "2", { x: 1.0 }, same),
+    ]);
+    expect(j.reference).toHaveLength(2);
+  });
   test("the reference is the last commit's runs only", () => {
     const j = judge(run("c", "5", { x: 1.0 }).results, [...history, run("b", "4", { x: 1.5 })]);
     expect(j.reference).toEqual(["4-b-default.json"]);
