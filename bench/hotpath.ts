@@ -259,7 +259,36 @@ export function registerHotPathBenchmarks(): void {
   });
 }
 
-if (import.meta.main) {
+/**
+ * The same measurement in `processes` fresh Bun processes, per pair the median over them: one
+ * process's JIT may settle on code half again as slow for the same library (measured: mapFile+unmap
+ * 44 ns in one process, 70-78 in the next, alternating at random), so a single process's figure
+ * would track the JIT's luck, not the library.
+ */
+export function measureHostJsCostInProcesses(processes: number, pairs: number): HostJsCost & { each: HostJsCost[] } {
+  const each: HostJsCost[] = [];
+  for (let i = 0; i < processes; i++) {
+    const child = Bun.spawnSync([process.execPath, import.meta.path, "--host-js-json", String(pairs)], {
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    if (child.exitCode !== 0)
+      throw new Error(`bench/hotpath.ts --host-js-json failed: ${child.stderr.toString().trim()}`);
+    each.push(JSON.parse(child.stdout.toString()) as HostJsCost);
+  }
+  const median = (values: number[]) => {
+    const s = [...values].sort((a, b) => a - b);
+    return s.length % 2 ? s[s.length >> 1]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+  };
+  const ops = ["mapFile", "map", "copy", "prepared"] as const;
+  const out = { pairs, repeats: each[0]?.repeats ?? 0, each } as HostJsCost & { each: HostJsCost[] };
+  for (const op of ops) out[op] = median(each.map((c) => c[op]));
+  return out;
+}
+
+if (import.meta.main && process.argv[2] === "--host-js-json") {
+  process.stdout.write(JSON.stringify(measureHostJsCost(Number(process.argv[3]) || undefined)));
+} else if (import.meta.main) {
   const cost = measureHostJsCost();
   console.log(
     `library JS per 4 KiB pair (ioctl a no-op, min of ${cost.repeats} x ${cost.pairs}): ` +

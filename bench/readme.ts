@@ -54,7 +54,7 @@ function summaryBlock(results: Results, file: string): string {
     const f = (x: number) => `${x.toFixed(1)} ns`;
     lines.push(
       "",
-      `The library's own JavaScript per 4 KiB pair on the host (\`ioctl\` a no-op, \`bench/hotpath.ts\`): ` +
+      `The library's own JavaScript per 4 KiB pair on the host (\`ioctl\` a no-op, ${js.each ? `the median of ${js.each.length} process${js.each.length === 1 ? "" : "es"}` : "one process"}, \`bench/hotpath.ts\`): ` +
         `\`mapFile\` ${f(js.mapFile)}, \`map\` ${f(js.map)}, \`copy\` ${f(js.copy)}, prepared ${f(js.prepared)}.`,
     );
   }

@@ -82,8 +82,8 @@ export interface Results extends Measurement {
   margins?: Record<string, number>;
   /** Cases whose A/A noise is too large to judge, with their would-be margins. */
   tooNoisy?: Record<string, number>;
-  /** The library's own JS per 4 KiB pair on the host, ioctl a no-op (bench/hotpath.ts). */
-  hostJs?: HostJsCost;
+  /** The library's own JS per 4 KiB pair on the host, ioctl a no-op: the median of fresh processes (bench/hotpath.ts). */
+  hostJs?: HostJsCost & { each?: HostJsCost[] };
   threshold: number;
   changes: Change[];
   /** Why the run failed (quick: the smoke test's conditions; otherwise cases with errors). */
