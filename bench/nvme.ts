@@ -401,10 +401,17 @@ const WORKLOADS: [Workload, number][] = [
  * or emulated machine noise only ever takes IOPS away, and alternating keeps both sides exposed
  * to the same slow spells.
  */
-export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRaceRow[]; rounds: NvmeRaceRow[][] }> {
+export async function nvmeRace(
+  options: NvmeRaceOptions,
+): Promise<{ best: NvmeRaceRow[]; rounds: NvmeRaceRow[][]; idle: IdleCpu }> {
   const seconds = options.seconds ?? 3;
   const log = options.log ?? ((line: string) => console.error(line));
   const rounds: NvmeRaceRow[][] = [];
+  const idle = await idleCpu(options.address);
+  log(
+    `nvme race: idle guest ${idle.noController} ms of CPU per s; with a controller open and nothing pending: ` +
+      `polled ${idle.polled}, MSI-X ${idle.interrupt} (over ${IDLE_MS / 1000} s each)`,
+  );
   {
     using controller = NvmeController.open(bindToVfioPci(options.address), { heapSize: 4 << 20 });
     const ns = controller.namespace(1);
@@ -492,7 +499,36 @@ export async function nvmeRace(options: NvmeRaceOptions): Promise<{ best: NvmeRa
     if (at < 0) best.push(row);
     else if (row.iops > best[at]!.iops) best[at] = row;
   }
-  return { best, rounds };
+  return { best, rounds, idle };
+}
+
+/** The guest's busy CPU, ms per s, while nothing is pending: without a controller, and with one open. */
+export interface IdleCpu {
+  noController: number;
+  polled: number;
+  interrupt: number;
+}
+
+const IDLE_MS = 2000;
+
+async function idleMsPerS(): Promise<number> {
+  const before = guestCpu().busy;
+  await Bun.sleep(IDLE_MS);
+  // USER_HZ is 100: a jiffy is 10 ms.
+  return +(((guestCpu().busy - before) * 10) / (IDLE_MS / 1000)).toFixed(1);
+}
+
+/** An idle controller should cost what an idle guest costs: its poller runs only while commands are pending. */
+async function idleCpu(address: string): Promise<IdleCpu> {
+  const noController = await idleMsPerS();
+  const opened = async (completion: "poll" | "interrupt") => {
+    using controller = NvmeController.open(bindToVfioPci(address), { heapSize: 4 << 20, completion });
+    // One command first, so that whatever a finished command leaves running is counted.
+    using one = controller.allocBuffer(4096);
+    await controller.namespace(1).read(0, 4096 / controller.namespace(1).blockSize, one);
+    return idleMsPerS();
+  };
+  return { noController, polled: await opened("poll"), interrupt: await opened("interrupt") };
 }
 
 export function format(row: NvmeRaceRow): string {
@@ -556,6 +592,8 @@ interface RaceFile {
   best: NvmeRaceRow[];
   ratios: ReturnType<typeof ratios>;
   all: NvmeRaceRow[][];
+  /** The guest's busy CPU with nothing pending (bench/nvme.ts idleCpu). */
+  idle?: IdleCpu;
 }
 
 function numberAfter(argv: string[], flag: string, fallback: number): number {
@@ -571,7 +609,7 @@ export async function nvmeBench(argv: string[]): Promise<number> {
   const rounds = numberAfter(argv, "--rounds", 2);
   const deep = argv.includes("--deep");
   const root = resolve(import.meta.dir, "..");
-  let race: { best: NvmeRaceRow[]; rounds: NvmeRaceRow[][] };
+  let race: { best: NvmeRaceRow[]; rounds: NvmeRaceRow[][]; idle?: IdleCpu };
   const address = existsSync("/dev/iommu") ? guestNvmeAddress() : undefined;
   // The C loop's program is built here, where the tree is writable; the guest runs it from the share.
   const cbench = buildBaseline().binary;
@@ -622,9 +660,15 @@ export async function nvmeBench(argv: string[]): Promise<number> {
     best: race.best,
     ratios: ratios(race.best),
     all: race.rounds,
+    idle: race.idle,
   };
   console.log("4 KiB random I/O, bun-iommufd/nvme against the kernel's nvme driver, same controller, same boot:");
   for (const row of race.best) console.log(`  ${format(row)}`);
+  if (race.idle) {
+    console.log(
+      `  idle, nothing pending: guest busy ${race.idle.noController} ms/s without a controller, ${race.idle.polled} with one open (polled), ${race.idle.interrupt} (MSI-X)`,
+    );
+  }
   for (const r of result.ratios) {
     console.log(`  ${r.workload} QD${r.queueDepth}: bun-iommufd (${r.mode}, ${r.api}) / ${r.against} = ${r.ratio}x`);
   }
