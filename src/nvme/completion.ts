@@ -78,11 +78,6 @@ export class CompletionPoller {
   #reapAll(): number {
     let n = 0;
     for (const queue of this.#owner.queues) {
-      // A queue with nothing in flight has nothing of ours to take: a queue pair lent to other
-      // code (bench/nvme-loop.ts drives one with its own ids) keeps that code's entries in its
-      // ring, and judging them would fail the controller. A stray entry on an idle queue of ours
-      // is still judged by the first reap once a command is in flight there.
-      if (queue.inFlight + queue.waiting === 0) continue;
       try {
         // The CQ head goes with the turn's SQ tail, after it (queue.ts).
         n += queue.reap(true);

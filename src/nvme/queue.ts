@@ -329,9 +329,13 @@ export class QueuePair {
    */
   reap(deferHead = false): number {
     const ring = this.#completions;
-    // The poller looks at every queue on every spin: an empty one costs one load.
-    if (!ring.posted) return 0;
     const tracker = this.#tracker;
+    // With nothing in flight nothing in the ring is ours: a queue pair lent to other code
+    // (bench/nvme-loop.ts drives one with its own ids) keeps that code's entries there, and judging
+    // them would fail the controller. A stray entry on an idle queue is judged by the first reap
+    // once a command is in flight. The poller looks at every queue on every spin: an empty one
+    // costs a load or two.
+    if (tracker.inFlight === 0 || !ring.posted) return 0;
     const epoch = this.#epoch;
     const settledBefore = this.promisesSettled;
     const outer = this.#reaping;
