@@ -257,7 +257,8 @@ export class Ioas implements DmaSpace {
     const start = u64(iova, op, "iova");
     const len = typeof length === "bigint" ? u64(length, op, "length") : positiveLength(length, op, "length");
     if (len === 0n) throw argumentError(op, "length", "length is 0; there is nothing to unmap");
-    const unmapped = this.#unmapRaw(fd, start, len, op);
+    this.#unmapRaw(fd, start, len, op);
+    const unmapped = unmappedBytes(unmapCmd);
     const end = BigInt(start) + BigInt(len);
     for (const mapping of this.#mappings) {
       const mStart = BigInt(mapping.iova);
@@ -277,7 +278,8 @@ export class Ioas implements DmaSpace {
     const fd = this.assertOpen(op);
     let unmapped: number;
     try {
-      unmapped = this.#unmapRaw(fd, 0, U64_MAX, op);
+      this.#unmapRaw(fd, 0, U64_MAX, op);
+      unmapped = unmappedBytes(unmapCmd);
     } catch (error) {
       // ENOENT on unmap-all means "empty" only when nothing was recorded: the kernel also answers
       // ENOENT when the unmap itself failed, and then the mappings are still there.
@@ -290,10 +292,10 @@ export class Ioas implements DmaSpace {
     return unmapped;
   }
 
-  #unmapRaw(fd: number, iova: Iova, length: number | bigint, op: string): number {
+  /** IOMMU_IOAS_UNMAP through the shared command; the bytes unmapped are then in unmapCmd. */
+  #unmapRaw(fd: number, iova: Iova, length: number | bigint, op: string): void {
     encodeUnmap(unmapCmd, this.id, iova, length);
     ioctl(fd, IOMMU_IOAS_UNMAP, unmapCmd, op, UNMAP_ERRORS);
-    return unmappedBytes(unmapCmd);
   }
 
   /** @internal Unmap one Mapping exactly. */
@@ -301,8 +303,7 @@ export class Ioas implements DmaSpace {
     const op = "Mapping.unmap";
     if (!this.#mappings.has(mapping)) throw staleMappingError(op, mapping);
     // Exactly one recorded range: the kernel's unmapped-bytes answer tells nothing new here.
-    encodeUnmap(unmapCmd, this.id, mapping.iova, mapping.length);
-    ioctl(this.assertOpen(op), IOMMU_IOAS_UNMAP, unmapCmd, op, UNMAP_ERRORS);
+    this.#unmapRaw(this.assertOpen(op), mapping.iova, mapping.length, op);
     this.#mappings.delete(mapping);
   }
 
