@@ -15,6 +15,7 @@ import { Iommufd, MemfdBuffer, type Ioas } from "../src/index.ts";
 import { counters } from "../src/sys/ioctl.ts";
 import { libc } from "../src/sys/libc.ts";
 import { IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, iommu_ioas_copy } from "../src/uapi/iommufd.ts";
+import { median } from "./runner.ts";
 import { BENCH_IOVA } from "./suite.ts";
 
 type Symbols = { ioctl: (fd: number, request: number, arg: Pointer | number) => number };
@@ -276,10 +277,6 @@ export function measureHostJsCostInProcesses(processes: number, pairs: number): 
       throw new Error(`bench/hotpath.ts --host-js-json failed: ${child.stderr.toString().trim()}`);
     each.push(JSON.parse(child.stdout.toString()) as HostJsCost);
   }
-  const median = (values: number[]) => {
-    const s = [...values].sort((a, b) => a - b);
-    return s.length % 2 ? s[s.length >> 1]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-  };
   const ops = ["mapFile", "map", "copy", "prepared"] as const;
   const out = { pairs, repeats: each[0]?.repeats ?? 0, each } as HostJsCost & { each: HostJsCost[] };
   for (const op of ops) out[op] = median(each.map((c) => c[op]));

@@ -17,7 +17,7 @@
  * resolve a change worth reporting and is listed as too noisy instead. A case with no A/A history
  * yet falls back to the interval rule of results.ts (`compare`) against the last run.
  */
-import type { Interval } from "./runner.ts";
+import { type Interval, median } from "./runner.ts";
 import { type Change, compare, fmtInterval, type Results, type Saved } from "./results.ts";
 
 /** Margin = NOISE_Z x a case's A/A noise (rms of log deviations), within MIN_MARGIN..MAX_MARGIN. */
@@ -54,12 +54,6 @@ const key = (id: string, metric: Metric) => `${id} ${metric}`;
 
 /** The code a run measured: its code hash, or (runs saved before it was recorded) its commit. */
 const codeOf = (r: Results) => r.code ?? r.commit;
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
 
 function medianOf(results: Results, id: string, metric: Metric): number | undefined {
   const c = results.cases.find((x) => x.id === id);
