@@ -21,14 +21,13 @@
  * cancels in type1/iommufd = sqrt(r_X / r_Y); the control's r_C / sqrt(r_X * r_Y) is the method's
  * own error (1 when A against B is the same in every block).
  */
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { loadavg, tmpdir } from "node:os";
+import { existsSync, writeFileSync } from "node:fs";
+import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import type { DmaBackend } from "../src/index.ts";
-import { runInGuest } from "../vm/run.ts";
-import { GOAL, verdict } from "./backends.ts";
-import { fmtInterval, hostPaths, machine, scratchDir, scrubbed } from "./results.ts";
-import { interval, type Interval } from "./runner.ts";
+import { GOAL, git, measureInGuest, saveRun, verdict } from "./backends.ts";
+import { fmtInterval, machine, scratchDir } from "./results.ts";
+import { type Interval, interval, median } from "./runner.ts";
 import { openNvmeWorkload } from "./suites/nvme.ts";
 
 const root = resolve(import.meta.dir, "..");
@@ -109,7 +108,7 @@ export function innerInterval(values: number[]): Interval {
   let k = 1;
   while (2 * (k + 1) <= n && coverage(k + 1) >= 0.95) k++;
   return {
-    median: n % 2 ? s[n >> 1]! : (s[n / 2 - 1]! + s[n / 2]!) / 2,
+    median: median(s),
     lo: s[k - 1]!,
     hi: s[n - k]!,
     confidence: n < 2 ? 0 : coverage(k),
@@ -124,12 +123,6 @@ function controllers(): string[] {
     .split(",")
     .map((entry) => entry.split("=")[0]!)
     .filter(Boolean);
-}
-
-function median(values: number[]): number {
-  const s = [...values].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
 type Op = () => unknown;
@@ -235,11 +228,6 @@ async function measure(o: Options): Promise<{ controllers: [string, string]; dep
   return { controllers: pair, depths, seconds: (performance.now() - t0) / 1000 };
 }
 
-function git(argv: string[]): string {
-  const r = Bun.spawnSync(["git", ...argv], { cwd: root, stdout: "pipe", stderr: "pipe" });
-  return r.exitCode === 0 ? r.stdout.toString().trim() : "";
-}
-
 /** `bun bench backends-pair`: in the guest (or here, with /dev/iommu), verdicts and results file. */
 export async function backendsPairBench(argv: string[]): Promise<number> {
   const started = performance.now();
@@ -251,32 +239,18 @@ export async function backendsPairBench(argv: string[]): Promise<number> {
     measured = await measure(o);
   } else {
     vm = true;
-    const out = mkdtempSync(join(tmpdir(), "bun-iommufd-pair-"));
-    try {
-      const guest = await runInGuest({
-        command: [process.execPath, join("bench", "backends-pair.ts"), "--child", ...argv],
-        cwd: root,
-        devices: [
-          { kind: "nvme", size: 64 << 20 },
-          { kind: "nvme", size: 64 << 20 },
-        ],
-        // One vCPU, as `bun bench`: a side that migrated to the other vCPU waited for its turn.
-        cpus: 1,
-        outDir: out,
-        timeoutSeconds: 1800,
-      });
-      if (guest.diskDir) rmSync(guest.diskDir, { recursive: true, force: true });
-      const file = join(out, OUT_FILE);
-      if (guest.exitCode !== 0 || !existsSync(file)) {
-        console.error(
-          `backends-pair failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`,
-        );
-        return guest.exitCode || 1;
-      }
-      measured = JSON.parse(readFileSync(file, "utf8"));
-    } finally {
-      rmSync(out, { recursive: true, force: true });
-    }
+    const got = await measureInGuest<typeof measured>({
+      script: "backends-pair.ts",
+      argv,
+      devices: [
+        { kind: "nvme", size: 64 << 20 },
+        { kind: "nvme", size: 64 << 20 },
+      ],
+      outFile: OUT_FILE,
+      what: "backends-pair",
+    });
+    if ("exitCode" in got) return got.exitCode;
+    measured = got.measured;
   }
   const results = {
     schema: 1,
@@ -308,20 +282,7 @@ export async function backendsPairBench(argv: string[]): Promise<number> {
   console.log(
     `goal: type1 within ${GOAL * 100}% of iommufd; host load (1 min) ${startLoad.toFixed(2)} -> ${results.hostLoad.end.toFixed(2)}`,
   );
-  const dir = o.quick ? scratchDir : join(root, "bench", "results", "backends");
-  mkdirSync(dir, { recursive: true });
-  const path = join(dir, `${results.date.replace(/\.\d+Z$/, "Z").replaceAll(":", "")}-${results.commit}-pair.json`);
-  const text = `${JSON.stringify(scrubbed(results as never), null, 2)}\n`;
-  const left = hostPaths(text);
-  if (left.length) {
-    console.error(`bench: results would carry host paths (${left.join(", ")}); not saved`);
-    return 1;
-  }
-  writeFileSync(path, text);
-  console.log(
-    `results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds.toFixed(0)} s in all)`,
-  );
-  return 0;
+  return saveRun(results, o.quick ? scratchDir : join(root, "bench", "results", "backends"), "pair");
 }
 
 if (import.meta.main) {

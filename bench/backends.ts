@@ -20,6 +20,7 @@ import { loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { Edu, EDU_IRQ_DMA } from "../examples/edu.ts";
 import { type DmaBackend, findPciDevices, MemfdBuffer, openDmaDevice } from "../src/index.ts";
+import type { DeviceSpec } from "../vm/devices.ts";
 import { runInGuest } from "../vm/run.ts";
 import { formatNs } from "./baseline.ts";
 import { guestNvmeAddress } from "./nvme.ts";
@@ -233,7 +234,7 @@ async function measure(mode: Mode, filter: RegExp | undefined, filterSource?: st
   };
 }
 
-function git(argv: string[]): string {
+export function git(argv: string[]): string {
   const r = Bun.spawnSync(["git", ...argv], { cwd: root, stdout: "pipe", stderr: "pipe" });
   return r.exitCode === 0 ? r.stdout.toString().trim() : "";
 }
@@ -250,6 +251,71 @@ function parse(argv: string[]): { mode: Mode; filter?: RegExp; filterSource?: st
   return { mode, filterSource, filter: filterSource !== undefined ? new RegExp(filterSource) : undefined };
 }
 
+/**
+ * Run `script --child ARGV` in the test guest (1 vCPU, as `bun bench`: a side that migrated to the
+ * other vCPU waited for its turn) and read back the JSON it wrote to $IOMMUFD_VM_OUT/`outFile`;
+ * an exit status when it failed. Shared by `bun bench backends` and `backends-pair`.
+ */
+export async function measureInGuest<T>(options: {
+  script: string;
+  argv: string[];
+  devices: DeviceSpec[];
+  outFile: string;
+  what: string;
+}): Promise<{ measured: T; bootSeconds?: number } | { exitCode: number }> {
+  const out = mkdtempSync(join(tmpdir(), "bun-iommufd-backends-"));
+  try {
+    const guest = await runInGuest({
+      command: [
+        process.execPath,
+        join("bench", options.script),
+        "--child",
+        ...options.argv.filter((a) => a !== "--child"),
+      ],
+      cwd: root,
+      devices: options.devices,
+      cpus: 1,
+      outDir: out,
+      timeoutSeconds: 1800,
+    });
+    if (guest.diskDir) rmSync(guest.diskDir, { recursive: true, force: true });
+    const file = join(out, options.outFile);
+    if (guest.exitCode !== 0 || !existsSync(file)) {
+      console.error(
+        `${options.what} failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`,
+      );
+      return { exitCode: guest.exitCode || 1 };
+    }
+    return { measured: JSON.parse(readFileSync(file, "utf8")) as T, bootSeconds: guest.bootSeconds };
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+}
+
+/** Save a run as <date>-<commit>-<suffix>.json in `dir` without host paths; 1 when it would carry some. */
+export function saveRun(
+  results: { date: string; commit: string; wallSeconds?: number },
+  dir: string,
+  suffix: string,
+): number {
+  mkdirSync(dir, { recursive: true });
+  const path = join(
+    dir,
+    `${results.date.replace(/\.\d+Z$/, "Z").replaceAll(":", "")}-${results.commit}-${suffix}.json`,
+  );
+  const text = `${JSON.stringify(scrubbed(results as never), null, 2)}\n`;
+  const left = hostPaths(text);
+  if (left.length) {
+    console.error(`bench: results would carry host paths (${left.join(", ")}); not saved`);
+    return 1;
+  }
+  writeFileSync(path, text);
+  console.log(
+    `results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds?.toFixed(0)} s in all)`,
+  );
+  return 0;
+}
+
 /** `bun bench backends`: in the guest (or here, with /dev/iommu), table, verdicts and results file. */
 export async function backendsBench(argv: string[]): Promise<number> {
   const started = performance.now();
@@ -260,30 +326,15 @@ export async function backendsBench(argv: string[]): Promise<number> {
   if (existsSync("/dev/iommu")) {
     measured = await measure(mode, filter, filterSource);
   } else {
-    const out = mkdtempSync(join(tmpdir(), "bun-iommufd-backends-"));
-    try {
-      const guest = await runInGuest({
-        command: [process.execPath, join("bench", "backends.ts"), "--child", ...argv.filter((a) => a !== "--child")],
-        cwd: root,
-        devices: [{ kind: "edu" }, { kind: "nvme", size: 64 << 20 }],
-        // One vCPU, as `bun bench`: a side that migrated to the other vCPU waited for its turn.
-        cpus: 1,
-        outDir: out,
-        timeoutSeconds: 1800,
-      });
-      if (guest.diskDir) rmSync(guest.diskDir, { recursive: true, force: true });
-      const file = join(out, OUT_FILE);
-      if (guest.exitCode !== 0 || !existsSync(file)) {
-        console.error(
-          `backends bench failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`,
-        );
-        return guest.exitCode || 1;
-      }
-      measured = JSON.parse(readFileSync(file, "utf8"));
-      bootSeconds = guest.bootSeconds;
-    } finally {
-      rmSync(out, { recursive: true, force: true });
-    }
+    const got = await measureInGuest<Measured>({
+      script: "backends.ts",
+      argv,
+      devices: [{ kind: "edu" }, { kind: "nvme", size: 64 << 20 }],
+      outFile: OUT_FILE,
+      what: "backends bench",
+    });
+    if ("exitCode" in got) return got.exitCode;
+    ({ measured, bootSeconds } = got);
   }
   const results: BackendsFile = {
     ...measured,
@@ -302,19 +353,8 @@ export async function backendsBench(argv: string[]): Promise<number> {
   console.log(table(results));
   console.log(`each figure: ${results.settings.statistic}; [interval] = ${results.settings.interval}`);
   console.log(`host load (1 min) ${startLoad.toFixed(2)} at the start, ${results.hostLoad!.end.toFixed(2)} at the end`);
-  const dir = mode === "quick" || filter ? scratchDir : join(root, "bench", "results", "backends");
-  mkdirSync(dir, { recursive: true });
-  const path = join(dir, `${results.date.replace(/\.\d+Z$/, "Z").replaceAll(":", "")}-${results.commit}-${mode}.json`);
-  const text = `${JSON.stringify(scrubbed(results as never), null, 2)}\n`;
-  const left = hostPaths(text);
-  if (left.length) {
-    console.error(`bench: results would carry host paths (${left.join(", ")}); not saved`);
+  if (saveRun(results, mode === "quick" || filter ? scratchDir : join(root, "bench", "results", "backends"), mode))
     return 1;
-  }
-  writeFileSync(path, text);
-  console.log(
-    `results: ${path.startsWith(root) ? path.slice(root.length + 1) : path} (${results.wallSeconds?.toFixed(0)} s in all)`,
-  );
   const failed = results.cases.filter((c) => c.errors.length || !c.ratio);
   return failed.length ? 1 : 0;
 }
