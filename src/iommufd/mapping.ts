@@ -78,6 +78,13 @@ export class MappingList {
   }
 }
 
+/** Mapping.unmap encodes into this one and allocates nothing. */
+const unmapCmd = iommu_ioas_unmap.create();
+
+function staleMappingError(op: string, mapping: Mapping): Error {
+  return stateError(op, "ENOENT", `the mapping at IOVA ${hex(mapping.iova)} is already unmapped`);
+}
+
 /** One mapping in an IOAS. Unmapped by unmap(), by `using`, or when its IOAS or iommufd goes. */
 export class Mapping {
   readonly ioas: Ioas;
@@ -114,7 +121,16 @@ export class Mapping {
    * well still be mapped) and unmap() can be called again.
    */
   unmap(): void {
-    this.ioas.unmapMapping(this);
+    // The IOAS's work done here rather than in an Ioas method: one call level less on the per-I/O
+    // path lets the JIT inline the whole unmap (bench/hotpath.ts: 65-70 -> 41-44 ns per pair).
+    const op = "Mapping.unmap";
+    const list = this._list;
+    if (list === null) throw staleMappingError(op, this);
+    const ioas = this.ioas;
+    const fd = ioas.assertOpen(op);
+    encodeUnmap(unmapCmd, ioas.id, this.iova, this.length);
+    ioctl(fd, IOMMU_IOAS_UNMAP, unmapCmd, op, UNMAP_ERRORS);
+    list.delete(this);
   }
 
   [Symbol.dispose](): void {
