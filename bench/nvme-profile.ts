@@ -11,6 +11,8 @@
  * `--case NAME` and `--qd N` run one case at one depth, e.g. under `bun --cpu-prof-md`.
  */
 import { IoOpcode, readWrite } from "../src/nvme/commands.ts";
+import type { DataBuffer } from "../src/nvme/data-buffer.ts";
+import { Namespace } from "../src/nvme/namespace.ts";
 import type { NvmeRequest } from "../src/nvme/request.ts";
 import { NvmeModel } from "../test/support/nvme-model.ts";
 
@@ -153,12 +155,54 @@ function callbackLoop(qd: number, ios: number): Promise<number> {
   });
 }
 
+/**
+ * The request API as bench/nvme.ts's request-spin rows use it: Namespace.submitRead from each
+ * request's onComplete, the completions taken by the caller's own spin on queue.reap() (no poller).
+ */
+function spinLoop(qd: number, ios: number): number {
+  const model = new NvmeModel({ polled: false, record: false });
+  const queue = model.queuePair(1, qd + 1);
+  model.autoComplete = true;
+  // The model has no DmaHeap: a buffer is its IOVA, and the namespace's owner passes it through.
+  const owner = {
+    ioQueue: queue,
+    commandTimeoutMs: TIMEOUT,
+    maxTransferBytes: 1 << 20,
+    dataIova: (buffer: DataBuffer, offset: number) => (buffer as unknown as { iova: number }).iova + offset,
+  };
+  const ns = new Namespace(owner, 1, { size: 1 << 20, capacity: 1 << 20, blockSize: 512, metadataSize: 0 } as never);
+  let issued = 0;
+  let active = qd;
+  let seed = 0x2545f491;
+  const t0 = performance.now();
+  for (let i = 0; i < qd; i++) {
+    const buffer = { iova: DATA_IOVA + i * BLOCK } as unknown as DataBuffer;
+    const send = (request: NvmeRequest) => {
+      issued++;
+      seed ^= seed << 13;
+      seed ^= seed >>> 17;
+      seed ^= seed << 5;
+      ns.submitRead(request, ((seed >>> 0) % 4096) * 8, 8, buffer);
+    };
+    const request = queue.request((r) => {
+      if (r.error) throw r.error;
+      if (issued < ios) send(r);
+      else active--;
+    });
+    send(request);
+  }
+  queue.ringDoorbell();
+  while (active > 0) queue.reap();
+  return ((performance.now() - t0) * 1e6) / issued;
+}
+
 type Case = [name: string, run: (qd: number, ios: number) => number | Promise<number>];
 
 const CASES: Case[] = [
   ["bare loop", bareModelLoop],
   ["promise API", promiseLoop],
   ["request API", callbackLoop],
+  ["request spin", spinLoop],
 ];
 
 if (import.meta.main) {
