@@ -83,11 +83,12 @@ export function encodeCommand(
   sq[at + 3] = 0;
   sq[at + 4] = 0; // MPTR: no metadata
   sq[at + 5] = 0;
-  // A Uint32Array store keeps the low 32 bits by itself; the high half is exact below 2^53.
+  // A Uint32Array store keeps the low 32 bits by itself; the high half is exact below 2^53, and
+  // 0 without a division below 4 GiB (under emulation a divide is a software helper).
   sq[at + 6] = prp1;
-  sq[at + 7] = (prp1 - (prp1 >>> 0)) / 4294967296;
+  sq[at + 7] = prp1 > 0xffffffff ? (prp1 - (prp1 >>> 0)) / 4294967296 : 0;
   sq[at + 8] = prp2;
-  sq[at + 9] = (prp2 - (prp2 >>> 0)) / 4294967296;
+  sq[at + 9] = prp2 > 0xffffffff ? (prp2 - (prp2 >>> 0)) / 4294967296 : 0;
   sq[at + 10] = command.cdw10 ?? 0;
   sq[at + 11] = command.cdw11 ?? 0;
   sq[at + 12] = command.cdw12 ?? 0;

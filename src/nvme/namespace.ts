@@ -119,7 +119,7 @@ export class Namespace {
     request.opcode = opcode;
     request.nsid = this.nsid;
     request.cdw10 = low;
-    request.cdw11 = (lba - low) / 4294967296;
+    request.cdw11 = lba > 0xffffffff ? (lba - low) / 4294967296 : 0;
     request.cdw12 = blocks - 1;
     request.cdw13 = 0;
     request.cdw14 = 0;

@@ -283,10 +283,12 @@ export class QueuePair {
   #post(slot: number, request: NvmeRequest): void {
     const length = request.length;
     const iova = request.iova;
+    // Data within its first page (no data, or a 4 KiB aligned block) needs no PRP2: decided here
+    // with an AND (exact: the low 12 bits survive ToInt32), without prp2For's double modulo.
     const prp2 =
-      length > 0
-        ? prp2For(iova, length, this.#prpLists, slot * (PAGE_SIZE / 4), this.#prpListsIova + slot * PAGE_SIZE)
-        : 0;
+      length <= PAGE_SIZE - (iova & (PAGE_SIZE - 1))
+        ? 0
+        : prp2For(iova, length, this.#prpLists, slot * (PAGE_SIZE / 4), this.#prpListsIova + slot * PAGE_SIZE);
     const cid = this.#tracker.track(slot, request);
     this.#submissions.post(cid, request, iova, prp2);
     if (!this.#reaping) this.#scheduleDoorbells();

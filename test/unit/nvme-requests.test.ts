@@ -300,6 +300,16 @@ describe("requests on the ring model", () => {
     await expect(queue.submit({ opcode: IoOpcode.Read }, 0, 0, 1000)).rejects.toMatchObject({ code: "EBADF" });
   });
 
+  test("Namespace.submitRead splits an LBA over 2^32 into CDW10 and CDW11", async () => {
+    const { controller, ns, queue } = open();
+    const [high, low] = [nextCallback(), nextCallback()];
+    const [far, near] = [queue.request(high.onComplete), queue.request(low.onComplete)];
+    ns.submitRead(far, 2 ** 32 + 5, 1, controller.allocBuffer(512));
+    ns.submitRead(near, 5, 1, controller.allocBuffer(512));
+    expect([far.cdw10, far.cdw11, near.cdw10, near.cdw11]).toEqual([5, 1, 5, 0]);
+    await Promise.all([high.done, low.done]);
+  });
+
   test("Namespace.submitRead refuses a request in flight without touching its command, and more blocks than one command moves", async () => {
     const { controller, ns, queue } = open();
     const b = controller.allocBuffer(4096);
@@ -316,6 +326,34 @@ describe("requests on the ring model", () => {
       expect.objectContaining({ code: "EINVAL", argument: "buffer" }),
     );
     expect(request.idle).toBe(true);
+  });
+
+  test("a posted entry has a PRP2 only when its data leaves the first page, and the high dwords of IOVAs over 4 GiB", async () => {
+    const model = new NvmeModel({ polled: false });
+    const queue = model.queuePair(1, 8);
+    const sq = model.heap.at(queue.sqIova);
+    const words = new Uint32Array(sq.buffer, sq.byteOffset, 8 * 16);
+    const cases: [iova: number, length: number, prp2: number][] = [
+      [0x10000, 4096, 0],
+      [0x10800, 512, 0],
+      // 512 bytes left in the first page: the rest is in the next.
+      [0x10e00, 1024, 0x11000],
+      [0x10800, 4096, 0x11000],
+      [0x1_0000_0800, 4096, 0x1_0000_1000],
+      [0x10000, 0, 0],
+    ];
+    cases.forEach(([iova, length], i) => {
+      const request = prepareRead(
+        queue.request(() => {}),
+        i,
+      );
+      request.iova = iova;
+      request.length = length;
+      request.submit();
+    });
+    const dwords = (entry: number, at: number) => words[entry * 16 + at]! + words[entry * 16 + at + 1]! * 2 ** 32;
+    expect(cases.map((_, i) => [dwords(i, 6), dwords(i, 8)])).toEqual(cases.map(([iova, , prp2]) => [iova, prp2]));
+    await Promise.resolve();
   });
 
   test("a callback that throws does not stop the reap: the others are called back, the head written, then the error thrown", async () => {
