@@ -52,6 +52,9 @@ export interface QueueStats {
   waiting: number;
   /** The most that ever waited at once. */
   maxWaiting: number;
+  /** MMIO writes ever, SQ tail and CQ head doorbells: per command, what the batching saves. */
+  sqDoorbellWrites: number;
+  cqDoorbellWrites: number;
 }
 
 type Resolve = (dw0: number) => void;
@@ -181,6 +184,8 @@ export class QueuePair {
       inFlight: tracker.inFlight,
       waiting: tracker.waiting,
       maxWaiting: tracker.maxWaiting,
+      sqDoorbellWrites: this.#submissions.doorbellWrites,
+      cqDoorbellWrites: this.#completions.doorbellWrites,
     };
   }
 

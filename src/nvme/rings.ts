@@ -23,6 +23,8 @@ class Doorbell {
   readonly #registers: ControllerRegisters;
   readonly #offset: number;
   announced = 0;
+  /** Writes made, ever (a reset does not clear them): what the driver costs in MMIO, per command. */
+  writes = 0;
 
   constructor(registers: ControllerRegisters, offset: number) {
     this.#registers = registers;
@@ -34,6 +36,7 @@ class Doorbell {
     if (value === this.announced) return false;
     this.#registers.write32(this.#offset, value);
     this.announced = value;
+    this.writes++;
     return true;
   }
 }
@@ -56,6 +59,11 @@ export class SubmissionRing {
   post(cid: number, command: Command, prp1: number, prp2: number): void {
     encodeCommand(this.#entries, this.#tail, cid, command, prp1, prp2);
     this.#tail = this.#tail + 1 === this.#depth ? 0 : this.#tail + 1;
+  }
+
+  /** SQ tail doorbell writes, ever. */
+  get doorbellWrites(): number {
+    return this.#doorbell.writes;
   }
 
   /** Entries posted since the controller was last told the tail. */
@@ -128,6 +136,11 @@ export class CompletionRing {
   /** Whether the controller has posted the entry at the head (next() would take it). */
   get posted(): boolean {
     return ((this.#entries[this.#head * 4 + 3]! >>> 16) & 1) === this.#phase;
+  }
+
+  /** CQ head doorbell writes, ever. */
+  get doorbellWrites(): number {
+    return this.#doorbell.writes;
   }
 
   /** Whether entries were taken since the controller was last told the head. */

@@ -37,6 +37,19 @@ describe("doorbells", () => {
     expect(model.writesTo(sq)).toEqual([5]);
   });
 
+  test("stats() counts the doorbell writes made: one SQ tail for a turn's commands, one CQ head for a reap", async () => {
+    const { model, queue, sq, cq } = setup(8, false);
+    const pending = [0, 1, 2, 3].map((i) => queue.submit(read(i), 0, 0, TIMEOUT));
+    await hop();
+    model.complete(1);
+    expect(queue.reap()).toBe(4);
+    await Promise.all(pending);
+    expect([model.writesTo(sq).length, model.writesTo(cq).length]).toEqual([1, 1]);
+    expect(queue.stats()).toMatchObject({ submitted: 4, sqDoorbellWrites: 1, cqDoorbellWrites: 1 });
+    queue.ringDoorbell();
+    expect(queue.stats()).toMatchObject({ sqDoorbellWrites: 1, cqDoorbellWrites: 1 });
+  });
+
   test("a later turn's commands get a write of their own, with the tail wrapped round the ring", async () => {
     const { model, queue, sq } = setup(8);
     model.autoComplete = true;
