@@ -2,8 +2,10 @@
  * Finding completions (NVMe Base 2.0 section 4.6): one poller per controller runs while any
  * command is pending. It reads phase bits in heap memory (no system call), spins briefly when
  * nothing is there, and lets the event loop run in between; when every queue with work raises
- * MSI-X it sleeps on the interrupt instead.
+ * MSI-X it sleeps on the interrupt instead, or, for a hybrid queue (hybrid.ts), spins for its
+ * learned window first and sleeps only when nothing came within it.
  */
+import { type HybridSpin, type HybridStats, HybridQueue } from "./hybrid.ts";
 import type { QueuePair } from "./queue.ts";
 
 /**
@@ -55,6 +57,9 @@ export class CompletionPoller {
   #turnMs = 0;
   /** The queues' promisesSettled summed when the poller last yielded to promise continuations. */
   #settled = 0;
+  /** Queue pairs in hybrid mode (the others with a vector sleep at once). */
+  readonly #hybrid = new WeakMap<QueuePair, HybridQueue>();
+  readonly #reap = (): number => this.#reapAll();
 
   constructor(owner: PollerOwner) {
     this.#owner = owner;
@@ -65,6 +70,16 @@ export class CompletionPoller {
     let n = 0;
     for (const queue of this.#owner.queues) n += queue.inFlight + queue.waiting;
     return n;
+  }
+
+  /** Make `queue` (which has a vector) hybrid: spin for `spin` (a window or the rule learning it), then sleep. */
+  hybrid(queue: QueuePair, spin: HybridSpin | undefined): void {
+    this.#hybrid.set(queue, new HybridQueue(queue, spin));
+  }
+
+  /** What a hybrid queue's spins did, or undefined for a queue that is not hybrid. */
+  hybridStats(queue: QueuePair): HybridStats | undefined {
+    return this.#hybrid.get(queue)?.stats;
   }
 
   /** Start polling if nobody is. */
@@ -126,9 +141,16 @@ export class CompletionPoller {
         let found = this.#reapAll();
         const sleeper = found === 0 ? this.#interruptOnlyQueue() : undefined;
         if (sleeper !== undefined) {
-          // Every queue with work raises interrupts: sleep in the event loop until one does.
-          await sleeper.interrupt();
-          continue;
+          // Every queue with work raises interrupts: sleep in the event loop until one does; a
+          // hybrid queue spins for its window first, and sleeps only when nothing came.
+          const hybrid = this.#hybrid.get(sleeper);
+          if (hybrid === undefined) {
+            await sleeper.interrupt();
+            continue;
+          }
+          found = hybrid.spin(this.#reap);
+          if (found === 0) found = await hybrid.park(this.#reap);
+          if (found === 0) continue;
         }
         if (found === 0) {
           // The clock is read once per CLOCK_EVERY looks, and first after that many: a read costs

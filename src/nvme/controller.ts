@@ -23,6 +23,7 @@ import { disableController, enableController, shutdownController } from "./bring
 import type { Command } from "./commands.ts";
 import { CompletionPoller } from "./completion.ts";
 import { dataIova, type DataBuffer } from "./data-buffer.ts";
+import type { HybridStats } from "./hybrid.ts";
 import { ControllerHealth } from "./health.ts";
 import type { ControllerIdentity } from "./identify.ts";
 import { Namespace, type NamespaceOwner } from "./namespace.ts";
@@ -31,7 +32,7 @@ import { MAX_PRP_TRANSFER } from "./prp.ts";
 import { QueuePair, type QueueOwner, type QueueStats } from "./queue.ts";
 import { type Capabilities, CC, CC_EN, ControllerRegisters, PAGE_SIZE } from "./registers.ts";
 import { type ControllerHost, ControllerResources } from "./resources.ts";
-import type { CommandOptions, Completion, NvmeControllerOptions, ShutdownResult } from "./options.ts";
+import type { CommandOptions, NvmeControllerOptions, QueuePairOptions, ShutdownResult } from "./options.ts";
 import { adminQueueDepth, queuePairOptions } from "./options.ts";
 
 export class NvmeController implements QueueOwner, NamespaceOwner {
@@ -93,13 +94,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
    */
   static open(target: string | VfioDevice, options: NvmeControllerOptions = {}): NvmeController {
     const op = "NvmeController.open";
-    if (!(target instanceof VfioDevice) && (typeof target !== "string" || target === "")) {
-      throw argumentError(
-        op,
-        "target",
-        "expected a PCI address like 0000:00:04.0, a /dev/vfio/devices path or a VfioDevice",
-      );
-    }
+    const expected = "expected a PCI address like 0000:00:04.0, a /dev/vfio/devices path or a VfioDevice";
+    if (!(target instanceof VfioDevice) && (typeof target !== "string" || target === ""))
+      throw argumentError(op, "target", expected);
     const adminDepth = adminQueueDepth(op, options);
     return NvmeController.#start(ControllerResources.acquire(target, options), options, adminDepth, op);
   }
@@ -122,7 +119,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       throw error;
     }
     try {
-      controller.#bringUp(options.queueDepth ?? 64, options.completion ?? "poll");
+      controller.#bringUp(options.queueDepth ?? 64, options);
     } catch (error) {
       // A controller that never came up gets no shutdown sequence, only its resources back.
       controller.#health.markFailed(error, op);
@@ -132,7 +129,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return controller;
   }
 
-  #bringUp(queueDepth: number, completion: Completion): void {
+  #bringUp(queueDepth: number, { completion, hybridSpin }: NvmeControllerOptions): void {
     this.#resources.enableBusMaster();
     enableController(this.registers, this.capabilities, this.#adminQueue);
     this.#identity = this.#admin.identifyController();
@@ -140,7 +137,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.#maxTransferBytes =
       mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
     this.#grantedQueuePairs = this.#admin.setNumberOfQueues(this.#maxQueuePairs);
-    this.createQueuePair(queueDepth, { completion });
+    this.createQueuePair(queueDepth, { completion, hybridSpin });
   }
 
   /** The VFIO device; ENODEV for a controller opened on a model (openOn), which has none. */
@@ -235,11 +232,11 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
 
   /**
    * Create an I/O queue pair of `depth` entries (Create I/O Completion Queue, then Submission
-   * Queue). With `completion: "interrupt"` its completion queue raises MSI-X vector <queue id>.
+   * Queue). With `completion: "interrupt"` or "hybrid" its completion queue raises MSI-X vector <queue id>.
    */
-  createQueuePair(depth: number, options: { completion?: Completion } = {}): QueuePair {
+  createQueuePair(depth: number, options: QueuePairOptions = {}): QueuePair {
     const op = "NvmeController.createQueuePair";
-    const completion = queuePairOptions(op, depth, this.capabilities.maxQueueEntries, options.completion);
+    const completion = queuePairOptions(op, depth, this.capabilities.maxQueueEntries, options);
     this.assertUsable("Create I/O Completion Queue");
     const used = new Set(this.#ioQueues.map((q) => q.id));
     let id = 1;
@@ -248,7 +245,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       const granted = this.#grantedQueuePairs;
       throw stateError(op, "ENOSPC", `the controller granted ${granted} I/O queue pairs and all are in use`);
     }
-    const vector = completion === "interrupt" ? this.#interruptVector(id, op) : undefined;
+    const vector = completion === "poll" ? undefined : this.#interruptVector(id, op);
     const queue = new QueuePair(this, this.heap, id, depth, false, vector);
     try {
       this.#admin.createIoQueuePair(queue);
@@ -256,6 +253,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       queue.release();
       throw error;
     }
+    if (completion === "hybrid") this.#poller.hybrid(queue, options.hybridSpin);
     this.#ioQueues.push(queue);
     this.#allQueues.push(queue);
     return queue;
@@ -344,9 +342,10 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return dataIova(buffer, offset, length, operation, this, this.heap);
   }
 
-  /** Counters of the admin queue and each I/O queue pair. */
-  stats(): { admin: QueueStats; io: QueueStats[] } {
-    return { admin: this.#adminQueue.stats(), io: this.#ioQueues.map((q) => q.stats()) };
+  /** Counters of the admin queue and each I/O queue pair (with its spins and parks when hybrid). */
+  stats(): { admin: QueueStats; io: (QueueStats & { hybrid?: HybridStats })[] } {
+    const io = this.#ioQueues.map((q) => ({ ...q.stats(), hybrid: this.#poller.hybridStats(q) }));
+    return { admin: this.#adminQueue.stats(), io };
   }
 
   /** @internal */

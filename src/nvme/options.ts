@@ -8,6 +8,7 @@ import type { Ioas } from "../iommufd/ioas.ts";
 import type { VfioContainer } from "../type1/container.ts";
 import { argumentError } from "../sys/error.ts";
 import type { DataBuffer } from "./data-buffer.ts";
+import { checkHybridSpin, type HybridSpin } from "./hybrid.ts";
 
 export interface NvmeControllerOptions {
   /**
@@ -38,15 +39,31 @@ export interface NvmeControllerOptions {
    * interrupts), so a command fails up to one such interval after its timeout.
    */
   commandTimeoutMs?: number;
-  /** How the first I/O queue pair's completions are found: "poll" (default) or "interrupt" (MSI-X). */
+  /** How the first I/O queue pair's completions are found: "poll" (default), "interrupt" (MSI-X) or "hybrid". */
   completion?: Completion;
+  /** "hybrid" only: how long to spin before sleeping (QueuePairOptions.hybridSpin). */
+  hybridSpin?: HybridSpin;
 }
 
 /**
  * "poll": the poller spins on the phase bit (lowest latency, one CPU busy while I/O is pending).
  * "interrupt": the queue raises an MSI-X vector; the poller sleeps in the event loop until it fires.
+ * "hybrid": the queue raises MSI-X, and the poller spins for a window learned from recent
+ * completions before it sleeps (hybrid.ts): polling's latency while completions come soon, no CPU
+ * spent past the window while they do not.
  */
-export type Completion = "poll" | "interrupt";
+export type Completion = "poll" | "interrupt" | "hybrid";
+
+export interface QueuePairOptions {
+  completion?: Completion;
+  /**
+   * "hybrid" only. By default the window is learned: twice the median of the last 32 waits for a
+   * completion, 0.01 to 0.5 ms, and the shortest when the median is past 0.5 ms (a park costs
+   * less than such a spin; hybrid.ts says why). A number fixes the window (ms, 0..10); a
+   * `{ percentile, multiple }` rule learns it from another percentile.
+   */
+  hybridSpin?: HybridSpin;
+}
 
 export interface CommandOptions {
   /** A heap buffer the command transfers (PRPs are built for `length` bytes of it). */
@@ -68,14 +85,16 @@ export function adminQueueDepth(op: string, options: NvmeControllerOptions): num
   return depth;
 }
 
-/** createQueuePair's `depth` (2..CAP.MQES + 1) and `completion` (default "poll"), checked. */
-export function queuePairOptions(op: string, depth: number, maxEntries: number, completion: unknown): Completion {
+/** createQueuePair's `depth` (2..CAP.MQES + 1), `completion` (default "poll") and `hybridSpin`, checked. */
+export function queuePairOptions(op: string, depth: number, maxEntries: number, options: QueuePairOptions): Completion {
   if (!Number.isInteger(depth) || depth < 2 || depth > maxEntries) {
     throw argumentError(op, "depth", `${depth} is outside 2..${maxEntries} (CAP.MQES + 1)`);
   }
-  const chosen = completion ?? "poll";
-  if (chosen !== "poll" && chosen !== "interrupt") {
-    throw argumentError(op, "options.completion", `${String(chosen)} is not "poll" or "interrupt"`);
+  const chosen = options.completion ?? "poll";
+  if (chosen !== "poll" && chosen !== "interrupt" && chosen !== "hybrid") {
+    throw argumentError(op, "options.completion", `${String(chosen)} is not "poll", "interrupt" or "hybrid"`);
   }
+  const wrong = checkHybridSpin(options.hybridSpin);
+  if (wrong !== undefined) throw argumentError(op, "options.hybridSpin", wrong);
   return chosen;
 }

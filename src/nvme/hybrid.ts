@@ -1,0 +1,174 @@
+/**
+ * Hybrid completion (the idea of the kernel's hybrid polling and io_uring's
+ * IORING_SETUP_HYBRID_IOPOLL): the poller spins on a queue's completion ring for a window learned
+ * from how long completions took to come lately, and parks on the queue's MSI-X vector when none
+ * came within it. A completion that comes soon is found at polling's latency; a wait that would be
+ * long costs no CPU past the window.
+ *
+ * The queue's completions always raise its vector (the controller cannot be told to raise it only
+ * while someone sleeps): while spinning, the counts pile up on the eventfd unread, and are drained
+ * before each park so that a park waits for a new interrupt, not an old one.
+ */
+import type { QueuePair } from "./queue.ts";
+
+/**
+ * How the window is learned: spin for `multiple` times the `percentile`-th of the last SAMPLES
+ * waits (the time from the first empty look to a completion, as the poller saw it). Park at once
+ * when that wait is longer than MAX_SPIN_MS: spinning through it would cost more than a park.
+ */
+export interface SpinRule {
+  percentile: number;
+  multiple: number;
+}
+
+/** What `hybridSpin` may be: a window fixed in ms, or the rule that learns it. */
+export type HybridSpin = number | SpinRule;
+
+/**
+ * The default rule. Twice the median covers a wait a little slower than the typical one, and a
+ * tail that is not typical (a slow command, a host that took the CPU away) ends in a park
+ * instead of a spin that long.
+ */
+export const DEFAULT_SPIN_RULE: SpinRule = { percentile: 50, multiple: 2 };
+
+/**
+ * The longest spin before a park. Parking is not free: in the TCG guest (1 vCPU) a wait woken by
+ * MSI-X cost 120-300 us of latency and about that much CPU per wake (`bun bench nvme`, MSI-X QD1:
+ * 250 us of CPU per I/O against 88 polled). Spinning longer than a park costs is never worth it
+ * (the rule of renting skis: spin until you have paid what buying would have cost, then park), and
+ * it bounds how long the thread is held with nothing to show.
+ */
+export const MAX_SPIN_MS = 0.5;
+/**
+ * The shortest window: a few looks at the ring, so that a completion already on its way when the
+ * last one was reaped (the next of a batch) is not left for an interrupt.
+ */
+export const MIN_SPIN_MS = 0.01;
+/** Waits the window is learned from: enough for a percentile, few enough to follow a change of load. */
+export const SAMPLES = 32;
+/**
+ * Waits between two updates of the window: sorting the samples per completion would cost a few us
+ * of every command's path in the TCG guest, and the window need not follow faster than this.
+ */
+const LEARN_EVERY = 8;
+/** Looks at the rings per clock read while spinning (a clock read costs 1-4 us in the TCG guest). */
+const CLOCK_EVERY = 16;
+
+/**
+ * The spin window (ms) for these recent waits (ms): `multiple` times their `percentile`-th,
+ * at least MIN_SPIN_MS; MIN_SPIN_MS when that exceeds MAX_SPIN_MS (completions come too late for a
+ * spin to pay: park at once). With no waits yet, MAX_SPIN_MS: the first waits are then measured
+ * by spinning, which sees them exactly, where a park would add its own wake-up time to them.
+ */
+export function learnedSpinMs(waits: ArrayLike<number>, rule: SpinRule = DEFAULT_SPIN_RULE): number {
+  if (waits.length === 0) return MAX_SPIN_MS;
+  const sorted = Float64Array.from(waits).sort(); // SAMPLES numbers, every LEARN_EVERY waits
+  const at = Math.min(sorted.length - 1, Math.floor((rule.percentile / 100) * sorted.length));
+  const window = rule.multiple * sorted[at]!;
+  if (window > MAX_SPIN_MS) return MIN_SPIN_MS;
+  return Math.max(MIN_SPIN_MS, window);
+}
+
+/** What a hybrid queue did, for stats and the bench. */
+export interface HybridStats {
+  /** The window the next spin will last (ms). */
+  spinMs: number;
+  /** Spins that found a completion within the window. */
+  found: number;
+  /** Spins that ended in a park on the vector. */
+  parked: number;
+}
+
+/** One hybrid queue pair's learned window and what came of its spins. */
+export class HybridQueue {
+  readonly queue: QueuePair;
+  readonly #rule: SpinRule | undefined;
+  readonly #waits = new Float64Array(SAMPLES);
+  #count = 0;
+  #spinMs: number;
+  #found = 0;
+  #parked = 0;
+  /** When the last spin began. */
+  #spinStart = 0;
+
+  constructor(queue: QueuePair, spin: HybridSpin | undefined) {
+    this.queue = queue;
+    if (typeof spin === "number") {
+      this.#rule = undefined;
+      this.#spinMs = spin;
+    } else {
+      this.#rule = spin ?? DEFAULT_SPIN_RULE;
+      this.#spinMs = learnedSpinMs([], this.#rule);
+    }
+  }
+
+  get stats(): HybridStats {
+    return { spinMs: this.#spinMs, found: this.#found, parked: this.#parked };
+  }
+
+  /**
+   * Spin until `reap` finds completions or the window ends; returns what it found (0: park now).
+   * The clock is read at the start and every CLOCK_EVERY looks, and once more at a find.
+   */
+  spin(reap: () => number): number {
+    const start = performance.now();
+    this.#spinStart = start;
+    const until = start + this.#spinMs;
+    for (let looks = 1; ; looks++) {
+      const found = reap();
+      if (found > 0) {
+        this.#found++;
+        this.#learn(performance.now() - start);
+        return found;
+      }
+      if (looks % CLOCK_EVERY === 0 && performance.now() >= until) return 0;
+    }
+  }
+
+  /**
+   * Park until the queue's vector fires (after a spin that found nothing). The counts raised
+   * while spinning are drained first and the ring looked at once more after the drain: a
+   * completion posted before it is found there, one posted after it raises a count the wait sees. Returns what the last look found (the
+   * caller then goes on without parking) or 0 after the wake.
+   */
+  async park(reap: () => number): Promise<number> {
+    const queue = this.queue;
+    queue.vector?.poll();
+    const found = reap();
+    if (found > 0) {
+      this.#found++;
+      this.#learn(performance.now() - this.#spinStart);
+      return found;
+    }
+    this.#parked++;
+    await queue.interrupt();
+    this.#learn(performance.now() - this.#spinStart);
+    return 0;
+  }
+
+  #learn(waitMs: number): void {
+    if (this.#rule === undefined) return;
+    this.#waits[this.#count++ % SAMPLES] = waitMs;
+    if (this.#count % LEARN_EVERY !== 0) return;
+    const waits = this.#count < SAMPLES ? this.#waits.subarray(0, this.#count) : this.#waits;
+    this.#spinMs = learnedSpinMs(waits, this.#rule);
+  }
+}
+
+/** `hybridSpin` checked: a window of 0..MAX_SPIN_MS * 20 ms, or a rule of a percentile 1..100 and a multiple > 0. */
+export function checkHybridSpin(spin: unknown): string | undefined {
+  if (spin === undefined) return undefined;
+  if (typeof spin === "number") {
+    return spin >= 0 && spin <= 10 ? undefined : `${spin} ms is outside 0..10`;
+  }
+  const rule = spin as Partial<SpinRule> | null;
+  if (typeof rule !== "object" || rule === null)
+    return `${String(spin)} is not a window in ms or a { percentile, multiple } rule`;
+  const { percentile, multiple } = rule;
+  if (typeof percentile !== "number" || !(percentile >= 1 && percentile <= 100)) {
+    return `percentile ${String(percentile)} is outside 1..100`;
+  }
+  if (typeof multiple !== "number" || !(multiple > 0 && multiple <= 100))
+    return `multiple ${String(multiple)} is outside (0, 100]`;
+  return undefined;
+}
