@@ -1,6 +1,6 @@
 /**
  * NVMe race: 4 KiB random reads and writes at queue depth 1 and 32 through the user-space driver
- * (bun-iommufd/nvme, polled completion) and through the guest kernel's own NVMe driver, on the
+ * (bun-iommufd/nvme: polled, MSI-X and hybrid completion) and through the guest kernel's own NVMe driver, on the
  * same controller in the same boot. Between the phases the controller moves from vfio-pci to
  * the kernel's nvme driver through driver_override, and back.
  *
@@ -10,7 +10,11 @@
  * the driver's poller or taken by the caller's own spin on queue.reap(), and promises (one awaited
  * per command).
  *
- *   bun bench nvme [--seconds S] [--rounds N] [--deep]
+ *   bun bench nvme [--seconds S] [--rounds N] [--deep] [--hybrid RULES] [--modes poll,interrupt,hybrid] [--apis request,promise]
+
+ * --hybrid gives the hybrid rows' spin rules, comma-separated: `p50x2` (twice the median recent
+ * wait, the driver's default), `p90x1.25`, or `fixed0.1` (a window fixed at 0.1 ms); one row per
+ * rule, labelled with it. --modes and --apis leave the other rows out (for quick comparisons).
  *
  * --deep adds random reads at QD 64/128/256 (as CAP.MQES allows; bare loops and the driver's
  * requests, one queue pair) and the driver spread over 2 and 4 queue pairs at QD32 each, to show
@@ -25,7 +29,13 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { runInGuest } from "../vm/run.ts";
-import { type Completion, NvmeController, type NvmeRequest, type QueuePair } from "../src/nvme/index.ts";
+import {
+  type Completion,
+  type HybridSpin,
+  NvmeController,
+  type NvmeRequest,
+  type QueuePair,
+} from "../src/nvme/index.ts";
 import { bindToVfioPci } from "../src/vfio/pci.ts";
 import { binaryPath, buildBaseline, CProcess } from "./baseline.ts";
 import { bareLoop, cLoopCounterpart, openLoopQueue } from "./nvme-loop.ts";
@@ -47,7 +57,7 @@ export interface NvmeRaceRow {
   api?: DriverApi;
   /** Queue pairs the commands were spread over, when more than one (queueDepth is the total in flight). */
   queuePairs?: number;
-  /** "polled" for ours; fio's engine for the kernel's. */
+  /** "polled", "msi-x" or "hybrid[ rule]" for ours; fio's engine for the kernel's. */
   mode: string;
   workload: Workload;
   queueDepth: number;
@@ -63,6 +73,24 @@ export interface NvmeRaceRow {
    * else meanwhile. With one vCPU a spinning poller shows as 1e6 / IOPS.
    */
   cpuUsPerIo: number;
+  /** Hybrid rows: the share of the poller's spins that ended in a park, and the window at the end (ms). */
+  parkedShare?: number;
+  spinMs?: number;
+}
+
+/** A hybrid row's rule: its label (`p50x2`, `fixed0.1`) and what it asks of the driver. */
+export interface HybridRule {
+  label: string;
+  spin: HybridSpin;
+}
+
+/** `p50x2` -> { percentile: 50, multiple: 2 }; `fixed0.1` -> 0.1 (ms). */
+export function parseHybridRule(label: string): HybridRule {
+  const fixed = /^fixed(\d+(?:\.\d+)?)$/.exec(label);
+  if (fixed) return { label, spin: Number(fixed[1]) };
+  const rule = /^p(\d+)x(\d+(?:\.\d+)?)$/.exec(label);
+  if (rule) return { label, spin: { percentile: Number(rule[1]), multiple: Number(rule[2]) } };
+  throw new Error(`--hybrid: ${label} is not pNNxM (percentile, multiple) or fixedMS`);
 }
 
 export interface NvmeRaceOptions {
@@ -84,6 +112,11 @@ export interface NvmeRaceOptions {
    * driver's requests) and the driver spread over 2 and 4 queue pairs (QD32 each). Default false.
    */
   deep?: boolean;
+  /** The hybrid rows' rules, one row each. Default: the driver's own (p50x2). */
+  hybridRules?: HybridRule[];
+  /** Only these completion modes (default all three) and APIs (default all). */
+  modes?: Completion[];
+  apis?: DriverApi[];
 }
 
 /** Deep queues, each a single queue pair of depth + 1 entries (CAP.MQES permitting). */
@@ -132,6 +165,7 @@ async function userPhase(
   completion: Completion,
   api: DriverApi,
   queuePairs = 1,
+  hybrid?: HybridRule,
 ): Promise<NvmeRaceRow> {
   const ns = controller.namespace(1);
   const blocks = BLOCK / ns.blockSize;
@@ -140,7 +174,7 @@ async function userPhase(
   const queues: QueuePair[] = [];
   try {
     for (let q = 0; q < queuePairs; q++)
-      queues.push(controller.createQueuePair(Math.max(perQueue + 1, 2), { completion }));
+      queues.push(controller.createQueuePair(Math.max(perQueue + 1, 2), { completion, hybridSpin: hybrid?.spin }));
   } catch (error) {
     for (const queue of queues) controller.deleteQueuePair(queue);
     throw error;
@@ -208,17 +242,30 @@ async function userPhase(
     api === "promise" ? awaited : (until: number, record: boolean) => calledBack(until, record, api === "request-spin");
   try {
     await run(performance.now() + Math.max(500, seconds * 250), false);
+    // The hybrid queues' spins that found a completion, and those that parked.
+    const hybridOf = (queue: QueuePair) => controller.stats().io[controller.queuePairs.indexOf(queue)]?.hybrid;
+    const spins = () =>
+      queues.reduce((sum, q) => [sum[0]! + (hybridOf(q)?.found ?? 0), sum[1]! + (hybridOf(q)?.parked ?? 0)], [0, 0]);
+    const [foundBefore, parkedBefore] = spins();
     const cpu = cpuMeter();
     const t0 = performance.now();
     await run(t0 + seconds * 1000, true);
     const elapsed = (performance.now() - t0) / 1000;
     const cpuUsPerIo = cpu(count);
     const sorted = latencies.subarray(0, count).sort();
+    const [found, parked] = spins().map((n, i) => n - [foundBefore!, parkedBefore!][i]!);
+    const hybridRow =
+      completion === "hybrid"
+        ? {
+            parkedShare: +(parked! / Math.max(1, found! + parked!)).toFixed(3),
+            spinMs: +(hybridOf(queues[0]!)?.spinMs ?? 0).toFixed(3),
+          }
+        : {};
     return {
       driver: "bun-iommufd",
       api,
       ...(queuePairs > 1 ? { queuePairs } : {}),
-      mode: completion === "poll" ? "polled" : "msi-x",
+      mode: modeLabel(completion, hybrid),
       workload,
       queueDepth: depth,
       iops: Math.round(count / elapsed),
@@ -227,11 +274,18 @@ async function userPhase(
       ops: count,
       seconds: +elapsed.toFixed(2),
       cpuUsPerIo,
+      ...hybridRow,
     };
   } finally {
     for (const b of buffers) b.free();
     for (const queue of queues) controller.deleteQueuePair(queue);
   }
+}
+
+function modeLabel(completion: Completion, hybrid: HybridRule | undefined): string {
+  if (completion === "poll") return "polled";
+  if (completion === "interrupt") return "msi-x";
+  return hybrid ? `hybrid ${hybrid.label}` : "hybrid";
 }
 
 /** I/Os per run of a bare loop: enough to make the drain at each run's end negligible. */
@@ -410,7 +464,7 @@ export async function nvmeRace(
   const idle = await idleCpu(options.address);
   log(
     `nvme race: idle guest ${idle.noController} ms of CPU per s; with a controller open and nothing pending: ` +
-      `polled ${idle.polled}, MSI-X ${idle.interrupt} (over ${IDLE_MS / 1000} s each)`,
+      `polled ${idle.polled}, MSI-X ${idle.interrupt}, hybrid ${idle.hybrid} (over ${IDLE_MS / 1000} s each)`,
   );
   {
     using controller = NvmeController.open(bindToVfioPci(options.address), { heapSize: 4 << 20 });
@@ -436,13 +490,20 @@ export async function nvmeRace(
           rows.push(row);
         }
       }
-      for (const completion of ["poll", "interrupt"] as const) {
-        for (const [workload, depth] of workloads) {
+      // Per workload, every mode and API in turn: same-boot ratios between modes come from phases
+      // seconds apart, not minutes (the host's load changes meanwhile).
+      const modes: [Completion, HybridRule | undefined][] = [];
+      for (const completion of options.modes ?? (["poll", "interrupt", "hybrid"] as const)) {
+        if (completion !== "hybrid") modes.push([completion, undefined]);
+        else for (const rule of options.hybridRules ?? [undefined]) modes.push([completion, rule]);
+      }
+      for (const [workload, depth] of workloads) {
+        for (const [completion, rule] of modes) {
           // Alternate which API goes first: a phase right after another process's (the C loop's) ran slower here.
-          const apis = ["request", "request-spin", "promise"] as const;
+          const apis = options.apis ?? (["request", "request-spin", "promise"] as const);
           for (const api of round % 2 === 1 ? apis : apis.toReversed()) {
             if (api === "request-spin" && completion !== "poll") continue;
-            const row = await userPhase(controller, workload, depth, seconds, completion, api);
+            const row = await userPhase(controller, workload, depth, seconds, completion, api, 1, rule);
             log(`nvme race round ${round}: ${format(row)}`);
             rows.push(row);
           }
@@ -507,6 +568,7 @@ export interface IdleCpu {
   noController: number;
   polled: number;
   interrupt: number;
+  hybrid?: number;
 }
 
 const IDLE_MS = 2000;
@@ -521,20 +583,26 @@ async function idleMsPerS(): Promise<number> {
 /** An idle controller should cost what an idle guest costs: its poller runs only while commands are pending. */
 async function idleCpu(address: string): Promise<IdleCpu> {
   const noController = await idleMsPerS();
-  const opened = async (completion: "poll" | "interrupt") => {
+  const opened = async (completion: Completion) => {
     using controller = NvmeController.open(bindToVfioPci(address), { heapSize: 4 << 20, completion });
     // One command first, so that whatever a finished command leaves running is counted.
     using one = controller.allocBuffer(4096);
     await controller.namespace(1).read(0, 4096 / controller.namespace(1).blockSize, one);
     return idleMsPerS();
   };
-  return { noController, polled: await opened("poll"), interrupt: await opened("interrupt") };
+  return {
+    noController,
+    polled: await opened("poll"),
+    interrupt: await opened("interrupt"),
+    hybrid: await opened("hybrid"),
+  };
 }
 
 export function format(row: NvmeRaceRow): string {
   const api = row.api ? ` ${row.api}${row.queuePairs ? ` x${row.queuePairs} QPs` : ""}` : "";
   const driver = `${row.driver}${api}`;
-  return `${driver.padEnd(24)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us  CPU ${row.cpuUsPerIo} us/IO`;
+  const spins = row.parkedShare === undefined ? "" : `  parked ${row.parkedShare} of spins, window ${row.spinMs} ms`;
+  return `${driver.padEnd(24)} ${row.mode.padEnd(8)} ${row.workload.padEnd(9)} QD${String(row.queueDepth).padEnd(3)} ${String(row.iops).padStart(7)} IOPS  p50 ${row.p50us} us  p99 ${row.p99us} us  CPU ${row.cpuUsPerIo} us/IO${spins}`;
 }
 
 export interface Ratio {
@@ -603,18 +671,48 @@ function numberAfter(argv: string[], flag: string, fallback: number): number {
   return value;
 }
 
+/** --hybrid, --modes and --apis (see the file comment), as nvmeRace takes them; the flags, to pass on to the guest. */
+function selection(argv: string[]): { options: Partial<NvmeRaceOptions>; flags: string[] } {
+  const list = (flag: string) => {
+    const at = argv.indexOf(flag);
+    return at >= 0 ? (argv[at + 1] ?? "").split(",").filter(Boolean) : undefined;
+  };
+  const options: Partial<NvmeRaceOptions> = {};
+  const flags: string[] = [];
+  const hybrid = list("--hybrid");
+  if (hybrid) options.hybridRules = hybrid.map(parseHybridRule);
+  const modes = list("--modes");
+  if (modes) {
+    const wrong = modes.filter((m) => !["poll", "interrupt", "hybrid"].includes(m));
+    if (wrong.length > 0) throw new Error(`--modes: ${wrong.join(", ")} is not poll, interrupt or hybrid`);
+    options.modes = modes as Completion[];
+  }
+  const apis = list("--apis");
+  if (apis) {
+    const wrong = apis.filter((a) => !["request", "request-spin", "promise"].includes(a));
+    if (wrong.length > 0) throw new Error(`--apis: ${wrong.join(", ")} is not request, request-spin or promise`);
+    options.apis = apis as DriverApi[];
+  }
+  for (const flag of ["--hybrid", "--modes", "--apis"]) {
+    const at = argv.indexOf(flag);
+    if (at >= 0) flags.push(flag, argv[at + 1] ?? "");
+  }
+  return { options, flags };
+}
+
 /** `bun bench nvme`: the race in a guest (or here, with /dev/iommu and a controller), table and results file. */
 export async function nvmeBench(argv: string[]): Promise<number> {
   const seconds = numberAfter(argv, "--seconds", 3);
   const rounds = numberAfter(argv, "--rounds", 2);
   const deep = argv.includes("--deep");
+  const chosen = selection(argv);
   const root = resolve(import.meta.dir, "..");
   let race: { best: NvmeRaceRow[]; rounds: NvmeRaceRow[][]; idle?: IdleCpu };
   const address = existsSync("/dev/iommu") ? guestNvmeAddress() : undefined;
   // The C loop's program is built here, where the tree is writable; the guest runs it from the share.
   const cbench = buildBaseline().binary;
   if (address) {
-    race = await nvmeRace({ address, seconds, rounds, cbench, deep });
+    race = await nvmeRace({ address, seconds, rounds, cbench, deep, ...chosen.options });
   } else {
     const out = mkdtempSync(join(tmpdir(), "bun-iommufd-nvme-bench-"));
     try {
@@ -628,6 +726,7 @@ export async function nvmeBench(argv: string[]): Promise<number> {
           String(rounds),
           "--out",
           ...(deep ? ["--deep"] : []),
+          ...chosen.flags,
         ],
         cwd: root,
         devices: [{ kind: "nvme", size: 64 << 20 }],
@@ -666,7 +765,7 @@ export async function nvmeBench(argv: string[]): Promise<number> {
   for (const row of race.best) console.log(`  ${format(row)}`);
   if (race.idle) {
     console.log(
-      `  idle, nothing pending: guest busy ${race.idle.noController} ms/s without a controller, ${race.idle.polled} with one open (polled), ${race.idle.interrupt} (MSI-X)`,
+      `  idle, nothing pending: guest busy ${race.idle.noController} ms/s without a controller, ${race.idle.polled} with one open (polled), ${race.idle.interrupt} (MSI-X), ${race.idle.hybrid} (hybrid)`,
     );
   }
   for (const r of result.ratios) {
@@ -695,6 +794,7 @@ if (import.meta.main) {
     kernel: !argv.includes("--no-kernel"),
     workloads: argv.includes("--reads") ? ["randread"] : undefined,
     deep: argv.includes("--deep"),
+    ...selection(argv).options,
   });
   const out = process.env.IOMMUFD_VM_OUT;
   if (argv.includes("--out") && out) {

@@ -15,6 +15,13 @@ import type { QueuePair } from "./queue.ts";
  * How the window is learned: spin for `multiple` times the `percentile`-th of the last SAMPLES
  * waits (the time from the first empty look to a completion, as the poller saw it). Park at once
  * when that wait is longer than MAX_SPIN_MS: spinning through it would cost more than a park.
+ *
+ * Only a spin sees a wait exactly. A wait that ended in a park counts as longer than any window:
+ * its measured length is mostly the wake-up (120-300 us in the TCG guest against 50-70 us for the
+ * completion itself), and counting that made a queue that parked once park for good (seen in
+ * `bun bench nvme`: the window stuck at its least on a controller answering in 60 us). A queue
+ * that parks at once learns nothing from its parks, so every PROBE_EVERY-th of its waits spins
+ * the longest window instead, to see whether completions come sooner again.
  */
 export interface SpinRule {
   percentile: number;
@@ -51,14 +58,16 @@ export const SAMPLES = 32;
  * of every command's path in the TCG guest, and the window need not follow faster than this.
  */
 const LEARN_EVERY = 8;
+/** In park-at-once mode, one wait in this many is a probe (a spin of MAX_SPIN_MS): at most 1/8 of a long spin per wait. */
+export const PROBE_EVERY = 8;
 /** Looks at the rings per clock read while spinning (a clock read costs 1-4 us in the TCG guest). */
 const CLOCK_EVERY = 16;
 
 /**
  * The spin window (ms) for these recent waits (ms): `multiple` times their `percentile`-th,
  * at least MIN_SPIN_MS; MIN_SPIN_MS when that exceeds MAX_SPIN_MS (completions come too late for a
- * spin to pay: park at once). With no waits yet, MAX_SPIN_MS: the first waits are then measured
- * by spinning, which sees them exactly, where a park would add its own wake-up time to them.
+ * spin to pay: park at once). A wait that ended in a park is Infinity here. With no waits yet,
+ * MAX_SPIN_MS: the first waits are then measured by spinning, which sees them exactly.
  */
 export function learnedSpinMs(waits: ArrayLike<number>, rule: SpinRule = DEFAULT_SPIN_RULE): number {
   if (waits.length === 0) return MAX_SPIN_MS;
@@ -88,8 +97,11 @@ export class HybridQueue {
   #spinMs: number;
   #found = 0;
   #parked = 0;
-  /** When the last spin began. */
+  /** When the last spin began, and how long it was to last. */
   #spinStart = 0;
+  #window = 0;
+  /** Waits since the last probe, while parking at once. */
+  #sinceProbe = 0;
 
   constructor(queue: QueuePair, spin: HybridSpin | undefined) {
     this.queue = queue;
@@ -113,7 +125,13 @@ export class HybridQueue {
   spin(reap: () => number): number {
     const start = performance.now();
     this.#spinStart = start;
-    const until = start + this.#spinMs;
+    let window = this.#spinMs;
+    if (this.#rule !== undefined && window <= MIN_SPIN_MS && ++this.#sinceProbe >= PROBE_EVERY) {
+      this.#sinceProbe = 0;
+      window = MAX_SPIN_MS;
+    }
+    this.#window = window;
+    const until = start + window;
     for (let looks = 1; ; looks++) {
       const found = reap();
       if (found > 0) {
@@ -141,8 +159,9 @@ export class HybridQueue {
       return found;
     }
     this.#parked++;
+    // Longer than the window; a park at once (not a probe) says nothing new.
+    if (this.#window > MIN_SPIN_MS) this.#learn(Number.POSITIVE_INFINITY);
     await queue.interrupt();
-    this.#learn(performance.now() - this.#spinStart);
     return 0;
   }
 

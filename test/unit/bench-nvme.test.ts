@@ -1,6 +1,6 @@
 /** bench/nvme.ts's ratios: ours over each reference per workload and depth, the deep-queue rows included, one queue pair only. */
 import { expect, test } from "bun:test";
-import { type NvmeRaceRow, ratios } from "../../bench/nvme.ts";
+import { type NvmeRaceRow, parseHybridRule, ratios } from "../../bench/nvme.ts";
 
 function row(driver: NvmeRaceRow["driver"], queueDepth: number, iops: number, extra: Partial<NvmeRaceRow> = {}) {
   return {
@@ -35,4 +35,11 @@ test("deep-queue rows get ratios against the bare loops at their depth; rows spr
     { mode: "polled", api: "request", workload: "randread", queueDepth: 64, against: "bare-ts", ratio: 0.9 },
     { mode: "polled", api: "request", workload: "randread", queueDepth: 64, against: "bare-c", ratio: 0.45 },
   ]);
+});
+
+test("--hybrid rules: pNNxM is a learned rule, fixedMS a fixed window; anything else is refused", () => {
+  expect(parseHybridRule("p50x2")).toEqual({ label: "p50x2", spin: { percentile: 50, multiple: 2 } });
+  expect(parseHybridRule("p90x1.25")).toEqual({ label: "p90x1.25", spin: { percentile: 90, multiple: 1.25 } });
+  expect(parseHybridRule("fixed0.1")).toEqual({ label: "fixed0.1", spin: 0.1 });
+  expect(() => parseHybridRule("median")).toThrow(/--hybrid: median is not/);
 });

@@ -3,7 +3,7 @@
  * spin and park on their own, and the driver in hybrid mode against the in-memory controller of
  * test/support/nvme-sim.ts, whose interrupts are real eventfds.
  */
-import { afterEach, expect, test } from "bun:test";
+import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { NvmeController } from "../../src/nvme/index.ts";
 import {
   DEFAULT_SPIN_RULE,
@@ -11,6 +11,7 @@ import {
   learnedSpinMs,
   MAX_SPIN_MS,
   MIN_SPIN_MS,
+  PROBE_EVERY,
   SAMPLES,
 } from "../../src/nvme/hybrid.ts";
 import type { QueuePair } from "../../src/nvme/queue.ts";
@@ -34,6 +35,15 @@ test("the window is twice the median recent wait, within its bounds", () => {
   expect(learnedSpinMs(waits, { percentile: 100, multiple: 1 })).toBeCloseTo(0.1);
 });
 
+/**
+ * A clock that moves only when the code under test looks at a ring (LOOK_MS per look) or parks
+ * (PARK_MS): the waits HybridQueue measures are then exactly what each test sets up, whatever else
+ * the (shared, loaded) host does meanwhile.
+ */
+const LOOK_MS = 0.002;
+const PARK_MS = 1;
+const clock = { now: 0 };
+
 /** A queue's vector and interrupt as HybridQueue uses them, counting what it asked of them. */
 function fakeQueue() {
   const calls = { polls: 0, waits: 0 };
@@ -46,7 +56,7 @@ function fakeQueue() {
     },
     interrupt: async () => {
       calls.waits++;
-      await Bun.sleep(1);
+      clock.now += PARK_MS;
       return 1;
     },
   } as unknown as QueuePair;
@@ -57,62 +67,106 @@ function fakeQueue() {
 function reapAfter(afterMs: number): () => number {
   let since = -1;
   return () => {
-    const now = performance.now();
-    if (since < 0) since = now;
-    if (now - since < afterMs) return 0;
-    since = -1;
-    return 1;
+    clock.now += LOOK_MS;
+    if (since < 0) since = clock.now;
+    return clock.now - since < afterMs ? 0 : 1;
   };
 }
 
-test("a spin that finds a completion within the window does not park; the window follows the waits", () => {
-  const { queue, calls } = fakeQueue();
-  const hybrid = new HybridQueue(queue, undefined);
-  expect(hybrid.stats.spinMs).toBe(MAX_SPIN_MS);
-  for (let i = 0; i < SAMPLES; i++) expect(hybrid.spin(reapAfter(0.05))).toBe(1);
-  expect(hybrid.stats.found).toBe(SAMPLES);
-  expect(hybrid.stats.parked).toBe(0);
-  expect(calls).toEqual({ polls: 0, waits: 0 });
-  // Twice a wait of at least 0.05 ms (the clock is read every 16 looks: a little more).
-  expect(hybrid.stats.spinMs).toBeGreaterThanOrEqual(0.1);
-  expect(hybrid.stats.spinMs).toBeLessThan(0.3);
-});
+/** A reap that never finds anything. */
+function reapNothing(): number {
+  clock.now += LOOK_MS;
+  return 0;
+}
 
-test("a spin that finds nothing ends at its window; the park drains the old counts, looks again, then waits", async () => {
-  const { queue, calls } = fakeQueue();
-  const hybrid = new HybridQueue(queue, 0.05);
-  const t0 = performance.now();
-  expect(hybrid.spin(() => 0)).toBe(0);
-  const spun = performance.now() - t0;
-  expect(spun).toBeGreaterThanOrEqual(0.05);
-  expect(spun).toBeLessThan(5);
-  let looks = 0;
-  expect(
-    await hybrid.park(() => {
-      looks++;
-      return 0;
-    }),
-  ).toBe(0);
-  expect(looks).toBe(1);
-  expect(calls).toEqual({ polls: 1, waits: 1 });
-  expect(hybrid.stats).toEqual({ spinMs: 0.05, found: 0, parked: 1 });
-  // A completion that came before the drain is found by the look after it: no wait.
-  expect(hybrid.spin(() => 0)).toBe(0);
-  expect(await hybrid.park(() => 1)).toBe(1);
-  expect(calls).toEqual({ polls: 2, waits: 1 });
-  expect(hybrid.stats.parked).toBe(1);
-});
+describe("a hybrid queue on its own (a fake clock)", () => {
+  const realNow = performance.now;
+  beforeEach(() => {
+    clock.now = 1000;
+    performance.now = () => clock.now;
+  });
+  afterEach(() => {
+    performance.now = realNow;
+  });
 
-test("waits longer than a park costs teach the queue to park at once", async () => {
-  const { queue } = fakeQueue();
-  const hybrid = new HybridQueue(queue, undefined);
-  // Each wait: the whole spin, then a park of at least 1 ms.
-  for (let i = 0; i < 8; i++) {
-    expect(hybrid.spin(() => 0)).toBe(0);
-    await hybrid.park(() => 0);
-  }
-  expect(hybrid.stats.parked).toBe(8);
-  expect(hybrid.stats.spinMs).toBe(MIN_SPIN_MS);
+  test("a spin that finds a completion within the window does not park; the window follows the waits", async () => {
+    const { queue, calls } = fakeQueue();
+    const hybrid = new HybridQueue(queue, undefined);
+    expect(hybrid.stats.spinMs).toBe(MAX_SPIN_MS);
+    for (let i = 0; i < SAMPLES; i++) expect(hybrid.spin(reapAfter(0.05))).toBe(1);
+    expect(hybrid.stats.found).toBe(SAMPLES);
+    expect(hybrid.stats.parked).toBe(0);
+    expect(calls).toEqual({ polls: 0, waits: 0 });
+    // Twice a wait of 0.05 ms (and a look or two: the clock is read at the start and at the find).
+    expect(hybrid.stats.spinMs).toBeGreaterThanOrEqual(0.1);
+    expect(hybrid.stats.spinMs).toBeLessThan(0.11);
+    // The controller slows down to 0.2 ms a completion: spins of 0.1 ms end in parks, which count
+    // as waits too long to spin for; the queue parks at once, its probes see 0.2 ms, and the
+    // window settles at twice that.
+    const waits = async (n: number, ms: number) => {
+      for (let i = 0; i < n; i++) {
+        const reap = reapAfter(ms);
+        if (hybrid.spin(reap) === 0) await hybrid.park(reap);
+      }
+    };
+    await waits(8, 0.2);
+    expect(hybrid.stats.spinMs).toBeCloseTo(0.1, 1);
+    await waits(8, 0.2);
+    expect(hybrid.stats.spinMs).toBe(MIN_SPIN_MS);
+    await waits(32 * PROBE_EVERY, 0.2);
+    expect(hybrid.stats.spinMs).toBeGreaterThanOrEqual(0.4);
+    expect(hybrid.stats.spinMs).toBeLessThan(0.41);
+  });
+
+  test("a spin that finds nothing ends at its window; the park drains the old counts, looks again, then waits", async () => {
+    const { queue, calls } = fakeQueue();
+    const hybrid = new HybridQueue(queue, 0.05);
+    const t0 = clock.now;
+    expect(hybrid.spin(reapNothing)).toBe(0);
+    // The clock is read every 16 looks: the window's end is seen within 16 looks.
+    expect(clock.now - t0).toBeGreaterThanOrEqual(0.05);
+    expect(clock.now - t0).toBeLessThanOrEqual(0.05 + 16 * LOOK_MS);
+    let looks = 0;
+    expect(
+      await hybrid.park(() => {
+        looks++;
+        return 0;
+      }),
+    ).toBe(0);
+    expect(looks).toBe(1);
+    expect(calls).toEqual({ polls: 1, waits: 1 });
+    expect(hybrid.stats).toEqual({ spinMs: 0.05, found: 0, parked: 1 });
+    // A completion that came before the drain is found by the look after it: no wait.
+    expect(hybrid.spin(reapNothing)).toBe(0);
+    expect(await hybrid.park(() => 1)).toBe(1);
+    expect(calls).toEqual({ polls: 2, waits: 1 });
+    expect(hybrid.stats.parked).toBe(1);
+  });
+
+  test("waits longer than a park costs teach the queue to park at once; probes see when they are short again", async () => {
+    const { queue } = fakeQueue();
+    const hybrid = new HybridQueue(queue, undefined);
+    for (let i = 0; i < 8; i++) {
+      expect(hybrid.spin(reapNothing)).toBe(0);
+      await hybrid.park(reapNothing);
+    }
+    expect(hybrid.stats.parked).toBe(8);
+    expect(hybrid.stats.spinMs).toBe(MIN_SPIN_MS);
+    // The controller answers in 0.05 ms again. Parks at once teach nothing (their length is mostly
+    // the wake-up); every PROBE_EVERY-th wait spins the longest window and sees the wait as it is.
+    const windows: number[] = [];
+    let parks = 0;
+    for (let wait = 0; wait < 40 * PROBE_EVERY && hybrid.stats.spinMs === MIN_SPIN_MS; wait++) {
+      const reap = reapAfter(0.05);
+      if (hybrid.spin(reap) === 0 && (await hybrid.park(reap)) === 0) parks++;
+      windows.push(hybrid.stats.spinMs);
+    }
+    expect(hybrid.stats.spinMs).toBeGreaterThanOrEqual(0.1);
+    expect(hybrid.stats.spinMs).toBeLessThan(0.11);
+    // 16 probes outvote the 8 parks among the samples: 128 waits, all but the probes parked.
+    expect(windows.length).toBe(16 * PROBE_EVERY);
+    expect(parks).toBe(windows.length - 16);
+  });
 });
 
 const opened: NvmeController[] = [];
