@@ -131,6 +131,8 @@ export class HybridQueue {
       window = MAX_SPIN_MS;
     }
     this.#window = window;
+    // A window of 0: the park's own look is the only one (interrupt mode with a look first).
+    if (window <= 0) return 0;
     const until = start + window;
     for (let looks = 1; ; looks++) {
       const found = reap();

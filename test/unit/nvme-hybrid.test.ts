@@ -141,6 +141,11 @@ describe("a hybrid queue on its own (a fake clock)", () => {
     expect(await hybrid.park(() => 1)).toBe(1);
     expect(calls).toEqual({ polls: 2, waits: 1 });
     expect(hybrid.stats.parked).toBe(1);
+    // A window of 0: no look at all before the park's own.
+    const none = new HybridQueue(queue, 0);
+    let spun = 0;
+    expect(none.spin(() => ++spun)).toBe(0);
+    expect(spun).toBe(0);
   });
 
   test("waits longer than a park costs teach the queue to park at once; probes see when they are short again", async () => {
