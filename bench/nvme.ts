@@ -82,15 +82,21 @@ export interface NvmeRaceRow {
 export interface HybridRule {
   label: string;
   spin: HybridSpin;
+  /** hybridBlockMs (`+block1`). */
+  blockMs?: number;
 }
 
-/** `p50x2` -> { percentile: 50, multiple: 2 }; `fixed0.1` -> 0.1 (ms). */
+/** `p50x2` -> { percentile: 50, multiple: 2 }; `fixed0.1` -> 0.1 (ms); `+blockN`: hybridBlockMs N. */
 export function parseHybridRule(label: string): HybridRule {
-  const fixed = /^fixed(\d+(?:\.\d+)?)$/.exec(label);
-  if (fixed) return { label, spin: Number(fixed[1]) };
-  const rule = /^p(\d+)x(\d+(?:\.\d+)?)$/.exec(label);
-  if (rule) return { label, spin: { percentile: Number(rule[1]), multiple: Number(rule[2]) } };
-  throw new Error(`--hybrid: ${label} is not pNNxM (percentile, multiple) or fixedMS`);
+  const [spin = "", block] = label.split("+block");
+  const blockMs = block === undefined ? {} : { blockMs: Number(block) };
+  const fixed = /^fixed(\d+(?:\.\d+)?)$/.exec(spin);
+  if (fixed && !Number.isNaN(blockMs.blockMs)) return { label, spin: Number(fixed[1]), ...blockMs };
+  const rule = /^p(\d+)x(\d+(?:\.\d+)?)$/.exec(spin);
+  if (rule && !Number.isNaN(blockMs.blockMs)) {
+    return { label, spin: { percentile: Number(rule[1]), multiple: Number(rule[2]) }, ...blockMs };
+  }
+  throw new Error(`--hybrid: ${label} is not pNNxM (percentile, multiple) or fixedMS, then +blockN or nothing`);
 }
 
 export interface NvmeRaceOptions {
@@ -174,7 +180,13 @@ async function userPhase(
   const queues: QueuePair[] = [];
   try {
     for (let q = 0; q < queuePairs; q++)
-      queues.push(controller.createQueuePair(Math.max(perQueue + 1, 2), { completion, hybridSpin: hybrid?.spin }));
+      queues.push(
+        controller.createQueuePair(Math.max(perQueue + 1, 2), {
+          completion,
+          hybridSpin: hybrid?.spin,
+          hybridBlockMs: hybrid?.blockMs,
+        }),
+      );
   } catch (error) {
     for (const queue of queues) controller.deleteQueuePair(queue);
     throw error;

@@ -73,8 +73,8 @@ export class CompletionPoller {
   }
 
   /** Make `queue` (which has a vector) hybrid: spin for `spin` (a window or the rule learning it), then sleep. */
-  hybrid(queue: QueuePair, spin: HybridSpin | undefined): void {
-    this.#hybrid.set(queue, new HybridQueue(queue, spin));
+  hybrid(queue: QueuePair, spin: HybridSpin | undefined, blockMs = 0): void {
+    this.#hybrid.set(queue, new HybridQueue(queue, spin, blockMs));
   }
 
   /** What a hybrid queue's spins did, or undefined for a queue that is not hybrid. */

@@ -129,7 +129,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return controller;
   }
 
-  #bringUp(queueDepth: number, { completion, hybridSpin }: NvmeControllerOptions): void {
+  #bringUp(queueDepth: number, { completion, hybridSpin, hybridBlockMs }: NvmeControllerOptions): void {
     this.#resources.enableBusMaster();
     enableController(this.registers, this.capabilities, this.#adminQueue);
     this.#identity = this.#admin.identifyController();
@@ -137,7 +137,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.#maxTransferBytes =
       mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
     this.#grantedQueuePairs = this.#admin.setNumberOfQueues(this.#maxQueuePairs);
-    this.createQueuePair(queueDepth, { completion, hybridSpin });
+    this.createQueuePair(queueDepth, { completion, hybridSpin, hybridBlockMs });
   }
 
   /** The VFIO device; ENODEV for a controller opened on a model (openOn), which has none. */
@@ -253,7 +253,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       queue.release();
       throw error;
     }
-    if (completion === "hybrid") this.#poller.hybrid(queue, options.hybridSpin);
+    if (completion === "hybrid") this.#poller.hybrid(queue, options.hybridSpin, options.hybridBlockMs);
     this.#ioQueues.push(queue);
     this.#allQueues.push(queue);
     return queue;

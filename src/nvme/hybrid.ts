@@ -9,6 +9,8 @@
  * while someone sleeps): while spinning, the counts pile up on the eventfd unread, and are drained
  * before each park so that a park waits for a new interrupt, not an old one.
  */
+import { ptr } from "bun:ffi";
+import { libc, POLLIN } from "../sys/libc.ts";
 import type { QueuePair } from "./queue.ts";
 
 /**
@@ -58,6 +60,14 @@ export const SAMPLES = 32;
  * of every command's path in the TCG guest, and the window need not follow faster than this.
  */
 const LEARN_EVERY = 8;
+/**
+ * The longest a queue may block the thread in poll(2) on its eventfd between the spin and the
+ * park (`hybridBlockMs`). The kernel wakes a thread blocked on an eventfd microseconds after the
+ * interrupt (C's blocking read: 3.7-3.9 us in the TCG guest, issue 27), where a wait parked in the
+ * event loop took 120-300 us and about as much CPU; a blocked thread costs no CPU. The thread is
+ * held meanwhile, as a spin holds it: timers and I/O wait up to this long.
+ */
+export const MAX_BLOCK_MS = 10;
 /** In park-at-once mode, one wait in this many is a probe (a spin of MAX_SPIN_MS): at most 1/8 of a long spin per wait. */
 export const PROBE_EVERY = 8;
 /** Looks at the rings per clock read while spinning (a clock read costs 1-4 us in the TCG guest). */
@@ -86,6 +96,8 @@ export interface HybridStats {
   found: number;
   /** Spins that ended in a park on the vector. */
   parked: number;
+  /** Of `found`, the waits that ended while the thread was blocked on the eventfd (hybridBlockMs). */
+  blocked: number;
 }
 
 /** One hybrid queue pair's learned window and what came of its spins. */
@@ -97,14 +109,20 @@ export class HybridQueue {
   #spinMs: number;
   #found = 0;
   #parked = 0;
+  #blocked = 0;
+  readonly #blockMs: number;
+  /** A struct pollfd for the blocking wait: fd, then events and revents (two shorts). */
+  readonly #pollfd = new Int32Array(2);
+  readonly #pollfdAddress = ptr(this.#pollfd);
   /** When the last spin began, and how long it was to last. */
   #spinStart = 0;
   #window = 0;
   /** Waits since the last probe, while parking at once. */
   #sinceProbe = 0;
 
-  constructor(queue: QueuePair, spin: HybridSpin | undefined) {
+  constructor(queue: QueuePair, spin: HybridSpin | undefined, blockMs = 0) {
     this.queue = queue;
+    this.#blockMs = blockMs;
     if (typeof spin === "number") {
       this.#rule = undefined;
       this.#spinMs = spin;
@@ -115,7 +133,7 @@ export class HybridQueue {
   }
 
   get stats(): HybridStats {
-    return { spinMs: this.#spinMs, found: this.#found, parked: this.#parked };
+    return { spinMs: this.#spinMs, found: this.#found, parked: this.#parked, blocked: this.#blocked };
   }
 
   /**
@@ -148,13 +166,25 @@ export class HybridQueue {
   /**
    * Park until the queue's vector fires (after a spin that found nothing). The counts raised
    * while spinning are drained first and the ring looked at once more after the drain: a
-   * completion posted before it is found there, one posted after it raises a count the wait sees. Returns what the last look found (the
-   * caller then goes on without parking) or 0 after the wake.
+   * completion posted before it is found there, one posted after it raises a count the wait sees.
+   * With a block time, the thread then blocks in poll(2) on the eventfd for up to that long
+   * (MAX_BLOCK_MS says why) before it parks in the event loop. Returns what the last look found
+   * (the caller goes on without parking) or 0 after the wake.
    */
   async park(reap: () => number): Promise<number> {
     const queue = this.queue;
-    queue.vector?.poll();
-    const found = reap();
+    const vector = queue.vector;
+    vector?.poll();
+    let found = reap();
+    if (found === 0 && vector !== undefined && this.#blockMs > 0) {
+      this.#pollfd[0] = vector.fd;
+      this.#pollfd[1] = POLLIN; // events; revents (the high half) cleared
+      if (libc().poll(this.#pollfdAddress, 1, this.#blockMs) > 0) {
+        vector.poll();
+        found = reap();
+        if (found > 0) this.#blocked++;
+      }
+    }
     if (found > 0) {
       this.#found++;
       this.#learn(performance.now() - this.#spinStart);
@@ -174,6 +204,13 @@ export class HybridQueue {
     const waits = this.#count < SAMPLES ? this.#waits.subarray(0, this.#count) : this.#waits;
     this.#spinMs = learnedSpinMs(waits, this.#rule);
   }
+}
+
+/** `hybridBlockMs` checked: whole ms (poll(2) counts in ms), 0..MAX_BLOCK_MS. */
+export function checkHybridBlock(blockMs: unknown): string | undefined {
+  if (blockMs === undefined) return undefined;
+  if (Number.isInteger(blockMs) && (blockMs as number) >= 0 && (blockMs as number) <= MAX_BLOCK_MS) return undefined;
+  return `${String(blockMs)} is not a whole number of ms in 0..${MAX_BLOCK_MS}`;
 }
 
 /** `hybridSpin` checked: a window of 0..MAX_SPIN_MS * 20 ms, or a rule of a percentile 1..100 and a multiple > 0. */

@@ -41,5 +41,12 @@ test("--hybrid rules: pNNxM is a learned rule, fixedMS a fixed window; anything 
   expect(parseHybridRule("p50x2")).toEqual({ label: "p50x2", spin: { percentile: 50, multiple: 2 } });
   expect(parseHybridRule("p90x1.25")).toEqual({ label: "p90x1.25", spin: { percentile: 90, multiple: 1.25 } });
   expect(parseHybridRule("fixed0.1")).toEqual({ label: "fixed0.1", spin: 0.1 });
+  expect(parseHybridRule("fixed0.01+block1")).toEqual({ label: "fixed0.01+block1", spin: 0.01, blockMs: 1 });
+  expect(parseHybridRule("p50x2+block2")).toEqual({
+    label: "p50x2+block2",
+    spin: { percentile: 50, multiple: 2 },
+    blockMs: 2,
+  });
   expect(() => parseHybridRule("median")).toThrow(/--hybrid: median is not/);
+  expect(() => parseHybridRule("p50x2+blockX")).toThrow(/--hybrid: p50x2\+blockX is not/);
 });

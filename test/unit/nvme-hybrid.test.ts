@@ -15,6 +15,7 @@ import {
   SAMPLES,
 } from "../../src/nvme/hybrid.ts";
 import type { QueuePair } from "../../src/nvme/queue.ts";
+import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
 import { NvmeSim, type SimCompletion } from "../support/nvme-sim.ts";
 
 test("the window is twice the median recent wait, within its bounds", () => {
@@ -135,7 +136,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
     ).toBe(0);
     expect(looks).toBe(1);
     expect(calls).toEqual({ polls: 1, waits: 1 });
-    expect(hybrid.stats).toEqual({ spinMs: 0.05, found: 0, parked: 1 });
+    expect(hybrid.stats).toEqual({ spinMs: 0.05, found: 0, parked: 1, blocked: 0 });
     // A completion that came before the drain is found by the look after it: no wait.
     expect(hybrid.spin(reapNothing)).toBe(0);
     expect(await hybrid.park(() => 1)).toBe(1);
@@ -238,4 +239,45 @@ test("hybrid mode with completions at once: found without a park; the options ar
   // A polled queue has no hybrid stats.
   controller.createQueuePair(8);
   expect(controller.stats().io.map((q) => q.hybrid === undefined)).toEqual([false, true]);
+});
+
+test("hybridBlockMs: the thread blocks on the eventfd after the spin; an interrupt ends the block, none lets it time out and park", async () => {
+  const fd = libc().eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  expect(fd).toBeGreaterThanOrEqual(0);
+  const word = new BigUint64Array(1);
+  const raise = () => libc().write(fd, word.fill(1n), 8);
+  const drain = () => (libc().read(fd, word, 8) === 8 ? Number(word[0]) : 0);
+  let waits = 0;
+  const queue = {
+    vector: { fd, poll: drain },
+    interrupt: async () => {
+      waits++;
+      return 1;
+    },
+  } as unknown as QueuePair;
+  try {
+    const hybrid = new HybridQueue(queue, 0, 1);
+    // The look after the drain finds nothing, and the controller's interrupt comes right after it:
+    // poll(2) returns at once, and the look after it finds the completion. No park.
+    let looks = 0;
+    const reap = () => {
+      looks++;
+      if (looks === 1) raise();
+      return looks === 2 ? 1 : 0;
+    };
+    expect(hybrid.spin(reap)).toBe(0);
+    expect(await hybrid.park(reap)).toBe(1);
+    expect(hybrid.stats).toMatchObject({ found: 1, blocked: 1, parked: 0 });
+    expect(waits).toBe(0);
+    // The block consumed the count: nothing left for a later wait to mistake for a new interrupt.
+    expect(drain()).toBe(0);
+    // No interrupt: the block ends after its 1 ms and the queue parks in the event loop.
+    const t0 = performance.now();
+    expect(await hybrid.park(() => 0)).toBe(0);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(0.9);
+    expect(hybrid.stats).toMatchObject({ found: 1, blocked: 1, parked: 1 });
+    expect(waits).toBe(1);
+  } finally {
+    libc().close(fd);
+  }
 });
