@@ -73,7 +73,7 @@ export class CompletionPoller {
   }
 
   /** Make `queue` (which has a vector) hybrid: spin for `spin` (a window or the rule learning it), then sleep. */
-  hybrid(queue: QueuePair, spin: HybridSpin | undefined, blockMs = 0): void {
+  hybrid(queue: QueuePair, spin: HybridSpin | undefined, blockMs?: number): void {
     this.#hybrid.set(queue, new HybridQueue(queue, spin, blockMs));
   }
 

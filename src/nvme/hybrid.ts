@@ -49,6 +49,13 @@ export const DEFAULT_SPIN_RULE: SpinRule = { percentile: 50, multiple: 2 };
  */
 export const MAX_SPIN_MS = 0.5;
 /**
+ * The longest spin of a queue that blocks on its eventfd before parking (hybridBlockMs). A block
+ * is woken by the kernel microseconds after the interrupt, not the event loop's 120-300 us, so a
+ * spin pays only for waits shorter than a few such wakes: QEMU's 60-100 us reads in the TCG guest
+ * are left to the block, a real controller's 10-20 us ones are still spun for.
+ */
+export const MAX_SPIN_BLOCKING_MS = 0.05;
+/**
  * The shortest window: a few looks at the ring, so that a completion already on its way when the
  * last one was reaped (the next of a batch) is not left for an interrupt.
  */
@@ -68,23 +75,34 @@ const LEARN_EVERY = 8;
  * held meanwhile, as a spin holds it: timers and I/O wait up to this long.
  */
 export const MAX_BLOCK_MS = 10;
-/** In park-at-once mode, one wait in this many is a probe (a spin of MAX_SPIN_MS): at most 1/8 of a long spin per wait. */
+/**
+ * The default block: 1 ms, poll(2)'s least, long enough for most waits of QEMU's controller at
+ * QD32 in the TCG guest (`bun bench nvme`: 0-1% of waits parked with it, 90-99% without), short
+ * enough that timers and I/O of the program are held no longer than a polled spin holds them.
+ */
+export const DEFAULT_BLOCK_MS = 1;
+/** In park-at-once mode, one wait in this many is a probe (a spin of the longest window): at most 1/8 of one per wait. */
 export const PROBE_EVERY = 8;
 /** Looks at the rings per clock read while spinning (a clock read costs 1-4 us in the TCG guest). */
 const CLOCK_EVERY = 16;
 
 /**
  * The spin window (ms) for these recent waits (ms): `multiple` times their `percentile`-th,
- * at least MIN_SPIN_MS; MIN_SPIN_MS when that exceeds MAX_SPIN_MS (completions come too late for a
- * spin to pay: park at once). A wait that ended in a park is Infinity here. With no waits yet,
- * MAX_SPIN_MS: the first waits are then measured by spinning, which sees them exactly.
+ * at least MIN_SPIN_MS; MIN_SPIN_MS when that exceeds `maxMs` (MAX_SPIN_MS, or
+ * MAX_SPIN_BLOCKING_MS for a queue that blocks: completions come too late for a spin to pay). A
+ * wait that ended in a park is Infinity here. With no waits yet, `maxMs`: the first waits are then
+ * measured by spinning, which sees them exactly.
  */
-export function learnedSpinMs(waits: ArrayLike<number>, rule: SpinRule = DEFAULT_SPIN_RULE): number {
-  if (waits.length === 0) return MAX_SPIN_MS;
+export function learnedSpinMs(
+  waits: ArrayLike<number>,
+  rule: SpinRule = DEFAULT_SPIN_RULE,
+  maxMs = MAX_SPIN_MS,
+): number {
+  if (waits.length === 0) return maxMs;
   const sorted = Float64Array.from(waits).sort(); // SAMPLES numbers, every LEARN_EVERY waits
   const at = Math.min(sorted.length - 1, Math.floor((rule.percentile / 100) * sorted.length));
   const window = rule.multiple * sorted[at]!;
-  if (window > MAX_SPIN_MS) return MIN_SPIN_MS;
+  if (window > maxMs) return MIN_SPIN_MS;
   return Math.max(MIN_SPIN_MS, window);
 }
 
@@ -111,6 +129,8 @@ export class HybridQueue {
   #parked = 0;
   #blocked = 0;
   readonly #blockMs: number;
+  /** MAX_SPIN_MS, or MAX_SPIN_BLOCKING_MS when the queue blocks before parking. */
+  readonly #maxSpinMs: number;
   /** A struct pollfd for the blocking wait: fd, then events and revents (two shorts). */
   readonly #pollfd = new Int32Array(2);
   readonly #pollfdAddress = ptr(this.#pollfd);
@@ -120,15 +140,16 @@ export class HybridQueue {
   /** Waits since the last probe, while parking at once. */
   #sinceProbe = 0;
 
-  constructor(queue: QueuePair, spin: HybridSpin | undefined, blockMs = 0) {
+  constructor(queue: QueuePair, spin: HybridSpin | undefined, blockMs = DEFAULT_BLOCK_MS) {
     this.queue = queue;
     this.#blockMs = blockMs;
+    this.#maxSpinMs = blockMs > 0 ? MAX_SPIN_BLOCKING_MS : MAX_SPIN_MS;
     if (typeof spin === "number") {
       this.#rule = undefined;
       this.#spinMs = spin;
     } else {
       this.#rule = spin ?? DEFAULT_SPIN_RULE;
-      this.#spinMs = learnedSpinMs([], this.#rule);
+      this.#spinMs = learnedSpinMs([], this.#rule, this.#maxSpinMs);
     }
   }
 
@@ -146,7 +167,7 @@ export class HybridQueue {
     let window = this.#spinMs;
     if (this.#rule !== undefined && window <= MIN_SPIN_MS && ++this.#sinceProbe >= PROBE_EVERY) {
       this.#sinceProbe = 0;
-      window = MAX_SPIN_MS;
+      window = this.#maxSpinMs;
     }
     this.#window = window;
     // A window of 0: the park's own look is the only one (interrupt mode with a look first).
@@ -202,7 +223,7 @@ export class HybridQueue {
     this.#waits[this.#count++ % SAMPLES] = waitMs;
     if (this.#count % LEARN_EVERY !== 0) return;
     const waits = this.#count < SAMPLES ? this.#waits.subarray(0, this.#count) : this.#waits;
-    this.#spinMs = learnedSpinMs(waits, this.#rule);
+    this.#spinMs = learnedSpinMs(waits, this.#rule, this.#maxSpinMs);
   }
 }
 

@@ -50,9 +50,10 @@ export interface NvmeControllerOptions {
 /**
  * "poll": the poller spins on the phase bit (lowest latency, one CPU busy while I/O is pending).
  * "interrupt": the queue raises an MSI-X vector; the poller sleeps in the event loop until it fires.
- * "hybrid": the queue raises MSI-X, and the poller spins for a window learned from recent
- * completions before it sleeps (hybrid.ts): polling's latency while completions come soon, no CPU
- * spent past the window while they do not.
+ * "hybrid": the queue raises MSI-X; the poller spins for a window learned from recent
+ * completions, then blocks the thread on the interrupt for up to 1 ms, then sleeps in the event
+ * loop (hybrid.ts): polling's latency while completions come soon, a wake in microseconds and no
+ * CPU while they do not, and the thread back to the program when they take long.
  */
 export type Completion = "poll" | "interrupt" | "hybrid";
 
@@ -60,14 +61,15 @@ export interface QueuePairOptions {
   completion?: Completion;
   /**
    * "hybrid" only. By default the window is learned: twice the median of the last 32 waits for a
-   * completion, 0.01 to 0.5 ms, and the shortest when the median is past 0.5 ms (a park costs
-   * less than such a spin; hybrid.ts says why). A number fixes the window (ms, 0..10); a
-   * `{ percentile, multiple }` rule learns it from another percentile.
+   * completion, at least 0.01 ms, and the shortest when that is past 0.05 ms (0.5 ms with
+   * `hybridBlockMs: 0`): a blocked or parked wake costs less than such a spin (hybrid.ts says
+   * why). A number fixes the window (ms, 0..10); a `{ percentile, multiple }` rule learns it from
+   * another percentile.
    */
   hybridSpin?: HybridSpin;
   /**
    * "hybrid" only: after the spin, block the thread in poll(2) on the queue's eventfd for up to
-   * this many ms (whole, 0..10; default 0) before sleeping in the event loop. The kernel wakes a
+   * this many ms (whole, 0..10; default 1) before sleeping in the event loop. The kernel wakes a
    * blocked thread microseconds after the interrupt and a blocked thread costs no CPU, where a
    * wake through the event loop cost 120-300 us in the TCG guest; but timers and I/O wait
    * meanwhile, as they do during a spin.

@@ -9,6 +9,7 @@ import {
   DEFAULT_SPIN_RULE,
   HybridQueue,
   learnedSpinMs,
+  MAX_SPIN_BLOCKING_MS,
   MAX_SPIN_MS,
   MIN_SPIN_MS,
   PROBE_EVERY,
@@ -34,6 +35,11 @@ test("the window is twice the median recent wait, within its bounds", () => {
   const waits = Array.from({ length: 10 }, (_, i) => 0.01 * (i + 1));
   expect(learnedSpinMs(waits, { percentile: 90, multiple: 1.25 })).toBeCloseTo(0.125);
   expect(learnedSpinMs(waits, { percentile: 100, multiple: 1 })).toBeCloseTo(0.1);
+  // A queue that blocks on its eventfd before parking spins only for waits shorter than a few of
+  // the block's wakes: QEMU's 60 us reads go to the block, 20 us ones are still spun for.
+  expect(learnedSpinMs([], DEFAULT_SPIN_RULE, MAX_SPIN_BLOCKING_MS)).toBe(MAX_SPIN_BLOCKING_MS);
+  expect(learnedSpinMs([0.06, 0.06], DEFAULT_SPIN_RULE, MAX_SPIN_BLOCKING_MS)).toBe(MIN_SPIN_MS);
+  expect(learnedSpinMs([0.02, 0.02], DEFAULT_SPIN_RULE, MAX_SPIN_BLOCKING_MS)).toBeCloseTo(0.04);
 });
 
 /**
@@ -92,7 +98,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
 
   test("a spin that finds a completion within the window does not park; the window follows the waits", async () => {
     const { queue, calls } = fakeQueue();
-    const hybrid = new HybridQueue(queue, undefined);
+    const hybrid = new HybridQueue(queue, undefined, 0);
     expect(hybrid.stats.spinMs).toBe(MAX_SPIN_MS);
     for (let i = 0; i < SAMPLES; i++) expect(hybrid.spin(reapAfter(0.05))).toBe(1);
     expect(hybrid.stats.found).toBe(SAMPLES);
@@ -121,7 +127,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
 
   test("a spin that finds nothing ends at its window; the park drains the old counts, looks again, then waits", async () => {
     const { queue, calls } = fakeQueue();
-    const hybrid = new HybridQueue(queue, 0.05);
+    const hybrid = new HybridQueue(queue, 0.05, 0);
     const t0 = clock.now;
     expect(hybrid.spin(reapNothing)).toBe(0);
     // The clock is read every 16 looks: the window's end is seen within 16 looks.
@@ -143,7 +149,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
     expect(calls).toEqual({ polls: 2, waits: 1 });
     expect(hybrid.stats.parked).toBe(1);
     // A window of 0: no look at all before the park's own.
-    const none = new HybridQueue(queue, 0);
+    const none = new HybridQueue(queue, 0, 0);
     let spun = 0;
     expect(none.spin(() => ++spun)).toBe(0);
     expect(spun).toBe(0);
@@ -151,7 +157,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
 
   test("waits longer than a park costs teach the queue to park at once; probes see when they are short again", async () => {
     const { queue } = fakeQueue();
-    const hybrid = new HybridQueue(queue, undefined);
+    const hybrid = new HybridQueue(queue, undefined, 0);
     for (let i = 0; i < 8; i++) {
       expect(hybrid.spin(reapNothing)).toBe(0);
       await hybrid.park(reapNothing);
@@ -184,7 +190,7 @@ afterEach(() => {
 function openDelayed(delayMs: number, hybridSpin?: number) {
   const sim = new NvmeSim();
   for (let i = 0; i < sim.media.length; i++) sim.media[i] = (i * 7 + 3) & 0xff;
-  const controller = NvmeController.openOn(sim, { queueDepth: 16, completion: "hybrid", hybridSpin });
+  const controller = NvmeController.openOn(sim, { queueDepth: 16, completion: "hybrid", hybridSpin, hybridBlockMs: 0 });
   opened.push(controller);
   // A timer runs only when the thread is back in the event loop: a poller that spun on instead of
   // parking would never see these completions.
