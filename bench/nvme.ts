@@ -12,9 +12,10 @@
  *
  *   bun bench nvme [--seconds S] [--rounds N] [--deep] [--hybrid RULES] [--modes poll,interrupt,hybrid] [--apis request,promise]
 
- * --hybrid gives the hybrid rows' spin rules, comma-separated: `p50x2` (twice the median recent
- * wait, the driver's default), `p90x1.25`, or `fixed0.1` (a window fixed at 0.1 ms); one row per
- * rule, labelled with it. --modes and --apis leave the other rows out (for quick comparisons).
+ * --hybrid gives the hybrid rows' spin rules, comma-separated: `default` (the driver's own),
+ * `p50x2` (twice the median recent wait), `p90x1.25`, or `fixed0.1` (a window fixed at 0.1 ms),
+ * each optionally with `+blockN` (hybridBlockMs N; else the default, 1); one row per rule,
+ * labelled with it. --modes and --apis leave the other rows out (for quick comparisons).
  *
  * --deep adds random reads at QD 64/128/256 (as CAP.MQES allows; bare loops and the driver's
  * requests, one queue pair) and the driver spread over 2 and 4 queue pairs at QD32 each, to show
@@ -81,13 +82,15 @@ export interface NvmeRaceRow {
 /** A hybrid row's rule: its label (`p50x2`, `fixed0.1`) and what it asks of the driver. */
 export interface HybridRule {
   label: string;
-  spin: HybridSpin;
+  /** hybridSpin; undefined: the driver's default rule (`default`). */
+  spin?: HybridSpin;
   /** hybridBlockMs (`+block1`). */
   blockMs?: number;
 }
 
 /** `p50x2` -> { percentile: 50, multiple: 2 }; `fixed0.1` -> 0.1 (ms); `+blockN`: hybridBlockMs N. */
 export function parseHybridRule(label: string): HybridRule {
+  if (label === "default") return { label };
   const [spin = "", block] = label.split("+block");
   const blockMs = block === undefined ? {} : { blockMs: Number(block) };
   const fixed = /^fixed(\d+(?:\.\d+)?)$/.exec(spin);

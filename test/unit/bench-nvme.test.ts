@@ -47,6 +47,7 @@ test("--hybrid rules: pNNxM is a learned rule, fixedMS a fixed window; anything 
     spin: { percentile: 50, multiple: 2 },
     blockMs: 2,
   });
+  expect(parseHybridRule("default")).toEqual({ label: "default" });
   expect(() => parseHybridRule("median")).toThrow(/--hybrid: median is not/);
   expect(() => parseHybridRule("p50x2+blockX")).toThrow(/--hybrid: p50x2\+blockX is not/);
 });
