@@ -187,10 +187,10 @@ afterEach(() => {
 });
 
 /** The model with completions held back: each is posted (and its vector raised) `delayMs` later, from a timer. */
-function openDelayed(delayMs: number, hybridSpin?: number) {
+function openDelayed(delayMs: number, hybridSpin?: number, hybridBlockMs = 0) {
   const sim = new NvmeSim();
   for (let i = 0; i < sim.media.length; i++) sim.media[i] = (i * 7 + 3) & 0xff;
-  const controller = NvmeController.openOn(sim, { queueDepth: 16, completion: "hybrid", hybridSpin, hybridBlockMs: 0 });
+  const controller = NvmeController.openOn(sim, { queueDepth: 16, completion: "hybrid", hybridSpin, hybridBlockMs });
   opened.push(controller);
   // A timer runs only when the thread is back in the event loop: a poller that spun on instead of
   // parking would never see these completions.
@@ -225,6 +225,22 @@ test("hybrid mode: nothing within the window, the poller parks and the interrupt
   expect(controller.failure).toBeUndefined();
 });
 
+test("hybrid mode, the defaults: a block that no interrupt ends times out and the poller parks; data byte-exact", async () => {
+  // The model's completions come from a timer, which cannot run while the thread is blocked: each
+  // wait blocks its 1 ms in vain, then parks, and the timer's interrupt wakes the poller.
+  const { sim, controller, ns, waited } = openDelayed(3, undefined, 1);
+  const b = controller.allocBuffer(4096);
+  const t0 = performance.now();
+  for (let i = 0; i < 4; i++) {
+    await ns.read(8 * i, 8, b);
+    expect(b.bytes).toEqual(sim.media.slice(8 * i * 512, 8 * (i + 1) * 512));
+  }
+  expect(performance.now() - t0).toBeGreaterThanOrEqual(4 * 3);
+  const stats = controller.stats().io[0]!.hybrid!;
+  expect(stats).toMatchObject({ parked: 4, blocked: 0 });
+  expect(waited()).toBeGreaterThanOrEqual(4);
+});
+
 test("hybrid mode with completions at once: found without a park; the options are checked", async () => {
   const sim = new NvmeSim();
   const controller = NvmeController.openOn(sim, { completion: "hybrid" });
@@ -239,6 +255,9 @@ test("hybrid mode with completions at once: found without a park; the options ar
   expect(bad(-1)).toThrow(expect.objectContaining({ code: "EINVAL", argument: "options.hybridSpin" }));
   expect(bad({ percentile: 0, multiple: 2 })).toThrow(/percentile 0 is outside 1..100/);
   expect(bad({ percentile: 50 })).toThrow(/multiple undefined/);
+  expect(() => controller.createQueuePair(8, { completion: "hybrid", hybridBlockMs: 0.5 })).toThrow(
+    /\(options.hybridBlockMs\): 0.5 is not a whole number of ms in 0..10/,
+  );
   expect(() => controller.createQueuePair(8, { completion: "sometimes" as never })).toThrow(
     /not "poll", "interrupt" or "hybrid"/,
   );
