@@ -95,9 +95,10 @@ export function parseHybridRule(label: string): HybridRule {
   const blockMs = block === undefined ? {} : { blockMs: Number(block) };
   const fixed = /^fixed(\d+(?:\.\d+)?)$/.exec(spin);
   if (fixed && !Number.isNaN(blockMs.blockMs)) return { label, spin: Number(fixed[1]), ...blockMs };
-  const rule = /^p(\d+)x(\d+(?:\.\d+)?)$/.exec(spin);
+  const rule = /^p(\d+)x(\d+(?:\.\d+)?)(?:max(\d+(?:\.\d+)?))?$/.exec(spin);
   if (rule && !Number.isNaN(blockMs.blockMs)) {
-    return { label, spin: { percentile: Number(rule[1]), multiple: Number(rule[2]) }, ...blockMs };
+    const maxMs = rule[3] === undefined ? {} : { maxMs: Number(rule[3]) };
+    return { label, spin: { percentile: Number(rule[1]), multiple: Number(rule[2]), ...maxMs }, ...blockMs };
   }
   throw new Error(`--hybrid: ${label} is not pNNxM (percentile, multiple) or fixedMS, then +blockN or nothing`);
 }

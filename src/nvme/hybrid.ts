@@ -28,6 +28,8 @@ import type { QueuePair } from "./queue.ts";
 export interface SpinRule {
   percentile: number;
   multiple: number;
+  /** The longest window (ms); past it, park at once. Default MAX_SPIN_MS, MAX_SPIN_BLOCKING_MS for a queue that blocks. */
+  maxMs?: number;
 }
 
 /** What `hybridSpin` may be: a window fixed in ms, or the rule that learns it. */
@@ -143,7 +145,8 @@ export class HybridQueue {
   constructor(queue: QueuePair, spin: HybridSpin | undefined, blockMs = DEFAULT_BLOCK_MS) {
     this.queue = queue;
     this.#blockMs = blockMs;
-    this.#maxSpinMs = blockMs > 0 ? MAX_SPIN_BLOCKING_MS : MAX_SPIN_MS;
+    this.#maxSpinMs =
+      (typeof spin === "object" ? spin.maxMs : undefined) ?? (blockMs > 0 ? MAX_SPIN_BLOCKING_MS : MAX_SPIN_MS);
     if (typeof spin === "number") {
       this.#rule = undefined;
       this.#spinMs = spin;
@@ -249,5 +252,8 @@ export function checkHybridSpin(spin: unknown): string | undefined {
   }
   if (typeof multiple !== "number" || !(multiple > 0 && multiple <= 100))
     return `multiple ${String(multiple)} is outside (0, 100]`;
+  const { maxMs } = rule;
+  if (maxMs !== undefined && !(typeof maxMs === "number" && maxMs >= MIN_SPIN_MS && maxMs <= 10))
+    return `maxMs ${String(maxMs)} is outside ${MIN_SPIN_MS}..10`;
   return undefined;
 }

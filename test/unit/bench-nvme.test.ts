@@ -48,6 +48,11 @@ test("--hybrid rules: pNNxM is a learned rule, fixedMS a fixed window; anything 
     blockMs: 2,
   });
   expect(parseHybridRule("default")).toEqual({ label: "default" });
+  expect(parseHybridRule("p50x2max0.5+block1")).toEqual({
+    label: "p50x2max0.5+block1",
+    spin: { percentile: 50, multiple: 2, maxMs: 0.5 },
+    blockMs: 1,
+  });
   expect(() => parseHybridRule("median")).toThrow(/--hybrid: median is not/);
   expect(() => parseHybridRule("p50x2+blockX")).toThrow(/--hybrid: p50x2\+blockX is not/);
 });

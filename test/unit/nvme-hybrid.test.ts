@@ -255,6 +255,15 @@ test("hybrid mode with completions at once: found without a park; the options ar
   expect(bad(-1)).toThrow(expect.objectContaining({ code: "EINVAL", argument: "options.hybridSpin" }));
   expect(bad({ percentile: 0, multiple: 2 })).toThrow(/percentile 0 is outside 1..100/);
   expect(bad({ percentile: 50 })).toThrow(/multiple undefined/);
+  expect(bad({ percentile: 50, multiple: 2, maxMs: 20 })).toThrow(/maxMs 20 is outside 0.01..10/);
+  // The longest window: 0.05 ms for a queue that blocks, unless the rule says otherwise.
+  const ceiling = (hybridSpin?: unknown) =>
+    controller.createQueuePair(8, { completion: "hybrid", hybridSpin: hybridSpin as number });
+  const spins = () => controller.stats().io.at(-1)!.hybrid!.spinMs;
+  ceiling();
+  expect(spins()).toBe(MAX_SPIN_BLOCKING_MS);
+  ceiling({ percentile: 50, multiple: 2, maxMs: 0.5 });
+  expect(spins()).toBe(0.5);
   expect(() => controller.createQueuePair(8, { completion: "hybrid", hybridBlockMs: 0.5 })).toThrow(
     /\(options.hybridBlockMs\): 0.5 is not a whole number of ms in 0..10/,
   );
@@ -263,7 +272,7 @@ test("hybrid mode with completions at once: found without a park; the options ar
   );
   // A polled queue has no hybrid stats.
   controller.createQueuePair(8);
-  expect(controller.stats().io.map((q) => q.hybrid === undefined)).toEqual([false, true]);
+  expect(controller.stats().io.map((q) => q.hybrid === undefined)).toEqual([false, false, false, true]);
 });
 
 test("hybridBlockMs: the thread blocks on the eventfd after the spin; an interrupt ends the block, none lets it time out and park", async () => {
