@@ -7,6 +7,7 @@
  *   bun bench nvme [--seconds S] [--rounds N]
  *   bun bench backends [--quick] [--filter REGEX]
  *   bun bench backends-pair [--quick] [--rounds N] [--slice-ms MS] [--pairs N]
+ *   bun bench nvme-slices [--rounds N] [--cycles N] [--slice-ms MS] [--qd 1,32] [--writes]
  *
  *   (default)  the cases a user tracks, 10 rounds each (about 5 minutes in the TCG guest)
  *   --full     every case, 16 rounds
@@ -23,6 +24,9 @@
  *              same boot, alternating: type1 / iommufd ratios (bench/backends.ts)
  *   backends-pair  NVMe type1 / iommufd with two controllers open at once, taking turns every
  *              20 ms (bench/backends-pair.ts)
+ *   nvme-slices  the NVMe driver (requests: caller's spin, poller, hybrid) against the bare TS and C
+ *              loops, every side on its own queue pair, taking turns in slices: per-round ratios
+ *              (bench/nvme-slices.ts)
  *
  * Where /dev/iommu exists the suite runs right here. Elsewhere it runs itself again inside the
  * QEMU guest of vm/run.ts (TCG: emulated time, so only ratios carry over), after building the C
@@ -517,6 +521,10 @@ async function main(): Promise<number> {
   if (argv[0] === "backends") {
     const { backendsBench } = await import("./backends.ts");
     return backendsBench(argv.slice(1));
+  }
+  if (argv[0] === "nvme-slices") {
+    const { nvmeSlicesBench } = await import("./nvme-slices.ts");
+    return nvmeSlicesBench(argv.slice(1));
   }
   if (argv[0] === "nvme") {
     const { nvmeBench } = await import("./nvme.ts");

@@ -143,7 +143,7 @@ const RANGE = 16 << 20;
 const SYSFS = "/sys/bus/pci/devices";
 
 /** Busy and total jiffies of the whole guest (/proc/stat's first line). */
-function guestCpu(): { busy: number; total: number } {
+export function guestCpu(): { busy: number; total: number } {
   const fields = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
   const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = fields;
   const busy = user + nice + system + irq + softirq + steal;
