@@ -5,6 +5,7 @@
  */
 import type { QueuePair } from "../../src/nvme/index.ts";
 import { kernelInterrupts } from "./kernel.ts";
+import { countVectorWaits } from "./vector-waits.ts";
 
 export interface GuestNvme {
   name: string;
@@ -110,16 +111,10 @@ export function countQueueInterrupts(
   // The queue is idle here: nothing arrives between the two readings.
   vector.poll();
   const before = kernelInterrupts(name);
-  let waited = 0;
-  const wait = vector.wait.bind(vector);
-  vector.wait = async (options) => {
-    const n = await wait(options);
-    waited += n;
-    return n;
-  };
+  const waited = countVectorWaits(vector);
   let unread = 0;
   return () => {
     unread += vector.poll();
-    return { eventfd: waited + unread, kernel: kernelInterrupts(name) - before, waited };
+    return { eventfd: waited() + unread, kernel: kernelInterrupts(name) - before, waited: waited() };
   };
 }

@@ -18,6 +18,7 @@ import {
 import type { QueuePair } from "../../src/nvme/queue.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
 import { NvmeSim, type SimCompletion } from "../support/nvme-sim.ts";
+import { countVectorWaits } from "../support/vector-waits.ts";
 
 test("the window is twice the median recent wait, within its bounds", () => {
   expect(DEFAULT_SPIN_RULE).toEqual({ percentile: 50, multiple: 2 });
@@ -198,15 +199,7 @@ function openDelayed(delayMs: number, hybridSpin?: number, hybridBlockMs = 0) {
     setTimeout(() => sim.postRaw(completion), delayMs);
     return [];
   };
-  const vector = controller.ioQueue.vector!;
-  let waited = 0;
-  const wait = vector.wait.bind(vector);
-  vector.wait = async (options) => {
-    const n = await wait(options);
-    waited += n;
-    return n;
-  };
-  return { sim, controller, ns: controller.namespace(1), waited: () => waited };
+  return { sim, controller, ns: controller.namespace(1), waited: countVectorWaits(controller.ioQueue.vector!) };
 }
 
 test("hybrid mode: nothing within the window, the poller parks and the interrupt wakes it; data byte-exact", async () => {
