@@ -12,15 +12,16 @@ import { Edu } from "../../examples/edu.ts";
 import { Iommufd, VfioDevice } from "../../src/index.ts";
 import { type BenchCase, defineSuite, Scope, type Tier } from "../suite.ts";
 
-export type IrqPath = "poll" | "await" | "await-epoll";
+export type IrqPath = "poll" | "await" | "await-epoll" | "block";
 
 const TITLE: Record<IrqPath, string> = {
   poll: "edu MSI raise -> spin on vector.poll() (one non-blocking read per turn) -> ack",
   await: "edu MSI raise -> await vector.wait() (the count is already there: one read) -> ack",
   "await-epoll": "edu MSI wait() armed before the raise -> resolved through Bun's epoll loop -> ack",
+  block: "edu MSI raise -> vector.waitBlocking() (a read, then poll(2) when none is there, as the C side) -> ack",
 };
 
-const TIER: Record<IrqPath, Tier> = { poll: "default", await: "quick", "await-epoll": "default" };
+const TIER: Record<IrqPath, Tier> = { poll: "default", await: "quick", "await-epoll": "default", block: "default" };
 
 const affinity = dlopen("libc.so.6", {
   sched_getaffinity: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
@@ -94,6 +95,12 @@ export function eduMsi(address: string, path: IrqPath) {
         events += await vector.wait();
         edu.ackInterrupt(1);
       };
+    } else if (path === "block") {
+      op = () => {
+        edu.raiseInterrupt();
+        events += vector.waitBlocking(1000);
+        edu.ackInterrupt(1);
+      };
     } else {
       op = async () => {
         const pending = vector.wait();
@@ -112,7 +119,7 @@ defineSuite({
   name: "irq",
   description: "edu MSI round trips (raise -> count in JS -> ack) against C reading the same vector's eventfd",
   cases(): Omit<BenchCase, "suite">[] {
-    return (["poll", "await", "await-epoll"] as const).map((path) => ({
+    return (["poll", "await", "await-epoll", "block"] as const).map((path) => ({
       id: `irq/edu/msi/${path}`,
       title: TITLE[path],
       k: 32,

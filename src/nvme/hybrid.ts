@@ -9,8 +9,6 @@
  * while someone sleeps): while spinning, the counts pile up on the eventfd unread, and are drained
  * before each park so that a park waits for a new interrupt, not an old one.
  */
-import { ptr } from "bun:ffi";
-import { libc, POLLIN } from "../sys/libc.ts";
 import type { QueuePair } from "./queue.ts";
 
 /**
@@ -133,9 +131,6 @@ export class HybridQueue {
   readonly #blockMs: number;
   /** MAX_SPIN_MS, or MAX_SPIN_BLOCKING_MS when the queue blocks before parking. */
   readonly #maxSpinMs: number;
-  /** A struct pollfd for the blocking wait: fd, then events and revents (two shorts). */
-  readonly #pollfd = new Int32Array(2);
-  readonly #pollfdAddress = ptr(this.#pollfd);
   /** When the last spin began, and how long it was to last. */
   #spinStart = 0;
   #window = 0;
@@ -201,10 +196,7 @@ export class HybridQueue {
     vector?.poll();
     let found = reap();
     if (found === 0 && vector !== undefined && this.#blockMs > 0) {
-      this.#pollfd[0] = vector.fd;
-      this.#pollfd[1] = POLLIN; // events; revents (the high half) cleared
-      if (libc().poll(this.#pollfdAddress, 1, this.#blockMs) > 0) {
-        vector.poll();
+      if (vector.waitBlocking(this.#blockMs) > 0) {
         found = reap();
         if (found > 0) this.#blocked++;
       }

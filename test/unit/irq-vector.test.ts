@@ -9,6 +9,7 @@ import type { IrqSet } from "../../src/vfio/irq.ts";
 import { IrqVector, READER_IDLE_MS } from "../../src/vfio/irq-vector.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
+import { PARK } from "../../bench/irq-park-shared.ts";
 
 // Passed as the typed array itself: a cached ptr() of a module-level array that no closure keeps
 // alive points at freed memory once the engine collects it (writes of garbage counts).
@@ -176,4 +177,52 @@ test("a count the armed reader took in while nothing waited goes to the next wai
   await Bun.sleep(1); // the loop's reader reads it: it is the vector's now, not the eventfd's
   expect(await v.wait()).toBe(1);
   expect(v.poll()).toBe(0);
+});
+
+test("waitBlocking: a pending count at once; a count raised by another thread wakes the block; none times out", async () => {
+  const { vector: v, signal } = vector();
+  signal();
+  signal();
+  expect(v.waitBlocking(1000)).toBe(2);
+  // Nothing pending: the block ends at its timeout with 0 and takes nothing.
+  let t0 = performance.now();
+  expect(v.waitBlocking(20)).toBe(0);
+  expect(performance.now() - t0).toBeGreaterThanOrEqual(19);
+  expect(v.waitBlocking(0)).toBe(0);
+  // A Worker adds 1 to the eventfd 30 ms after it is told to, while this thread is blocked.
+  const worker = new Worker(new URL("../../bench/irq-park-worker.ts", import.meta.url).href);
+  try {
+    const shared = new SharedArrayBuffer(PARK.bytes);
+    const control = new Int32Array(shared, 0, PARK.words);
+    control[PARK.fd] = v.fd;
+    control[PARK.delayUs] = 30_000;
+    worker.postMessage(shared);
+    await Bun.sleep(50); // the worker is listening
+    Atomics.store(control, PARK.sequence, 1);
+    Atomics.notify(control, PARK.sequence);
+    t0 = performance.now();
+    expect(v.waitBlocking(5000)).toBe(1);
+    const waited = performance.now() - t0;
+    expect(waited).toBeGreaterThanOrEqual(20);
+    expect(waited).toBeLessThan(4000);
+    Atomics.store(control, PARK.sequence, -1);
+    Atomics.notify(control, PARK.sequence);
+  } finally {
+    worker.terminate();
+  }
+});
+
+test("waitBlocking: bad timeouts are EINVAL, a pending wait() is EBUSY, a released vector EBADF", async () => {
+  const { vector: v, signal } = vector();
+  for (const bad of [-1, 1.5, Number.NaN, 60_001]) {
+    expect(() => v.waitBlocking(bad)).toThrow(
+      expect.objectContaining({ code: "EINVAL", operation: "IrqVector.waitBlocking" }),
+    );
+  }
+  const pending = v.wait();
+  expect(() => v.waitBlocking(10)).toThrow(expect.objectContaining({ code: "EBUSY" }));
+  signal();
+  expect(await pending).toBe(1);
+  v.release();
+  expect(() => v.waitBlocking(10)).toThrow(expect.objectContaining({ code: "EBADF" }));
 });

@@ -16,6 +16,8 @@ import {
   SAMPLES,
 } from "../../src/nvme/hybrid.ts";
 import type { QueuePair } from "../../src/nvme/queue.ts";
+import type { IrqSet } from "../../src/vfio/irq.ts";
+import { IrqVector } from "../../src/vfio/irq-vector.ts";
 import { EFD_CLOEXEC, EFD_NONBLOCK, libc } from "../../src/sys/libc.ts";
 import { NvmeSim, type SimCompletion } from "../support/nvme-sim.ts";
 import { countVectorWaits } from "../support/vector-waits.ts";
@@ -273,10 +275,12 @@ test("hybridBlockMs: the thread blocks on the eventfd after the spin; an interru
   expect(fd).toBeGreaterThanOrEqual(0);
   const word = new BigUint64Array(1);
   const raise = () => libc().write(fd, word.fill(1n), 8);
-  const drain = () => (libc().read(fd, word, 8) === 8 ? Number(word[0]) : 0);
+  // A real IrqVector over the eventfd (the set only carries the index): the block is its waitBlocking().
+  const vector = new IrqVector({ index: 4, info: { maskable: false } } as unknown as IrqSet, 0, fd);
+  const drain = () => vector.poll();
   let waits = 0;
   const queue = {
-    vector: { fd, poll: drain },
+    vector,
     interrupt: async () => {
       waits++;
       return 1;
@@ -305,6 +309,6 @@ test("hybridBlockMs: the thread blocks on the eventfd after the spin; an interru
     expect(hybrid.stats).toMatchObject({ found: 1, blocked: 1, parked: 1 });
     expect(waits).toBe(1);
   } finally {
-    libc().close(fd);
+    vector.release();
   }
 });
