@@ -191,9 +191,19 @@ export function readField(view: DataView, type: FieldType, at: number): number {
   }
 }
 
-/** Write a u64 as two words (little-endian) without a BigInt for exact numbers. */
+/**
+ * Write a u64 as two words (little-endian) without a BigInt for exact numbers. Small integers
+ * (every IOVA, length and offset below 2 GiB) take a path with no floating-point operation: in
+ * the TCG test guest each one is a call into QEMU's soft-float library, and the divide below
+ * and getU64's multiply cost a 4 KiB mapFile+unmap pair there 500-540 ns of JS instead of 340.
+ */
 export function putU64(words: Uint32Array, index: number, value: number | bigint): void {
   if (typeof value === "number") {
+    if ((value | 0) === value) {
+      words[index] = value;
+      words[index + 1] = 0;
+      return;
+    }
     words[index] = value >>> 0;
     words[index + 1] = (value / TWO_32) >>> 0;
   } else {
@@ -205,6 +215,8 @@ export function putU64(words: Uint32Array, index: number, value: number | bigint
 /** Read a u64 from two words: a number when exact (below 2^53), else a bigint. */
 export function getU64(words: Uint32Array, index: number): number | bigint {
   const high = words[index + 1]!;
+  // An integer, not high * 2^32 + low (a double): callers keep doing integer arithmetic with it.
+  if (high === 0) return words[index]!;
   if (high < 0x200000) return high * TWO_32 + words[index]!;
   return (BigInt(high) << 32n) | BigInt(words[index]!);
 }

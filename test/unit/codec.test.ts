@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { IO, IOW, struct } from "../../src/uapi/codec.ts";
+import { getU64, IO, IOW, putU64, struct } from "../../src/uapi/codec.ts";
 
 describe("struct codec", () => {
   const layout = struct(
@@ -35,6 +35,23 @@ describe("struct codec", () => {
     expect(buf.get("fd")).toBe(-1);
     buf.set("bytes", 7, 2);
     expect(buf.get("bytes", 2)).toBe(7);
+  });
+
+  test("putU64/getU64 (the hot paths' words) agree with DataView at every boundary of their fast paths", () => {
+    const words = new Uint32Array(2);
+    const view = new DataView(words.buffer);
+    const numbers = [0, 1, 4096, 2 ** 24, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 4096, 2 ** 53 - 1];
+    for (const value of numbers) {
+      words.fill(0xdeadbeef);
+      putU64(words, 0, value);
+      expect(view.getBigUint64(0, true)).toBe(BigInt(value));
+      expect(getU64(words, 0)).toBe(value);
+    }
+    for (const value of [2n ** 53n, 2n ** 63n + 5n, 2n ** 64n - 1n]) {
+      putU64(words, 0, value);
+      expect(view.getBigUint64(0, true)).toBe(value);
+      expect(getU64(words, 0)).toBe(value);
+    }
   });
 
   test("fill() zeroes what it does not set, so reserved fields never carry garbage", () => {
