@@ -5,7 +5,7 @@
  * instead: no Promise, nothing allocated per command.
  */
 import { argumentError } from "../sys/error.ts";
-import { flush, IoOpcode, readWrite } from "./commands.ts";
+import { flush, high32, IoOpcode, readWrite } from "./commands.ts";
 import type { DataBuffer } from "./data-buffer.ts";
 import type { NamespaceIdentity } from "./identify.ts";
 import type { QueuePair } from "./queue.ts";
@@ -115,11 +115,10 @@ export class Namespace {
     const bytes = blocks * this.blockSize;
     request.iova = this.#owner.dataIova(buffer, offset, bytes, op);
     request.length = bytes;
-    const low = lba >>> 0;
     request.opcode = opcode;
     request.nsid = this.nsid;
-    request.cdw10 = low;
-    request.cdw11 = lba > 0xffffffff ? (lba - low) / 4294967296 : 0;
+    request.cdw10 = lba >>> 0;
+    request.cdw11 = high32(lba);
     request.cdw12 = blocks - 1;
     request.cdw13 = 0;
     request.cdw14 = 0;

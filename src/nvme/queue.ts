@@ -289,7 +289,7 @@ export class QueuePair {
     const length = request.length;
     const iova = request.iova;
     // Data within its first page (no data, or a 4 KiB aligned block) needs no PRP2: decided here
-    // with an AND (exact: the low 12 bits survive ToInt32), without prp2For's double modulo.
+    // with an AND (exact: the low 12 bits survive ToInt32), without a call.
     const prp2 =
       length <= PAGE_SIZE - (iova & (PAGE_SIZE - 1))
         ? 0
