@@ -249,7 +249,12 @@ export class QueuePair {
       assertIdle(request, "NvmeRequest.submit");
     }
     if (this.#released || !this.#owner.usable) this.#assertOpen(request.opcode, "NvmeRequest.submit");
-    this.#send(request);
+    // #send's body, not a call to it: the JIT inlines only a few calls deep, and a command sent
+    // from a callback is already several deep (reap, onComplete, submitRead, issue, #post...).
+    const slot = this.#tracker.take();
+    if (slot < 0) this.#tracker.wait(request);
+    else this.#post(slot, request);
+    this.#owner.kick();
   }
 
   #assertOpen(opcode: number, operation: string): void {
