@@ -265,7 +265,6 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       const vectors = Math.min(this.#resources.msixVectorCount(), this.#grantedQueuePairs + 1);
       if (vectors < 2) throw stateError(op, "EOPNOTSUPP", "the controller has no MSI-X vectors for I/O queues");
       this.#irqs = this.#resources.enableMsix(vectors);
-      this.#health.startTimer(() => this.#poller.pending());
     }
     const vector = this.#irqs[id];
     if (vector === undefined) {

@@ -3,7 +3,7 @@
  * 2.0 section 3.1.4.6), a controller gone from the bus (CSTS reads all ones), a command past its
  * deadline, or a completion no correct controller posts (found by the queue pair). Any of them
  * fails the controller and rejects everything pending on every queue; reset() brings it back.
- * Polling finds these on its way; with interrupts a timer looks.
+ * Polling finds these on its way; while the poller sleeps on an interrupt, its timer looks.
  */
 import type { ErrnoCode } from "../sys/errno.ts";
 import { closedError, IommufdError, ioError, stateError } from "../sys/error.ts";
@@ -17,8 +17,6 @@ type State = "ready" | "failed" | "closed";
 export type Why = (command: string, detail: string) => IommufdError;
 
 const RESET_HINT = "controller.reset() brings it back";
-/** How often the timer looks while interrupt-driven commands are pending. */
-const TIMER_MS = 100;
 
 export class ControllerHealth {
   readonly #registers: ControllerRegisters;
@@ -27,7 +25,6 @@ export class ControllerHealth {
   #state: State = "ready";
   #failure: IommufdError | undefined;
   #lastCheck = 0;
-  #timer: ReturnType<typeof setInterval> | undefined;
 
   constructor(registers: ControllerRegisters, queues: readonly QueuePair[]) {
     this.#registers = registers;
@@ -123,15 +120,6 @@ export class ControllerHealth {
     for (const queue of this.#queues) queue.failAll(why);
   }
 
-  /** Look every TIMER_MS while `pending()` says commands are out: interrupts never tell of a fatal status or a lost command. */
-  startTimer(pending: () => number): void {
-    if (this.#timer !== undefined) return;
-    this.#timer = setInterval(() => {
-      if (pending() > 0) this.check(performance.now());
-    }, TIMER_MS);
-    this.#timer.unref?.();
-  }
-
   /** Taking commands again (a reset is bringing the controller up). */
   markReady(): void {
     this.#state = "ready";
@@ -144,10 +132,8 @@ export class ControllerHealth {
     this.#failure = error instanceof IommufdError ? error : ioError(operation, String(error), error);
   }
 
-  /** Closed for good: the timer stops. */
+  /** Closed for good. */
   markClosed(): void {
     this.#state = "closed";
-    if (this.#timer !== undefined) clearInterval(this.#timer);
-    this.#timer = undefined;
   }
 }

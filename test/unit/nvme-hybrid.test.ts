@@ -312,3 +312,63 @@ test("hybridBlockMs: the thread blocks on the eventfd after the spin; an interru
     vector.release();
   }
 });
+
+/** setInterval/clearInterval counted while `body` runs: how many were started, and which still tick. */
+async function withIntervalsCounted(body: (count: { started: number; live: Set<unknown> }) => Promise<void>) {
+  const count = { started: 0, live: new Set<unknown>() };
+  const realSet = globalThis.setInterval;
+  const realClear = globalThis.clearInterval;
+  globalThis.setInterval = ((handler: () => void, ms?: number) => {
+    const id = realSet(handler, ms);
+    count.started++;
+    count.live.add(id);
+    return id;
+  }) as typeof setInterval;
+  globalThis.clearInterval = ((id?: Parameters<typeof clearInterval>[0]) => {
+    count.live.delete(id);
+    realClear(id);
+  }) as typeof clearInterval;
+  try {
+    await body(count);
+  } finally {
+    globalThis.setInterval = realSet;
+    globalThis.clearInterval = realClear;
+  }
+  return count;
+}
+
+test("interrupt mode: the health timer runs only while the poller sleeps with commands pending, and finds a lost one", async () => {
+  for (const completion of ["interrupt", "hybrid"] as const) {
+    const sim = new NvmeSim();
+    const count = await withIntervalsCounted(async (count) => {
+      const controller = NvmeController.openOn(sim, { queueDepth: 16, completion, commandTimeoutMs: 150 });
+      opened.push(controller);
+      expect(controller.ioQueue.vector).toBeDefined();
+      expect(count.started).toBe(0);
+      const b = controller.allocBuffer(4096);
+      // A completion 20 ms late: the poller sleeps on the interrupt, and a timer watches meanwhile.
+      sim.tamper = (c: SimCompletion) => {
+        setTimeout(() => sim.postRaw(c), 20);
+        return [];
+      };
+      await controller.namespace(1).read(0, 8, b);
+      expect(count.started).toBe(1);
+      // Nothing pending: the timer stops at its next tick (an idle controller costs no wake-ups).
+      await Bun.sleep(250);
+      expect(count.live.size).toBe(0);
+      // The completion is lost: no interrupt ever wakes the poller, only its timer finds the deadline.
+      sim.tamper = () => [];
+      const t0 = performance.now();
+      const error = await controller.namespace(1).read(8, 8, b).then(
+        () => undefined,
+        (e: unknown) => e as { code?: string; message?: string },
+      );
+      expect(error?.code).toBe("ETIMEDOUT");
+      expect(error?.message).toContain("did not complete in time");
+      expect(performance.now() - t0).toBeLessThan(2000);
+      await Bun.sleep(250);
+    });
+    expect(count.started).toBe(2);
+    expect(count.live.size).toBe(0);
+  }
+});
