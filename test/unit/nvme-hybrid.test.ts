@@ -359,10 +359,13 @@ test("interrupt mode: the health timer runs only while the poller sleeps with co
       // The completion is lost: no interrupt ever wakes the poller, only its timer finds the deadline.
       sim.tamper = () => [];
       const t0 = performance.now();
-      const error = await controller.namespace(1).read(8, 8, b).then(
-        () => undefined,
-        (e: unknown) => e as { code?: string; message?: string },
-      );
+      const error = await controller
+        .namespace(1)
+        .read(8, 8, b)
+        .then(
+          () => undefined,
+          (e: unknown) => e as { code?: string; message?: string },
+        );
       expect(error?.code).toBe("ETIMEDOUT");
       expect(error?.message).toContain("did not complete in time");
       expect(performance.now() - t0).toBeLessThan(2000);
