@@ -270,8 +270,15 @@ export class IrqVector implements AsyncIterable<number> {
         // Counted even from a reader being stopped: Bun read it from the eventfd.
         if (value && this.#fd >= 0) this.#pending = addCounts(this.#pending, sumCounters(value));
         if (done || this.#reader !== reader) return;
-        this.#readNext(reader);
-        this.#deliver();
+        this.#deliver(false);
+        // After the waiter's continuation: the next read (a read(2) and an epoll re-arm by Bun) and
+        // the idle clock are not on the wake's path. A read still pends before the thread goes
+        // back to the event loop, so no count waits in the stream's queue.
+        queueMicrotask(() => {
+          if (this.#reader !== reader) return;
+          this.#readNext(reader);
+          if (!this.#waiter) this.#waitEnded();
+        });
       },
       (error: unknown) => {
         if (this.#reader !== reader) return;
@@ -321,12 +328,12 @@ export class IrqVector implements AsyncIterable<number> {
     return waiter;
   }
 
-  #deliver(): void {
+  #deliver(idleClock = true): void {
     if (!this.#waiter || this.#pending === 0) return;
     const count = this.#pending;
     this.#pending = 0;
     this.#takeWaiter()!.resolve(count);
-    this.#waitEnded();
+    if (idleClock) this.#waitEnded();
   }
 
   /** @internal Called by the set once the kernel no longer signals the eventfd. */
