@@ -46,6 +46,7 @@ import { measureHostJsCostInProcesses } from "./hotpath.ts";
 import { judge, MAX_MARGIN } from "./noise.ts";
 import { type CaseResult, type Interval, runCase, runMode } from "./runner.ts";
 import {
+  codeHash,
   compare,
   machine,
   previousResults,
@@ -259,20 +260,12 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
   };
 }
 
-/**
- * What was measured, apart from saved results: a hash of the committed tree of src/, bench/
- * (without bench/results/) and vm/. Two runs of one code are A/A runs even when a commit of
- * results lies between them (bench/noise.ts groups by it).
- */
-function codeVersion(): string | undefined {
-  const listing = git(["ls-tree", "-r", "HEAD", "--", "src", "bench", "vm"])
-    .split("\n")
-    .filter((line) => !line.includes("\tbench/results/"))
-    .join("\n");
-  return listing ? new Bun.CryptoHasher("sha1").update(listing).digest("hex").slice(0, 12) : undefined;
+/** What was measured (results.ts codeHash): the committed src/, bench/ and vm/ at `rev`. */
+export function codeVersion(rev = "HEAD"): string | undefined {
+  return codeHash(git(["ls-tree", "-r", rev, "--", "src", "bench", "vm"]));
 }
 
-function git(argv: string[]): string {
+export function git(argv: string[]): string {
   const r = Bun.spawnSync(["git", ...argv], { cwd: root, stdout: "pipe", stderr: "pipe" });
   return r.exitCode === 0 ? r.stdout.toString().trim() : "";
 }

@@ -59,11 +59,24 @@ export interface Change {
 export type Schema = 1 | 2 | 3;
 export const SCHEMA = 3;
 
+/**
+ * The code a tree measures, from its `git ls-tree -r` listing of src/, bench/ and vm/: saved
+ * results and docs (*.md) left out, so two runs of one code are A/A runs (bench/noise.ts groups by
+ * this) even with a commit of results or a README edit between them.
+ */
+export function codeHash(listing: string): string | undefined {
+  const code = listing
+    .split("\n")
+    .filter((line) => line !== "" && !line.includes("\tbench/results/") && !line.endsWith(".md"))
+    .join("\n");
+  return code ? new Bun.CryptoHasher("sha1").update(code).digest("hex").slice(0, 12) : undefined;
+}
+
 export interface Results extends Measurement {
   schema: Schema;
   date: string;
   commit: string;
-  /** Hash of the committed src/, bench/ (without results) and vm/: the code measured (bench/main.ts). */
+  /** codeHash of the committed src/, bench/ and vm/: the code measured. */
   code?: string;
   dirty: boolean;
   mode: Tier;

@@ -5,7 +5,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from "../../bench/noise.ts";
-import { readResults, type Results, type Saved } from "../../bench/results.ts";
+import { codeHash, readResults, type Results, type Saved } from "../../bench/results.ts";
 import type { CaseResult, Interval } from "../../bench/runner.ts";
 
 function iv(median: number, spread = 0.02): Interval {
@@ -20,6 +20,27 @@ function run(commit: string, date: string, ratios: Record<string, number>, extra
   const results = { schema: 3, mode: "default", commit, date, dirty: false, cases, ...extra } as Results;
   return { file: `${date}-${commit}-default.json`, path: "", results };
 }
+
+describe("the code a run measured", () => {
+  const tree = [
+    "100644 blob 1111111111111111111111111111111111111111\tsrc/index.ts",
+    "100644 blob 2222222222222222222222222222222222222222\tbench/main.ts",
+    "100644 blob 3333333333333333333333333333333333333333\tbench/README.md",
+    "100644 blob 4444444444444444444444444444444444444444\tbench/results/2026-12-07T000000Z-abc-default.json",
+  ];
+  const hash = (edit: (lines: string[]) => string[]) => codeHash(edit([...tree]).join("\n"));
+  test("a docs edit or a saved run leaves it as it was", () => {
+    const before = hash((l) => l);
+    expect(before).toMatch(/^[0-9a-f]{12}$/);
+    expect(hash((l) => l.map((x) => x.replace("3333", "5555")))).toBe(before);
+    expect(hash((l) => [...l, "100644 blob 6666666666666666666666666666666666666666\tbench/results/x.json"])).toBe(
+      before,
+    );
+  });
+  test("a code edit changes it", () => {
+    expect(hash((l) => l.map((x) => x.replace("2222", "7777")))).not.toBe(hash((l) => l));
+  });
+});
 
 describe("learned noise", () => {
   test("rms of each run's log distance from the median of the other runs of its commit", () => {
