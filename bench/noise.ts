@@ -11,9 +11,17 @@
  * group, and how far each run's median lies from the median of the other runs of its group is
  * what identical code does.
  *
+ * A/A runs taken back to back share the machine's state, and the machine does not keep one: on
+ * some hours the same guest ran C's mock 4 KiB pair in 13.5 us, on others in 20-30, and lib/C moved
+ * with it (map/mock/4KiB +19% on a commit that did not touch the map path; irq/edu/msi/block -9.5%
+ * on identical code). So each case's noise is also taken from how far its median moves between
+ * consecutive runs of the history, of any code (its drift: 1.4826 x the median of those moves, a
+ * standard deviation that the few moves real changes make do not shift), once DRIFT_MIN_PAIRS
+ * such moves exist; the larger of the two is the case's noise.
+ *
  * The rule: a case moved when its median lies beyond the reference (the median of the medians of
- * the newest run's code's runs) by more than NOISE_Z times its A/A noise (root mean square of those
- * deviations), and never by less than MIN_MARGIN. A case whose margin would exceed MAX_MARGIN cannot
+ * the newest run's code's runs) by more than NOISE_Z times its noise, and never by less than
+ * MIN_MARGIN. A case whose margin would exceed MAX_MARGIN cannot
  * resolve a change worth reporting and is listed as too noisy instead. A case with no A/A history
  * yet falls back to the interval rule of results.ts (`compare`) against the last run.
  */
@@ -26,6 +34,8 @@ export const MIN_MARGIN = 0.07;
 export const MAX_MARGIN = 0.3;
 /** At most this many runs of the last commit make the reference. */
 export const REFERENCE_RUNS = 4;
+/** Moves between consecutive runs a case needs before its drift counts (a median of fewer says little). */
+export const DRIFT_MIN_PAIRS = 4;
 
 type Metric = "ratio" | "speedup";
 const METRICS: Metric[] = ["ratio", "speedup"];
@@ -101,6 +111,18 @@ export function learnNoise(runs: Results[]): Map<string, CaseNoise> {
   return out;
 }
 
+/**
+ * How far a case's median moves from one run to the next over `runs` (oldest first, any code):
+ * 1.4826 x the median of |log(m[i] / m[i-1])|, the standard deviation those moves would have if
+ * normal, robust to the few that real changes make. Undefined with fewer than DRIFT_MIN_PAIRS moves.
+ */
+export function driftOf(runs: Results[], id: string, metric: Metric): number | undefined {
+  const medians = runs.map((r) => medianOf(r, id, metric)).filter((m): m is number => m !== undefined && m > 0);
+  const moves: number[] = [];
+  for (let i = 1; i < medians.length; i++) moves.push(Math.abs(Math.log(medians[i]! / medians[i - 1]!)));
+  return moves.length < DRIFT_MIN_PAIRS ? undefined : 1.4826 * median(moves);
+}
+
 /** The runs of the newest run's code (at most REFERENCE_RUNS of them, the newest). */
 export function referenceRuns(history: Saved[]): Saved[] {
   const last = history.at(-1);
@@ -143,7 +165,13 @@ export function judge(now: Results, history: Saved[]): Judgement {
         fallback.push(c.id);
         continue;
       }
-      const margin = Math.max(MIN_MARGIN, Math.exp(NOISE_Z * learned.rms) - 1);
+      const drift = driftOf(
+        runs.map((s) => s.results),
+        c.id,
+        metric,
+      );
+      const sigma = Math.max(learned.rms, drift ?? 0);
+      const margin = Math.max(MIN_MARGIN, Math.exp(NOISE_Z * sigma) - 1);
       if (margin > MAX_MARGIN) {
         judgement.tooNoisy[key(c.id, metric)] = margin;
         continue;
@@ -165,7 +193,7 @@ export function judge(now: Results, history: Saved[]): Judgement {
         text:
           `${worse ? "REGRESSION" : "improved  "} ${c.id}: ${what} ${fmtInterval(after)}, reference ${ref.median.toFixed(3)} ` +
           `(${before.length} run(s)); moved ${pct}, beyond its margin of ${(margin * 100).toFixed(1)}% ` +
-          `(${NOISE_Z} x A/A noise ${(learned.rms * 100).toFixed(1)}% rms over ${learned.samples} runs)`,
+          `(${NOISE_Z} x ${sigma === learned.rms ? `A/A noise ${(learned.rms * 100).toFixed(1)}% rms over ${learned.samples} runs` : `drift ${(sigma * 100).toFixed(1)}% between consecutive runs`})`,
       });
     }
   }
