@@ -44,7 +44,7 @@ import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { measureHostJsCostInProcesses } from "./hotpath.ts";
 import { judge, MAX_MARGIN } from "./noise.ts";
-import { type CaseResult, type Interval, runCase, runMode } from "./runner.ts";
+import { type CaseResult, type Interval, runCase, runInterleaved, runMode } from "./runner.ts";
 import {
   codeHash,
   compare,
@@ -222,12 +222,17 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
   say(`${cases.length} case(s), ${mode.rounds} rounds of interleaved slices each (${mode.tier} run)`);
   const results: CaseResult[] = [];
   let suite = "";
-  for (const [i, spec] of cases.entries()) {
+  for (let i = 0; i < cases.length; ) {
+    const spec = cases[i]!;
     if (spec.suite !== suite) {
       suite = spec.suite;
       say(`== ${suite}: ${registeredSuites().find((s) => s.name === suite)?.description ?? ""} ==`);
     }
-    results.push(await runCase(spec, env, mode, cBinary, say, i === 0));
+    let end = i + 1;
+    if (spec.interleave) while (cases[end]?.interleave && cases[end]!.suite === suite) end++;
+    if (end - i > 1) results.push(...(await runInterleaved(cases.slice(i, end), env, mode, cBinary, say, i === 0)));
+    else results.push(await runCase(spec, env, mode, cBinary, say, i === 0));
+    i = end;
   }
   const shmemThp = readTrimmed("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
   return {
@@ -239,7 +244,7 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
       statistic:
         "time: median over the rounds of each round's median time per operation; ratio: median over the rounds of each round's median over its slice pairs of lib median / C median",
       order:
-        "per case, rounds of short slices (about minMs / slices a side, samples of about 1 ms), the sides alternating slice by slice: C, lib (, ref) then (ref,) lib, C, ...",
+        "per case, rounds of short slices (about minMs / slices a side, samples of about 1 ms), the sides alternating slice by slice: C, lib (, ref) then (ref,) lib, C, ...; cases marked interleave (the per-call map cases) take turns round by round",
       interval:
         "min..max of the rounds (covers the median with 1 - 2/2^n: 99.8% for 10 rounds; spans the machine's states during the run)",
     },
@@ -387,10 +392,10 @@ function finish(
     const reg = results.changes.filter((c) => c.kind === "regression");
     const noisy = Object.keys(results.tooNoisy ?? {});
     say(
-      `compared with ${results.reference.length} run(s) of ${results.reference.at(-1)!.split("-").at(-2)} (each case against its own A/A noise floor): ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s)`,
+      `compared with ${results.reference.length} run(s) of ${results.reference.at(-1)!.split("-").at(-2)} (each case against its own noise: A/A runs, or its drift between runs when larger): ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s)`,
     );
     for (const c of results.changes) say(c.text);
-    if (noisy.length) say(`too noisy to judge (A/A margin over ${MAX_MARGIN * 100}%): ${noisy.join(", ")}`);
+    if (noisy.length) say(`too noisy to judge (margin over ${MAX_MARGIN * 100}%): ${noisy.join(", ")}`);
   } else if (previous) {
     const reg = results.changes.filter((c) => c.kind === "regression");
     say(

@@ -168,19 +168,6 @@ export function interval(values: number[]): Interval | undefined {
 
 type Log = (line: string) => void;
 
-/** One iteration: k operations, sync or async as the case's op turned out to be. */
-function iteration(op: () => unknown, k: number, isAsync: boolean): () => unknown {
-  if (isAsync) {
-    return async () => {
-      for (let i = 0; i < k; i++) await op();
-    };
-  }
-  if (k === 1) return op;
-  return () => {
-    for (let i = 0; i < k; i++) op();
-  };
-}
-
 export async function warmUp(
   op: () => unknown,
   rule: RunMode["warmup"],
@@ -206,31 +193,24 @@ export async function warmUp(
  * the first run after the other side's slice pays for the switch (in the guest: 2x, more for
  * the C side), and a plan with one or two samples a slice then moved a ratio by 15-30%. Not mitata's measure(): it compiles
  * a new sampling function per call, 53 ms a call in the TCG guest, four times a slice's budget.
+ *
+ * The loop is compiled once per slicer, not shared: a shared loop calls every case's op from one
+ * call site, and with the interleaved cases alive together that site stops inlining the op (on the
+ * host, 8 cases taking turns: 173-177 ns per getppid against 166-172 one case at a time).
  */
 export function slicer(op: () => unknown, ops: number, isAsync: boolean): (samples: number) => Promise<number[]> {
-  const run = iteration(op, ops, isAsync);
-  if (isAsync) {
-    return async (samples) => {
-      await run();
-      const times = new Array<number>(samples);
-      for (let i = 0; i < samples; i++) {
-        const t0 = Bun.nanoseconds();
-        await run();
-        times[i] = (Bun.nanoseconds() - t0) / ops;
-      }
-      return times;
-    };
-  }
-  return async (samples) => {
-    run();
-    const times = new Array<number>(samples);
+  const wait = isAsync ? "await " : "";
+  const body = `return async (samples) => {
+    for (let j = 0; j < ops; j++) ${wait}op();
+    const times = new Array(samples);
     for (let i = 0; i < samples; i++) {
-      const t0 = Bun.nanoseconds();
-      run();
-      times[i] = (Bun.nanoseconds() - t0) / ops;
+      const t0 = now();
+      for (let j = 0; j < ops; j++) ${wait}op();
+      times[i] = (now() - t0) / ops;
     }
     return times;
-  };
+  };`;
+  return new Function("op", "ops", "now", body)(op, ops, Bun.nanoseconds);
 }
 
 /** Runs one case through all its rounds. Never throws: failures land in `errors`. */
@@ -242,6 +222,55 @@ export async function runCase(
   log: Log,
   firstCase: boolean,
 ): Promise<CaseResult> {
+  const open = await openCase(spec, env, mode, cBinary, log, firstCase);
+  for (let r = 0; r < mode.rounds; r++) await open.round(r);
+  return open.finish();
+}
+
+/**
+ * Runs cases round by round, taking turns: round r of each, then round r + 1 of each (the order
+ * reversed every other round). A spell of a few seconds in which the machine runs the library
+ * side slower (seen here: one case's lib/C 15% high in 9 of its 10 rounds while its C side kept
+ * its speed, in one of four runs of the same code) then lands in a round or two of every case
+ * instead of in every round of one, and each case's median over its rounds leaves it out. Only for
+ * cases whose setups can be held open together (their own iommufd and memory, a few MiB).
+ */
+export async function runInterleaved(
+  specs: BenchCase[],
+  env: BenchEnv,
+  mode: RunMode,
+  cBinary: string | undefined,
+  log: Log,
+  firstCase: boolean,
+): Promise<CaseResult[]> {
+  const open: OpenCase[] = [];
+  for (const [i, spec] of specs.entries())
+    open.push(await openCase(spec, env, mode, cBinary, log, firstCase && i === 0));
+  for (let r = 0; r < mode.rounds; r++) {
+    for (const one of r % 2 === 0 ? open : [...open].reverse()) await one.round(r);
+  }
+  // Each case's line in the plan's order (none of these throws).
+  const results: CaseResult[] = [];
+  for (const one of open) results.push(await one.finish());
+  return results;
+}
+
+interface OpenCase {
+  /** Runs round `r` (nothing once the case failed). */
+  round(r: number): Promise<void>;
+  /** Summarizes, logs, and closes the C process and the setup. Never throws. */
+  finish(): Promise<CaseResult>;
+}
+
+/** Sets a case up, starts its C side, warms every side and plans its slices. Never throws. */
+async function openCase(
+  spec: BenchCase,
+  env: BenchEnv,
+  mode: RunMode,
+  cBinary: string | undefined,
+  log: Log,
+  firstCase: boolean,
+): Promise<OpenCase> {
   const result: CaseResult = {
     id: spec.id,
     suite: spec.suite,
@@ -256,10 +285,56 @@ export async function runCase(
     warmupOps: {},
     errors: [],
   };
-  const t0 = performance.now();
+  let busy = 0;
+  const timed = async <T>(work: () => Promise<T>): Promise<T> => {
+    const t0 = performance.now();
+    try {
+      return await work();
+    } finally {
+      busy += performance.now() - t0;
+    }
+  };
   let instance: CaseInstance | undefined;
   let c: CProcess | undefined;
-  try {
+  let failed = false;
+  const fail = (error: unknown) => {
+    failed = true;
+    result.errors.push((error as Error).message);
+    log(`  ${spec.id.padEnd(34)} error: ${(error as Error).message}`);
+    c?.kill();
+    c = undefined;
+  };
+  let round: (r: number) => Promise<void> = async () => {};
+  const handle: OpenCase = {
+    round: (r) => (failed ? Promise.resolve() : timed(() => round(r)).catch(fail)),
+    async finish() {
+      if (!failed) {
+        const rounds = result.rounds;
+        result.lib = interval(rounds.map((x) => x.lib.p50));
+        result.c = interval(rounds.flatMap((x) => (x.c ? [x.c.p50] : [])));
+        result.ref = interval(rounds.flatMap((x) => (x.ref ? [x.ref.p50] : [])));
+        result.ratio = interval(rounds.flatMap((x) => (x.ratio !== undefined ? [x.ratio] : [])));
+        result.speedup = interval(rounds.flatMap((x) => (x.speedup !== undefined ? [x.speedup] : [])));
+        if (result.lib && spec.bytes) result.gibPerSec = spec.bytes / 2 ** 30 / (result.lib.median / 1e9);
+        log(describe(result));
+      }
+      const t0 = performance.now();
+      try {
+        await c?.close();
+      } catch (error) {
+        result.errors.push((error as Error).message);
+      }
+      try {
+        instance?.close();
+      } catch (error) {
+        result.errors.push(`teardown: ${(error as Error).message}`);
+      }
+      busy += performance.now() - t0;
+      result.seconds = Math.round(busy / 10) / 100;
+      return result;
+    },
+  };
+  await timed(async () => {
     instance = await spec.setup(env);
     result.layout = instance.layout;
     if (spec.c && !instance.c) result.errors.push("the case plans a C side but its setup gave none");
@@ -297,7 +372,7 @@ export async function runCase(
           ? libSlice(plan.samplesPerSlice)
           : refSlice!(plan.samplesPerSlice);
     const sides: SideName[] = [...(c ? (["c"] as const) : []), "lib", ...(ref ? (["ref"] as const) : [])];
-    for (let r = 0; r < mode.rounds; r++) {
+    round = async (r) => {
       // Garbage of the last round is collected outside the timed slices, as mitata does per run.
       Bun.gc(true);
       const order = r % 2 === 0 ? sides : [...sides].reverse();
@@ -312,40 +387,15 @@ export async function runCase(
         }
         slices.push(sliceMedians);
       }
-      const round: Round = { order, lib: summarize(times.lib, plan.opsPerSample), slices };
-      if (c) round.c = summarize(times.c, plan.opsPerSample);
-      if (ref) round.ref = summarize(times.ref, plan.opsPerSample);
-      if (c) round.ratio = median(slices.map((x) => x.lib! / x.c!));
-      if (ref) round.speedup = median(slices.map((x) => x.ref! / x.lib!));
-      result.rounds.push(round);
-    }
-    const rounds = result.rounds;
-    result.lib = interval(rounds.map((x) => x.lib.p50));
-    result.c = interval(rounds.flatMap((x) => (x.c ? [x.c.p50] : [])));
-    result.ref = interval(rounds.flatMap((x) => (x.ref ? [x.ref.p50] : [])));
-    result.ratio = interval(rounds.flatMap((x) => (x.ratio !== undefined ? [x.ratio] : [])));
-    result.speedup = interval(rounds.flatMap((x) => (x.speedup !== undefined ? [x.speedup] : [])));
-    if (result.lib && spec.bytes) result.gibPerSec = spec.bytes / 2 ** 30 / (result.lib.median / 1e9);
-    log(describe(result));
-  } catch (error) {
-    result.errors.push((error as Error).message);
-    log(`  ${spec.id.padEnd(34)} error: ${(error as Error).message}`);
-    c?.kill();
-    c = undefined;
-  } finally {
-    try {
-      await c?.close();
-    } catch (error) {
-      result.errors.push((error as Error).message);
-    }
-    try {
-      instance?.close();
-    } catch (error) {
-      result.errors.push(`teardown: ${(error as Error).message}`);
-    }
-    result.seconds = Math.round((performance.now() - t0) / 10) / 100;
-  }
-  return result;
+      const done: Round = { order, lib: summarize(times.lib, plan.opsPerSample), slices };
+      if (c) done.c = summarize(times.c, plan.opsPerSample);
+      if (ref) done.ref = summarize(times.ref, plan.opsPerSample);
+      if (c) done.ratio = median(slices.map((x) => x.lib! / x.c!));
+      if (ref) done.speedup = median(slices.map((x) => x.ref! / x.lib!));
+      result.rounds.push(done);
+    };
+  }).catch(fail);
+  return handle;
 }
 
 function fmtInterval(i: Interval | undefined, f: (x: number) => string): string {

@@ -101,6 +101,11 @@ export interface BenchCase {
   c: boolean;
   /** Whether the plan includes a reference side (speedup). */
   reference?: boolean;
+  /**
+   * Measured round by round, taking turns with the interleaved cases next to it in the plan
+   * (runner.ts runInterleaved). Only for setups that can all be held open at once.
+   */
+  interleave?: boolean;
   /** Why the case cannot run on this machine, or undefined when it can. Checked before setup. */
   skip?(env: BenchEnv): string | undefined;
   setup(env: BenchEnv): CaseInstance | Promise<CaseInstance>;

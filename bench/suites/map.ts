@@ -251,6 +251,9 @@ defineSuite({
       tier: p.tier,
       tracked: p.tier !== "full",
       c: true,
+      // The per-call cases, each its own iommufd and a page or a few: their lib/C is the one a
+      // slow spell of the machine moves most, so their rounds take turns (runner.ts).
+      interleave: (p.domain === "none" || p.domain === "mock") && p.size <= 64 * KiB,
       skip: (env) => whyNot(p, env),
       setup: (env) => setup(p, env),
     }));

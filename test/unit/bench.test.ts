@@ -11,7 +11,15 @@ import { innerInterval } from "../../bench/backends-pair.ts";
 import { BaselineError, buildBaseline, CProcess } from "../../bench/baseline.ts";
 import { plan, smokeProblems } from "../../bench/main.ts";
 import { compare, hostPaths, scrubbed, type Results } from "../../bench/results.ts";
-import { interval, planSlices, runCase, runMode, type CaseResult, type Interval } from "../../bench/runner.ts";
+import {
+  interval,
+  planSlices,
+  runCase,
+  runInterleaved,
+  runMode,
+  type CaseResult,
+  type Interval,
+} from "../../bench/runner.ts";
 import { dlopen, FFIType } from "bun:ffi";
 import { type BenchCase, TIERS, type BenchEnv } from "../../bench/suite.ts";
 
@@ -337,6 +345,63 @@ describe("the C side", () => {
     expect(r.ratio!.lo).toBeLessThanOrEqual(r.ratio!.median);
     expect(r.ratio!.median).toBeLessThanOrEqual(r.ratio!.hi);
     expect(r.warmupOps.c).toBeGreaterThan(0);
+  }, 60_000);
+
+  test("interleaved cases take turns round by round, report in plan order, and one failing stops no other", async () => {
+    const binary = built();
+    // Which case ran when: a lib op appends its case's letter unless the last op was its own.
+    const timeline: string[] = [];
+    const opened: string[] = [];
+    const closed: string[] = [];
+    const spec = (name: string, broken = false): BenchCase => ({
+      id: `selftest/${name}`,
+      suite: "selftest",
+      title: name,
+      k: 1,
+      tier: "quick",
+      tracked: true,
+      c: true,
+      interleave: true,
+      setup: () => {
+        opened.push(name);
+        if (broken) throw new Error(`${name} cannot be set up`);
+        return {
+          lib: () => {
+            if (timeline.at(-1) !== name) timeline.push(name);
+          },
+          c: { op: "syscall_getppid", fds: [], args: [] },
+          close: () => closed.push(name),
+        };
+      },
+    });
+    const lines: string[] = [];
+    const mode = { ...runMode("quick"), rounds: 4, minMs: 2 };
+    const results = await runInterleaved(
+      [spec("a"), spec("b", true), spec("c")],
+      env,
+      mode,
+      binary,
+      (l) => lines.push(l),
+      false,
+    );
+    expect(results.map((r) => r.id)).toEqual(["selftest/a", "selftest/b", "selftest/c"]);
+    expect(opened).toEqual(["a", "b", "c"]);
+    expect(closed).toEqual(["a", "c"]);
+    expect(results[1]!.errors.join()).toContain("b cannot be set up");
+    for (const r of [results[0]!, results[2]!]) {
+      expect(r.errors).toEqual([]);
+      expect(r.rounds).toHaveLength(4);
+    }
+    // Runs of one case's ops in order: a and c warmed up (a, c), then round 0 a, c; round 1 c, a;
+    // round 2 a, c; round 3 c, a. Consecutive runs of one case merge: "ac" + "ac" + "a" + "c" + "a".
+    // Case by case it would be "acac"; without the reversal "acacacacac".
+    expect(timeline.join("")).toBe("acacaca");
+    // A line per case, in plan order, once all rounds are done.
+    expect(lines.filter((l) => l.includes("selftest/")).map((l) => l.trim().split(" ")[0])).toEqual([
+      "selftest/b",
+      "selftest/a",
+      "selftest/c",
+    ]);
   }, 60_000);
 
   test("a case whose C side fails reports the error, closes, and fails the smoke test", async () => {
