@@ -44,7 +44,7 @@ import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { measureHostJsCostInProcesses } from "./hotpath.ts";
 import { judge, MAX_MARGIN } from "./noise.ts";
-import { type CaseResult, type Interval, runCase, runInterleaved, runMode } from "./runner.ts";
+import { type CaseResult, type Interval, runInterleaved, runMode } from "./runner.ts";
 import {
   codeHash,
   compare,
@@ -228,10 +228,10 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
       suite = spec.suite;
       say(`== ${suite}: ${registeredSuites().find((s) => s.name === suite)?.description ?? ""} ==`);
     }
+    // A case alone, or the interleaved cases next to it taking turns.
     let end = i + 1;
     if (spec.interleave) while (cases[end]?.interleave && cases[end]!.suite === suite) end++;
-    if (end - i > 1) results.push(...(await runInterleaved(cases.slice(i, end), env, mode, cBinary, say, i === 0)));
-    else results.push(await runCase(spec, env, mode, cBinary, say, i === 0));
+    results.push(...(await runInterleaved(cases.slice(i, end), env, mode, cBinary, say, i === 0)));
     i = end;
   }
   const shmemThp = readTrimmed("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
@@ -265,12 +265,12 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
   };
 }
 
-/** What was measured (results.ts codeHash): the committed src/, bench/ and vm/ at `rev`. */
-export function codeVersion(rev = "HEAD"): string | undefined {
-  return codeHash(git(["ls-tree", "-r", rev, "--", "src", "bench", "vm"]));
+/** What was measured (results.ts codeHash): the committed src/, bench/ and vm/. */
+function codeVersion(): string | undefined {
+  return codeHash(git(["ls-tree", "-r", "HEAD", "--", "src", "bench", "vm"]));
 }
 
-export function git(argv: string[]): string {
+function git(argv: string[]): string {
   const r = Bun.spawnSync(["git", ...argv], { cwd: root, stdout: "pipe", stderr: "pipe" });
   return r.exitCode === 0 ? r.stdout.toString().trim() : "";
 }

@@ -152,7 +152,8 @@ export function judge(now: Results, history: Saved[]): Judgement {
     byInterval: [],
   };
   if (reference.length === 0) return judgement;
-  const noise = learnNoise(runs.map((s) => s.results));
+  const comparableResults = runs.map((s) => s.results);
+  const noise = learnNoise(comparableResults);
   const fallback: string[] = [];
   for (const c of now.cases) {
     if (!c.tracked) continue;
@@ -165,11 +166,7 @@ export function judge(now: Results, history: Saved[]): Judgement {
         fallback.push(c.id);
         continue;
       }
-      const drift = driftOf(
-        runs.map((s) => s.results),
-        c.id,
-        metric,
-      );
+      const drift = driftOf(comparableResults, c.id, metric);
       const sigma = Math.max(learned.rms, drift ?? 0);
       const margin = Math.max(MIN_MARGIN, Math.exp(NOISE_Z * sigma) - 1);
       if (margin > MAX_MARGIN) {

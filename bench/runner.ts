@@ -222,13 +222,12 @@ export async function runCase(
   log: Log,
   firstCase: boolean,
 ): Promise<CaseResult> {
-  const open = await openCase(spec, env, mode, cBinary, log, firstCase);
-  for (let r = 0; r < mode.rounds; r++) await open.round(r);
-  return open.finish();
+  return (await runInterleaved([spec], env, mode, cBinary, log, firstCase))[0]!;
 }
 
 /**
- * Runs cases round by round, taking turns: round r of each, then round r + 1 of each (the order
+ * Runs cases round by round, taking turns (one case alone: its rounds in turn). Never throws:
+ * failures land in each case's `errors`. Round r of each, then round r + 1 of each (the order
  * reversed every other round). A spell of a few seconds in which the machine runs the library
  * side slower (seen here: one case's lib/C 15% high in 9 of its 10 rounds while its C side kept
  * its speed, in one of four runs of the same code) then lands in a round or two of every case
