@@ -14,7 +14,7 @@
 
  * --hybrid gives the hybrid rows' spin rules, comma-separated: `default` (the driver's own),
  * `p50x2` (twice the median recent wait), `p90x1.25`, or `fixed0.1` (a window fixed at 0.1 ms),
- * each optionally with `+blockN` (hybridBlockMs N; else the default, 1); one row per rule,
+ * each optionally with `+blockN` (blockMs N; else the default, 1); one row per rule,
  * labelled with it. --modes and --apis leave the other rows out (for quick comparisons).
  *
  * --deep adds random reads at QD 64/128/256 (as CAP.MQES allows; bare loops and the driver's
@@ -84,11 +84,11 @@ export interface HybridRule {
   label: string;
   /** hybridSpin; undefined: the driver's default rule (`default`). */
   spin?: HybridSpin;
-  /** hybridBlockMs (`+block1`). */
+  /** blockMs (`+block1`). */
   blockMs?: number;
 }
 
-/** `p50x2` -> { percentile: 50, multiple: 2 }; `fixed0.1` -> 0.1 (ms); `+blockN`: hybridBlockMs N. */
+/** `p50x2` -> { percentile: 50, multiple: 2 }; `fixed0.1` -> 0.1 (ms); `+blockN`: blockMs N. */
 export function parseHybridRule(label: string): HybridRule {
   if (label === "default") return { label };
   const [spin = "", block] = label.split("+block");
@@ -188,7 +188,7 @@ async function userPhase(
         controller.createQueuePair(Math.max(perQueue + 1, 2), {
           completion,
           hybridSpin: hybrid?.spin,
-          hybridBlockMs: hybrid?.blockMs,
+          blockMs: hybrid?.blockMs,
         }),
       );
   } catch (error) {
@@ -259,7 +259,7 @@ async function userPhase(
   try {
     await run(performance.now() + Math.max(500, seconds * 250), false);
     // The hybrid queues' spins that found a completion, and those that parked.
-    const hybridOf = (queue: QueuePair) => controller.stats().io[controller.queuePairs.indexOf(queue)]?.hybrid;
+    const hybridOf = (queue: QueuePair) => controller.stats().io[controller.queuePairs.indexOf(queue)]?.waits;
     const spins = () =>
       queues.reduce((sum, q) => [sum[0]! + (hybridOf(q)?.found ?? 0), sum[1]! + (hybridOf(q)?.parked ?? 0)], [0, 0]);
     const [foundBefore, parkedBefore] = spins();

@@ -2,10 +2,11 @@
  * Finding completions (NVMe Base 2.0 section 4.6): one poller per controller runs while any
  * command is pending. It reads phase bits in heap memory (no system call), spins briefly when
  * nothing is there, and lets the event loop run in between; when every queue with work raises
- * MSI-X it sleeps on the interrupt instead, or, for a hybrid queue (hybrid.ts), spins for its
- * learned window first and sleeps only when nothing came within it.
+ * MSI-X it waits for the interrupt instead (hybrid.ts): a hybrid queue spins for its learned
+ * window first, then, as an interrupt queue does at once, blocks the thread on the interrupt for
+ * up to its block time, and sleeps in the event loop only when nothing came by then.
  */
-import { type HybridSpin, type HybridStats, HybridQueue } from "./hybrid.ts";
+import { type HybridSpin, type WaitStats, HybridQueue } from "./hybrid.ts";
 import type { QueuePair } from "./queue.ts";
 
 /**
@@ -59,8 +60,8 @@ export class CompletionPoller {
   #turnMs = 0;
   /** The queues' promisesSettled summed when the poller last yielded to promise continuations. */
   #settled = 0;
-  /** Queue pairs in hybrid mode (the others with a vector sleep at once). */
-  readonly #hybrid = new WeakMap<QueuePair, HybridQueue>();
+  /** How each queue pair with a vector waits for it (every such queue has one). */
+  readonly #sleepers = new WeakMap<QueuePair, HybridQueue>();
   readonly #reap = (): number => this.#reapAll();
   /**
    * Checks health while the poller sleeps on an interrupt (interrupts never tell of a fatal status
@@ -81,14 +82,17 @@ export class CompletionPoller {
     return n;
   }
 
-  /** Make `queue` (which has a vector) hybrid: spin for `spin` (a window or the rule learning it), then sleep. */
-  hybrid(queue: QueuePair, spin: HybridSpin | undefined, blockMs?: number): void {
-    this.#hybrid.set(queue, new HybridQueue(queue, spin, blockMs));
+  /**
+   * `queue` (which has a vector) waits for its interrupt: spin for `spin` (a window, 0 for none,
+   * or the rule learning it), block for up to `blockMs`, then sleep in the event loop.
+   */
+  sleepOn(queue: QueuePair, spin: HybridSpin | undefined, blockMs?: number): void {
+    this.#sleepers.set(queue, new HybridQueue(queue, spin, blockMs));
   }
 
-  /** What a hybrid queue's spins did, or undefined for a queue that is not hybrid. */
-  hybridStats(queue: QueuePair): HybridStats | undefined {
-    return this.#hybrid.get(queue)?.stats;
+  /** What a queue's waits for its interrupt did, or undefined for a polled queue. */
+  waitStats(queue: QueuePair): WaitStats | undefined {
+    return this.#sleepers.get(queue)?.stats;
   }
 
   /** Start polling if nobody is. */
@@ -150,16 +154,10 @@ export class CompletionPoller {
         let found = this.#reapAll();
         const sleeper = found === 0 ? this.#interruptOnlyQueue() : undefined;
         if (sleeper !== undefined) {
-          // Every queue with work raises interrupts: sleep in the event loop until one does; a
-          // hybrid queue spins for its window first, and sleeps only when nothing came.
+          // Every queue with work raises interrupts: wait for one (a hybrid queue spins first).
           this.#watchWhileAsleep();
-          const hybrid = this.#hybrid.get(sleeper);
-          if (hybrid === undefined) {
-            await sleeper.interrupt();
-            continue;
-          }
-          found = hybrid.spin(this.#reap);
-          if (found === 0) found = await hybrid.park(this.#reap);
+          found = sleeper.spin(this.#reap);
+          if (found === 0) found = await sleeper.park(this.#reap);
           if (found === 0) continue;
         }
         if (found === 0) {
@@ -240,12 +238,13 @@ export class CompletionPoller {
   }
 
   /** The queue to sleep on when every queue with pending work is interrupt-driven (one, for now). */
-  #interruptOnlyQueue(): QueuePair | undefined {
-    let sleeper: QueuePair | undefined;
+  #interruptOnlyQueue(): HybridQueue | undefined {
+    let sleeper: HybridQueue | undefined;
     for (const queue of this.#owner.queues) {
       if (queue.inFlight + queue.waiting === 0) continue;
-      if (queue.vector === undefined || sleeper !== undefined) return undefined;
-      sleeper = queue;
+      const waits = this.#sleepers.get(queue);
+      if (waits === undefined || sleeper !== undefined) return undefined;
+      sleeper = waits;
     }
     return sleeper;
   }

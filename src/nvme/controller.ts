@@ -23,7 +23,7 @@ import { disableController, enableController, shutdownController } from "./bring
 import type { Command } from "./commands.ts";
 import { CompletionPoller } from "./completion.ts";
 import { dataIova, type DataBuffer } from "./data-buffer.ts";
-import type { HybridStats } from "./hybrid.ts";
+import type { WaitStats } from "./hybrid.ts";
 import { ControllerHealth } from "./health.ts";
 import type { ControllerIdentity } from "./identify.ts";
 import { Namespace, type NamespaceOwner } from "./namespace.ts";
@@ -129,7 +129,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return controller;
   }
 
-  #bringUp(queueDepth: number, { completion, hybridSpin, hybridBlockMs }: NvmeControllerOptions): void {
+  #bringUp(queueDepth: number, { completion, hybridSpin, blockMs }: NvmeControllerOptions): void {
     this.#resources.enableBusMaster();
     enableController(this.registers, this.capabilities, this.#adminQueue);
     this.#identity = this.#admin.identifyController();
@@ -137,7 +137,7 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     this.#maxTransferBytes =
       mdts === 0 ? MAX_PRP_TRANSFER : Math.min(MAX_PRP_TRANSFER, 2 ** mdts * this.capabilities.minPageSize);
     this.#grantedQueuePairs = this.#admin.setNumberOfQueues(this.#maxQueuePairs);
-    this.createQueuePair(queueDepth, { completion, hybridSpin, hybridBlockMs });
+    this.createQueuePair(queueDepth, { completion, hybridSpin, blockMs });
   }
 
   /** The VFIO device; ENODEV for a controller opened on a model (openOn), which has none. */
@@ -232,7 +232,8 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
 
   /**
    * Create an I/O queue pair of `depth` entries (Create I/O Completion Queue, then Submission
-   * Queue). With `completion: "interrupt"` or "hybrid" its completion queue raises MSI-X vector <queue id>.
+   * Queue). With `completion: "interrupt"` or "hybrid" its completion queue raises MSI-X vector <queue id>
+   * (an interrupt queue waits for it as a hybrid one that does not spin: options.ts).
    */
   createQueuePair(depth: number, options: QueuePairOptions = {}): QueuePair {
     const op = "NvmeController.createQueuePair";
@@ -253,7 +254,8 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
       queue.release();
       throw error;
     }
-    if (completion === "hybrid") this.#poller.hybrid(queue, options.hybridSpin, options.hybridBlockMs);
+    const spin = completion === "hybrid" ? options.hybridSpin : 0;
+    if (completion !== "poll") this.#poller.sleepOn(queue, spin, options.blockMs);
     this.#ioQueues.push(queue);
     this.#allQueues.push(queue);
     return queue;
@@ -341,9 +343,9 @@ export class NvmeController implements QueueOwner, NamespaceOwner {
     return dataIova(buffer, offset, length, operation, this, this.heap);
   }
 
-  /** Counters of the admin queue and each I/O queue pair (with its spins and parks when hybrid). */
-  stats(): { admin: QueueStats; io: (QueueStats & { hybrid?: HybridStats })[] } {
-    const io = this.#ioQueues.map((q) => ({ ...q.stats(), hybrid: this.#poller.hybridStats(q) }));
+  /** Counters of the admin queue and each I/O queue pair (with what its waits did, when it has a vector). */
+  stats(): { admin: QueueStats; io: (QueueStats & { waits?: WaitStats })[] } {
+    const io = this.#ioQueues.map((q) => ({ ...q.stats(), waits: this.#poller.waitStats(q) }));
     return { admin: this.#adminQueue.stats(), io };
   }
 

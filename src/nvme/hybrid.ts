@@ -8,6 +8,9 @@
  * The queue's completions always raise its vector (the controller cannot be told to raise it only
  * while someone sleeps): while spinning, the counts pile up on the eventfd unread, and are drained
  * before each park so that a park waits for a new interrupt, not an old one.
+ *
+ * An interrupt queue ("interrupt" completion) is the same with a window of 0: a look after the
+ * drain, the block, the park.
  */
 import type { QueuePair } from "./queue.ts";
 
@@ -49,7 +52,7 @@ export const DEFAULT_SPIN_RULE: SpinRule = { percentile: 50, multiple: 2 };
  */
 export const MAX_SPIN_MS = 0.5;
 /**
- * The longest spin of a queue that blocks on its eventfd before parking (hybridBlockMs). A block
+ * The longest spin of a queue that blocks on its eventfd before parking (blockMs). A block
  * is woken by the kernel microseconds after the interrupt, not the event loop's 120-300 us, so a
  * spin pays only for waits shorter than a few such wakes: QEMU's 60-100 us reads in the TCG guest
  * are left to the block, a real controller's 10-20 us ones are still spun for.
@@ -69,7 +72,7 @@ export const SAMPLES = 32;
 const LEARN_EVERY = 8;
 /**
  * The longest a queue may block the thread in poll(2) on its eventfd between the spin and the
- * park (`hybridBlockMs`). The kernel wakes a thread blocked on an eventfd microseconds after the
+ * park (`blockMs`). The kernel wakes a thread blocked on an eventfd microseconds after the
  * interrupt (C's blocking read: 3.7-3.9 us in the TCG guest, issue 27), where a wait parked in the
  * event loop took 120-300 us and about as much CPU; a blocked thread costs no CPU. The thread is
  * held meanwhile, as a spin holds it: timers and I/O wait up to this long.
@@ -106,19 +109,22 @@ export function learnedSpinMs(
   return Math.max(MIN_SPIN_MS, window);
 }
 
-/** What a hybrid queue did, for stats and the bench. */
-export interface HybridStats {
-  /** The window the next spin will last (ms). */
+/** What the waits of a queue with a vector (interrupt or hybrid) did, for stats and the bench. */
+export interface WaitStats {
+  /** The window the next spin will last (ms; 0 for an interrupt queue, which does not spin). */
   spinMs: number;
   /** Spins that found a completion within the window. */
   found: number;
   /** Spins that ended in a park on the vector. */
   parked: number;
-  /** Of `found`, the waits that ended while the thread was blocked on the eventfd (hybridBlockMs). */
+  /** Of `found`, the waits that ended while the thread was blocked on the eventfd (blockMs). */
   blocked: number;
 }
 
-/** One hybrid queue pair's learned window and what came of its spins. */
+/**
+ * How one queue pair with a vector waits for it: its spin window (learned, fixed, or 0 for an
+ * interrupt queue), its block time, and what came of its waits.
+ */
 export class HybridQueue {
   readonly queue: QueuePair;
   readonly #rule: SpinRule | undefined;
@@ -151,7 +157,7 @@ export class HybridQueue {
     }
   }
 
-  get stats(): HybridStats {
+  get stats(): WaitStats {
     return { spinMs: this.#spinMs, found: this.#found, parked: this.#parked, blocked: this.#blocked };
   }
 
@@ -222,8 +228,8 @@ export class HybridQueue {
   }
 }
 
-/** `hybridBlockMs` checked: whole ms (poll(2) counts in ms), 0..MAX_BLOCK_MS. */
-export function checkHybridBlock(blockMs: unknown): string | undefined {
+/** `blockMs` checked: whole ms (poll(2) counts in ms), 0..MAX_BLOCK_MS. */
+export function checkBlockMs(blockMs: unknown): string | undefined {
   if (blockMs === undefined) return undefined;
   if (Number.isInteger(blockMs) && (blockMs as number) >= 0 && (blockMs as number) <= MAX_BLOCK_MS) return undefined;
   return `${String(blockMs)} is not a whole number of ms in 0..${MAX_BLOCK_MS}`;

@@ -8,7 +8,7 @@ import type { Ioas } from "../iommufd/ioas.ts";
 import type { VfioContainer } from "../type1/container.ts";
 import { argumentError } from "../sys/error.ts";
 import type { DataBuffer } from "./data-buffer.ts";
-import { checkHybridBlock, checkHybridSpin, type HybridSpin } from "./hybrid.ts";
+import { checkBlockMs, checkHybridSpin, type HybridSpin } from "./hybrid.ts";
 
 export interface NvmeControllerOptions {
   /**
@@ -43,17 +43,17 @@ export interface NvmeControllerOptions {
   completion?: Completion;
   /** "hybrid" only: how long to spin before sleeping (QueuePairOptions.hybridSpin). */
   hybridSpin?: HybridSpin;
-  /** "hybrid" only: how long the thread may block on the interrupt before it sleeps (QueuePairOptions.hybridBlockMs). */
-  hybridBlockMs?: number;
+  /** "interrupt" and "hybrid": how long the thread may block on the interrupt before it sleeps (QueuePairOptions.blockMs). */
+  blockMs?: number;
 }
 
 /**
  * "poll": the poller spins on the phase bit (lowest latency, one CPU busy while I/O is pending).
- * "interrupt": the queue raises an MSI-X vector; the poller sleeps in the event loop until it fires.
- * "hybrid": the queue raises MSI-X; the poller spins for a window learned from recent
- * completions, then blocks the thread on the interrupt for up to 1 ms, then sleeps in the event
- * loop (hybrid.ts): polling's latency while completions come soon, a wake in microseconds and no
- * CPU while they do not, and the thread back to the program when they take long.
+ * "interrupt": the queue raises an MSI-X vector; the poller blocks the thread on it for up to
+ * `blockMs` (default 1 ms), then sleeps in the event loop until it fires: a wake in microseconds
+ * and no CPU while waiting, and the thread back to the program when a completion takes long.
+ * "hybrid": the same after a spin for a window learned from recent completions (hybrid.ts):
+ * polling's latency as well while completions come soon.
  */
 export type Completion = "poll" | "interrupt" | "hybrid";
 
@@ -62,19 +62,19 @@ export interface QueuePairOptions {
   /**
    * "hybrid" only. By default the window is learned: twice the median of the last 32 waits for a
    * completion, at least 0.01 ms, and the shortest when that is past 0.05 ms (0.5 ms with
-   * `hybridBlockMs: 0`): a blocked or parked wake costs less than such a spin (hybrid.ts says
+   * `blockMs: 0`): a blocked or parked wake costs less than such a spin (hybrid.ts says
    * why). A number fixes the window (ms, 0..10); a `{ percentile, multiple }` rule learns it from
    * another percentile.
    */
   hybridSpin?: HybridSpin;
   /**
-   * "hybrid" only: after the spin, block the thread in poll(2) on the queue's eventfd for up to
-   * this many ms (whole, 0..10; default 1) before sleeping in the event loop. The kernel wakes a
-   * blocked thread microseconds after the interrupt and a blocked thread costs no CPU, where a
-   * wake through the event loop cost 120-300 us in the TCG guest; but timers and I/O wait
-   * meanwhile, as they do during a spin.
+   * "interrupt" and "hybrid": block the thread in poll(2) on the queue's eventfd for up to this
+   * many ms (whole, 0..10; default 1; after the spin when hybrid) before sleeping in the event
+   * loop. The kernel wakes a blocked thread microseconds after the interrupt and a blocked thread
+   * costs no CPU, where a wake through the event loop cost 120-300 us in the TCG guest; but
+   * timers and I/O wait meanwhile, as they do during a spin. 0: sleep in the event loop at once.
    */
-  hybridBlockMs?: number;
+  blockMs?: number;
 }
 
 export interface CommandOptions {
@@ -108,7 +108,7 @@ export function queuePairOptions(op: string, depth: number, maxEntries: number, 
   }
   const wrong = checkHybridSpin(options.hybridSpin);
   if (wrong !== undefined) throw argumentError(op, "options.hybridSpin", wrong);
-  const wrongBlock = checkHybridBlock(options.hybridBlockMs);
-  if (wrongBlock !== undefined) throw argumentError(op, "options.hybridBlockMs", wrongBlock);
+  const wrongBlock = checkBlockMs(options.blockMs);
+  if (wrongBlock !== undefined) throw argumentError(op, "options.blockMs", wrongBlock);
   return chosen;
 }

@@ -5,7 +5,7 @@
  */
 import type { QueuePair } from "../../src/nvme/index.ts";
 import { kernelInterrupts } from "./kernel.ts";
-import { countVectorWaits } from "./vector-waits.ts";
+import { countVectorDeliveries } from "./vector-waits.ts";
 
 export interface GuestNvme {
   name: string;
@@ -92,14 +92,14 @@ export const P2P_SOURCE_LBA = 50_000;
 
 /**
  * Counts the MSI-X interrupts of an interrupt-driven queue pair from now on: what its own eventfd
- * delivered (what the poller waited for, plus what is left unread) and what the kernel handled on
+ * delivered (what the poller slept for, drained, or left unread) and what the kernel handled on
  * the device's vector <queue id> (/proc/interrupts). Under TCG the poller often finds a completion
  * before it sleeps, and a health check can wake it too, so completing proves little: these counts
  * prove that the controller raised the queue's own vector and that the queue listened to it.
- * `waited` is what the poller's own sleeps returned: a poller that spins instead of sleeping
- * still leaves every interrupt on the eventfd (counted by `eventfd`), but waits for none. Each call
- * reads what is left on the eventfd, so the counts add up however often it is called (while the
- * queue is idle).
+ * `waited` is what the poller's own sleeps returned (in the event loop or blocked in poll(2)): a
+ * poller that spins instead of sleeping still leaves every interrupt on the eventfd (counted by
+ * `eventfd`), but waits for none. Each call reads what is left on the eventfd, so the counts add
+ * up however often it is called (while the queue is idle).
  */
 export function countQueueInterrupts(
   queue: QueuePair,
@@ -111,10 +111,10 @@ export function countQueueInterrupts(
   // The queue is idle here: nothing arrives between the two readings.
   vector.poll();
   const before = kernelInterrupts(name);
-  const waited = countVectorWaits(vector);
-  let unread = 0;
+  const counts = countVectorDeliveries(vector);
   return () => {
-    unread += vector.poll();
-    return { eventfd: waited() + unread, kernel: kernelInterrupts(name) - before, waited: waited() };
+    vector.poll(); // what is left on the eventfd: delivered now
+    const { slept, delivered } = counts();
+    return { eventfd: delivered, kernel: kernelInterrupts(name) - before, waited: slept };
   };
 }

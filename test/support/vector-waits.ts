@@ -1,9 +1,11 @@
 /**
- * Counts what an interrupt vector's wait() returned from now on: the interrupts a poller slept
- * for (a poller that spins instead leaves them on the eventfd and waits for none).
+ * Counts what an interrupt vector handed out from now on. A poller that sleeps for its interrupts
+ * gets them from wait() (a sleep in the event loop) or waitBlocking() (a block in poll(2)); one
+ * that spins instead leaves them on the eventfd, or drains them with poll(), and sleeps for none.
  */
 import type { IrqVector } from "../../src/vfio/irq-vector.ts";
 
+/** The interrupts wait() returned: the sleeps in the event loop. */
 export function countVectorWaits(vector: IrqVector): () => number {
   let waited = 0;
   const wait = vector.wait.bind(vector);
@@ -13,4 +15,34 @@ export function countVectorWaits(vector: IrqVector): () => number {
     return n;
   };
   return () => waited;
+}
+
+/**
+ * `slept`: the interrupts wait() and waitBlocking() returned; `delivered`: those and what poll()
+ * returned, i.e. every count read from the eventfd through the vector.
+ */
+export function countVectorDeliveries(vector: IrqVector): () => { slept: number; delivered: number } {
+  const waited = countVectorWaits(vector);
+  let blocked = 0;
+  let polled = 0;
+  // waitBlocking() reads the eventfd through this.poll(): those reads are the block's, not poll()'s.
+  let inBlock = false;
+  const waitBlocking = vector.waitBlocking.bind(vector);
+  vector.waitBlocking = (timeoutMs: number) => {
+    inBlock = true;
+    try {
+      const n = waitBlocking(timeoutMs);
+      blocked += n;
+      return n;
+    } finally {
+      inBlock = false;
+    }
+  };
+  const poll = vector.poll.bind(vector);
+  vector.poll = () => {
+    const n = poll();
+    if (!inBlock) polled += n;
+    return n;
+  };
+  return () => ({ slept: waited() + blocked, delivered: waited() + blocked + polled });
 }

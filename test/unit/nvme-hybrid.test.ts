@@ -4,7 +4,7 @@
  * test/support/nvme-sim.ts, whose interrupts are real eventfds.
  */
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
-import { NvmeController } from "../../src/nvme/index.ts";
+import { type Completion, NvmeController } from "../../src/nvme/index.ts";
 import {
   DEFAULT_SPIN_RULE,
   HybridQueue,
@@ -190,10 +190,21 @@ afterEach(() => {
 });
 
 /** The model with completions held back: each is posted (and its vector raised) `delayMs` later, from a timer. */
-function openDelayed(delayMs: number, hybridSpin?: number, hybridBlockMs = 0) {
+/** `blockMs` null: the driver's default. */
+function openDelayed(
+  delayMs: number,
+  hybridSpin?: number,
+  blockMs: number | null = 0,
+  completion: Completion = "hybrid",
+) {
   const sim = new NvmeSim();
   for (let i = 0; i < sim.media.length; i++) sim.media[i] = (i * 7 + 3) & 0xff;
-  const controller = NvmeController.openOn(sim, { queueDepth: 16, completion: "hybrid", hybridSpin, hybridBlockMs });
+  const controller = NvmeController.openOn(sim, {
+    queueDepth: 16,
+    completion,
+    hybridSpin,
+    blockMs: blockMs ?? undefined,
+  });
   opened.push(controller);
   // A timer runs only when the thread is back in the event loop: a poller that spun on instead of
   // parking would never see these completions.
@@ -213,7 +224,7 @@ test("hybrid mode: nothing within the window, the poller parks and the interrupt
     for (const [i, b] of buffers.entries())
       expect(b.bytes).toEqual(sim.media.slice((100 + 2 * i) * 512, (102 + 2 * i) * 512));
   }
-  const stats = controller.stats().io[0]!.hybrid!;
+  const stats = controller.stats().io[0]!.waits!;
   expect(stats.parked).toBeGreaterThanOrEqual(3);
   expect(stats.spinMs).toBe(0.2);
   expect(waited()).toBeGreaterThanOrEqual(3);
@@ -231,9 +242,32 @@ test("hybrid mode, the defaults: a block that no interrupt ends times out and th
     expect(b.bytes).toEqual(sim.media.slice(8 * i * 512, 8 * (i + 1) * 512));
   }
   expect(performance.now() - t0).toBeGreaterThanOrEqual(4 * 3);
-  const stats = controller.stats().io[0]!.hybrid!;
+  const stats = controller.stats().io[0]!.waits!;
   expect(stats).toMatchObject({ parked: 4, blocked: 0 });
   expect(waited()).toBeGreaterThanOrEqual(4);
+});
+
+test("interrupt mode blocks on the vector before it sleeps (1 ms by default, none with blockMs 0); data byte-exact", async () => {
+  for (const blockMs of [null, 0]) {
+    // The model's completions come from a timer, which cannot run while the thread is blocked:
+    // each wait that blocks does so in vain for its whole time, then parks.
+    const { sim, controller, ns, waited } = openDelayed(3, undefined, blockMs, "interrupt");
+    const vector = controller.ioQueue.vector!;
+    const blocks: number[] = [];
+    const waitBlocking = vector.waitBlocking.bind(vector);
+    vector.waitBlocking = (ms: number) => {
+      blocks.push(ms);
+      return waitBlocking(ms);
+    };
+    const b = controller.allocBuffer(4096);
+    for (let i = 0; i < 4; i++) {
+      await ns.read(8 * i, 8, b);
+      expect(b.bytes).toEqual(sim.media.slice(8 * i * 512, 8 * (i + 1) * 512));
+    }
+    expect(blocks).toEqual(blockMs === 0 ? [] : [1, 1, 1, 1]);
+    expect(controller.stats().io[0]!.waits).toMatchObject({ spinMs: 0, parked: 4, blocked: 0 });
+    expect(waited()).toBeGreaterThanOrEqual(4);
+  }
 });
 
 test("hybrid mode with completions at once: found without a park; the options are checked", async () => {
@@ -243,7 +277,7 @@ test("hybrid mode with completions at once: found without a park; the options ar
   const ns = controller.namespace(1);
   const b = controller.allocBuffer(4096);
   for (let i = 0; i < 50; i++) await ns.read(i * 8, 8, b);
-  expect(controller.stats().io[0]!.hybrid!.parked).toBe(0);
+  expect(controller.stats().io[0]!.waits!.parked).toBe(0);
   expect(controller.stats().io[0]!.completed).toBe(50);
   const bad = (hybridSpin: unknown) => () =>
     controller.createQueuePair(8, { completion: "hybrid", hybridSpin: hybridSpin as number });
@@ -254,23 +288,23 @@ test("hybrid mode with completions at once: found without a park; the options ar
   // The longest window: 0.05 ms for a queue that blocks, unless the rule says otherwise.
   const ceiling = (hybridSpin?: unknown) =>
     controller.createQueuePair(8, { completion: "hybrid", hybridSpin: hybridSpin as number });
-  const spins = () => controller.stats().io.at(-1)!.hybrid!.spinMs;
+  const spins = () => controller.stats().io.at(-1)!.waits!.spinMs;
   ceiling();
   expect(spins()).toBe(MAX_SPIN_BLOCKING_MS);
   ceiling({ percentile: 50, multiple: 2, maxMs: 0.5 });
   expect(spins()).toBe(0.5);
-  expect(() => controller.createQueuePair(8, { completion: "hybrid", hybridBlockMs: 0.5 })).toThrow(
-    /\(options.hybridBlockMs\): 0.5 is not a whole number of ms in 0..10/,
+  expect(() => controller.createQueuePair(8, { completion: "hybrid", blockMs: 0.5 })).toThrow(
+    /\(options.blockMs\): 0.5 is not a whole number of ms in 0..10/,
   );
   expect(() => controller.createQueuePair(8, { completion: "sometimes" as never })).toThrow(
     /not "poll", "interrupt" or "hybrid"/,
   );
   // A polled queue has no hybrid stats.
   controller.createQueuePair(8);
-  expect(controller.stats().io.map((q) => q.hybrid === undefined)).toEqual([false, false, false, true]);
+  expect(controller.stats().io.map((q) => q.waits === undefined)).toEqual([false, false, false, true]);
 });
 
-test("hybridBlockMs: the thread blocks on the eventfd after the spin; an interrupt ends the block, none lets it time out and park", async () => {
+test("blockMs: the thread blocks on the eventfd after the spin; an interrupt ends the block, none lets it time out and park", async () => {
   const fd = libc().eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   expect(fd).toBeGreaterThanOrEqual(0);
   const word = new BigUint64Array(1);
