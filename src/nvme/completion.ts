@@ -242,9 +242,10 @@ export class CompletionPoller {
     let sleeper: HybridQueue | undefined;
     for (const queue of this.#owner.queues) {
       if (queue.inFlight + queue.waiting === 0) continue;
-      const waits = this.#sleepers.get(queue);
-      if (waits === undefined || sleeper !== undefined) return undefined;
-      sleeper = waits;
+      // A polled queue (no vector) answers from a field, without the map: this runs per spin.
+      if (queue.vector === undefined || sleeper !== undefined) return undefined;
+      sleeper = this.#sleepers.get(queue);
+      if (sleeper === undefined) return undefined;
     }
     return sleeper;
   }
