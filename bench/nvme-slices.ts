@@ -16,7 +16,8 @@
  *
  * Sides: the bare TS loop and the bare C loop (bench/nvme-loop.ts, bench/baseline/ops_nvme.c),
  * the driver's requests taken by the caller's own spin on queue.reap(), the same called back by the
- * driver's poller, and the same on a hybrid queue pair (completion: "hybrid", its defaults).
+ * driver's poller, and the same on an interrupt and on a hybrid queue pair (completion "interrupt"
+ * and "hybrid", their defaults).
  */
 import { existsSync, writeFileSync } from "node:fs";
 import { loadavg } from "node:os";
@@ -38,8 +39,8 @@ const RANGE = 16 << 20;
 /** Per side, before the first round (100-300 ms left QD1 rows at a third of their rate: still compiling). */
 const WARM_UP_MS = 2000;
 
-export type SideName = "bare-ts" | "bare-c" | "request-spin" | "request" | "hybrid";
-export const SIDES: SideName[] = ["bare-ts", "bare-c", "request-spin", "request", "hybrid"];
+export type SideName = "bare-ts" | "bare-c" | "request-spin" | "request" | "interrupt" | "hybrid";
+export const SIDES: SideName[] = ["bare-ts", "bare-c", "request-spin", "request", "interrupt", "hybrid"];
 
 interface Side {
   name: SideName;
@@ -181,6 +182,7 @@ async function openSides(
     const polled = (completion: Completion) => controller.createQueuePair(Math.max(qd + 1, 2), { completion });
     sides.push(driverSide("request-spin", controller, polled("poll"), qd, read, true));
     sides.push(driverSide("request", controller, polled("poll"), qd, read, false));
+    sides.push(driverSide("interrupt", controller, polled("interrupt"), qd, read, false));
     sides.push(driverSide("hybrid", controller, polled("hybrid"), qd, read, false));
     return sides;
   } catch (error) {
