@@ -35,6 +35,8 @@ const ASLEEP_CHECK_MS = 100;
 const CLOCK_EVERY = 16;
 /** Continuations of a completed command run before the poller looks again (a few promise hops). */
 const HOPS_AFTER_COMPLETION = 4;
+/** What #spin returns when a promise hop is due (not a count of completions). */
+const HOP_DUE = -1;
 
 /** What the poller needs from its controller. */
 export interface PollerOwner {
@@ -58,6 +60,8 @@ export class CompletionPoller {
   #completedSinceCheck = false;
   /** Recent cost of letting the event loop run once (a moving average, ms). */
   #turnMs = 0;
+  /** When the current spin's window ends (performance.now() ms; infinite until its first clock read). */
+  #spinUntil = Number.POSITIVE_INFINITY;
   /** The queues' promisesSettled summed when the poller last yielded to promise continuations. */
   #settled = 0;
   /** How each queue pair with a vector waits for it (every such queue has one). */
@@ -161,41 +165,17 @@ export class CompletionPoller {
           if (found === 0) continue;
         }
         if (found === 0) {
-          // The clock is read once per CLOCK_EVERY looks, and first after that many: a read costs
-          // 1-4 us in the TCG guest, and a completion that comes during one waits for its end.
-          let until = Number.POSITIVE_INFINITY;
-          let hopAt = Number.POSITIVE_INFINITY;
-          for (let looks = 1; ; looks++) {
-            found = this.#reapAll();
-            if (found > 0) {
-              // Callbacks (request.ts) sent their next commands inside the reap: spin on for
-              // those, with a fresh window. Promise continuations need the microtask queue first.
-              if (this.#promisesSettled() || !owner.usable || this.pending() === 0) break;
-              this.#completedSinceCheck = true;
-              // What callbacks sent to other queues waits for their doorbell microtask: ring here.
-              this.#ringAll();
-              found = 0;
-              looks = 0;
-              until = Number.POSITIVE_INFINITY;
-              hopAt = Number.POSITIVE_INFINITY;
-              continue;
-            }
-            if (looks % CLOCK_EVERY !== 0) continue;
-            const now = performance.now();
-            if (until === Number.POSITIVE_INFINITY) {
-              until = now + spinWindowMs(this.#turnMs);
-              hopAt = now + SPIN_MS;
-            }
-            if (now >= until) break;
-            if (now >= hopAt) {
-              // A microtask hop, not a turn: a continuation a few promises deep submits now.
-              await null;
-              if (!owner.usable) break;
-              // Their doorbell microtask is queued behind this continuation: ring here.
-              this.#ringAll();
-              hopAt = now + SPIN_MS;
-            }
+          this.#spinUntil = Number.POSITIVE_INFINITY;
+          for (;;) {
+            found = this.#spin();
+            if (found !== HOP_DUE) break;
+            // A microtask hop, not a turn: a continuation a few promises deep submits now.
+            await null;
+            if (!owner.usable) break;
+            // Their doorbell microtask is queued behind this continuation: ring here.
+            this.#ringAll();
           }
+          if (found < 0) found = 0;
         }
         if (found > 0) {
           this.#completedSinceCheck = true;
@@ -220,6 +200,43 @@ export class CompletionPoller {
       // A wait ended by close(): the pending commands were rejected there.
     } finally {
       this.#running = false;
+    }
+  }
+
+  /**
+   * Look at the queues until completions need the microtask queue (promises settled; returns
+   * what the last look found), nothing is pending any more, the spin window ends (0) or a promise
+   * hop is due (HOP_DUE, every SPIN_MS). Completions whose callbacks sent the next commands (inside
+   * the reap) do not end it: it spins on for those with a fresh window.
+   *
+   * A plain method, not a part of #loop: a loop inside an async function runs as a generator's
+   * body, which the JIT compiles less well, and this loop is the poller's hot one. In the TCG
+   * guest (requests at QD32, random 4 KiB reads, poller-driven) moving it here won 11 of 13
+   * same-boot A/B pairs: 50.1k -> 63.8k IOPS on average over six ABBA pairs of one boot.
+   */
+  #spin(): number {
+    const owner = this.#owner;
+    let hopAt = Number.POSITIVE_INFINITY;
+    // The clock is read once per CLOCK_EVERY looks, and first after that many: a read costs
+    // 1-4 us in the TCG guest, and a completion that comes during one waits for its end.
+    for (let looks = 1; ; looks++) {
+      const found = this.#reapAll();
+      if (found > 0) {
+        if (this.#promisesSettled() || !owner.usable || this.pending() === 0) return found;
+        this.#completedSinceCheck = true;
+        // What callbacks sent to other queues waits for their doorbell microtask: ring here.
+        this.#ringAll();
+        looks = 0;
+        this.#spinUntil = Number.POSITIVE_INFINITY;
+        hopAt = Number.POSITIVE_INFINITY;
+        continue;
+      }
+      if (looks % CLOCK_EVERY !== 0) continue;
+      const now = performance.now();
+      if (this.#spinUntil === Number.POSITIVE_INFINITY) this.#spinUntil = now + spinWindowMs(this.#turnMs);
+      if (hopAt === Number.POSITIVE_INFINITY) hopAt = now + SPIN_MS;
+      if (now >= this.#spinUntil) return 0;
+      if (now >= hopAt) return HOP_DUE;
     }
   }
 

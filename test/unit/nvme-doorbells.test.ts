@@ -172,6 +172,50 @@ describe("the poller's spin", () => {
     expect(spinWindowMs(0.1)).toBeCloseTo(0.9); // a turn in the TCG guest
     expect(spinWindowMs(0.5)).toBe(2);
   });
+
+  test("while a command is still out, microtasks run every 0.25 ms of a spin (a hop), not only when its window ends", async () => {
+    // A fake clock: a read advances it 2 us and a turn of the event loop 0.5 ms, so the poller
+    // learns a window of 2 ms, longer than the 0.25 ms between hops.
+    const realNow = performance.now;
+    const realImmediate = globalThis.setImmediate;
+    let t = 0;
+    let turns = 0;
+    performance.now = () => (t += 0.002);
+    globalThis.setImmediate = ((fn: (...args: unknown[]) => void, ...args: unknown[]) =>
+      realImmediate(() => {
+        t += 0.5;
+        turns++;
+        fn(...args);
+      })) as typeof setImmediate;
+    try {
+      const model = new NvmeModel();
+      const slow = model.queuePair(1, 4);
+      const fast = model.queuePair(2, 4);
+      // Out until the end: the poller keeps spinning (and learning its window from the turns).
+      const held = slow.submit(read(0), 0, 0, TIMEOUT);
+      while (turns < 4) await new Promise((resolve) => realImmediate(resolve));
+      // A command on the other queue completes at its doorbell; its callback starts a promise
+      // chain, which can run only when the poller lets the microtask queue run.
+      model.autoComplete = true;
+      const { promise, resolve } = Promise.withResolvers<number>();
+      const request = fast.request(() => {
+        const completedAt = t;
+        void Promise.resolve()
+          .then(() => {})
+          .then(() => resolve(t - completedAt));
+      });
+      Object.assign(request, read(1));
+      request.submit();
+      const waitedMs = await promise;
+      expect(waitedMs).toBeGreaterThan(0.2);
+      expect(waitedMs).toBeLessThan(1);
+      model.complete(1);
+      await held;
+    } finally {
+      performance.now = realNow;
+      globalThis.setImmediate = realImmediate;
+    }
+  });
 });
 
 describe("health checks of the poller", () => {
