@@ -202,7 +202,8 @@ export class HybridQueue {
     vector?.poll();
     let found = reap();
     if (found === 0 && vector !== undefined && this.#blockMs > 0) {
-      if (vector.waitBlocking(this.#blockMs) > 0) {
+      // Drained just above: the block needs no read(2) of its own first.
+      if (vector.blockAfterDrain(this.#blockMs) > 0) {
         found = reap();
         if (found > 0) this.#blocked++;
       }

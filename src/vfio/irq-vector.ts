@@ -197,18 +197,36 @@ export class IrqVector implements AsyncIterable<number> {
    * far more under emulation. Nothing else runs on this thread meanwhile.
    */
   waitBlocking(timeoutMs: number): number {
-    const op = "IrqVector.waitBlocking";
-    const fd = this.#fd;
-    if (fd < 0) throw closedError(op, this.#what());
+    this.#checkBlock("IrqVector.waitBlocking", timeoutMs);
+    const count = this.poll();
+    if (count > 0 || timeoutMs === 0) return count;
+    return this.#block(timeoutMs);
+  }
+
+  /**
+   * @internal waitBlocking() for a caller that has just drained the eventfd with poll(): no
+   * read(2) before the block, which would find nothing almost always. A count raised since the
+   * drain still ends the block at once (poll(2) sees it). One system call fewer per wait of the
+   * NVMe driver's interrupt and hybrid queues.
+   */
+  blockAfterDrain(timeoutMs: number): number {
+    this.#checkBlock("IrqVector.waitBlocking", timeoutMs);
+    return timeoutMs === 0 ? this.poll() : this.#block(timeoutMs);
+  }
+
+  #checkBlock(op: string, timeoutMs: number): void {
+    if (this.#fd < 0) throw closedError(op, this.#what());
     if (!Number.isInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > MAX_BLOCK_MS) {
       throw argumentError(op, "timeoutMs", `expected whole milliseconds from 0 to ${MAX_BLOCK_MS}, got ${timeoutMs}`);
     }
     if (this.#waiter) {
       throw stateError(op, "EBUSY", `a wait() on ${this.#what()} is pending: one waiter per vector`);
     }
-    const count = this.poll();
-    if (count > 0 || timeoutMs === 0) return count;
-    this.#pollfd[0] = fd;
+  }
+
+  /** poll(2) on the eventfd for up to `timeoutMs` (> 0), then the read: the count, 0 on a timeout. */
+  #block(timeoutMs: number): number {
+    this.#pollfd[0] = this.#fd;
     this.#pollfd[1] = POLLIN; // events; revents (the high half) cleared
     const deadline = performance.now() + timeoutMs;
     for (let left = timeoutMs; ; ) {

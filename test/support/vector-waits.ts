@@ -18,26 +18,27 @@ export function countVectorWaits(vector: IrqVector): () => number {
 }
 
 /**
- * `slept`: the interrupts wait() and waitBlocking() returned; `delivered`: those and what poll()
+ * `slept`: the interrupts wait() and the blocks (waitBlocking, blockAfterDrain) returned; `delivered`: those and what poll()
  * returned, i.e. every count read from the eventfd through the vector.
  */
 export function countVectorDeliveries(vector: IrqVector): () => { slept: number; delivered: number } {
   const waited = countVectorWaits(vector);
   let blocked = 0;
   let polled = 0;
-  // waitBlocking() reads the eventfd through this.poll(): those reads are the block's, not poll()'s.
+  // The blocks read the eventfd through this.poll(): those reads are the block's, not poll()'s.
   let inBlock = false;
-  const waitBlocking = vector.waitBlocking.bind(vector);
-  vector.waitBlocking = (timeoutMs: number) => {
+  const counted = (block: (timeoutMs: number) => number) => (timeoutMs: number) => {
     inBlock = true;
     try {
-      const n = waitBlocking(timeoutMs);
+      const n = block(timeoutMs);
       blocked += n;
       return n;
     } finally {
       inBlock = false;
     }
   };
+  vector.waitBlocking = counted(vector.waitBlocking.bind(vector));
+  vector.blockAfterDrain = counted(vector.blockAfterDrain.bind(vector));
   const poll = vector.poll.bind(vector);
   vector.poll = () => {
     const n = poll();
