@@ -44,7 +44,7 @@ import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { measureHostJsCostInProcesses } from "./hotpath.ts";
 import { judge, MAX_MARGIN } from "./noise.ts";
-import { type CaseResult, type Interval, runInterleaved, runMode } from "./runner.ts";
+import { type CaseResult, type Interval, type RunContext, runInterleaved, runMode } from "./runner.ts";
 import {
   codeHash,
   compare,
@@ -220,6 +220,7 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
   for (const s of skipped) say(`skipped ${s.id}: ${s.reason}`);
   if (!cBinary) say("no C side in this run: no ratios");
   say(`${cases.length} case(s), ${mode.rounds} rounds of interleaved slices each (${mode.tier} run)`);
+  const run: RunContext = { env, mode, cBinary, log: say };
   const results: CaseResult[] = [];
   let suite = "";
   for (let i = 0; i < cases.length; ) {
@@ -231,7 +232,7 @@ async function measure(args: Args, cBinary: string | undefined): Promise<Measure
     // A case alone, or the interleaved cases next to it taking turns.
     let end = i + 1;
     if (spec.interleave) while (cases[end]?.interleave && cases[end]!.suite === suite) end++;
-    results.push(...(await runInterleaved(cases.slice(i, end), env, mode, cBinary, say, i === 0)));
+    results.push(...(await runInterleaved(cases.slice(i, end), run, i === 0)));
     i = end;
   }
   const shmemThp = readTrimmed("/sys/kernel/mm/transparent_hugepage/shmem_enabled");

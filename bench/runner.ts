@@ -213,16 +213,18 @@ export function slicer(op: () => unknown, ops: number, isAsync: boolean): (sampl
   return new Function("op", "ops", "now", body)(op, ops, Bun.nanoseconds);
 }
 
+/** What every case of one run is measured with: the guest's facts, the tier, the C program, the log. */
+export interface RunContext {
+  env: BenchEnv;
+  mode: RunMode;
+  /** The C side's program; undefined when it could not be built (cases with a C side then fail). */
+  cBinary: string | undefined;
+  log: Log;
+}
+
 /** Runs one case through all its rounds. Never throws: failures land in `errors`. */
-export async function runCase(
-  spec: BenchCase,
-  env: BenchEnv,
-  mode: RunMode,
-  cBinary: string | undefined,
-  log: Log,
-  firstCase: boolean,
-): Promise<CaseResult> {
-  return (await runInterleaved([spec], env, mode, cBinary, log, firstCase))[0]!;
+export async function runCase(spec: BenchCase, run: RunContext, firstCase: boolean): Promise<CaseResult> {
+  return (await runInterleaved([spec], run, firstCase))[0]!;
 }
 
 /**
@@ -234,18 +236,10 @@ export async function runCase(
  * instead of in every round of one, and each case's median over its rounds leaves it out. Only for
  * cases whose setups can be held open together (their own iommufd and memory, a few MiB).
  */
-export async function runInterleaved(
-  specs: BenchCase[],
-  env: BenchEnv,
-  mode: RunMode,
-  cBinary: string | undefined,
-  log: Log,
-  firstCase: boolean,
-): Promise<CaseResult[]> {
+export async function runInterleaved(specs: BenchCase[], run: RunContext, firstCase: boolean): Promise<CaseResult[]> {
   const open: OpenCase[] = [];
-  for (const [i, spec] of specs.entries())
-    open.push(await openCase(spec, env, mode, cBinary, log, firstCase && i === 0));
-  for (let r = 0; r < mode.rounds; r++) {
+  for (const [i, spec] of specs.entries()) open.push(await openCase(spec, run, firstCase && i === 0));
+  for (let r = 0; r < run.mode.rounds; r++) {
     for (const one of r % 2 === 0 ? open : [...open].reverse()) await one.round(r);
   }
   // Each case's line in the plan's order (none of these throws).
@@ -262,14 +256,8 @@ interface OpenCase {
 }
 
 /** Sets a case up, starts its C side, warms every side and plans its slices. Never throws. */
-async function openCase(
-  spec: BenchCase,
-  env: BenchEnv,
-  mode: RunMode,
-  cBinary: string | undefined,
-  log: Log,
-  firstCase: boolean,
-): Promise<OpenCase> {
+async function openCase(spec: BenchCase, run: RunContext, firstCase: boolean): Promise<OpenCase> {
+  const { env, mode, cBinary, log } = run;
   const result: CaseResult = {
     id: spec.id,
     suite: spec.suite,

@@ -323,7 +323,7 @@ describe("the C side", () => {
       }),
     };
     const mode = { ...runMode("quick"), rounds: 4, minMs: 5 };
-    const r = await runCase(spec, env, mode, binary, () => {}, false);
+    const r = await runCase(spec, { env, mode, cBinary: binary, log: () => {} }, false);
     close();
     expect(r.errors).toEqual([]);
     expect(closed).toBe(true);
@@ -378,10 +378,7 @@ describe("the C side", () => {
     const mode = { ...runMode("quick"), rounds: 4, minMs: 2 };
     const results = await runInterleaved(
       [spec("a"), spec("b", true), spec("c")],
-      env,
-      mode,
-      binary,
-      (l) => lines.push(l),
+      { env, mode, cBinary: binary, log: (l) => lines.push(l) },
       false,
     );
     expect(results.map((r) => r.id)).toEqual(["selftest/a", "selftest/b", "selftest/c"]);
@@ -423,7 +420,11 @@ describe("the C side", () => {
         },
       }),
     };
-    const r = await runCase(spec, env, { ...runMode("quick"), minMs: 5 }, binary, () => {}, false);
+    const r = await runCase(
+      spec,
+      { env, mode: { ...runMode("quick"), minMs: 5 }, cBinary: binary, log: () => {} },
+      false,
+    );
     expect(closed).toBe(true);
     expect(r.errors.join()).toContain("no op named no_such_op");
     expect(smokeProblems({ planned: [spec.id], cases: [r], skipped: [] }, false).length).toBeGreaterThan(0);
