@@ -14,8 +14,33 @@ export type DataBuffer = DmaBuffer | PeerBuffer;
 /**
  * The IOVA of `length` bytes at `offset` of `buffer`, for the controller `owner` whose heap is
  * `heap`; throws EINVAL (EBADF for a closed peer buffer) when the controller cannot reach them.
+ *
+ * A buffer of the heap at a whole dword offset that fits is decided here, in a body small enough
+ * for the JIT to inline; anything else, every error included, goes through checkedDataIova. Per
+ * command in the TCG guest the full checks inline cost about 100 ns.
  */
 export function dataIova(
+  buffer: DataBuffer,
+  offset: number,
+  length: number,
+  operation: string,
+  owner: object,
+  heap: DmaHeap,
+): number {
+  if (
+    buffer instanceof DmaBuffer &&
+    buffer.heap === heap &&
+    !buffer._freed &&
+    offset >>> 0 === offset &&
+    (offset & 3) === 0 &&
+    offset + length <= buffer.size
+  )
+    return buffer.iova + offset;
+  return checkedDataIova(buffer, offset, length, operation, owner, heap);
+}
+
+/** dataIova with every check in turn (cold path): throws the first error, or returns the IOVA. */
+function checkedDataIova(
   buffer: DataBuffer,
   offset: number,
   length: number,

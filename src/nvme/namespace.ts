@@ -9,7 +9,7 @@ import { flush, high32, IoOpcode, readWrite } from "./commands.ts";
 import type { DataBuffer } from "./data-buffer.ts";
 import type { NamespaceIdentity } from "./identify.ts";
 import type { QueuePair } from "./queue.ts";
-import { assertIdle, type NvmeRequest } from "./request.ts";
+import { assertIdle, type NvmeRequest, RequestState } from "./request.ts";
 
 export interface IoOptions {
   /** Byte offset into the buffer (a multiple of 4). Default 0. */
@@ -79,13 +79,14 @@ export class Namespace {
    */
   submitRead(request: NvmeRequest, lba: number, blocks: number, buffer: DataBuffer, offset = 0): void {
     this.#prepare(request, IoOpcode.Read, "Namespace.submitRead", lba, blocks, buffer, offset);
-    request.submit();
+    // request.submit()'s body: one call level fewer (the JIT inlines only a few deep).
+    request.queue.issue(request);
   }
 
   /** Write `blocks` blocks at `lba` from `buffer` (at byte `offset`) through `request`; as submitRead. */
   submitWrite(request: NvmeRequest, lba: number, blocks: number, buffer: DataBuffer, offset = 0): void {
     this.#prepare(request, IoOpcode.Write, "Namespace.submitWrite", lba, blocks, buffer, offset);
-    request.submit();
+    request.queue.issue(request);
   }
 
   #prepare(
@@ -97,6 +98,32 @@ export class Namespace {
     buffer: DataBuffer,
     offset: number,
   ): void {
+    // The common case is decided by integer comparisons, and anything else goes to a separate
+    // function that finds and throws the error: the JIT inlines only small functions, and in the
+    // TCG guest this path's checks cost about 130 ns a command when they lived here in full.
+    if (
+      lba >>> 0 !== lba ||
+      blocks >>> 0 !== blocks ||
+      blocks === 0 ||
+      blocks > this.maxBlocksPerCommand ||
+      request.state !== RequestState.Idle
+    )
+      this.#check(request, op, lba, blocks);
+    const bytes = blocks * this.blockSize;
+    request.iova = this.#owner.dataIova(buffer, offset, bytes, op);
+    request.length = bytes;
+    request.opcode = opcode;
+    request.nsid = this.nsid;
+    request.cdw10 = lba >>> 0;
+    request.cdw11 = high32(lba);
+    request.cdw12 = blocks - 1;
+    request.cdw13 = 0;
+    request.cdw14 = 0;
+    request.cdw15 = 0;
+  }
+
+  /** The full checks of #prepare's arguments (cold path): throws the first error; returns when all pass. */
+  #check(request: NvmeRequest, op: string, lba: number, blocks: number): void {
     if (!Number.isSafeInteger(lba) || lba < 0)
       throw argumentError(op, "lba", `${lba} is not a non-negative whole number`);
     if (!Number.isSafeInteger(blocks) || blocks <= 0)
@@ -112,17 +139,6 @@ export class Namespace {
     }
     // Checked before anything changes: a request in flight keeps the command it carries.
     assertIdle(request, op);
-    const bytes = blocks * this.blockSize;
-    request.iova = this.#owner.dataIova(buffer, offset, bytes, op);
-    request.length = bytes;
-    request.opcode = opcode;
-    request.nsid = this.nsid;
-    request.cdw10 = lba >>> 0;
-    request.cdw11 = high32(lba);
-    request.cdw12 = blocks - 1;
-    request.cdw13 = 0;
-    request.cdw14 = 0;
-    request.cdw15 = 0;
   }
 
   #transfer(

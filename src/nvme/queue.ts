@@ -243,18 +243,21 @@ export class QueuePair {
    * controller takes no commands (its error).
    */
   issue(request: NvmeRequest): void {
-    if (request.state !== RequestState.Idle || request.queue !== this) {
-      if (request.queue !== this)
-        throw argumentError("NvmeRequest.submit", "request", `it belongs to another queue pair than ${this.id}`);
-      assertIdle(request, "NvmeRequest.submit");
-    }
-    if (this.#released || !this.#owner.usable) this.#assertOpen(request.opcode, "NvmeRequest.submit");
-    // #send's body, not a call to it: the JIT inlines only a few calls deep, and a command sent
-    // from a callback is already several deep (reap, onComplete, submitRead, issue, #post...).
+    // One guard, errors in a cold method, #send's body inline: the JIT inlines small calls only, and shallow ones.
+    if (request.state !== RequestState.Idle || request.queue !== this || this.#released || !this.#owner.usable)
+      this.#refuse(request);
     const slot = this.#tracker.take();
     if (slot < 0) this.#tracker.wait(request);
     else this.#post(slot, request);
     this.#owner.kick();
+  }
+
+  /** Throws why issue() cannot send `request` (cold path: called only when one of its checks failed). */
+  #refuse(request: NvmeRequest): void {
+    if (request.queue !== this)
+      throw argumentError("NvmeRequest.submit", "request", `it belongs to another queue pair than ${this.id}`);
+    assertIdle(request, "NvmeRequest.submit");
+    this.#assertOpen(request.opcode, "NvmeRequest.submit");
   }
 
   #assertOpen(opcode: number, operation: string): void {

@@ -91,7 +91,12 @@ export class CommandTracker {
    * post it under: the slot with its next generation.
    */
   track(slot: number, request: NvmeRequest): number {
-    const cid = this.#nextCid(slot);
+    // The next generation inline (this runs per command, and a call more would not be inlined);
+    // #nextCid takes the rare ends: no generation bits, the wrap, and 0xFFFF.
+    const generation = this.#generations[slot]! + 1;
+    let cid = slot | (generation << this.#slotBits);
+    if (generation > this.#maxGeneration || cid === 0xffff) cid = this.#nextCid(slot);
+    else this.#generations[slot] = generation;
     this.#inFlightCids[slot] = cid;
     this.#requests[slot] = request;
     request.state = RequestState.InFlight;

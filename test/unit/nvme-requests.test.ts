@@ -328,6 +328,50 @@ describe("requests on the ring model", () => {
     expect(request.idle).toBe(true);
   });
 
+  test("Namespace.submitRead refuses every malformed LBA, count, offset and buffer with EINVAL naming it, and sends nothing", async () => {
+    const { controller, ns, queue } = open();
+    const b = controller.allocBuffer(4096);
+    const freed = controller.allocBuffer(4096);
+    freed.free();
+    const request = queue.request(() => {});
+    const cases: [lba: number, blocks: number, buffer: DmaBuffer, offset: number, argument: string][] = [
+      [-1, 1, b, 0, "lba"],
+      [1.5, 1, b, 0, "lba"],
+      [Number.NaN, 1, b, 0, "lba"],
+      [2 ** 53, 1, b, 0, "lba"],
+      [0, 0, b, 0, "blocks"],
+      [0, -1, b, 0, "blocks"],
+      [0, 1.5, b, 0, "blocks"],
+      [0, Number.NaN, b, 0, "blocks"],
+      [0, 2 ** 32, b, 0, "blocks"],
+      [0, 1, b, 2, "options.offset"],
+      [0, 1, b, -4, "options.offset"],
+      [0, 1, b, 0.5, "options.offset"],
+      [0, 8, b, 4, "buffer"],
+      [0, 1, b, 2 ** 32, "buffer"],
+      [0, 1, freed, 0, "buffer"],
+    ];
+    for (const [lba, blocks, buffer, offset, argument] of cases) {
+      expect(() => ns.submitRead(request, lba, blocks, buffer, offset)).toThrow(
+        expect.objectContaining({ code: "EINVAL", argument }),
+      );
+    }
+    expect(queue.stats().submitted).toBe(0);
+    expect(request.idle).toBe(true);
+    // The edges that are allowed: an LBA past 2^32, a whole buffer, a dword offset.
+    const cb = nextCallback();
+    const edge = queue.request(cb.onComplete);
+    ns.submitRead(edge, 0, 7, b, 512);
+    expect((await cb.done).error).toBeUndefined();
+    expect(edge.iova).toBe(b.iova + 512);
+    ns.submitRead(edge, 2 ** 32 + 1, 1, b, 4);
+    expect(edge.cdw11).toBe(1);
+    while (!edge.idle) await Bun.sleep(1);
+    // Sent: the model's namespace is smaller, and the controller's answer says so.
+    expect(edge.error).toBeInstanceOf(NvmeStatusError);
+    expect(queue.stats().submitted).toBe(2);
+  });
+
   test("a posted entry has a PRP2 only when its data leaves the first page, and the high dwords of IOVAs over 4 GiB", async () => {
     const model = new NvmeModel({ polled: false });
     const queue = model.queuePair(1, 8);
