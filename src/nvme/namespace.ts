@@ -4,7 +4,7 @@
  * submitRead and submitWrite send one command through a caller's reusable request (request.ts)
  * instead: no Promise, nothing allocated per command.
  */
-import { argumentError } from "../sys/error.ts";
+import { argumentError, type IommufdError } from "../sys/error.ts";
 import { flush, high32, IoOpcode, readWrite } from "./commands.ts";
 import type { DataBuffer } from "./data-buffer.ts";
 import type { NamespaceIdentity } from "./identify.ts";
@@ -124,10 +124,8 @@ export class Namespace {
 
   /** The full checks of #prepare's arguments (cold path): throws the first error; returns when all pass. */
   #check(request: NvmeRequest, op: string, lba: number, blocks: number): void {
-    if (!Number.isSafeInteger(lba) || lba < 0)
-      throw argumentError(op, "lba", `${lba} is not a non-negative whole number`);
-    if (!Number.isSafeInteger(blocks) || blocks <= 0)
-      throw argumentError(op, "blocks", `${blocks} is not a positive whole number`);
+    const invalid = invalidRange(op, lba, blocks);
+    if (invalid !== undefined) throw invalid;
     if (blocks > this.maxBlocksPerCommand) {
       throw argumentError(
         op,
@@ -149,10 +147,11 @@ export class Namespace {
     buffer: DataBuffer,
     options: IoOptions | undefined,
   ): Promise<void> {
-    if (!Number.isSafeInteger(lba) || lba < 0)
-      return Promise.reject(argumentError(op, "lba", `${lba} is not a non-negative whole number`));
-    if (!Number.isSafeInteger(blocks) || blocks <= 0)
-      return Promise.reject(argumentError(op, "blocks", `${blocks} is not a positive whole number`));
+    // As #prepare: integer comparisons decide the common case, the full checks are a cold call.
+    if (lba >>> 0 !== lba || blocks >>> 0 !== blocks || blocks === 0) {
+      const invalid = invalidRange(op, lba, blocks);
+      if (invalid !== undefined) return Promise.reject(invalid);
+    }
     const owner = this.#owner;
     const offset = options?.offset ?? 0;
     const bytes = blocks * this.blockSize;
@@ -186,4 +185,13 @@ export class Namespace {
     }
     return Promise.all(parts).then(() => undefined);
   }
+}
+
+/** What is wrong with a starting LBA and a block count, or undefined when both are whole numbers in range. */
+function invalidRange(op: string, lba: number, blocks: number): IommufdError | undefined {
+  if (!Number.isSafeInteger(lba) || lba < 0)
+    return argumentError(op, "lba", `${lba} is not a non-negative whole number`);
+  if (!Number.isSafeInteger(blocks) || blocks <= 0)
+    return argumentError(op, "blocks", `${blocks} is not a positive whole number`);
+  return undefined;
 }
