@@ -2,11 +2,11 @@
  * Finding completions (NVMe Base 2.0 section 4.6): one poller per controller runs while any
  * command is pending. It reads phase bits in heap memory (no system call), spins briefly when
  * nothing is there, and lets the event loop run in between; when every queue with work raises
- * MSI-X it waits for the interrupt instead (hybrid.ts): a hybrid queue spins for its learned
+ * MSI-X it waits for the interrupt instead (interrupt-waits.ts): a hybrid queue spins for its learned
  * window first, then, as an interrupt queue does at once, blocks the thread on the interrupt for
  * up to its block time, and sleeps in the event loop only when nothing came by then.
  */
-import { type HybridSpin, type WaitStats, HybridQueue } from "./hybrid.ts";
+import { type HybridSpin, type WaitStats, InterruptWaits } from "./interrupt-waits.ts";
 import type { QueuePair } from "./queue.ts";
 
 /**
@@ -65,7 +65,7 @@ export class CompletionPoller {
   /** The queues' promisesSettled summed when the poller last yielded to promise continuations. */
   #settled = 0;
   /** How each queue pair with a vector waits for it (every such queue has one). */
-  readonly #sleepers = new WeakMap<QueuePair, HybridQueue>();
+  readonly #sleepers = new WeakMap<QueuePair, InterruptWaits>();
   readonly #reap = (): number => this.#reapAll();
   /**
    * Checks health while the poller sleeps on an interrupt (interrupts never tell of a fatal status
@@ -91,7 +91,7 @@ export class CompletionPoller {
    * or the rule learning it), block for up to `blockMs`, then sleep in the event loop.
    */
   sleepOn(queue: QueuePair, spin: HybridSpin | undefined, blockMs?: number): void {
-    this.#sleepers.set(queue, new HybridQueue(queue, spin, blockMs));
+    this.#sleepers.set(queue, new InterruptWaits(queue, spin, blockMs));
   }
 
   /** What a queue's waits for its interrupt did, or undefined for a polled queue. */
@@ -255,8 +255,8 @@ export class CompletionPoller {
   }
 
   /** The queue to sleep on when every queue with pending work is interrupt-driven (one, for now). */
-  #interruptOnlyQueue(): HybridQueue | undefined {
-    let sleeper: HybridQueue | undefined;
+  #interruptOnlyQueue(): InterruptWaits | undefined {
+    let sleeper: InterruptWaits | undefined;
     for (const queue of this.#owner.queues) {
       if (queue.inFlight + queue.waiting === 0) continue;
       // A polled queue (no vector) answers from a field, without the map: this runs per spin.

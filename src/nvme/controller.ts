@@ -23,7 +23,7 @@ import { disableController, enableController, shutdownController } from "./bring
 import type { Command } from "./commands.ts";
 import { CompletionPoller } from "./completion.ts";
 import { dataIova, type DataBuffer } from "./data-buffer.ts";
-import type { WaitStats } from "./hybrid.ts";
+import type { WaitStats } from "./interrupt-waits.ts";
 import { ControllerHealth } from "./health.ts";
 import type { ControllerIdentity } from "./identify.ts";
 import { Namespace, type NamespaceOwner } from "./namespace.ts";

@@ -14,7 +14,7 @@
  */
 export { NvmeController } from "./controller.ts";
 export type { CommandOptions, Completion, NvmeControllerOptions, QueuePairOptions, ShutdownResult } from "./options.ts";
-export type { HybridSpin, WaitStats, SpinRule } from "./hybrid.ts";
+export type { HybridSpin, WaitStats, SpinRule } from "./interrupt-waits.ts";
 export { Namespace, type IoOptions } from "./namespace.ts";
 export type { DataBuffer } from "./data-buffer.ts";
 export { QueuePair, type QueueStats } from "./queue.ts";

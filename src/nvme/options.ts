@@ -8,7 +8,7 @@ import type { Ioas } from "../iommufd/ioas.ts";
 import type { VfioContainer } from "../type1/container.ts";
 import { argumentError } from "../sys/error.ts";
 import type { DataBuffer } from "./data-buffer.ts";
-import { checkBlockMs, checkHybridSpin, type HybridSpin } from "./hybrid.ts";
+import { checkBlockMs, checkHybridSpin, type HybridSpin } from "./interrupt-waits.ts";
 
 export interface NvmeControllerOptions {
   /**
@@ -52,7 +52,7 @@ export interface NvmeControllerOptions {
  * "interrupt": the queue raises an MSI-X vector; the poller blocks the thread on it for up to
  * `blockMs` (default 1 ms), then sleeps in the event loop until it fires: a wake in microseconds
  * and no CPU while waiting, and the thread back to the program when a completion takes long.
- * "hybrid": the same after a spin for a window learned from recent completions (hybrid.ts):
+ * "hybrid": the same after a spin for a window learned from recent completions (interrupt-waits.ts):
  * polling's latency as well while completions come soon.
  */
 export type Completion = "poll" | "interrupt" | "hybrid";
@@ -62,7 +62,7 @@ export interface QueuePairOptions {
   /**
    * "hybrid" only. By default the window is learned: twice the median of the last 32 waits for a
    * completion, at least 0.01 ms, and the shortest when that is past 0.05 ms (0.5 ms with
-   * `blockMs: 0`): a blocked or parked wake costs less than such a spin (hybrid.ts says
+   * `blockMs: 0`): a blocked or parked wake costs less than such a spin (interrupt-waits.ts says
    * why). A number fixes the window (ms, 0..10); a `{ percentile, multiple }` rule learns it from
    * another percentile.
    */

@@ -1,5 +1,5 @@
 /**
- * Hybrid completion (src/nvme/hybrid.ts): the window learned from recent waits, a hybrid queue's
+ * Hybrid completion (src/nvme/interrupt-waits.ts): the window learned from recent waits, a hybrid queue's
  * spin and park on their own, and the driver in hybrid mode against the in-memory controller of
  * test/support/nvme-sim.ts, whose interrupts are real eventfds.
  */
@@ -7,14 +7,14 @@ import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { type Completion, NvmeController } from "../../src/nvme/index.ts";
 import {
   DEFAULT_SPIN_RULE,
-  HybridQueue,
+  InterruptWaits,
   learnedSpinMs,
   MAX_SPIN_BLOCKING_MS,
   MAX_SPIN_MS,
   MIN_SPIN_MS,
   PROBE_EVERY,
   SAMPLES,
-} from "../../src/nvme/hybrid.ts";
+} from "../../src/nvme/interrupt-waits.ts";
 import type { QueuePair } from "../../src/nvme/queue.ts";
 import type { IrqSet } from "../../src/vfio/irq.ts";
 import { IrqVector } from "../../src/vfio/irq-vector.ts";
@@ -47,14 +47,14 @@ test("the window is twice the median recent wait, within its bounds", () => {
 
 /**
  * A clock that moves only when the code under test looks at a ring (LOOK_MS per look) or parks
- * (PARK_MS): the waits HybridQueue measures are then exactly what each test sets up, whatever else
+ * (PARK_MS): the waits InterruptWaits measures are then exactly what each test sets up, whatever else
  * the (shared, loaded) host does meanwhile.
  */
 const LOOK_MS = 0.002;
 const PARK_MS = 1;
 const clock = { now: 0 };
 
-/** A queue's vector and interrupt as HybridQueue uses them, counting what it asked of them. */
+/** A queue's vector and interrupt as InterruptWaits uses them, counting what it asked of them. */
 function fakeQueue() {
   const calls = { polls: 0, waits: 0 };
   const queue = {
@@ -101,7 +101,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
 
   test("a spin that finds a completion within the window does not park; the window follows the waits", async () => {
     const { queue, calls } = fakeQueue();
-    const hybrid = new HybridQueue(queue, undefined, 0);
+    const hybrid = new InterruptWaits(queue, undefined, 0);
     expect(hybrid.stats.spinMs).toBe(MAX_SPIN_MS);
     for (let i = 0; i < SAMPLES; i++) expect(hybrid.spin(reapAfter(0.05))).toBe(1);
     expect(hybrid.stats.found).toBe(SAMPLES);
@@ -130,7 +130,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
 
   test("a spin that finds nothing ends at its window; the park drains the old counts, looks again, then waits", async () => {
     const { queue, calls } = fakeQueue();
-    const hybrid = new HybridQueue(queue, 0.05, 0);
+    const hybrid = new InterruptWaits(queue, 0.05, 0);
     const t0 = clock.now;
     expect(hybrid.spin(reapNothing)).toBe(0);
     // The clock is read every 16 looks: the window's end is seen within 16 looks.
@@ -152,7 +152,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
     expect(calls).toEqual({ polls: 2, waits: 1 });
     expect(hybrid.stats.parked).toBe(1);
     // A window of 0: no look at all before the park's own.
-    const none = new HybridQueue(queue, 0, 0);
+    const none = new InterruptWaits(queue, 0, 0);
     let spun = 0;
     expect(none.spin(() => ++spun)).toBe(0);
     expect(spun).toBe(0);
@@ -160,7 +160,7 @@ describe("a hybrid queue on its own (a fake clock)", () => {
 
   test("waits longer than a park costs teach the queue to park at once; probes see when they are short again", async () => {
     const { queue } = fakeQueue();
-    const hybrid = new HybridQueue(queue, undefined, 0);
+    const hybrid = new InterruptWaits(queue, undefined, 0);
     for (let i = 0; i < 8; i++) {
       expect(hybrid.spin(reapNothing)).toBe(0);
       await hybrid.park(reapNothing);
@@ -321,7 +321,7 @@ test("blockMs: the thread blocks on the eventfd after the spin; an interrupt end
     },
   } as unknown as QueuePair;
   try {
-    const hybrid = new HybridQueue(queue, 0, 1);
+    const hybrid = new InterruptWaits(queue, 0, 1);
     // The look after the drain finds nothing, and the controller's interrupt comes right after it:
     // poll(2) returns at once, and the look after it finds the completion. No park.
     let looks = 0;

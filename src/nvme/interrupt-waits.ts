@@ -1,4 +1,6 @@
 /**
+ * How a queue pair with an MSI-X vector waits for its interrupt: spin, block, park.
+ *
  * Hybrid completion (the idea of the kernel's hybrid polling and io_uring's
  * IORING_SETUP_HYBRID_IOPOLL): the poller spins on a queue's completion ring for a window learned
  * from how long completions took to come lately, and parks on the queue's MSI-X vector when none
@@ -125,7 +127,7 @@ export interface WaitStats {
  * How one queue pair with a vector waits for it: its spin window (learned, fixed, or 0 for an
  * interrupt queue), its block time, and what came of its waits.
  */
-export class HybridQueue {
+export class InterruptWaits {
   readonly queue: QueuePair;
   readonly #rule: SpinRule | undefined;
   readonly #waits = new Float64Array(SAMPLES);
