@@ -218,6 +218,48 @@ describe("the poller's spin", () => {
   });
 });
 
+describe("promise continuations after completions the spin found", () => {
+  test("a caller awaiting a command the spin completed resumes at once, not at the spin's next 0.25 ms hop", async () => {
+    // A fake clock as above; the controller model posts the completion from inside a clock read,
+    // so the poller finds it in the middle of a spin (with another command still out).
+    const realNow = performance.now;
+    let t = 0;
+    let postAt = Number.POSITIVE_INFINITY;
+    let postedAt = 0;
+    const model = new NvmeModel();
+    performance.now = () => {
+      t += 0.002;
+      if (t >= postAt) {
+        postAt = Number.POSITIVE_INFINITY;
+        postedAt = t;
+        model.complete(1);
+      }
+      return t;
+    };
+    try {
+      const queue = model.queuePair(1, 8);
+      const other = model.queuePair(2, 8);
+      // Out until the end on another queue: the poller keeps spinning after these two complete.
+      const held = other.submit(read(9), 0, 0, TIMEOUT);
+      const first = queue.submit(read(0), 0, 0, TIMEOUT);
+      const second = queue.submit(read(1), 0, 0, TIMEOUT);
+      await hop();
+      await hop();
+      // Let the poller start spinning, then post both completions 0.1 ms into the spin.
+      postAt = t + 0.1;
+      await first;
+      const waitedMs = t - postedAt;
+      await second;
+      expect(postedAt).toBeGreaterThan(0);
+      expect(waitedMs).toBeLessThan(0.05);
+      model.complete(2);
+      await held;
+    } finally {
+      performance.now = realNow;
+    }
+  });
+});
+
 describe("health checks of the poller", () => {
   test("CSTS is read only after 10 ms without a completion; deadlines are checked as before", async () => {
     const { model, queue } = setup(4);
