@@ -8,7 +8,7 @@
  * (admin.ts) or, for the admin queue, by ASQ and ACQ (bringup.ts). Nothing here makes a system
  * call: entries are heap memory, a doorbell is one 32-bit store into the mmapped BAR.
  */
-import { type Command, high32 } from "./commands.ts";
+import { encodeCommand, type Command } from "./commands.ts";
 import { DOORBELLS, type ControllerRegisters } from "./registers.ts";
 
 export const SQ_ENTRY_BYTES = 64;
@@ -55,30 +55,9 @@ export class SubmissionRing {
     this.#doorbell = new Doorbell(registers, DOORBELLS + 2 * qid * doorbellStride);
   }
 
-  /**
-   * Write the entry at the tail and move the tail on; the controller sees it at the next doorbell.
-   * The layout of encodeCommand (commands.ts), written here for a command whose every field is
-   * set (a request): one call fewer on every command's path, with no `??` per field.
-   */
-  post(cid: number, command: Required<Command>, prp1: number, prp2: number): void {
-    const sq = this.#entries;
-    const at = this.#tail * 16;
-    sq[at] = (command.opcode & 0xff) | (cid << 16);
-    sq[at + 1] = command.nsid;
-    sq[at + 2] = 0;
-    sq[at + 3] = 0;
-    sq[at + 4] = 0;
-    sq[at + 5] = 0;
-    sq[at + 6] = prp1;
-    sq[at + 7] = high32(prp1);
-    sq[at + 8] = prp2;
-    sq[at + 9] = high32(prp2);
-    sq[at + 10] = command.cdw10;
-    sq[at + 11] = command.cdw11;
-    sq[at + 12] = command.cdw12;
-    sq[at + 13] = command.cdw13;
-    sq[at + 14] = command.cdw14;
-    sq[at + 15] = command.cdw15;
+  /** Write the entry at the tail and move the tail on; the controller sees it at the next doorbell. */
+  post(cid: number, command: Command, prp1: number, prp2: number): void {
+    encodeCommand(this.#entries, this.#tail, cid, command, prp1, prp2);
     this.#tail = this.#tail + 1 === this.#depth ? 0 : this.#tail + 1;
   }
 
