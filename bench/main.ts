@@ -43,7 +43,7 @@ import { kernelImage } from "../vm/images.ts";
 import { runInGuest } from "../vm/run.ts";
 import { BaselineError, binaryPath, buildBaseline, type Build } from "./baseline.ts";
 import { measureHostJsCostInProcesses } from "./hotpath.ts";
-import { judge, MAX_MARGIN } from "./noise.ts";
+import { type Confirmation, confirm, judge, MAX_MARGIN } from "./noise.ts";
 import { type CaseResult, type Interval, type RunContext, runInterleaved, runMode } from "./runner.ts";
 import {
   codeHash,
@@ -56,6 +56,7 @@ import {
   save,
   tables,
   THRESHOLD,
+  type Change,
   type Measurement,
   type Results,
   type SkippedCase,
@@ -326,11 +327,14 @@ function hostJsPairs(tier: Tier): number {
   return tier === "quick" ? 100_000 : 1_000_000;
 }
 
-function finish(
+/** Measures the cases whose ids match `filter` again, in a fresh guest boot where there is one; a string says why it could not. */
+type Remeasure = (filter: string) => Promise<{ measurement: Measurement; bootSeconds?: number } | string>;
+
+async function finish(
   args: Args,
   m: Measurement,
-  extra: { host?: Results["host"]; build?: Build; bootSeconds?: number },
-): number {
+  extra: { host?: Results["host"]; build?: Build; bootSeconds?: number; remeasure?: Remeasure },
+): Promise<number> {
   const results: Results = {
     schema: SCHEMA,
     date: new Date().toISOString(),
@@ -369,6 +373,13 @@ function finish(
     results.margins = judged.margins;
     results.tooNoisy = judged.tooNoisy;
     results.changes = judged.changes;
+    if (judged.changes.length > 0 && extra.remeasure) {
+      ({ confirmation: results.confirmation, kept: results.changes } = await confirmFlags(
+        results,
+        judged.changes,
+        extra.remeasure,
+      ));
+    }
   } else if (previous) {
     results.previous = previous.file;
     results.changes = compare(results, previous.results);
@@ -396,6 +407,7 @@ function finish(
       `compared with ${results.reference.length} run(s) of ${results.reference.at(-1)!.split("-").at(-2)} (each case against its own noise: A/A runs, or its drift between runs when larger): ${reg.length} regression(s), ${results.changes.length - reg.length} improvement(s)`,
     );
     for (const c of results.changes) say(c.text);
+    for (const c of results.confirmation?.withdrawn ?? []) say(c.text);
     if (noisy.length) say(`too noisy to judge (margin over ${MAX_MARGIN * 100}%): ${noisy.join(", ")}`);
   } else if (previous) {
     const reg = results.changes.filter((c) => c.kind === "regression");
@@ -431,6 +443,34 @@ function finish(
     for (const p of results.problems) say(`  ${p}`);
   }
   return status;
+}
+
+/**
+ * One boot can be off on its own (bench/noise.ts, confirm): before a flag is reported, the flagged
+ * cases are measured again in a fresh boot and judged by the same rule against the same history.
+ * Only the flags that boot makes too stand; the others are withdrawn, both figures kept.
+ */
+async function confirmFlags(
+  results: Results,
+  changes: Change[],
+  remeasure: Remeasure,
+): Promise<{ confirmation: Confirmation; kept: Change[] }> {
+  const ids = [...new Set(changes.map((c) => c.id))];
+  say();
+  say(`${changes.length} flag(s): measuring ${ids.join(", ")} again in a fresh boot before reporting them`);
+  const filter = `^(${ids.map((id) => id.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")).join("|")})$`;
+  const second = await remeasure(filter);
+  if (typeof second === "string") {
+    say(`the second boot failed (${second}): the flags stand unconfirmed`);
+    return { confirmation: { ids, cases: [], withdrawn: [] }, kept: confirm(changes, [], []).kept };
+  }
+  const cases = second.measurement.cases;
+  const { kept, withdrawn } = confirm(changes, judge({ ...results, cases }, readResults()).changes, cases);
+  const { bootSeconds } = second;
+  return {
+    confirmation: { ids, bootSeconds, measureSeconds: second.measurement.measureSeconds, cases, withdrawn },
+    kept,
+  };
 }
 
 /** The C side, or undefined with --no-c; a build that fails ends the run (never a stale binary). */
@@ -469,6 +509,21 @@ async function viaGuest(args: Args): Promise<number> {
     return 1;
   }
   const build = cSide(args);
+  const first = await measureInGuest(args, kernel);
+  if (typeof first === "string") {
+    say(`benchmarks failed in the guest (${first})`);
+    return 1;
+  }
+  const remeasure: Remeasure = (filter) =>
+    measureInGuest({ ...args, filter: new RegExp(filter), filterSource: filter }, kernel);
+  return await finish(args, first.measurement, { host: machine(), build, bootSeconds: first.bootSeconds, remeasure });
+}
+
+/** Boot the guest, run the suite there (`args`' tier and filter), and take its measurement; a string says why there is none. */
+async function measureInGuest(
+  args: Args,
+  kernel: string,
+): Promise<{ measurement: Measurement; bootSeconds?: number } | string> {
   const outDir = mkdtempSync(join(tmpdir(), "bun-iommufd-bench-"));
   try {
     const passThrough = [
@@ -497,11 +552,9 @@ async function viaGuest(args: Args): Promise<number> {
     if (guest.diskDir) rmSync(guest.diskDir, { recursive: true, force: true });
     const file = join(outDir, MEASUREMENT_FILE);
     if (guest.exitCode !== 0 || !existsSync(file)) {
-      say(`benchmarks failed in the guest (exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""})`);
-      return guest.exitCode || 1;
+      return `exit status ${guest.exitCode}${guest.message ? `: ${guest.message}` : ""}`;
     }
-    const measurement = JSON.parse(readFileSync(file, "utf8")) as Measurement;
-    return finish(args, measurement, { host: machine(), build, bootSeconds: guest.bootSeconds });
+    return { measurement: JSON.parse(readFileSync(file, "utf8")) as Measurement, bootSeconds: guest.bootSeconds };
   } finally {
     rmSync(outDir, { recursive: true, force: true });
   }
@@ -542,7 +595,11 @@ async function main(): Promise<number> {
     if (!existsSync("/dev/iommu")) return await viaGuest(args);
     const build = cSide(args);
     const measurement = await measure(args, build?.binary);
-    return finish(args, measurement, { build });
+    // No guest to boot again: the second look is a second measurement in this process.
+    const remeasure: Remeasure = async (filter) => ({
+      measurement: await measure({ ...args, filter: new RegExp(filter), filterSource: filter }, build?.binary),
+    });
+    return await finish(args, measurement, { build, remeasure });
   } catch (error) {
     if (error instanceof BaselineError) {
       say(`bench: ${error.message}`);

@@ -25,7 +25,7 @@
  * resolve a change worth reporting and is listed as too noisy instead. A case with no A/A history
  * yet falls back to the interval rule of results.ts (`compare`) against the last run.
  */
-import { type Interval, median } from "./runner.ts";
+import { type CaseResult, type Interval, median } from "./runner.ts";
 import { type Change, compare, fmtInterval, type Results, type Saved } from "./results.ts";
 
 /** Margin = NOISE_Z x a case's A/A noise (rms of log deviations), within MIN_MARGIN..MAX_MARGIN. */
@@ -205,4 +205,53 @@ export function judge(now: Results, history: Saved[]): Judgement {
       .map((ch) => ({ ...ch, text: `${ch.text} (no A/A history: interval rule)` })),
   );
   return judgement;
+}
+
+/** A second guest boot's look at the cases the first flagged (bench/main.ts). */
+export interface Confirmation {
+  /** The flagged cases, measured again in a fresh boot (a run filtered to them). */
+  ids: string[];
+  bootSeconds?: number;
+  measureSeconds?: number;
+  /** The second boot's figures, as measured. */
+  cases: CaseResult[];
+  /** Flags the second boot did not reproduce: withdrawn, each with both figures in its text. */
+  withdrawn: Change[];
+}
+
+const same = (a: Change, b: Change) => a.id === b.id && a.metric === b.metric && a.kind === b.kind;
+
+/**
+ * Which flags of a run stand once its flagged cases were measured again in a fresh guest boot.
+ * `again` is that boot's judgement, by the same rule against the same history: a flag stands when
+ * the second boot makes the same one (same case, metric and direction, beyond the margin again),
+ * or could not measure the case at all (`measured` lacks it: better a flag to look at than a
+ * regression let through). One boot can be off on its own: on 8 Dec 2026 two default runs of the
+ * same commit, back to back, flagged map/edu-type1/4KiB +16.6% against its reference and then,
+ * 5 minutes later, -13.2% against the first; a real slowdown shows in every boot.
+ */
+export function confirm(
+  changes: Change[],
+  again: Change[],
+  measured: CaseResult[],
+): { kept: Change[]; withdrawn: Change[] } {
+  const kept: Change[] = [];
+  const withdrawn: Change[] = [];
+  for (const change of changes) {
+    const second = measured.find((c) => c.id === change.id);
+    const figure = second?.[change.metric];
+    if (!second || !figure || second.errors.length > 0) {
+      kept.push({
+        ...change,
+        text: `${change.text}; not measured again (${second?.errors.join("; ") || "no figure"}): kept`,
+      });
+      continue;
+    }
+    const moved = figure.median / change.before.median;
+    const pct = `${moved >= 1 ? "+" : ""}${((moved - 1) * 100).toFixed(1)}%`;
+    const at = `a second boot: ${fmtInterval(figure)}, ${pct}`;
+    if (again.some((c) => same(c, change))) kept.push({ ...change, text: `${change.text}; confirmed by ${at}` });
+    else withdrawn.push({ ...change, text: `withdrawn ${change.text.trimStart()}; not reproduced by ${at}` });
+  }
+  return { kept, withdrawn };
 }

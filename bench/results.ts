@@ -10,6 +10,7 @@ import * as mitata from "mitata";
 import { formatNs, type Build } from "./baseline.ts";
 import type { HostJsCost } from "./hotpath.ts";
 import { layoutNote } from "./layout.ts";
+import type { Confirmation } from "./noise.ts";
 import type { CaseResult, Interval, RunMode } from "./runner.ts";
 import { GiB, type Tier } from "./suite.ts";
 
@@ -101,6 +102,8 @@ export interface Results extends Measurement {
   changes: Change[];
   /** Why the run failed (quick: the smoke test's conditions; otherwise cases with errors). */
   problems?: string[];
+  /** The flagged cases measured again in a fresh boot; `changes` holds only the flags it reproduced. */
+  confirmation?: Confirmation;
 }
 
 /**

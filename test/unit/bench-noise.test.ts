@@ -4,7 +4,7 @@
  * the four A/A runs of c711a4e flag nothing, and the same run made 10% slower is flagged.
  */
 import { describe, expect, test } from "bun:test";
-import { judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from "../../bench/noise.ts";
+import { confirm, judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from "../../bench/noise.ts";
 import { codeHash, readResults, type Results, type Saved } from "../../bench/results.ts";
 import type { CaseResult, Interval } from "../../bench/runner.ts";
 
@@ -205,5 +205,75 @@ describe("on the committed runs", () => {
       ]),
     );
     expect(flagged.length).toBeGreaterThanOrEqual(judgedRatios / 2);
+  });
+});
+
+describe("a flag measured again in a second boot", () => {
+  const history = [
+    run("a", "1", { x: 1.0, y: 1.0 }),
+    run("a", "2", { x: 1.02, y: 1.0 }),
+    run("a", "3", { x: 0.99, y: 1.01 }),
+  ];
+  const first = run("b", "4", { x: 1.2, y: 0.85 }).results;
+  const flags = judge(first, history).changes;
+  /** The second boot's figures for the flagged cases, judged as bench/main.ts judges them. */
+  const secondLook = (ratios: Record<string, number>, errors: Record<string, string> = {}) => {
+    const second = run("b", "4", ratios).results;
+    for (const c of second.cases) c.errors = errors[c.id] ? [errors[c.id]!] : [];
+    return confirm(flags, judge(second, history).changes, second.cases);
+  };
+  test("the first boot flags both", () =>
+    expect(flags.map((c) => [c.id, c.kind])).toEqual([
+      ["x", "regression"],
+      ["y", "improvement"],
+    ]));
+  test("reproduced: kept, saying what the second boot measured", () => {
+    const { kept, withdrawn } = secondLook({ x: 1.15, y: 0.88 });
+    expect(withdrawn).toEqual([]);
+    expect(kept.map((c) => c.id)).toEqual(["x", "y"]);
+    expect(kept[0]?.text).toContain("confirmed by a second boot: 1.150");
+    expect(kept[0]?.text).toContain("+15.0%");
+  });
+  test("back within the margin: withdrawn, with both figures", () => {
+    const { kept, withdrawn } = secondLook({ x: 1.03, y: 0.97 });
+    expect(kept).toEqual([]);
+    expect(withdrawn.map((c) => c.id)).toEqual(["x", "y"]);
+    expect(withdrawn[0]?.text).toStartWith("withdrawn REGRESSION x: lib/C 1.200");
+    expect(withdrawn[0]?.text).toContain("not reproduced by a second boot: 1.030");
+  });
+  test("beyond the margin the other way: withdrawn (a regression is not confirmed by an improvement)", () => {
+    const { kept, withdrawn } = secondLook({ x: 0.8, y: 1.2 });
+    expect(kept).toEqual([]);
+    expect(withdrawn.map((c) => c.kind)).toEqual(["regression", "improvement"]);
+  });
+  test("not measured again (an error, or missing): kept, saying so", () => {
+    const { kept, withdrawn } = secondLook({ x: 1.0 }, { x: "guest lost its device" });
+    expect(withdrawn).toEqual([]);
+    expect(kept.map((c) => c.text.replace(/^.*; /, ""))).toEqual([
+      "not measured again (guest lost its device): kept",
+      "not measured again (no figure): kept",
+    ]);
+  });
+});
+
+describe("the false flag of 8 Dec 2026, looked at again", () => {
+  // Two default runs of 3707359, back to back: the first flagged map/edu-type1/4KiB +16.6% (a
+  // commit that touched only the NVMe submission ring); the second, five minutes later, measured it
+  // where it had been. The second run's figures stand in for the second boot.
+  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const [flagged, next] = everything.filter((s) => s.results.commit === "3707359" && s.results.mode === "default");
+  const before = everything.filter((s) => s.results.date < flagged!.results.date);
+  test("the first flags it", () => {
+    expect(judge(flagged!.results, before).changes.map((c) => `${c.kind} ${c.id}`)).toEqual([
+      "regression map/edu-type1/4KiB",
+    ]);
+  });
+  test("the second boot withdraws it", () => {
+    const flags = judge(flagged!.results, before).changes;
+    const second = { ...flagged!.results, cases: next!.results.cases };
+    const { kept, withdrawn } = confirm(flags, judge(second, before).changes, second.cases);
+    expect(kept).toEqual([]);
+    expect(withdrawn.map((c) => c.id)).toEqual(["map/edu-type1/4KiB"]);
+    expect(withdrawn[0]?.text).toContain("not reproduced by a second boot: 1.391");
   });
 });
