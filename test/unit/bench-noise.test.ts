@@ -277,3 +277,48 @@ describe("the false flag of 8 Dec 2026, looked at again", () => {
     expect(withdrawn[0]?.text).toContain("not reproduced by a second boot: 1.391");
   });
 });
+
+describe("the second look on the committed runs of feca3c1", () => {
+  // Four A/A runs, the third of which flagged one case, and the planted slowdown right after them;
+  // each saved its second boot's figures (`confirmation.cases`). The rule is replayed on them here.
+  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const aa = everything.filter((s) => s.results.commit === "feca3c1" && s.results.mode === "default");
+  const [planted] = readResults(`${import.meta.dir}/../../bench/results/planted`).filter(
+    (s) => s.results.commit === "080209e",
+  );
+  const secondLook = (one: Saved, history: Saved[]) => {
+    const flags = judge(one.results, history).changes;
+    const cases = one.results.confirmation!.cases;
+    return confirm(flags, judge({ ...one.results, cases }, history).changes, cases);
+  };
+  test("there are four and the planted run", () => {
+    expect(aa).toHaveLength(4);
+    expect(planted).toBeDefined();
+  });
+  test("the third A/A run's flag is withdrawn by its second boot", () => {
+    const third = aa[2]!;
+    const { kept, withdrawn } = secondLook(
+      third,
+      everything.filter((s) => s.results.date < third.results.date),
+    );
+    expect(kept).toEqual([]);
+    expect(withdrawn.map((c) => c.id)).toEqual(["mapFile/edu/2MiB/huge"]);
+  });
+  test("the planted slowdown: the 4 KiB map path confirmed, one 2 MiB case withdrawn", () => {
+    const { kept, withdrawn } = secondLook(
+      planted!,
+      everything.filter((s) => s.results.date < planted!.results.date),
+    );
+    expect(kept.map((c) => c.id)).toEqual([
+      "prepared/none/4KiB",
+      "mapFile/none/4KiB",
+      "prepared/mock/4KiB",
+      "mapFile/mock/4KiB",
+      "copy/mock/4KiB",
+      "prepared/edu/4KiB",
+      "mapFile/edu/4KiB",
+    ]);
+    expect(kept.every((c) => c.kind === "regression")).toBe(true);
+    expect(withdrawn.map((c) => c.id)).toEqual(["map/edu-type1/2MiB/huge"]);
+  });
+});
