@@ -1,7 +1,5 @@
 /** DmaHeap on the real kernel: one mapping, many buffers, no ioctl on alloc/free (counted and seen by strace), real DMA. */
 import { afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DmaHeap, Iommufd, VfioDevice } from "../../src/index.ts";
 import { counters } from "../../src/sys/ioctl.ts";
@@ -9,7 +7,7 @@ import { MOCK_APERTURE_START, MockDomain } from "../../src/testing/selftest.ts";
 import { Edu, requireEduAddress } from "../support/edu.ts";
 import { expectIommufdError, openFdCount, pinnedKiB, requireIommufd } from "../support/kernel.ts";
 import { matrixKernel } from "../support/matrix.ts";
-import { straceSummary, syscallsBetween } from "../support/strace.ts";
+import { straceSummary, syscallsBetween, traceFixture } from "../support/strace.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -75,38 +73,24 @@ describe("DmaHeap", () => {
       // The counter above sees only calls through the library's wrapper; strace sees every system
       // call of every thread. Markers (access(2) of paths that do not exist) bound the windows.
       const tag = `heap-${process.pid}-${Date.now()}`;
-      const log = join(tmpdir(), `${tag}.strace`);
       const fixture = join(import.meta.dir, "fixtures", "heap-pairs.ts");
-      const run = Bun.spawnSync(["strace", "-f", "-C", "-qq", "-o", log, process.execPath, fixture, "1000", tag], {
-        stdout: "pipe",
-        stderr: "pipe",
-      });
-      try {
-        expect({ exitCode: run.exitCode, stderr: run.exitCode ? run.stderr.toString() : "" }).toEqual({
-          exitCode: 0,
-          stderr: "",
-        });
-        const report = JSON.parse(run.stdout.toString().trim().split("\n").pop()!);
-        const text = readFileSync(log, "utf8");
-        const pairs = syscallsBetween(text, `${tag}-pairs-begin`, `${tag}-pairs-end`);
-        const control = syscallsBetween(text, `${tag}-control-begin`, `${tag}-control-end`);
-        const whole = straceSummary(text);
-        console.log(
-          `strace, 1,000 heap alloc/free pairs: all threads ${JSON.stringify(pairs.all)}, JS thread ` +
-            `${JSON.stringify(pairs.markerThread)}; control (one iovaRanges): ${JSON.stringify(control.all)}; ` +
-            `whole process: ${whole.total} syscalls, ${whole.ioctl ?? 0} ioctls`,
-        );
-        // No ioctl on any thread while the pairs ran (what other threads do, GC and JIT futexes and
-        // madvise, is theirs; the counts are printed above).
-        expect(pairs.all.ioctl ?? 0).toBe(0);
-        expect(report).toMatchObject({ pairs: 1000, ioctlsPairs: 0 });
-        // The control proves strace sees this process's ioctls through bun:ffi: iovaRanges' ioctls,
-        // as many as the library's counter says, on the JS thread between their markers.
-        expect(report.ioctlsControl).toBeGreaterThanOrEqual(1);
-        expect(control.markerThread.ioctl).toBe(report.ioctlsControl);
-      } finally {
-        rmSync(log, { force: true });
-      }
+      const { report, log } = traceFixture(fixture, ["1000", tag], { summary: true });
+      const pairs = syscallsBetween(log, `${tag}-pairs-begin`, `${tag}-pairs-end`);
+      const control = syscallsBetween(log, `${tag}-control-begin`, `${tag}-control-end`);
+      const whole = straceSummary(log);
+      console.log(
+        `strace, 1,000 heap alloc/free pairs: all threads ${JSON.stringify(pairs.all)}, JS thread ` +
+          `${JSON.stringify(pairs.markerThread)}; control (one iovaRanges): ${JSON.stringify(control.all)}; ` +
+          `whole process: ${whole.total} syscalls, ${whole.ioctl ?? 0} ioctls`,
+      );
+      // No ioctl on any thread while the pairs ran (what other threads do, GC and JIT futexes and
+      // madvise, is theirs; the counts are printed above).
+      expect(pairs.all.ioctl ?? 0).toBe(0);
+      expect(report).toMatchObject({ pairs: 1000, ioctlsPairs: 0 });
+      // The control proves strace sees this process's ioctls through bun:ffi: iovaRanges' ioctls,
+      // as many as the library's counter says, on the JS thread between their markers.
+      expect(report.ioctlsControl).toBeGreaterThanOrEqual(1);
+      expect(control.markerThread.ioctl).toBe(report.ioctlsControl);
     });
 
   test("errors: zero size, oversize, bad alignment, double free, a buffer of another heap, use after close", () => {

@@ -3,19 +3,12 @@
  * raised by the device (register 0x60) or by a DMA completing, delivered by the kernel into the
  * vectors' eventfds, and read by the library through Bun's event loop.
  */
-import { afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { beforeAll, describe, expect, test } from "bun:test";
 import { bindToVfioPci, Iommufd, IommufdError, IrqSet, MemfdBuffer, VfioDevice, type Ioas } from "../../src/index.ts";
 import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { libc } from "../../src/sys/libc.ts";
 import { Edu, EDU_IRQ_DMA, requireEduAddress } from "../support/edu.ts";
-import {
-  expectIommufdError,
-  kernelInterrupts,
-  openFdCount,
-  requireIommufd,
-  settledFdCount,
-  testScope,
-} from "../support/kernel.ts";
+import { expectIommufdError, fdCheckedScope, kernelInterrupts, requireIommufd } from "../support/kernel.ts";
 
 const F_DUPFD_CLOEXEC = 1030;
 let eduAddress = "";
@@ -25,16 +18,8 @@ beforeAll(() => {
   eduAddress = requireEduAddress();
 });
 
-const scope = testScope();
+const scope = fdCheckedScope();
 const keep = scope.keep;
-let fdsAtStart = 0;
-beforeEach(() => {
-  fdsAtStart = openFdCount();
-});
-afterEach(async () => {
-  scope.releaseAll();
-  expect(await settledFdCount(fdsAtStart)).toBe(fdsAtStart);
-});
 
 function attachedEdu(): { iommufd: Iommufd; ioas: Ioas; device: VfioDevice; edu: Edu } {
   const iommufd = keep(Iommufd.open());

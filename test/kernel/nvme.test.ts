@@ -6,8 +6,7 @@
  * lends it to A for the peer-to-peer tests.
  */
 import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { DmaHeap, Iommufd, IommufdError, VfioDevice } from "../../src/index.ts";
 import {
@@ -22,7 +21,7 @@ import { counters } from "../../src/sys/ioctl.ts";
 import { bareLoop, openLoopQueue } from "../../bench/nvme-loop.ts";
 import { FailNth, sweep } from "../support/fail-nth.ts";
 import { openFdCount, requireIommufd } from "../support/kernel.ts";
-import { syscallsBetween } from "../support/strace.ts";
+import { syscallsBetween, traceFixture } from "../support/strace.ts";
 import { kernelHas, matrixKernel, onThisKernel } from "../support/matrix.ts";
 import {
   countQueueInterrupts,
@@ -208,34 +207,19 @@ describe("I/O", () => {
     // call of every thread. The fixture opens A itself: the shared controller lets go of it.
     releaseShared();
     const tag = `nvme-io-${process.pid}-${Date.now()}`;
-    const log = join(tmpdir(), `${tag}.strace`);
-    const fixture = join(import.meta.dir, "fixtures", "nvme-io.ts");
-    const run = Bun.spawnSync(["strace", "-f", "-qq", "-o", log, process.execPath, fixture, A.vfio, tag], {
-      stdout: "pipe",
-      stderr: "pipe",
-    });
-    try {
-      expect({ exitCode: run.exitCode, stderr: run.exitCode ? run.stderr.toString() : "" }).toEqual({
-        exitCode: 0,
-        stderr: "",
-      });
-      const report = JSON.parse(run.stdout.toString().trim().split("\n").pop()!);
-      const text = readFileSync(log, "utf8");
-      const io = syscallsBetween(text, `${tag}-io-begin`, `${tag}-io-end`);
-      const control = syscallsBetween(text, `${tag}-control-begin`, `${tag}-control-end`);
-      console.log(
-        `strace, ${report.commands} NVMe commands: all threads ${JSON.stringify(io.all)}; ` +
-          `control (one iovaRanges): ${JSON.stringify(control.all)}`,
-      );
-      // No ioctl on any thread while the commands ran, by strace and by the library's counter.
-      expect(io.all.ioctl ?? 0).toBe(0);
-      expect(report.ioctlsIo).toBe(0);
-      // The control proves strace sees this process's ioctls through bun:ffi, as many as counted.
-      expect(report.ioctlsControl).toBeGreaterThanOrEqual(1);
-      expect(control.markerThread.ioctl).toBe(report.ioctlsControl);
-    } finally {
-      rmSync(log, { force: true });
-    }
+    const { report, log } = traceFixture(join(import.meta.dir, "fixtures", "nvme-io.ts"), [A.vfio, tag]);
+    const io = syscallsBetween(log, `${tag}-io-begin`, `${tag}-io-end`);
+    const control = syscallsBetween(log, `${tag}-control-begin`, `${tag}-control-end`);
+    console.log(
+      `strace, ${report.commands} NVMe commands: all threads ${JSON.stringify(io.all)}; ` +
+        `control (one iovaRanges): ${JSON.stringify(control.all)}`,
+    );
+    // No ioctl on any thread while the commands ran, by strace and by the library's counter.
+    expect(io.all.ioctl ?? 0).toBe(0);
+    expect(report.ioctlsIo).toBe(0);
+    // The control proves strace sees this process's ioctls through bun:ffi, as many as counted.
+    expect(report.ioctlsControl).toBeGreaterThanOrEqual(1);
+    expect(control.markerThread.ioctl).toBe(report.ioctlsControl);
   });
 
   test("a buffer offset that is not page aligned (PRP1 with an offset, then a list)", async () => {

@@ -4,7 +4,7 @@
  * The guest binds edu to vfio-pci and other suites open it through its cdev: a device is open
  * through one path at a time, so each test opens, uses and closes its container.
  */
-import { afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readFileSync, readlinkSync, writeFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { DmaHeap, Iommufd, MemfdBuffer, readHwInfo, VfioContainer, VfioDevice } from "../../src/index.ts";
@@ -12,7 +12,7 @@ import { isCloseOnExec } from "../../src/sys/fd.ts";
 import { DMA_ENTRY_LIMIT_PATH } from "../../src/type1/ioctls.ts";
 import { Edu, EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR, requireEduAddress } from "../support/edu.ts";
 import { kernelHas } from "../support/matrix.ts";
-import { expectIommufdError, openFdCount, testScope, settledFdCount } from "../support/kernel.ts";
+import { expectIommufdError, fdCheckedScope } from "../support/kernel.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -27,16 +27,8 @@ beforeAll(() => {
   eduGroup = Number(basename(readlinkSync(join("/sys/bus/pci/devices", eduAddress, "iommu_group"))));
 });
 
-const scope = testScope();
+const scope = fdCheckedScope();
 const keep = scope.keep;
-let fdsAtStart = 0;
-beforeEach(() => {
-  fdsAtStart = openFdCount();
-});
-afterEach(async () => {
-  scope.releaseAll();
-  expect(await settledFdCount(fdsAtStart)).toBe(fdsAtStart);
-});
 
 /** edu through its group in a fresh container, bus mastering on, BAR0 mapped. */
 function containedEdu(): { container: VfioContainer; device: VfioDevice; edu: Edu } {

@@ -1,5 +1,5 @@
 /** Helpers shared by the kernel tests (test/kernel): they run where /dev/iommu exists. */
-import { expect } from "bun:test";
+import { afterEach, beforeEach, expect } from "bun:test";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { IommufdError } from "../../src/sys/error.ts";
 
@@ -125,4 +125,21 @@ export function testScope(): { keep<T extends Releasable>(item: T): T; releaseAl
       }
     },
   };
+}
+
+/**
+ * A testScope released after every test, which then fails the test if the process holds more
+ * file descriptors than before it (closes that Bun finishes on its own schedule are waited for).
+ */
+export function fdCheckedScope(): ReturnType<typeof testScope> {
+  const scope = testScope();
+  let fdsAtStart = 0;
+  beforeEach(() => {
+    fdsAtStart = openFdCount();
+  });
+  afterEach(async () => {
+    scope.releaseAll();
+    expect(await settledFdCount(fdsAtStart)).toBe(fdsAtStart);
+  });
+  return scope;
 }

@@ -2,6 +2,10 @@
  * Reads an `strace -f -o FILE` log: which system calls were made between two marker calls (an
  * access(2) or similar whose argument contains a unique marker string).
  */
+import { expect } from "bun:test";
+import { readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { basename, join } from "node:path";
 
 /** Calls between two markers: over every thread, and on the thread that wrote the markers. */
 export interface SyscallWindow {
@@ -41,4 +45,31 @@ export function straceSummary(log: string): Record<string, number> {
     counts[m[2]!] = Number(m[1]);
   }
   return counts;
+}
+
+/**
+ * Run `fixture` (a Bun script) under `strace -f` (`-C`: with the summary table too) and return the
+ * last line it printed, parsed as JSON, and the log's text. The fixture must exit 0: its stderr is
+ * in the failure otherwise. The log file is gone afterwards, whatever happened.
+ */
+export function traceFixture(
+  fixture: string,
+  args: string[],
+  options: { summary?: boolean } = {},
+): { report: Record<string, number>; log: string } {
+  const path = join(tmpdir(), `${basename(fixture)}-${process.pid}-${Date.now()}.strace`);
+  try {
+    const flags = ["-f", ...(options.summary ? ["-C"] : []), "-qq", "-o", path];
+    const run = Bun.spawnSync(["strace", ...flags, process.execPath, fixture, ...args], {
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    expect({ exitCode: run.exitCode, stderr: run.exitCode ? run.stderr.toString() : "" }).toEqual({
+      exitCode: 0,
+      stderr: "",
+    });
+    return { report: JSON.parse(run.stdout.toString().trim().split("\n").pop()!), log: readFileSync(path, "utf8") };
+  } finally {
+    rmSync(path, { force: true });
+  }
 }
