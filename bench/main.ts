@@ -466,13 +466,10 @@ async function confirmFlags(
     say(`the second boot failed (${second}): the flags stand unconfirmed`);
     return { confirmation: { ids, cases: [], withdrawn: [] }, kept: confirm(changes, [], []).kept };
   }
-  const cases = second.measurement.cases;
+  const { measurement, bootSeconds } = second;
+  const cases = measurement.cases;
   const { kept, withdrawn } = confirm(changes, judge({ ...results, cases }, readResults()).changes, cases);
-  const { bootSeconds } = second;
-  return {
-    confirmation: { ids, bootSeconds, measureSeconds: second.measurement.measureSeconds, cases, withdrawn },
-    kept,
-  };
+  return { confirmation: { ids, bootSeconds, measureSeconds: measurement.measureSeconds, cases, withdrawn }, kept };
 }
 
 /** The C side, or undefined with --no-c; a build that fails ends the run (never a stale binary). */
