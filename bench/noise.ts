@@ -70,6 +70,21 @@ function medianOf(results: Results, id: string, metric: Metric): number | undefi
   return c?.tracked ? c[metric]?.median : undefined;
 }
 
+/**
+ * A run as it stands in the reference: its own figures, except for a case on which its second
+ * boot withdrew a flag. That boot was off for the case, and the second boot's figures stand in.
+ * Left as it was, the outlier became the reference: the run after c15da83 measured
+ * `mapFile/mock/2MiB/huge` where it had always been, and was flagged as improved (-11.1%) against
+ * the first boot of c15da83, whose flag on that case its own second boot had withdrawn.
+ */
+export function asReference(results: Results): Results {
+  const confirmation = results.confirmation;
+  if (!confirmation?.withdrawn.length) return results;
+  const off = new Set(confirmation.withdrawn.map((c) => c.id));
+  const cases = results.cases.map((c) => (off.has(c.id) ? (confirmation.cases.find((a) => a.id === c.id) ?? c) : c));
+  return { ...results, cases };
+}
+
 /** Runs that can stand for their commit: full default-style runs of clean trees. */
 export function comparable(history: Saved[], now: Results): Saved[] {
   return history
@@ -153,13 +168,14 @@ export function judge(now: Results, history: Saved[]): Judgement {
   };
   if (reference.length === 0) return judgement;
   const comparableResults = runs.map((s) => s.results);
+  const references = reference.map((s) => asReference(s.results));
   const noise = learnNoise(comparableResults);
   const fallback: string[] = [];
   for (const c of now.cases) {
     if (!c.tracked) continue;
     for (const metric of METRICS) {
       const after = c[metric];
-      const before = reference.map((s) => medianOf(s.results, c.id, metric)).filter((m) => m !== undefined);
+      const before = references.map((r) => medianOf(r, c.id, metric)).filter((m) => m !== undefined);
       if (!after || before.length === 0) continue;
       const learned = noise.get(key(c.id, metric));
       if (!learned) {
@@ -195,7 +211,7 @@ export function judge(now: Results, history: Saved[]): Judgement {
     }
   }
   // Cases with no A/A history yet: the interval rule against the newest reference run.
-  const newest = reference.at(-1)!.results;
+  const newest = references.at(-1)!;
   const unlearned = new Set(fallback);
   judgement.byInterval = [...unlearned];
   const byInterval = compare({ ...now, cases: now.cases.filter((c) => unlearned.has(c.id)) }, newest);

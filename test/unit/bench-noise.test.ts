@@ -4,7 +4,7 @@
  * the four A/A runs of c711a4e flag nothing, and the same run made 10% slower is flagged.
  */
 import { describe, expect, test } from "bun:test";
-import { confirm, judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from "../../bench/noise.ts";
+import { asReference, confirm, judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from "../../bench/noise.ts";
 import { codeHash, readResults, type Results, type Saved } from "../../bench/results.ts";
 import type { CaseResult, Interval } from "../../bench/runner.ts";
 
@@ -320,5 +320,40 @@ describe("the second look on the committed runs of feca3c1", () => {
     ]);
     expect(kept.every((c) => c.kind === "regression")).toBe(true);
     expect(withdrawn.map((c) => c.id)).toEqual(["map/edu-type1/2MiB/huge"]);
+  });
+});
+
+describe("a run whose flag was withdrawn, as a reference", () => {
+  const history = [
+    run("a", "1", { x: 1.0, y: 1.0 }),
+    run("a", "2", { x: 1.02, y: 1.0 }),
+    run("a", "3", { x: 0.99, y: 1.01 }),
+  ];
+  // Commit b's first boot put x 20% up; its second boot measured 1.01 and withdrew the flag.
+  const off = run("b", "4", { x: 1.2, y: 1.0 });
+  const flags = judge(off.results, history).changes;
+  const second = run("b", "4", { x: 1.01 }).results.cases.map((c) => ({ ...c, errors: [] }));
+  off.results.confirmation = { ids: ["x"], cases: second, withdrawn: confirm(flags, [], second).withdrawn };
+  test("the flag was withdrawn", () => expect(off.results.confirmation?.withdrawn.map((c) => c.id)).toEqual(["x"]));
+  test("stands with its second boot's figure for that case, its own for the rest", () => {
+    const ref = asReference(off.results);
+    expect(ref.cases.find((c) => c.id === "x")?.ratio?.median).toBe(1.01);
+    expect(ref.cases.find((c) => c.id === "y")?.ratio?.median).toBe(1.0);
+    expect(off.results.cases.find((c) => c.id === "x")?.ratio?.median).toBe(1.2);
+  });
+  test("the next run, where x has always been, is not flagged against the off boot", () => {
+    const j = judge(run("c", "5", { x: 1.0, y: 1.0 }).results, [...history, off]);
+    expect(j.reference).toEqual(["4-b-default.json"]);
+    expect(j.changes).toEqual([]);
+  });
+  test("on the committed runs: the run of 293d9b6 against c15da83's withdrawn mapFile/mock/2MiB/huge", () => {
+    const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+    const [next] = everything.filter((s) => s.results.commit === "293d9b6" && s.results.mode === "default");
+    const j = judge(
+      next!.results,
+      everything.filter((s) => s.results.date < next!.results.date),
+    );
+    expect(j.reference.map((f) => f.split("-").at(-2))).toEqual(["c15da83"]);
+    expect(j.changes.map((c) => c.text)).toEqual([]);
   });
 });
