@@ -328,7 +328,7 @@ function hostJsPairs(tier: Tier): number {
 }
 
 /** Measures the cases whose ids match `filter` again, in a fresh guest boot where there is one; a string says why it could not. */
-type Remeasure = (filter: string) => Promise<{ measurement: Measurement; bootSeconds?: number } | string>;
+export type Remeasure = (filter: string) => Promise<{ measurement: Measurement; bootSeconds?: number } | string>;
 
 async function finish(
   args: Args,
@@ -452,7 +452,7 @@ async function finish(
  * cases are measured again in a fresh boot and judged by the same rule against the same history.
  * Only the flags that boot makes too stand; the others are withdrawn, both figures kept.
  */
-async function confirmFlags(
+export async function confirmFlags(
   results: Results,
   changes: Change[],
   remeasure: Remeasure,

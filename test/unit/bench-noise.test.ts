@@ -4,6 +4,7 @@
  * the four A/A runs of c711a4e flag nothing, and the same run made 10% slower is flagged.
  */
 import { describe, expect, test } from "bun:test";
+import { confirmFlags } from "../../bench/main.ts";
 import { asReference, confirm, judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from "../../bench/noise.ts";
 import { codeHash, readResults, type Results, type Saved } from "../../bench/results.ts";
 import type { CaseResult, Interval } from "../../bench/runner.ts";
@@ -355,5 +356,35 @@ describe("a run whose flag was withdrawn, as a reference", () => {
     );
     expect(j.reference.map((f) => f.split("-").at(-2))).toEqual(["c15da83"]);
     expect(j.changes.map((c) => c.text)).toEqual([]);
+  });
+});
+
+describe("bench/main.ts's second look (confirmFlags), with the second boot stood in for", () => {
+  // 3707359's first run and its false flag; the run after it stands in for the second boot.
+  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const [flagged, next] = everything.filter((s) => s.results.commit === "3707359" && s.results.mode === "default");
+  const flags = () => judge(flagged!.results, everything).changes;
+  test("the second boot runs exactly the flagged cases, and withdraws the flag", async () => {
+    const filters: string[] = [];
+    const { confirmation, kept } = await confirmFlags(flagged!.results, flags(), async (filter) => {
+      filters.push(filter);
+      return { measurement: { ...next!.results, cases: next!.results.cases }, bootSeconds: 3.5 };
+    });
+    expect(filters).toHaveLength(1);
+    const only = new RegExp(filters[0]!);
+    const ids = new Set(everything.flatMap((s) => s.results.cases.map((c) => c.id)));
+    expect([...ids].filter((id) => only.test(id))).toEqual(["map/edu-type1/4KiB"]);
+    for (const other of ["map/edu-type1/4KiBx", "xmap/edu-type1/4KiB", "map/edu-type1/2MiB/huge", "mapXedu-type1/4KiB"])
+      expect(only.test(other)).toBe(false);
+    expect(kept).toEqual([]);
+    expect(confirmation.ids).toEqual(["map/edu-type1/4KiB"]);
+    expect(confirmation.bootSeconds).toBe(3.5);
+    expect(confirmation.withdrawn.map((c) => c.id)).toEqual(["map/edu-type1/4KiB"]);
+  });
+  test("a second boot that fails leaves every flag standing, saying so", async () => {
+    const { confirmation, kept } = await confirmFlags(flagged!.results, flags(), async () => "exit status 1");
+    expect(kept.map((c) => c.id)).toEqual(["map/edu-type1/4KiB"]);
+    expect(kept[0]?.text).toEndWith("not measured again (no figure): kept");
+    expect(confirmation).toEqual({ ids: ["map/edu-type1/4KiB"], cases: [], withdrawn: [] });
   });
 });
