@@ -59,6 +59,7 @@ import {
   type Change,
   type Measurement,
   type Results,
+  type Saved,
   type SkippedCase,
 } from "./results.ts";
 import { inTier, MiB, registeredSuites, type BenchCase, type BenchEnv, type Tier } from "./suite.ts";
@@ -86,8 +87,13 @@ function usage(): string {
     .replace(/^ \* ?/gm, "");
 }
 
+/** `args` narrowed to the cases whose ids match `source` (a regular expression). */
+function filteredTo(args: Args, source: string): Args {
+  return { ...args, filter: new RegExp(source), filterSource: source };
+}
+
 function parseArgs(argv: string[]): Args {
-  const args: Args = { tier: "default", json: false, save: false, noC: false, child: false };
+  let args: Args = { tier: "default", json: false, save: false, noC: false, child: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     switch (a) {
@@ -112,8 +118,7 @@ function parseArgs(argv: string[]): Args {
       case "--filter": {
         const source = argv[++i];
         if (source === undefined) throw new Error("--filter needs a regular expression");
-        args.filter = new RegExp(source);
-        args.filterSource = source;
+        args = filteredTo(args, source);
         break;
       }
       case "-h":
@@ -366,7 +371,8 @@ async function finish(
   const previous = results.mode === "quick" ? undefined : previousResults(results);
   // A full run of its mode is judged by each case's A/A noise floor (bench/noise.ts) against the
   // last commit's runs; a filtered run against the run before it, by the interval rule.
-  const judged = previous && results.filter === undefined ? judge(results, readResults()) : undefined;
+  const history = previous && results.filter === undefined ? readResults() : undefined;
+  const judged = history ? judge(results, history) : undefined;
   if (judged?.reference.length) {
     results.previous = judged.reference.at(-1);
     results.reference = judged.reference;
@@ -377,6 +383,7 @@ async function finish(
       ({ confirmation: results.confirmation, kept: results.changes } = await confirmFlags(
         results,
         judged.changes,
+        history!,
         extra.remeasure,
       ));
       // The second boot is part of what the command cost.
@@ -455,6 +462,7 @@ async function finish(
 export async function confirmFlags(
   results: Results,
   changes: Change[],
+  history: Saved[],
   remeasure: Remeasure,
 ): Promise<{ confirmation: Confirmation; kept: Change[] }> {
   const ids = [...new Set(changes.map((c) => c.id))];
@@ -468,7 +476,7 @@ export async function confirmFlags(
   }
   const { measurement, bootSeconds } = second;
   const cases = measurement.cases;
-  const { kept, withdrawn } = confirm(changes, judge({ ...results, cases }, readResults()).changes, cases);
+  const { kept, withdrawn } = confirm(changes, judge({ ...results, cases }, history).changes, cases);
   return { confirmation: { ids, bootSeconds, measureSeconds: measurement.measureSeconds, cases, withdrawn }, kept };
 }
 
@@ -513,8 +521,7 @@ async function viaGuest(args: Args): Promise<number> {
     say(`benchmarks failed in the guest (${first})`);
     return 1;
   }
-  const remeasure: Remeasure = (filter) =>
-    measureInGuest({ ...args, filter: new RegExp(filter), filterSource: filter }, kernel);
+  const remeasure: Remeasure = (filter) => measureInGuest(filteredTo(args, filter), kernel);
   return await finish(args, first.measurement, { host: machine(), build, bootSeconds: first.bootSeconds, remeasure });
 }
 
@@ -596,7 +603,7 @@ async function main(): Promise<number> {
     const measurement = await measure(args, build?.binary);
     // No guest to boot again: the second look is a second measurement in this process.
     const remeasure: Remeasure = async (filter) => ({
-      measurement: await measure({ ...args, filter: new RegExp(filter), filterSource: filter }, build?.binary),
+      measurement: await measure(filteredTo(args, filter), build?.binary),
     });
     return await finish(args, measurement, { build, remeasure });
   } catch (error) {

@@ -9,6 +9,9 @@ import { asReference, confirm, judge, learnNoise, MAX_MARGIN, MIN_MARGIN } from 
 import { codeHash, readResults, type Results, type Saved } from "../../bench/results.ts";
 import type { CaseResult, Interval } from "../../bench/runner.ts";
 
+/** Every committed run in bench/results/, oldest first: the history the replays below judge against. */
+const committedRuns = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+
 function iv(median: number, spread = 0.02): Interval {
   return { median, lo: median * (1 - spread), hi: median * (1 + spread), confidence: 0.99, n: 8 };
 }
@@ -154,7 +157,7 @@ describe("A/A runs taken in different machine states", () => {
   // 18d303b's code, run once while the machine was slow (C's mock 4 KiB pair 22 us) and again,
   // as 1621fd4 (docs only after it), while it was fast (13 us): A/A noise learned from runs taken
   // back to back gave irq/edu/msi/block a 7.0% margin, and it moved -9.5%.
-  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const everything = committedRuns;
   const aa = everything.filter((s) => s.results.code === "d2ef361ed700" && s.results.mode === "default");
   test("there are five", () => expect(aa).toHaveLength(5));
   test("the fast run against the slow one: nothing flagged, irq/edu/msi/block judged by its drift", () => {
@@ -171,7 +174,7 @@ describe("A/A runs taken in different machine states", () => {
 
 describe("on the committed runs", () => {
   // The history as it stood after the four A/A runs: later runs would become the reference.
-  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const everything = committedRuns;
   const aa = everything.filter((s) => s.results.commit === "c711a4e" && s.results.mode === "default");
   const all = everything.filter((s) => s.results.date <= aa.at(-1)!.results.date);
   test("the four A/A runs of c711a4e are there", () => expect(aa).toHaveLength(4));
@@ -261,7 +264,7 @@ describe("the false flag of 8 Dec 2026, looked at again", () => {
   // Two default runs of 3707359, back to back: the first flagged map/edu-type1/4KiB +16.6% (a
   // commit that touched only the NVMe submission ring); the second, five minutes later, measured it
   // where it had been. The second run's figures stand in for the second boot.
-  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const everything = committedRuns;
   const [flagged, next] = everything.filter((s) => s.results.commit === "3707359" && s.results.mode === "default");
   const before = everything.filter((s) => s.results.date < flagged!.results.date);
   test("the first flags it", () => {
@@ -282,7 +285,7 @@ describe("the false flag of 8 Dec 2026, looked at again", () => {
 describe("the second look on the committed runs of feca3c1", () => {
   // Four A/A runs, the third of which flagged one case, and the planted slowdown right after them;
   // each saved its second boot's figures (`confirmation.cases`). The rule is replayed on them here.
-  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const everything = committedRuns;
   const aa = everything.filter((s) => s.results.commit === "feca3c1" && s.results.mode === "default");
   const [planted] = readResults(`${import.meta.dir}/../../bench/results/planted`).filter(
     (s) => s.results.commit === "080209e",
@@ -348,7 +351,7 @@ describe("a run whose flag was withdrawn, as a reference", () => {
     expect(j.changes).toEqual([]);
   });
   test("on the committed runs: the run of 293d9b6 against c15da83's withdrawn mapFile/mock/2MiB/huge", () => {
-    const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+    const everything = committedRuns;
     const [next] = everything.filter((s) => s.results.commit === "293d9b6" && s.results.mode === "default");
     const j = judge(
       next!.results,
@@ -361,12 +364,12 @@ describe("a run whose flag was withdrawn, as a reference", () => {
 
 describe("bench/main.ts's second look (confirmFlags), with the second boot stood in for", () => {
   // 3707359's first run and its false flag; the run after it stands in for the second boot.
-  const everything = readResults().sort((a, b) => (a.results.date < b.results.date ? -1 : 1));
+  const everything = committedRuns;
   const [flagged, next] = everything.filter((s) => s.results.commit === "3707359" && s.results.mode === "default");
   const flags = () => judge(flagged!.results, everything).changes;
   test("the second boot runs exactly the flagged cases, and withdraws the flag", async () => {
     const filters: string[] = [];
-    const { confirmation, kept } = await confirmFlags(flagged!.results, flags(), async (filter) => {
+    const { confirmation, kept } = await confirmFlags(flagged!.results, flags(), committedRuns, async (filter) => {
       filters.push(filter);
       return { measurement: { ...next!.results, cases: next!.results.cases }, bootSeconds: 3.5 };
     });
@@ -382,7 +385,12 @@ describe("bench/main.ts's second look (confirmFlags), with the second boot stood
     expect(confirmation.withdrawn.map((c) => c.id)).toEqual(["map/edu-type1/4KiB"]);
   });
   test("a second boot that fails leaves every flag standing, saying so", async () => {
-    const { confirmation, kept } = await confirmFlags(flagged!.results, flags(), async () => "exit status 1");
+    const { confirmation, kept } = await confirmFlags(
+      flagged!.results,
+      flags(),
+      committedRuns,
+      async () => "exit status 1",
+    );
     expect(kept.map((c) => c.id)).toEqual(["map/edu-type1/4KiB"]);
     expect(kept[0]?.text).toEndWith("not measured again (no figure): kept");
     expect(confirmation).toEqual({ ids: ["map/edu-type1/4KiB"], cases: [], withdrawn: [] });
